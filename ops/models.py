@@ -79,19 +79,19 @@ def write_tiny_model(
     if family not in FAMILIES:
         raise ConfigError(f"unknown tiny model family {family!r}; use one of {FAMILIES}")
     tokenizer = char_tokenizer()
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": False,
+    }
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
     config = config_cls(**common)
     torch.manual_seed(seed)
@@ -142,7 +142,7 @@ def convert_smollm2(dest: str | Path, *, wheel_dir: str | Path | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ops.models", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ops.models")
     sub = parser.add_subparsers(dest="what", required=True)
     p_small = sub.add_parser("smollm2", help="convert SmolLM2-135M-Instruct to an HF folder")
     p_small.add_argument("dest")
