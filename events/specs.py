@@ -95,3 +95,34 @@ class LossSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     clip_high: float = 0.28
     kl_coef: float = 0.0
     filter_zero_variance: bool = False
+
+
+class AdapterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything a tenant asks for when registering an adapter (the registration payload).
+
+    The adapter's name travels in the event envelope (``adapter``), not here. ``base_model``, when
+    set, must equal the trainer's base model name or admission rejects the registration.
+    ``prompts_per_step`` prompts with ``group_size`` samples each make one optimizer step;
+    ``steps`` is the step budget; ``max_staleness`` bounds how many versions old the policy that
+    generated a sample may be when it is trained on (flow control on task issue).
+    ``checkpoint_interval`` (steps) and ``keep_checkpoints`` drive the checkpoint process.
+    ``resume=True`` continues the adapter's latest checkpoint under the same name.
+    """
+
+    base_model: str = ""
+    rank: int = 16
+    alpha: float = 32.0
+    dataset: DatasetSpec
+    rewards: tuple[RewardSpec, ...]
+    sampling: SamplingSpec = SamplingSpec()
+    optim: OptimSpec = OptimSpec()
+    loss: LossSpec = LossSpec()
+    group_size: int = 8
+    prompts_per_step: int = 4
+    steps: int = 100
+    max_staleness: int = 1
+    checkpoint_interval: int = 10
+    keep_checkpoints: int = 3
+    priority: int = 0
+    resume: bool = False
+    seed: int = 0

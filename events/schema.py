@@ -1,0 +1,326 @@
+"""Event schemas: one msgspec tagged union per stream, JSON on the wire.
+
+Every event is a frozen Struct whose ``type`` tag names it (``"adapter.admitted"``, ...). The
+envelope fields (CloudEvents in spirit) come first on every event:
+
+- ``id``: unique per event, chosen by the producer (a uuid4 hex). When a raw producer leaves it
+  empty the consumer runtime uses the stream entry id, so re-reading the same entry always gives the
+  same id. It is the idempotency key of events that are applied at most once.
+- ``type``: the tag; ``source``: which process produced it (``trainer``, ``rollout.w1``, ...).
+- ``time``: producer wall-clock, seconds since the epoch.
+- ``adapter``: the adapter's name; ``registration_id``: one registration of that name (a name can be
+  registered again after it retires; work of an older registration is discarded).
+- ``epoch``: fencing token of the registration, bumped by the trainer on every resume; work produced
+  under an older epoch is discarded, never trained on.
+
+Schema evolution: new fields always get defaults. Ingress events (what tenants write) forbid
+unknown fields so a typo is an error naming the field; internal events ignore unknown fields so an
+older process can read a newer producer's events.
+
+Streams and their unions (keys in :mod:`events.streams`):
+
+==================  ===========================  ==============================================
+stream              union                        written by → read by
+==================  ===========================  ==============================================
+``ingress``         :data:`IngressEvent`         any producer → trainer (admission)
+``control``         :data:`ControlEvent`         trainer, rollout, checkpoint → all (broadcast)
+``rollout.tasks``   :data:`TaskEvent`            trainer → rollout workers (one shared group)
+``rollout.groups``  :data:`GroupEvent`           rollout workers → trainer
+==================  ===========================  ==============================================
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from events.specs import AdapterSpec, DatasetSpec, RewardSpec, SamplingSpec
+
+
+class _Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    id: str = ""
+    source: str = ""
+    time: float = 0.0
+    adapter: str
+    registration_id: str = ""
+    epoch: int = 0
+
+
+class _StrictEnvelope(_Envelope, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+# --- ingress (tenant-written) ---------------------------------------------------------------
+
+
+class RegisterRequested(
+    _StrictEnvelope, frozen=True, kw_only=True, tag="adapter.register_requested"
+):
+    """A tenant asks to train an adapter.
+
+    Produced by: any producer on ``ingress`` (``registration_id`` may be empty; admission assigns
+    one). Admission (in the trainer process) validates it and republishes it on ``control`` with
+    ``registration_id`` set, followed by ``adapter.admitted`` or ``adapter.queued``, or answers
+    ``adapter.rejected``. Idempotency key: ``registration_id`` when given by the producer (a
+    retried XADD registers once), else the event ``id``.
+    """
+
+    spec: AdapterSpec
+
+
+class DeregisterRequested(
+    _StrictEnvelope, frozen=True, kw_only=True, tag="adapter.deregister_requested"
+):
+    """A tenant cancels an adapter (by name; ``registration_id`` narrows it to one registration).
+
+    Produced by: any producer on ``ingress``; republished on ``control`` by the trainer, which
+    stops issuing tasks, drops in-flight work of that registration, asks for a final checkpoint
+    and frees the slot. Idempotency key: (``adapter``, ``registration_id``) — cancelling a
+    registration that already ended is a no-op.
+    """
+
+    reason: str = "cancelled by user"
+
+
+# --- control log (lifecycle, broadcast) ------------------------------------------------------
+
+
+class Rejected(_Envelope, frozen=True, kw_only=True, tag="adapter.rejected"):
+    """Admission refused a registration or an ingress entry could not be decoded.
+
+    Produced by: the trainer's admission. Consumed by: status projection, CLI. ``field`` names the
+    offending field when known; ``ingress_entry`` is the stream entry id of the bad input.
+    Idempotency key: ``ingress_entry``.
+    """
+
+    reason: str
+    field: str = ""
+    ingress_entry: str = ""
+
+
+class Admitted(_Envelope, frozen=True, kw_only=True, tag="adapter.admitted"):
+    """The registration got slot ``slot`` and starts training under ``epoch``.
+
+    Produced by: trainer. Consumed by: status, checkpoint (learns the spec), rollout (drops work of
+    older registrations). Idempotency key: (``registration_id``, ``epoch``).
+    """
+
+    slot: int
+    spec: AdapterSpec
+    start_step: int = 0
+    resumed_from: str = ""
+
+
+class Queued(_Envelope, frozen=True, kw_only=True, tag="adapter.queued"):
+    """No slot is free; the registration waits at ``position`` (0 = next). Produced by: trainer."""
+
+    position: int
+    spec: AdapterSpec
+
+
+class StepDone(_Envelope, frozen=True, kw_only=True, tag="adapter.step_done"):
+    """The adapter took optimizer step ``step``; its weights are now ``version``.
+
+    Produced by: trainer, after the new version is durable in the artifact store. Consumed by:
+    checkpoint (promotes at the interval), status, metrics. ``metrics`` holds scalar training
+    statistics (reward mean, loss, KL, clip fraction, ...). ``state_uri`` points at the full
+    training state of this version (weights, optimizer, cursor, RNG) in the artifact store.
+    Idempotency key: (``registration_id``, ``step``); steps only increase.
+    """
+
+    step: int
+    version: int
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    state_uri: str = ""
+
+
+class SyncRequested(_Envelope, frozen=True, kw_only=True, tag="adapter.sync_requested"):
+    """Weights ``version`` of the adapter are published as a PEFT directory at ``uri``.
+
+    Produced by: trainer (version 0 at admission, then after every step). Consumed by: every
+    rollout worker (loads it, answers ``adapter.synced``). ``sha256`` is over the safetensors
+    file. Idempotency key: (``registration_id``, ``version``); versions only increase.
+    """
+
+    version: int
+    step: int
+    uri: str
+    sha256: str
+    bytes: int
+
+
+class Synced(_Envelope, frozen=True, kw_only=True, tag="adapter.synced"):
+    """Rollout ``worker`` now serves ``version``; ``latency_s`` since the trainer published it."""
+
+    worker: str
+    version: int
+    latency_s: float
+
+
+class CheckpointSaved(_Envelope, frozen=True, kw_only=True, tag="adapter.checkpoint_saved"):
+    """The checkpoint process promoted step ``step`` to a durable checkpoint at ``uri``.
+
+    ``final`` marks the checkpoint taken at completion or cancel. Idempotency key:
+    (``registration_id``, ``step``).
+    """
+
+    step: int
+    uri: str
+    final: bool = False
+
+
+class Exported(_Envelope, frozen=True, kw_only=True, tag="adapter.exported"):
+    """A PEFT export of step ``step`` is at ``uri`` (loads in PEFT, vLLM and SGLang unchanged)."""
+
+    step: int
+    uri: str
+
+
+class Completed(_Envelope, frozen=True, kw_only=True, tag="adapter.completed"):
+    """Training of the registration ended at ``step`` (``reason``: ``budget`` or ``cancelled``).
+
+    Produced by: trainer. Consumed by: checkpoint (final checkpoint + export), status.
+    """
+
+    step: int
+    reason: Literal["budget", "cancelled"] = "budget"
+    version: int = 0
+
+
+class Retired(_Envelope, frozen=True, kw_only=True, tag="adapter.retired"):
+    """The registration left slot ``slot``; the slot is reset for the next tenant.
+
+    Produced by: trainer. Consumed by: rollout workers (unload; drop its tasks), status.
+    """
+
+    slot: int
+
+
+class Failed(_Envelope, frozen=True, kw_only=True, tag="adapter.failed"):
+    """The registration failed for ``reason`` (e.g. repeated non-finite losses)."""
+
+    reason: str
+    step: int = 0
+
+
+# --- work queues -------------------------------------------------------------------------------
+
+
+class RolloutTask(_Envelope, frozen=True, kw_only=True, tag="rollout.task"):
+    """Generate ``group_size`` samples for each prompt index with weights ``version``.
+
+    Produced by: trainer on ``rollout.tasks``; consumed by exactly one rollout worker (shared
+    group). Self-contained so workers stay stateless: it carries the dataset, reward and sampling
+    specs and the URI of the weights. ``step`` is the trainer step the samples are meant for.
+    Idempotency key: ``id`` (the task id); the trainer takes one group per task id.
+    """
+
+    step: int
+    version: int
+    weights_uri: str
+    prompt_indices: tuple[int, ...]
+    group_size: int
+    dataset: DatasetSpec
+    rewards: tuple[RewardSpec, ...]
+    sampling: SamplingSpec
+    seed: int = 0
+
+
+class Sample(msgspec.Struct, frozen=True, kw_only=True):
+    """One completion: its tokens, behaviour log-probs, reward and failure status."""
+
+    completion_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    text: str
+    reward: float
+    reward_terms: dict[str, float] = msgspec.field(default_factory=dict)
+    finish_reason: str = "stop"
+    failed: bool = False
+    reason: str = ""
+
+
+class PromptGroup(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``group_size`` samples of one prompt (``prompt_ids`` as tokenized by the worker)."""
+
+    prompt_index: int
+    prompt_ids: tuple[int, ...]
+    samples: tuple[Sample, ...]
+
+
+class RolloutGroup(_Envelope, frozen=True, kw_only=True, tag="rollout.group"):
+    """The scored sample groups of one task.
+
+    Produced by: a rollout worker on ``rollout.groups``; consumed by the trainer, which discards
+    it if ``epoch``/``registration_id`` are stale. ``task_id`` is the idempotency key (a task
+    re-run after a worker crash may produce a second group; the trainer keeps the first).
+    ``version`` is the weights version that generated the samples.
+    """
+
+    task_id: str
+    step: int
+    version: int
+    worker: str
+    groups: tuple[PromptGroup, ...]
+    generate_s: float = 0.0
+
+
+IngressEvent = RegisterRequested | DeregisterRequested
+ControlEvent = (
+    RegisterRequested
+    | DeregisterRequested
+    | Rejected
+    | Admitted
+    | Queued
+    | StepDone
+    | SyncRequested
+    | Synced
+    | CheckpointSaved
+    | Exported
+    | Completed
+    | Retired
+    | Failed
+)
+TaskEvent = RolloutTask
+GroupEvent = RolloutGroup
+AnyEvent = ControlEvent | RolloutTask | RolloutGroup
+
+ALL_EVENT_TYPES: tuple[type[_Envelope], ...] = (
+    RegisterRequested,
+    DeregisterRequested,
+    Rejected,
+    Admitted,
+    Queued,
+    StepDone,
+    SyncRequested,
+    Synced,
+    CheckpointSaved,
+    Exported,
+    Completed,
+    Retired,
+    Failed,
+    RolloutTask,
+    RolloutGroup,
+)
+
+
+def event_type(event: msgspec.Struct) -> str:
+    """The wire tag of ``event`` (e.g. ``"adapter.admitted"``)."""
+    return str(type(event).__struct_config__.tag)
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """An entry moved to the dead-letter stream, with why and how often it was delivered.
+
+    ``payload`` holds the entry's original fields, verbatim, so nothing is lost: an operator can
+    fix the cause and re-publish it.
+    """
+
+    stream: str
+    group: str
+    entry_id: str
+    reason: str
+    deliveries: int
+    consumer: str
+    time: float
+    payload: dict[str, str]
