@@ -1,0 +1,476 @@
+"""The consumer runtime: the one event-processing lifecycle every process uses.
+
+A :class:`Consumer` reads one or more :class:`Subscription` s (a stream and a consumer group) and
+hands each entry, decoded once, to a single-threaded handler. Per subscription a reader thread does
+the blocking ``XREADGROUP`` (socket timeout above the block time, see
+:func:`events.connection.connect`) and the periodic ``XAUTOCLAIM``; the handler runs in the thread
+that called :meth:`Consumer.run`, so process state needs no locks.
+
+Delivery contract (at-least-once delivery, effectively-once effects):
+
+- A handler returns :class:`Effects`; the runtime applies them and ``XACK`` s the entry in one Lua
+  script that first checks the entry is still pending for this consumer (see
+  :mod:`events.effects`). A handler may instead return :data:`DEFER`: the entry stays pending and
+  owned (its idle time is refreshed so nobody reclaims it) until the process calls
+  :meth:`Consumer.commit` with the entries whose durable effect is done (the trainer acks rollout
+  groups only with the step that trained on them).
+- On start the consumer first re-reads its own pending entries (a restart under the same name
+  resumes exactly where the crash left it), then new ones.
+- Entries idle longer than ``claim_idle_ms`` in any consumer of the group are reclaimed.
+- An entry that cannot be decoded (bad JSON, unknown type, oversize, schema violation) goes to the
+  dead-letter stream at once with the reason; ``on_invalid`` may add effects (e.g. an
+  ``adapter.rejected`` event). A handler raising :class:`HandlerError` leaves the entry pending for
+  a retry; after ``max_deliveries`` failed deliveries it is dead-lettered. Any other exception is a
+  bug: it propagates and crashes the process, and at-least-once delivery makes that safe.
+- The consumer name is protected by a :class:`~events.lease.Lease`.
+- Shutdown: :meth:`request_stop` (first SIGTERM/SIGINT) is warm — the current handler finishes
+  and commits, no new entries are read; a second signal is cold (:class:`ColdShutdown`).
+- Tests use ``burst=True`` (return once every stream is drained) or ``max_events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+import redis
+
+from events.codec import Decoder
+from events.effects import COMMIT_LUA, Effects
+from events.errors import BusError, HandlerError, LeaseError, SchemaError
+from events.lease import Lease
+from events.schema import DeadLetter
+from events.streams import Streams
+
+log = logging.getLogger(__name__)
+
+_TOUCH_LUA = """
+local me = ARGV[1]
+local n = 0
+for i = 2, #ARGV, 3 do
+  local p = redis.call('XPENDING', ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+2], 1, me)
+  if #p > 0 then
+    redis.call('XCLAIM', ARGV[i], ARGV[i+1], me, 0, ARGV[i+2], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+class ColdShutdown(BaseException):
+    """Raised by the second termination signal: stop now, leave entries pending."""
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """One stream read through one consumer group.
+
+    ``start_id`` is where a newly created group starts (``"0"``: the whole retained stream, e.g.
+    a broadcast reader rebuilding its view; ``"$"``: only new entries). A broadcast stream is read
+    with one group per replica (``group=f"rollout.{name}"``); a work queue with one shared group.
+    ``trim`` lets the runtime trim entries every group has acknowledged.
+    """
+
+    stream: str
+    group: str
+    decoder: Decoder
+    start_id: str = "0"
+    trim: bool = False
+    on_invalid: Callable[[str, dict[str, str], str], Effects] | None = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One entry handed to the handler. ``event`` is None when decoding failed (``error``)."""
+
+    subscription: Subscription
+    entry_id: str
+    event: Any
+    deliveries: int
+    fields: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def ack_key(self) -> tuple[str, str, str]:
+        return (self.subscription.stream, self.subscription.group, self.entry_id)
+
+
+class _Defer:
+    def __repr__(self) -> str:
+        return "DEFER"
+
+
+DEFER = _Defer()
+"""Handler result: keep the entry pending and owned until :meth:`Consumer.commit`."""
+
+HandlerResult = Effects | _Defer
+
+
+class Handler(Protocol):
+    def __call__(self, delivery: Delivery) -> HandlerResult: ...
+
+
+class Observer(Protocol):
+    """Hooks for metrics (all optional to act on; called from the handler thread)."""
+
+    def handled(self, delivery: Delivery, seconds: float) -> None: ...
+
+    def failed(self, delivery: Delivery, reason: str) -> None: ...
+
+    def dead_lettered(self, delivery: Delivery, reason: str) -> None: ...
+
+    def reclaimed(self, subscription: Subscription, count: int) -> None: ...
+
+
+class NullObserver:
+    def handled(self, delivery: Delivery, seconds: float) -> None: ...
+
+    def failed(self, delivery: Delivery, reason: str) -> None: ...
+
+    def dead_lettered(self, delivery: Delivery, reason: str) -> None: ...
+
+    def reclaimed(self, subscription: Subscription, count: int) -> None: ...
+
+
+@dataclass
+class RunStats:
+    handled: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+    commits_refused: int = 0
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Consumer:
+    """Runs ``handler`` over ``subscriptions`` as consumer ``name``. See the module docstring."""
+
+    def __init__(
+        self,
+        client_factory: Callable[[], redis.Redis],
+        streams: Streams,
+        name: str,
+        subscriptions: list[Subscription],
+        handler: Handler,
+        *,
+        block_ms: int = 2_000,
+        count: int = 16,
+        claim_idle_ms: int = 30_000,
+        max_deliveries: int = 5,
+        lease_ttl_ms: int = 15_000,
+        lease_wait_s: float = 0.0,
+        max_in_flight: int = 256,
+        observer: Observer | None = None,
+    ) -> None:
+        if not subscriptions:
+            raise ValueError("a consumer needs at least one subscription")
+        self.client_factory = client_factory
+        self.client = client_factory()
+        self.streams = streams
+        self.name = name
+        self.subscriptions = subscriptions
+        self.handler = handler
+        self.block_ms = block_ms
+        self.count = count
+        self.claim_idle_ms = claim_idle_ms
+        self.max_deliveries = max_deliveries
+        self.lease = Lease(self.client, streams.lease(name), ttl_ms=lease_ttl_ms)
+        self.lease_wait_s = lease_wait_s
+        self.max_in_flight = max_in_flight
+        self.observer: Observer = observer or NullObserver()
+        self.stats = RunStats()
+        self._queue: queue.Queue[Delivery | BaseException | None] = queue.Queue()
+        self._in_flight: dict[tuple[str, str, str], Delivery] = {}
+        self._lock = threading.Condition()
+        self._stop = threading.Event()
+        self._drained: set[int] = set()
+        self._commit = self.client.register_script(COMMIT_LUA)
+        self._touch = self.client.register_script(_TOUCH_LUA)
+        self._signals = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def ensure_groups(self) -> None:
+        """Create every subscription's group if missing (only BUSYGROUP is swallowed)."""
+        for sub in self.subscriptions:
+            try:
+                self.client.xgroup_create(sub.stream, sub.group, id=sub.start_id, mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def request_stop(self) -> None:
+        """Warm stop: finish the current handler, commit, read nothing new, return from run()."""
+        self._stop.set()
+        self._queue.put(None)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: first is a warm stop, second raises :class:`ColdShutdown`."""
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            self._signals += 1
+            if self._signals > 1:
+                raise ColdShutdown(f"second signal {signum}: cold shutdown")
+            log.info("signal %s: warm shutdown (again for cold)", signum)
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def run(self, *, max_events: int | None = None, burst: bool = False) -> RunStats:
+        """Process entries until stopped, ``max_events`` handled, or (``burst``) all drained."""
+        self.lease.acquire(wait_s=self.lease_wait_s)
+        self.ensure_groups()
+        self._stop.clear()
+        self._drained.clear()
+        threads = [
+            threading.Thread(target=self._read_loop, args=(i, burst), daemon=True,
+                             name=f"reader-{sub.stream}")
+            for i, sub in enumerate(self.subscriptions)
+        ]  # fmt: skip
+        threads.append(threading.Thread(target=self._keeper_loop, daemon=True, name="keeper"))
+        for t in threads:
+            t.start()
+        handled_here = 0
+        try:
+            while not self._stop.is_set():
+                if max_events is not None and handled_here >= max_events:
+                    break
+                if burst and self._all_drained():
+                    break
+                try:
+                    item = self._queue.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                self._dispatch(item)
+                handled_here += 1
+        finally:
+            self._stop.set()
+            with self._lock:
+                self._lock.notify_all()
+            for t in threads:
+                t.join(timeout=self.block_ms / 1000 + 2)
+            self.lease.release()
+        return self.stats
+
+    def _all_drained(self) -> bool:
+        with self._lock:
+            return (
+                len(self._drained) == len(self.subscriptions)
+                and self._queue.empty()
+                and not any(d for d in self._in_flight.values())
+            )
+
+    # --- handling ----------------------------------------------------------------------------
+
+    def _dispatch(self, d: Delivery) -> None:
+        if d.error:
+            self._dead_letter(d, d.error)
+            return
+        if d.deliveries > self.max_deliveries:
+            self._dead_letter(d, f"delivered {d.deliveries - 1} times without success")
+            return
+        t0 = time.perf_counter()
+        try:
+            result = self.handler(d)
+        except HandlerError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self.observer.failed(d, reason)
+            if d.deliveries >= self.max_deliveries:
+                self._dead_letter(d, f"{reason} (after {d.deliveries} deliveries)")
+            else:
+                log.warning("entry %s on %s failed (%s); will retry", d.entry_id, d.ack_key, reason)
+                self.stats.retried += 1
+                self._forget([d])  # stays pending; reclaimed after claim_idle_ms
+            return
+        if isinstance(result, _Defer):
+            return
+        self.commit(result, [d])
+        self.observer.handled(d, time.perf_counter() - t0)
+        self.stats.handled += 1
+
+    def commit(self, effects: Effects, deliveries: list[Delivery]) -> bool:
+        """Apply ``effects`` and ack ``deliveries`` atomically; False if any is no longer ours."""
+        plan = effects.plan([d.ack_key for d in deliveries])
+        applied, entry = _retrying(lambda: self._commit(args=[self.name, plan]), self._stop)
+        self._forget(deliveries)
+        if not applied:
+            self.stats.commits_refused += 1
+            log.warning(
+                "commit refused: entry %s is no longer pending for %s", _s(entry), self.name
+            )
+            return False
+        return True
+
+    def _forget(self, deliveries: list[Delivery]) -> None:
+        with self._lock:
+            for d in deliveries:
+                self._in_flight.pop(d.ack_key, None)
+            self._lock.notify_all()
+
+    def _dead_letter(self, d: Delivery, reason: str) -> None:
+        letter = DeadLetter(
+            stream=d.subscription.stream,
+            group=d.subscription.group,
+            entry_id=d.entry_id,
+            reason=reason,
+            deliveries=d.deliveries,
+            consumer=self.name,
+            time=time.time(),
+            payload=d.fields,
+        )
+        effects = Effects().command(
+            "XADD", self.streams.dead, "*", "dead", msgspec.json.encode(letter)
+        )
+        if d.subscription.on_invalid is not None:
+            effects.extend(d.subscription.on_invalid(d.entry_id, d.fields, reason))
+        self.commit(effects, [d])
+        self.stats.dead_lettered += 1
+        self.observer.dead_lettered(d, reason)
+        log.warning("dead-lettered %s from %s: %s", d.entry_id, d.subscription.stream, reason)
+
+    # --- reader and keeper threads -----------------------------------------------------------
+
+    def _read_loop(self, index: int, burst: bool) -> None:
+        sub = self.subscriptions[index]
+        client = self.client_factory()
+        try:
+            self._read_own_pending(sub, client)
+            last_claim = 0.0
+            while not self._stop.is_set():
+                with self._lock:
+                    while len(self._in_flight) >= self.max_in_flight and not self._stop.is_set():
+                        self._lock.wait()
+                if self._stop.is_set():
+                    return
+                got = 0
+                try:
+                    if time.monotonic() - last_claim > self.claim_idle_ms / 2000:
+                        got += self._reclaim(sub, client)
+                        last_claim = time.monotonic()
+                    resp = client.xreadgroup(
+                        sub.group,
+                        self.name,
+                        {sub.stream: ">"},
+                        count=self.count,
+                        block=None if burst else self.block_ms,
+                    )
+                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                    log.warning("reader for %s lost Redis (%s); reconnecting", sub.stream, exc)
+                    self._stop.wait(0.5)
+                    continue
+                for _stream, entries in resp or []:
+                    for entry_id, fields in entries:
+                        self._push(sub, _s(entry_id), fields, 1)
+                        got += 1
+                if burst and got == 0:
+                    with self._lock:
+                        idle = not any(k[0] == sub.stream for k in self._in_flight)
+                        if idle:
+                            self._drained.add(index)
+                            return
+                    time.sleep(self.claim_idle_ms / 4000)
+        except Exception as exc:  # surfaced in the handler thread, which re-raises it
+            self._queue.put(exc)
+        finally:
+            client.close()
+
+    def _read_own_pending(self, sub: Subscription, client: redis.Redis) -> None:
+        last = "0"
+        while not self._stop.is_set():
+            resp = client.xreadgroup(sub.group, self.name, {sub.stream: last}, count=self.count)
+            entries = resp[0][1] if resp else []
+            if not entries:
+                return
+            for entry_id, fields in entries:
+                last = _s(entry_id)
+                self._push(sub, last, fields, self._delivery_count(client, sub, last))
+
+    def _reclaim(self, sub: Subscription, client: redis.Redis) -> int:
+        got = 0
+        start = "0-0"
+        while True:
+            resp = client.xautoclaim(
+                sub.stream, sub.group, self.name, self.claim_idle_ms, start, count=self.count
+            )
+            start, entries = _s(resp[0]), resp[1]
+            for entry_id, fields in entries:
+                eid = _s(entry_id)
+                if fields is None:  # trimmed while pending: nothing left to process
+                    client.xack(sub.stream, sub.group, eid)
+                    continue
+                self._push(sub, eid, fields, self._delivery_count(client, sub, eid))
+                got += 1
+            if start == "0-0" or not entries:
+                break
+        if got:
+            self.observer.reclaimed(sub, got)
+        return got
+
+    @staticmethod
+    def _delivery_count(client: redis.Redis, sub: Subscription, entry_id: str) -> int:
+        info = client.xpending_range(sub.stream, sub.group, entry_id, entry_id, 1)
+        return int(info[0]["times_delivered"]) if info else 1
+
+    def _push(self, sub: Subscription, entry_id: str, raw: Any, deliveries: int) -> None:
+        fields = {_s(k): _s(v) for k, v in (raw or {}).items()}
+        try:
+            event, error = sub.decoder.decode(raw or {}, entry_id), ""
+        except SchemaError as exc:
+            event, error = None, str(exc)
+        d = Delivery(sub, entry_id, event, deliveries, fields, error)
+        with self._lock:
+            self._in_flight[d.ack_key] = d
+        self._queue.put(d)
+
+    def _keeper_loop(self) -> None:
+        """Renew the lease and keep in-flight entries owned (refresh their idle time)."""
+        client = self.client_factory()
+        touch = client.register_script(_TOUCH_LUA)
+        period = min(self.lease.ttl_ms, self.claim_idle_ms) / 3000
+        lease = Lease(client, self.lease.key, ttl_ms=self.lease.ttl_ms)
+        lease.value = self.lease.value
+        try:
+            while not self._stop.wait(period):
+                try:
+                    if not lease.renew() and not lease.retake():
+                        self._queue.put(
+                            LeaseError(f"lost the lease on consumer name {self.name!r}")
+                        )
+                        return
+                    with self._lock:
+                        keys = list(self._in_flight)
+                    for i in range(0, len(keys), 100):
+                        args = [x for k in keys[i : i + 100] for x in k]
+                        touch(args=[self.name, *args])
+                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                    log.warning("keeper lost Redis (%s); retrying", exc)
+        finally:
+            client.close()
+
+
+def _retrying(call: Callable[[], Any], stop: threading.Event, timeout_s: float = 120.0) -> Any:
+    """Run ``call``, retrying while Redis is unreachable (restarting after a crash)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            if time.monotonic() > deadline:
+                raise BusError(f"Redis unreachable for {timeout_s:.0f} s: {exc}") from exc
+            log.warning("Redis unreachable (%s); retrying", exc)
+            time.sleep(0.2)
