@@ -1,0 +1,575 @@
+"""Reward functions: a closed registry by name, built-in rewards, and weighted composition.
+
+An adapter's reward is a tuple of :class:`events.specs.RewardSpec` terms. The rollout process
+resolves each term's ``name`` in *its own* :class:`RewardRegistry` at boot/admission
+(:meth:`RewardComposite.from_specs` validates names and parameters, so a typo fails before any
+sample is generated) and scores every completion with :meth:`RewardComposite.score`:
+
+    total = sum_i weight_i * value_i
+
+Failure policy: a reward function that raises, or returns a non-number, NaN/inf or a value
+outside its registered range, marks *that sample* failed (``RewardResult.failed``, with the
+term key, exception type and message in ``reason``; ``total`` is then 0.0 and must not be
+trained on). Scoring never raises for reward-function errors, so one bad completion or one buggy
+reward never takes the worker down or touches another adapter.
+
+Security: events only ever name registry keys. Operators may add rewards from their own code with
+:meth:`RewardRegistry.register_entry_point` (``"pkg.mod:fn"``), called from the rollout process's
+own config at boot; nothing named in an event is ever imported.
+
+Built-ins (:func:`builtin_registry`), value ranges and parameters:
+
+=================  ========  =============================================================
+``math``           [0, 1]    ``fallback`` (bool, True), ``rel_tol`` (float, 0.0); see
+                             :mod:`rollout.reward_math`
+``exact``          [0, 1]    ``case_sensitive`` (bool, True); both sides stripped
+``regex``          [0, 1]    ``pattern`` (str, required), ``mode`` ("search"|"fullmatch"),
+                             ``ignore_case`` (bool, False); ``.`` matches newlines
+``format``         [0, 1]    ``style`` ("think_answer"|"answer_tag"|"boxed"|"gsm8k") or
+                             ``pattern`` (str, full match of the stripped completion)
+``length_penalty`` [-1, 0]   ``max_chars`` (int, required), ``buffer_chars`` (int,
+                             max_chars // 4): DAPO's soft overlong penalty, in characters
+``reasoning_gym``  [0, 1]    ``extract`` ("auto"|"answer_tag"|"first_line"|"full"); see
+                             :class:`ReasoningGymReward`
+=================  ========  =============================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+
+from events.errors import ConfigError
+from events.specs import RewardSpec, Scalar
+from rollout import reward_math
+from rollout.data import PromptItem
+
+Params = Mapping[str, Scalar]
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+_ENTRY_POINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+UNBOUNDED = (-math.inf, math.inf)
+
+
+class RewardError(ConfigError):
+    """An unknown reward name, bad reward parameters, or an input a reward cannot score."""
+
+
+class RewardFn(Protocol):
+    """``fn(completion, item, **params) -> float``: one reward term for one completion.
+
+    Must be a pure function of its arguments (it may run in another process, see
+    :mod:`rollout.reward_queue`). Raising marks the sample failed; it never crashes the worker.
+    """
+
+    def __call__(self, completion: str, item: PromptItem, **params: Any) -> float: ...
+
+
+class RewardResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The score of one completion: weighted ``total`` and each term's unweighted value.
+
+    ``terms`` is keyed by reward name (``name#2``, ``name#3`` for repeated names). When
+    ``failed``, ``total`` is 0.0, ``terms`` holds only the terms that succeeded and ``reason``
+    says which term failed and why.
+    """
+
+    total: float
+    terms: dict[str, float]
+    failed: bool = False
+    reason: str = ""
+
+
+class TermValue(msgspec.Struct, frozen=True, kw_only=True):
+    """One term's unweighted value, or its failure (``value`` is then 0.0)."""
+
+    value: float = 0.0
+    failed: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RewardEntry:
+    """A registered reward: the function, its parameter check, range and placement.
+
+    ``validate(params)`` raises :class:`RewardError` for bad parameters. ``value_range`` is the
+    documented closed range; values outside it fail the sample. ``remote=True`` asks callers with
+    a remote scorer (RQ) to run this reward there; without one it runs in-process.
+    """
+
+    name: str
+    fn: RewardFn
+    validate: Callable[[Params], None]
+    value_range: tuple[float, float] = UNBOUNDED
+    remote: bool = False
+
+
+class RewardRegistry:
+    """An explicit, per-process map from reward name to :class:`RewardEntry`."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, RewardEntry] = {}
+
+    def register(
+        self,
+        name: str,
+        fn: RewardFn,
+        *,
+        value_range: tuple[float, float] = UNBOUNDED,
+        remote: bool = False,
+    ) -> None:
+        """Add ``fn`` under ``name``.
+
+        ``fn`` may expose ``validate_params(params)``; otherwise parameters are checked against
+        its signature (each must be accepted as a keyword argument).
+        """
+        if not _NAME_RE.match(name):
+            raise RewardError(
+                f"reward name {name!r} is invalid; use lowercase letters, digits, '_', '.', '-' "
+                "(starting with a letter, at most 64 characters)"
+            )
+        if name in self._entries:
+            raise RewardError(f"reward {name!r} is already registered; pick another name")
+        if not callable(fn):
+            raise RewardError(f"reward {name!r}: {fn!r} is not callable")
+        lo, hi = value_range
+        if not lo <= hi:
+            raise RewardError(f"reward {name!r}: value_range {value_range} has low > high")
+        validate = getattr(fn, "validate_params", None) or _signature_validator(name, fn)
+        self._entries[name] = RewardEntry(name, fn, validate, (float(lo), float(hi)), remote)
+
+    def register_entry_point(
+        self,
+        name: str,
+        target: str,
+        *,
+        value_range: tuple[float, float] = UNBOUNDED,
+        remote: bool = False,
+    ) -> None:
+        """Import ``target`` (``"package.module:function"``) and register it under ``name``.
+
+        Only for the operator's own process config, read at boot; never with a string that
+        arrived in an event.
+        """
+        if not _ENTRY_POINT_RE.match(target):
+            raise RewardError(
+                f"reward entry point {target!r} for {name!r} must look like 'package.module:fn'"
+            )
+        module_name, _, attr_path = target.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ImportError as err:
+            raise RewardError(
+                f"reward entry point {target!r}: cannot import {module_name!r} ({err})"
+            ) from err
+        for attr in attr_path.split("."):
+            if not hasattr(obj, attr):
+                raise RewardError(f"reward entry point {target!r}: no attribute {attr!r}")
+            obj = getattr(obj, attr)
+        self.register(name, obj, value_range=value_range, remote=remote)
+
+    def get(self, name: str) -> RewardEntry:
+        """The entry for ``name``; :class:`RewardError` listing the known names otherwise."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise RewardError(
+                f"unknown reward {name!r}; known rewards: {sorted(self._entries)}"
+            ) from None
+
+    def names(self) -> tuple[str, ...]:
+        """Registered names, sorted."""
+        return tuple(sorted(self._entries))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+
+def _signature_validator(name: str, fn: Callable[..., Any]) -> Callable[[Params], None]:
+    """Checks that every parameter is accepted by ``fn(completion, item, **params)``."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: accept any parameters
+        return lambda params: None
+
+    def validate(params: Params) -> None:
+        try:
+            signature.bind("", None, **params)
+        except TypeError as err:
+            raise RewardError(f"reward {name!r} rejects params {dict(params)}: {err}") from err
+
+    return validate
+
+
+def evaluate_term(
+    entry: RewardEntry, params: Params, completion: str, item: PromptItem
+) -> TermValue:
+    """Run one reward; any exception or bad value becomes a failed :class:`TermValue`.
+
+    Catching every ``Exception`` is the documented failure policy: reward code scores untrusted
+    model output and may be operator code, and its failure must stay confined to one sample.
+    """
+    try:
+        raw = entry.fn(completion, item, **params)
+    except Exception as err:  # failure policy: confine to this sample, keep the reason
+        return TermValue(failed=True, reason=f"{entry.name}: {type(err).__name__}: {err}")
+    if not isinstance(raw, numbers.Real):
+        return TermValue(
+            failed=True, reason=f"{entry.name}: returned {type(raw).__name__}, expected a float"
+        )
+    value = float(raw)
+    lo, hi = entry.value_range
+    if not math.isfinite(value):
+        return TermValue(failed=True, reason=f"{entry.name}: returned non-finite {value}")
+    if not lo <= value <= hi:
+        return TermValue(failed=True, reason=f"{entry.name}: returned {value} outside [{lo}, {hi}]")
+    return TermValue(value=value)
+
+
+@dataclass(frozen=True)
+class BoundTerm:
+    """One resolved, validated term of a composite: its result key, entry and spec."""
+
+    key: str
+    entry: RewardEntry
+    spec: RewardSpec
+
+    def evaluate(self, completion: str, item: PromptItem) -> TermValue:
+        return evaluate_term(self.entry, self.spec.params, completion, item)
+
+
+class TermRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One term to score elsewhere: the spec (name, params) and the completion with its item."""
+
+    spec: RewardSpec
+    completion: str
+    item: PromptItem
+
+
+class RemoteScorer(Protocol):
+    """Scores terms outside this process (e.g. on RQ workers); one value per request, in order.
+
+    Must not raise for reward failures or timeouts: those come back as failed values.
+    """
+
+    def score_terms(self, requests: Sequence[TermRequest]) -> list[TermValue]: ...
+
+
+class RewardComposite:
+    """An adapter's reward: the weighted sum of validated terms."""
+
+    def __init__(self, terms: Sequence[BoundTerm]) -> None:
+        if not terms:
+            raise RewardError("a reward needs at least one term; give at least one RewardSpec")
+        self.terms = tuple(terms)
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[RewardSpec], registry: RewardRegistry) -> RewardComposite:
+        """Resolve and validate every spec; :class:`RewardError` names the bad term."""
+        terms: list[BoundTerm] = []
+        seen: dict[str, int] = {}
+        for spec in specs:
+            entry = registry.get(spec.name)
+            if not math.isfinite(spec.weight):
+                raise RewardError(f"reward {spec.name!r}: weight must be finite, got {spec.weight}")
+            entry.validate(spec.params)
+            seen[spec.name] = seen.get(spec.name, 0) + 1
+            key = spec.name if seen[spec.name] == 1 else f"{spec.name}#{seen[spec.name]}"
+            terms.append(BoundTerm(key, entry, spec))
+        return cls(terms)
+
+    def score(self, completion: str, item: PromptItem) -> RewardResult:
+        """Score one completion in-process; never raises for reward-function errors."""
+        return self.combine([t.evaluate(completion, item) for t in self.terms])
+
+    __call__ = score
+
+    def score_batch(
+        self,
+        completions: Sequence[str],
+        items: Sequence[PromptItem],
+        remote: RemoteScorer | None = None,
+    ) -> list[RewardResult]:
+        """Score ``completions[b]`` against ``items[b]``; ``remote`` runs the remote terms.
+
+        Terms registered ``remote=True`` are sent to ``remote`` in one batch (so their latency
+        overlaps); all other terms, and every term when ``remote`` is None, run here.
+        """
+        if len(completions) != len(items):
+            raise ValueError(f"{len(completions)} completions but {len(items)} items")
+        values_B_K: list[list[TermValue | None]] = [[None] * len(self.terms) for _ in items]
+        requests: list[TermRequest] = []
+        slots: list[tuple[int, int]] = []
+        for b, (completion, item) in enumerate(zip(completions, items, strict=True)):
+            for k, term in enumerate(self.terms):
+                if remote is not None and term.entry.remote:
+                    requests.append(TermRequest(spec=term.spec, completion=completion, item=item))
+                    slots.append((b, k))
+                else:
+                    values_B_K[b][k] = term.evaluate(completion, item)
+        if requests and remote is not None:
+            for (b, k), value in zip(slots, remote.score_terms(requests), strict=True):
+                values_B_K[b][k] = value
+        return [self.combine([v for v in row if v is not None]) for row in values_B_K]
+
+    def combine(self, values_K: Sequence[TermValue]) -> RewardResult:
+        """The weighted total of one value per term (in term order)."""
+        if len(values_K) != len(self.terms):
+            raise ValueError(f"{len(values_K)} term values for {len(self.terms)} terms")
+        terms = {t.key: v.value for t, v in zip(self.terms, values_K, strict=True) if not v.failed}
+        failures = [
+            f"{t.key}: {v.reason}" for t, v in zip(self.terms, values_K, strict=True) if v.failed
+        ]
+        if failures:
+            return RewardResult(total=0.0, terms=terms, failed=True, reason="; ".join(failures))
+        total = sum(t.spec.weight * v.value for t, v in zip(self.terms, values_K, strict=True))
+        return RewardResult(total=total, terms=terms)
+
+
+# --- built-in rewards ----------------------------------------------------------------------------
+
+
+def check_params(
+    name: str, params: Params, schema: Mapping[str, type], required: Sequence[str] = ()
+) -> None:
+    """Raise :class:`RewardError` for unknown, missing or mistyped ``params``.
+
+    ``schema`` maps each allowed parameter to its type; ``float`` also accepts ints, and bools
+    are never taken for numbers.
+    """
+    unknown = sorted(set(params) - set(schema))
+    if unknown:
+        raise RewardError(f"reward {name!r}: unknown params {unknown}; allowed: {sorted(schema)}")
+    missing = [k for k in required if k not in params]
+    if missing:
+        raise RewardError(f"reward {name!r}: missing required params {missing}")
+    for key, value in params.items():
+        want = schema[key]
+        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise RewardError(f"reward {name!r}: param {key!r}={value!r} must be {want.__name__}")
+
+
+def _choice(name: str, key: str, value: object, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise RewardError(f"reward {name!r}: {key}={value!r} must be one of {list(allowed)}")
+
+
+class MathReward:
+    """1.0 if the completion's answer equals the label's (see :mod:`rollout.reward_math`)."""
+
+    def validate_params(self, params: Params) -> None:
+        check_params("math", params, {"fallback": bool, "rel_tol": float})
+        if float(params.get("rel_tol", 0.0)) < 0:
+            raise RewardError(f"reward 'math': rel_tol must be >= 0, got {params['rel_tol']}")
+
+    def __call__(self, completion: str, item: PromptItem, **params: Any) -> float:
+        if not item.label.strip():
+            raise RewardError(f"math reward: item {item.index} has an empty label")
+        predicted = reward_math.extract_answer(completion, fallback=params.get("fallback", True))
+        if predicted is None:
+            return 0.0
+        reference = reward_math.reference_answer(item.label)
+        rel_tol = float(params.get("rel_tol", 0.0))
+        return float(reward_math.answers_match(predicted, reference, rel_tol=rel_tol))
+
+
+class ExactReward:
+    """1.0 if the stripped completion equals the stripped label."""
+
+    def validate_params(self, params: Params) -> None:
+        check_params("exact", params, {"case_sensitive": bool})
+
+    def __call__(self, completion: str, item: PromptItem, **params: Any) -> float:
+        a, b = completion.strip(), item.label.strip()
+        if not params.get("case_sensitive", True):
+            a, b = a.casefold(), b.casefold()
+        return float(a == b)
+
+
+class RegexReward:
+    """1.0 if ``pattern`` matches the completion (``re.search`` or ``re.fullmatch``)."""
+
+    def validate_params(self, params: Params) -> None:
+        check_params(
+            "regex", params, {"pattern": str, "mode": str, "ignore_case": bool}, ["pattern"]
+        )
+        _choice("regex", "mode", params.get("mode", "search"), ("search", "fullmatch"))
+        _compile("regex", str(params["pattern"]), bool(params.get("ignore_case", False)))
+
+    def __call__(self, completion: str, item: PromptItem, **params: Any) -> float:
+        rx = _compile("regex", params["pattern"], params.get("ignore_case", False))
+        match = rx.fullmatch if params.get("mode", "search") == "fullmatch" else rx.search
+        return float(match(completion) is not None)
+
+
+def _compile(name: str, pattern: str, ignore_case: bool) -> re.Pattern[str]:
+    """Compiled with DOTALL (``.`` crosses lines); ``re`` caches compiled patterns itself."""
+    try:
+        return re.compile(pattern, re.DOTALL | (re.IGNORECASE if ignore_case else 0))
+    except re.error as err:
+        raise RewardError(f"reward {name!r}: pattern {pattern!r} does not compile: {err}") from err
+
+
+FORMAT_STYLES: dict[str, str] = {
+    "think_answer": r"<think>.*?</think>\s*<answer>\s*\S.*?</answer>",
+    "answer_tag": r".*<answer>\s*\S.*?</answer>",
+    "boxed": r".*\\boxed\{.*\S.*\}.*",
+    "gsm8k": r".*####[ \t]*\S[^\n]*",
+}
+"""Format presets: each must match the whole stripped completion."""
+
+
+class FormatReward:
+    """1.0 if the stripped completion follows a format: a preset ``style`` or a ``pattern``."""
+
+    def validate_params(self, params: Params) -> None:
+        check_params("format", params, {"style": str, "pattern": str})
+        if "style" in params and "pattern" in params:
+            raise RewardError("reward 'format': give either style or pattern, not both")
+        if "pattern" in params:
+            _compile("format", str(params["pattern"]), False)
+        else:
+            _choice("format", "style", params.get("style", "answer_tag"), tuple(FORMAT_STYLES))
+
+    def __call__(self, completion: str, item: PromptItem, **params: Any) -> float:
+        pattern = params.get("pattern") or FORMAT_STYLES[params.get("style", "answer_tag")]
+        return float(_compile("format", pattern, False).fullmatch(completion.strip()) is not None)
+
+
+class LengthPenaltyReward:
+    """DAPO's soft overlong penalty on the completion length ``L`` in characters.
+
+    With ``start = max_chars - buffer_chars``: 0 for ``L <= start``, ``(start - L) / buffer``
+    for ``start < L <= max_chars`` (linear down to -1), -1 beyond ``max_chars``. Characters, not
+    tokens: the reward protocol sees text only.
+    """
+
+    def validate_params(self, params: Params) -> None:
+        check_params(
+            "length_penalty", params, {"max_chars": int, "buffer_chars": int}, ["max_chars"]
+        )
+        max_chars, buffer = self._limits(params)
+        if max_chars <= 0 or not 0 < buffer <= max_chars:
+            raise RewardError(
+                f"reward 'length_penalty': need max_chars > 0 and 0 < buffer_chars <= max_chars, "
+                f"got max_chars={max_chars}, buffer_chars={buffer}"
+            )
+
+    @staticmethod
+    def _limits(params: Params) -> tuple[int, int]:
+        max_chars = int(params["max_chars"])
+        return max_chars, int(params.get("buffer_chars", max(1, max_chars // 4)))
+
+    def __call__(self, completion: str, item: PromptItem, **params: Any) -> float:
+        max_chars, buffer = self._limits(params)
+        start, length = max_chars - buffer, len(completion)
+        if length <= start:
+            return 0.0
+        return -1.0 if length > max_chars else (start - length) / buffer
+
+
+_ANSWER_TAG_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+GYM_EXTRACT_MODES = ("auto", "answer_tag", "first_line", "full")
+
+
+def extract_gym_answer(completion: str, mode: str = "auto") -> str:
+    """The answer a completion gives to a reasoning-gym question.
+
+    ``answer_tag``: the last ``<answer>...</answer>`` (reasoning-gym's own prompt convention),
+    else "". ``first_line``: the first non-empty line, stripped, minus one trailing period
+    ("-4." -> "-4"; a decimal point inside the line is kept). ``full``: the stripped text.
+    ``auto`` (default): the answer tag when present, else the first line.
+    """
+    if mode in ("auto", "answer_tag"):
+        tagged = _ANSWER_TAG_RE.findall(completion)
+        if tagged:
+            return str(tagged[-1])
+        if mode == "answer_tag":
+            return ""
+    if mode == "full":
+        return completion.strip()
+    line = next((ln.strip() for ln in completion.splitlines() if ln.strip()), "")
+    return line[:-1].rstrip() if line.endswith(".") else line
+
+
+class ReasoningGymReward:
+    """The dataset's own verifier: ``dataset.score_answer(answer, entry)`` on the extracted answer.
+
+    Items from a ``reasoning_gym`` data source carry ``metadata["reasoning_gym"]`` (name, size,
+    seed, config, index): the dataset is rebuilt with that config and the entry regenerated, so
+    the verifier sees the original objects (a JSON round trip changes tuples to lists, which
+    breaks e.g. ``arc_agi``'s verifier). Items from files may instead carry a reasoning-gym entry
+    under ``metadata["entry"]``; it is scored with the default-config verifier of
+    ``entry["metadata"]["source_dataset"]``. Built datasets and regenerated entries are cached in
+    this instance (bounded LRU), because a group scores the same item ``group_size`` times.
+    """
+
+    def __init__(self, *, max_datasets: int = 16, max_entries: int = 4096) -> None:
+        self._dataset = functools.lru_cache(maxsize=max_datasets)(self._build)
+        self._entry = functools.lru_cache(maxsize=max_entries)(self._regenerate)
+
+    def validate_params(self, params: Params) -> None:
+        check_params("reasoning_gym", params, {"extract": str})
+        _choice("reasoning_gym", "extract", params.get("extract", "auto"), GYM_EXTRACT_MODES)
+
+    def __call__(self, completion: str, item: PromptItem, **params: Any) -> float:
+        answer = extract_gym_answer(completion, params.get("extract", "auto"))
+        spec = item.metadata.get("reasoning_gym")
+        if isinstance(spec, dict):
+            key = (spec["name"], spec["size"], spec["seed"], msgspec.json.encode(spec["config"]))
+            dataset = self._dataset(*key)
+            return float(dataset.score_answer(answer, self._entry(key, int(spec["index"]))))
+        entry = item.metadata.get("entry")
+        if isinstance(entry, dict) and "source_dataset" in entry.get("metadata", {}):
+            import reasoning_gym
+
+            verifier = reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])
+            return float(verifier(answer, entry))
+        raise RewardError(
+            f"reasoning_gym reward: item {item.index} has no 'reasoning_gym' spec or reasoning-gym "
+            "'entry' in its metadata; use a reasoning_gym dataset or a metadata_key holding entries"
+        )
+
+    @staticmethod
+    def _build(name: str, size: int, seed: int, config_json: bytes) -> Any:
+        from rollout.data import create_reasoning_gym
+
+        return create_reasoning_gym(
+            name, size=size, seed=seed, config=msgspec.json.decode(config_json)
+        )
+
+    def _regenerate(self, key: tuple[str, int, int, bytes], index: int) -> Any:
+        return self._dataset(*key)[index]
+
+
+def builtin_registry(*, remote: Sequence[str] = ()) -> RewardRegistry:
+    """A fresh registry holding the built-in rewards (see the module doc).
+
+    ``remote`` names built-ins the operator wants scored on RQ workers (e.g. ``reasoning_gym``
+    for slow verifiers).
+    """
+    builtins: dict[str, tuple[RewardFn, tuple[float, float]]] = {
+        "math": (MathReward(), (0.0, 1.0)),
+        "exact": (ExactReward(), (0.0, 1.0)),
+        "regex": (RegexReward(), (0.0, 1.0)),
+        "format": (FormatReward(), (0.0, 1.0)),
+        "length_penalty": (LengthPenaltyReward(), (-1.0, 0.0)),
+        "reasoning_gym": (ReasoningGymReward(), (0.0, 1.0)),
+    }
+    unknown = sorted(set(remote) - set(builtins))
+    if unknown:
+        raise RewardError(f"remote= names unknown built-ins {unknown}; known: {sorted(builtins)}")
+    registry = RewardRegistry()
+    for name, (fn, value_range) in builtins.items():
+        registry.register(name, fn, value_range=value_range, remote=name in remote)
+    return registry
