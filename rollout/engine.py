@@ -1,0 +1,576 @@
+"""The embedded generation engine: one frozen base model, many LoRA adapter versions, mixed batches.
+
+A rollout worker holds one :class:`Engine`. The trainer publishes adapter versions as PEFT
+directories; the worker calls :meth:`Engine.load_adapter` (name, version, path) and then
+:meth:`Engine.generate` with rows that each name their own ``(adapter, version)`` or none.
+
+Decoding is plain Hugging Face ``model(...)`` with a ``DynamicCache``: prompts are left-padded,
+``position_ids = cumsum(attention_mask) - 1``, one token per step for every live row. Rows that
+finish are dropped from the batch (cache rows included) once a quarter of the batch has finished,
+so a long row does not make the whole batch pay for its length. Each row samples with its own
+seeded generator (:mod:`rollout.sampling`), so its tokens do not depend on its batch-mates.
+
+**Versions and slots.** Each loaded ``(name, version)`` occupies one LoRA slot
+(:class:`SlotTable`). Loading version ``v`` retires the versions of that adapter older than the
+newest ``keep_versions`` (set it to max staleness + 1, so every task still allowed to run finds
+its policy). A version used by a batch in flight is never evicted: its retirement waits for the
+batch to finish. When a load finds no free slot it evicts the least recently used version that no
+batch in flight uses, or raises :class:`AdapterCapacityError` if every slot is in use.
+Versions are immutable: loading a ``(name, version)`` already loaded is a no-op.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import torch
+
+from events.errors import MultiLoraError
+from rollout.lora import BASE_SLOT, LoraBackend, MultiLoraModel, read_peft_adapter
+from rollout.sampling import SamplingParams, find_stop, sample_tokens_B, trim_at_stop
+
+
+class EngineError(MultiLoraError):
+    """Root of the engine's errors (all are the caller's to fix; none leave the engine broken)."""
+
+
+class RequestError(EngineError, ValueError):
+    """A generate request is invalid; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class AdapterNotLoadedError(EngineError, LookupError):
+    """A request names an adapter version that is not (or no longer) loaded."""
+
+
+class AdapterCapacityError(EngineError):
+    """No slot can be freed: every slot holds a version used by a batch in flight."""
+
+
+class StaleAdapterError(EngineError, ValueError):
+    """A load asks for a version older than the ``keep_versions`` newest already loaded."""
+
+
+class AdapterRef(msgspec.Struct, frozen=True):
+    """One adapter version. Text form ``"name@version"`` (plain ``"name"`` means version 0)."""
+
+    name: str
+    version: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name or "@" in self.name or self.name != self.name.strip():
+            raise RequestError(
+                "adapter",
+                f"bad adapter name {self.name!r}: non-empty, no '@', no surrounding spaces",
+            )
+        if self.version < 0:
+            raise RequestError("adapter", f"version must be >= 0, got {self.version}")
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterRef:
+        """``"math@3"`` -> ``AdapterRef("math", 3)``; ``"math"`` -> version 0."""
+        name, sep, version = text.rpartition("@")
+        if not sep:
+            return cls(text, 0)
+        if not version.isdigit():
+            raise RequestError("lora_path", f"{text!r}: version after '@' must be an integer")
+        return cls(name, int(version))
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One row: prompt token ids, the adapter version to use (``None``: base model), sampling."""
+
+    input_ids: tuple[int, ...]
+    adapter: AdapterRef | None = None
+    sampling: SamplingParams = SamplingParams()
+
+
+class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):
+    """One row's output.
+
+    ``output_ids`` include the token that ended the row (EOS / stop token / the token completing
+    a stop string), and ``logprobs[t]`` is its policy log-prob (:mod:`rollout.sampling`).
+    ``finish_reason`` is ``"stop"`` (``matched`` = stop token id or stop string) or ``"length"``.
+    ``text`` is the decoded output, cut before a matched stop string.
+    """
+
+    output_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: Literal["stop", "length"]
+    matched: int | str | None
+    text: str
+    prompt_tokens: int
+    adapter: AdapterRef | None
+    seed: int
+
+
+class LoadedAdapter(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`Engine.load_adapter` did: where the version lives and what it cost."""
+
+    adapter: AdapterRef
+    path: str
+    slot: int
+    rank: int
+    scale: float
+    modules: int
+    nbytes: int
+    load_ms: float
+    evicted: tuple[AdapterRef, ...] = ()
+
+
+@dataclass
+class _Entry:
+    ref: AdapterRef
+    slot: int
+    path: str
+    last_used: int
+    pins: int = 0
+    retired: bool = False
+
+
+class SlotTable:
+    """Bookkeeping of which adapter version occupies which slot (no tensors; unit tested alone).
+
+    ``pins`` count batches in flight using an entry. A retired entry accepts no new batches and
+    frees its slot when its last pin is released.
+    """
+
+    def __init__(self, num_slots: int, keep_versions: int) -> None:
+        if keep_versions < 1:
+            raise EngineError(f"keep_versions={keep_versions} must be >= 1 (max staleness + 1)")
+        self.num_slots = num_slots
+        self.keep_versions = keep_versions
+        self._entries: dict[AdapterRef, _Entry] = {}
+        self._clock = 0
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def live(self) -> list[AdapterRef]:
+        """Loaded versions that new batches may use, by name then version."""
+        refs = [e.ref for e in self._entries.values() if not e.retired]
+        return sorted(refs, key=lambda r: (r.name, r.version))
+
+    def get(self, ref: AdapterRef) -> _Entry | None:
+        entry = self._entries.get(ref)
+        return None if entry is None or entry.retired else entry
+
+    def acquire(self, refs: Iterable[AdapterRef]) -> dict[AdapterRef, int]:
+        """Pin each distinct ref for one batch; return its slot. All or nothing."""
+        wanted = set(refs)
+        missing = [ref for ref in wanted if self.get(ref) is None]
+        if missing:
+            loaded = ", ".join(str(r) for r in self.live()) or "none"
+            raise AdapterNotLoadedError(
+                f"adapter {sorted(map(str, missing))} not loaded (loaded: "
+                f"{loaded}); load it first (/load_lora_adapter)"
+            )
+        now = self._tick()
+        slots = {}
+        for ref in wanted:
+            entry = self._entries[ref]
+            entry.pins += 1
+            entry.last_used = now
+            slots[ref] = entry.slot
+        return slots
+
+    def release(self, refs: Iterable[AdapterRef]) -> list[int]:
+        """Unpin one batch's refs; return slots freed by retirements that were waiting."""
+        freed = []
+        for ref in set(refs):
+            entry = self._entries[ref]
+            entry.pins -= 1
+            if entry.retired and entry.pins == 0:
+                del self._entries[ref]
+                freed.append(entry.slot)
+        return freed
+
+    def place(self) -> tuple[int, AdapterRef | None]:
+        """A slot for a new version: a free one, else evict the least recently used unpinned."""
+        used = {e.slot for e in self._entries.values()}
+        free = [s for s in range(self.num_slots) if s not in used]
+        if free:
+            return free[0], None
+        idle = [e for e in self._entries.values() if e.pins == 0]
+        if not idle:
+            busy = ", ".join(str(e.ref) for e in self._entries.values())
+            raise AdapterCapacityError(
+                f"all {self.num_slots} LoRA slots hold versions used by "
+                f"batches in flight ({busy}); raise max_loras or retry"
+            )
+        victim = min(idle, key=lambda e: e.last_used)
+        del self._entries[victim.ref]
+        return victim.slot, victim.ref
+
+    def check_fresh(self, ref: AdapterRef) -> None:
+        """Raise :class:`StaleAdapterError` if ``ref`` would be retired at once by newer ones."""
+        newer = {
+            e.ref.version
+            for e in self._entries.values()
+            if e.ref.name == ref.name and e.ref.version > ref.version
+        }
+        if len(newer) >= self.keep_versions:
+            raise StaleAdapterError(
+                f"{ref}: {len(newer)} newer versions of {ref.name!r} are "
+                f"loaded and keep_versions={self.keep_versions}"
+            )
+
+    def commit(self, ref: AdapterRef, slot: int, path: str) -> tuple[list[int], list[AdapterRef]]:
+        """Record ``ref`` in ``slot``; retire versions beyond the newest ``keep_versions``.
+
+        Returns ``(freed_slots, retired_refs)``; pinned retirees free their slot on release.
+        """
+        self._entries[ref] = _Entry(ref=ref, slot=slot, path=path, last_used=self._tick())
+        versions = sorted(
+            (e for e in self._entries.values() if e.ref.name == ref.name and not e.retired),
+            key=lambda e: e.ref.version,
+            reverse=True,
+        )
+        return self._retire(versions[self.keep_versions :])
+
+    def retire(self, name: str, version: int | None = None) -> tuple[list[int], list[AdapterRef]]:
+        """Retire one version, or every version of ``name`` when ``version`` is None."""
+        doomed = [
+            e
+            for e in self._entries.values()
+            if not e.retired
+            and e.ref.name == name
+            and (version is None or e.ref.version == version)
+        ]
+        if not doomed:
+            what = name if version is None else f"{name}@{version}"
+            raise AdapterNotLoadedError(f"adapter {what!r} is not loaded; nothing to unload")
+        return self._retire(doomed)
+
+    def _retire(self, entries: list[_Entry]) -> tuple[list[int], list[AdapterRef]]:
+        freed = []
+        for entry in entries:
+            entry.retired = True
+            if entry.pins == 0:
+                del self._entries[entry.ref]
+                freed.append(entry.slot)
+        return freed, [e.ref for e in entries]
+
+
+@dataclass
+class _Row:
+    """Mutable decoding state of one request (private to one :meth:`Engine.generate` call)."""
+
+    request: GenerateRequest
+    slot: int
+    seed: int
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    out_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: Literal["stop", "length"] | None = None
+    matched: int | str | None = None
+
+
+class Engine:
+    """Mixed-adapter batched generation over one frozen causal LM (see module doc).
+
+    ``model`` is an HF causal LM (modified in place: target linears get LoRA slots); ``tokenizer``
+    decodes output text and stop strings (``None``: no text, no stop strings). ``max_loras``
+    slots of rank ``max_lora_rank`` (SGLang's ``--max-loras-per-batch`` / ``--max-lora-rank``);
+    ``target_modules`` fixes the wrapped linears up front (``None``: wrap what adapters target,
+    when they load). Thread-safe: loads may run while a batch decodes; batches run one at a time.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any | None,
+        *,
+        max_loras: int = 8,
+        max_lora_rank: int = 64,
+        keep_versions: int = 2,
+        target_modules: Sequence[str] | Literal["all"] | None = None,
+        lora_backend: LoraBackend = "auto",
+        max_batch_size: int = 256,
+        seed: int = 0,
+        model_path: str = "",
+    ) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.lora = MultiLoraModel(
+            model, num_slots=max_loras, max_rank=max_lora_rank, backend=lora_backend
+        )
+        self.fixed_targets = target_modules is not None
+        if target_modules is not None:
+            self.lora.wrap(self.lora.linear_names(target_modules))
+        self.slots = SlotTable(max_loras, keep_versions)
+        self.max_batch_size = max_batch_size
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = _pad_id(model, tokenizer, self.eos_ids)
+        self._seeds = random.Random(seed)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0
+        self._decode_lock = threading.Lock()
+        self._cache_kw = _cache_keyword(model)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: str = "float32", device: str = "cpu", **kwargs: Any
+    ) -> Engine:
+        """Load the base model and tokenizer from a local HF directory (no hub access)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise EngineError(f"dtype {dtype!r} is not a torch dtype (float32, bfloat16, ...)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return cls(model.to(device), tokenizer, model_path=str(path), **kwargs)
+
+    # ---- adapters -------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, version: int, path: str | Path) -> LoadedAdapter:
+        """Load the PEFT directory ``path`` as ``name@version`` (idempotent; see module doc)."""
+        ref = AdapterRef(name, version)
+        start = time.perf_counter()
+        adapter = read_peft_adapter(path)
+        self.lora.check(adapter, allow_wrap=not self.fixed_targets)
+        with self._lock:
+            entry = self.slots.get(ref)
+            if entry is not None:
+                return self._loaded(ref, entry.slot, adapter, start, ())
+            self.slots.check_fresh(ref)
+            if self.lora.check(adapter, allow_wrap=True):
+                self._idle.wait_for(lambda: self._inflight == 0)  # wrapping swaps modules
+            slot, evicted = self.slots.place()
+            self.lora.load(slot, adapter)
+            _, retired = self.slots.commit(ref, slot, str(path))
+            gone = tuple(r for r in (evicted, *retired) if r is not None)
+            return self._loaded(ref, slot, adapter, start, gone)
+
+    def _loaded(
+        self,
+        ref: AdapterRef,
+        slot: int,
+        adapter: Any,
+        start: float,
+        evicted: tuple[AdapterRef, ...],
+    ) -> LoadedAdapter:
+        return LoadedAdapter(
+            adapter=ref,
+            path=adapter.path,
+            slot=slot,
+            rank=adapter.rank,
+            scale=adapter.scale,
+            modules=len(adapter.weights),
+            nbytes=adapter.nbytes,
+            evicted=evicted,
+            load_ms=(time.perf_counter() - start) * 1e3,
+        )
+
+    def unload_adapter(self, name: str, version: int | None = None) -> list[AdapterRef]:
+        """Stop serving ``name@version`` (every version when ``None``); in-flight batches finish."""
+        with self._lock:
+            _, retired = self.slots.retire(name, version)
+        return retired
+
+    def loaded_adapters(self) -> list[AdapterRef]:
+        with self._lock:
+            return self.slots.live()
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        """Generate every request (any mix of adapters and base rows); results in input order."""
+        for i, request in enumerate(requests):
+            self._validate(i, request)
+        refs = [r.adapter for r in requests if r.adapter is not None]
+        with self._lock:
+            slot_of = self.slots.acquire(refs)
+            self._inflight += 1
+        try:
+            rows = [
+                self._row(r, BASE_SLOT if r.adapter is None else slot_of[r.adapter])
+                for r in requests
+            ]
+            with self._decode_lock:
+                for lo in range(0, len(rows), self.max_batch_size):
+                    self._decode(rows[lo : lo + self.max_batch_size])
+        finally:
+            with self._lock:
+                self.slots.release(refs)
+                self._inflight -= 1
+                self._idle.notify_all()
+        return [self._result(row) for row in rows]
+
+    def _validate(self, i: int, request: GenerateRequest) -> None:
+        ids = request.input_ids
+        if not ids:
+            raise RequestError(f"input_ids[{i}]", "prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise RequestError(f"input_ids[{i}]", f"token ids must be in [0, {self.vocab_size})")
+        if request.sampling.stop and self.tokenizer is None:
+            raise RequestError(f"sampling_params[{i}].stop", "stop strings need a tokenizer")
+
+    def _row(self, request: GenerateRequest, slot: int) -> _Row:
+        sp = request.sampling
+        seed = sp.seed if sp.seed is not None else self._seeds.randrange(2**63)
+        stop_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_ids)
+        generator = torch.Generator().manual_seed(seed)
+        return _Row(request=request, slot=slot, seed=seed, generator=generator, stop_ids=stop_ids)
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[_Row]) -> None:
+        """Run ``rows`` to completion as one batch (prefill, then one token per step)."""
+        device = self.lora.device
+        width = max(len(r.request.input_ids) for r in rows)
+        ids_B_T = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask_B_T = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            prompt = row.request.input_ids
+            ids_B_T[b, width - len(prompt) :] = torch.tensor(prompt)
+            mask_B_T[b, width - len(prompt) :] = 1
+        ids_B_T, mask_B_T = ids_B_T.to(device), mask_B_T.to(device)
+        pos_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
+        cache = _new_cache(self.model)
+        live = list(rows)
+        logits_B_V = self._forward(ids_B_T, mask_B_T, pos_B_T, cache, live)
+        next_pos_B = pos_B_T[:, -1] + 1
+        while True:
+            tokens_B = self._step(live, logits_B_V)
+            keep = [b for b, row in enumerate(live) if row.finish is None]
+            if not keep:
+                return
+            if len(live) - len(keep) >= max(1, len(live) // 4):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                live = [live[b] for b in keep]
+                mask_B_T, next_pos_B, tokens_B = mask_B_T[index], next_pos_B[index], tokens_B[index]
+            mask_B_T = torch.cat([mask_B_T, mask_B_T.new_ones(len(live), 1)], dim=1)
+            logits_B_V = self._forward(
+                tokens_B[:, None], mask_B_T, next_pos_B[:, None], cache, live
+            )
+            next_pos_B = next_pos_B + 1
+
+    def _forward(
+        self,
+        ids_B_T: torch.Tensor,
+        mask_B_T: torch.Tensor,
+        pos_B_T: torch.Tensor,
+        cache: Any,
+        rows: list[_Row],
+    ) -> torch.Tensor:
+        with self.lora.route([row.slot for row in rows]):
+            out = self.model(
+                input_ids=ids_B_T,
+                attention_mask=mask_B_T,
+                position_ids=pos_B_T,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: cache},
+            )
+        return out.logits[:, -1, :]
+
+    def _step(self, rows: list[_Row], logits_B_V: torch.Tensor) -> torch.Tensor:
+        """Sample one token for every row, record it for unfinished rows, mark finished ones."""
+        sps = [row.request.sampling for row in rows]
+        device = logits_B_V.device
+        temperature_B = torch.tensor([sp.temperature for sp in sps], device=device)
+        top_k_B = torch.tensor([sp.top_k for sp in sps], device=device)
+        top_p_B = torch.tensor([sp.top_p for sp in sps], device=device)
+        uniform_B = torch.cat([torch.rand(1, generator=row.generator) for row in rows])
+        tokens_B, logprobs_B = sample_tokens_B(
+            logits_B_V, temperature_B, top_k_B, top_p_B, uniform_B.to(device)
+        )
+        for row, token, logprob in zip(rows, tokens_B.tolist(), logprobs_B.tolist(), strict=True):
+            if row.finish is None:
+                self._append(row, token, logprob)
+        return tokens_B
+
+    def _append(self, row: _Row, token: int, logprob: float) -> None:
+        sp = row.request.sampling
+        row.out_ids.append(token)
+        row.logprobs.append(logprob)
+        if token in row.stop_ids:
+            row.finish, row.matched = "stop", token
+        elif sp.stop:
+            window = max(len(s) for s in sp.stop) + 4
+            tail = self.tokenizer.decode(row.out_ids[-window:], skip_special_tokens=True)
+            hit = find_stop(tail, sp.stop)
+            if hit is not None:
+                row.finish, row.matched = "stop", hit[1]
+        if row.finish is None and len(row.out_ids) >= sp.max_new_tokens:
+            row.finish = "length"
+
+    def _result(self, row: _Row) -> GenerateResult:
+        sp = row.request.sampling
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(row.out_ids, skip_special_tokens=sp.skip_special_tokens)
+            if isinstance(row.matched, str):
+                text = trim_at_stop(text, row.matched)
+        if row.finish is None:
+            raise EngineError("internal: a row left decoding unfinished")
+        return GenerateResult(
+            output_ids=tuple(row.out_ids),
+            logprobs=tuple(row.logprobs),
+            finish_reason=row.finish,
+            matched=row.matched,
+            text=text,
+            prompt_tokens=len(row.request.input_ids),
+            adapter=row.request.adapter,
+            seed=row.seed,
+        )
+
+
+def _new_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def _cache_keyword(model: Any) -> str:
+    """``cache`` on transformers >= 5.2x, ``past_key_values`` before (same object either way)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _eos_ids(model: Any, tokenizer: Any | None) -> frozenset[int]:
+    """EOS ids from the generation config, the model config and the tokenizer (union)."""
+    found: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (
+        getattr(gen, "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, (list, tuple)):
+            found.update(int(v) for v in value)
+    return frozenset(found)
+
+
+def _pad_id(model: Any, tokenizer: Any | None, eos_ids: frozenset[int]) -> int:
+    for value in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(model.config, "pad_token_id", None),
+    ):
+        if isinstance(value, int):
+            return value
+    return min(eos_ids) if eos_ids else 0

@@ -1,0 +1,437 @@
+"""Inference-only mixed-adapter LoRA over a Hugging Face causal LM.
+
+Each target linear layer is wrapped by :class:`MultiLoraLinear`, which holds ``S`` adapter slots
+at a common maximum rank ``R``::
+
+    y_b = W x_b + scale[s_b] * B[s_b] (A[s_b] x_b)        s_b = slot of row b
+    y_b = W x_b                                            s_b = BASE_SLOT (no adapter)
+
+with ``A_S_R_I`` (``R x in``), ``B_S_O_R`` (``out x R``) and ``scale_S = alpha / r`` (or
+``alpha / sqrt(r)`` for rsLoRA). An adapter of rank ``r < R`` fills the first ``r`` rows of ``A``
+and columns of ``B``; the zero padding contributes nothing. A layer an adapter does not target
+keeps that slot zero. The layers know nothing of adapter names: the per-row slot ids are an
+explicit input, set for one forward with :meth:`MultiLoraModel.route`; an id outside
+``[BASE_SLOT, S)`` raises.
+
+Two ways to compute the adapter term (same result to rounding, tested against each other):
+
+* ``"gather"``: gather each adapter row's ``A``/``B`` and ``bmm`` — simple, any device/dtype.
+* ``"grouped"``: sort the adapter tokens by slot and run two ``torch._grouped_mm`` calls (one
+  segmented GEMM per projection, no per-row weight copies). Used on CUDA for bf16/fp16 when the
+  feature sizes are multiples of 8 (the kernel's 16-byte alignment rule), and on CPU when this
+  torch build provides it.
+
+``"auto"`` (default) picks ``grouped`` where available, else ``gather``. The routing plan (which
+rows, sort order, segment offsets) is computed once per forward and shared by all layers.
+
+Adapters load from PEFT directories (``adapter_config.json`` + ``adapter_model.safetensors``) as
+written by ``PeftModel.save_pretrained``; tensor names ``base_model.model.<module>.lora_A.weight``
+map to the module ``<module>`` of the causal LM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from events.errors import MultiLoraError
+
+BASE_SLOT = -1
+"""Slot id of a row that runs the base model only."""
+
+LoraBackend = Literal["auto", "gather", "grouped"]
+PEFT_PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# adapter_config.json fields whose non-default values change the math we implement.
+_UNSUPPORTED_CONFIG = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA bias terms",
+    "modules_to_save": "fully trained extra modules",
+    "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas",
+    "fan_in_fan_out": "Conv1D (fan_in_fan_out) layers",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable token embeddings",
+    "target_parameters": "parameter targeting",
+    "alora_invocation_tokens": "activated LoRA",
+}
+
+
+class LoraError(MultiLoraError):
+    """Root of the rollout LoRA layer's errors."""
+
+
+class SlotRoutingError(LoraError, ValueError):
+    """A slot id is outside ``[BASE_SLOT, num_slots)`` or routing was not set for a forward."""
+
+
+class AdapterFormatError(LoraError, ValueError):
+    """A PEFT adapter directory does not match the model or uses unsupported features."""
+
+
+class AdapterRankError(AdapterFormatError):
+    """An adapter's rank exceeds the layer's maximum rank."""
+
+
+@dataclass(frozen=True)
+class PeftAdapter:
+    """One PEFT adapter read from disk: rank, scale and ``module -> (A_r_I, B_O_r)`` on CPU."""
+
+    path: str
+    rank: int
+    alpha: float
+    scale: float
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(sorted(self.weights))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+
+
+def read_peft_adapter(path: str | Path) -> PeftAdapter:
+    """Read and validate a PEFT LoRA directory; tensors stay on CPU.
+
+    Raises :class:`AdapterFormatError` naming the file and field/tensor when the directory is
+    incomplete, uses a feature this layer does not implement, or holds tensors other than
+    ``lora_A``/``lora_B`` weights of rank ``r``.
+    """
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
+    for need in (config_path, weights_path):
+        if not need.is_file():
+            raise AdapterFormatError(
+                f"{need} not found; a PEFT adapter dir needs {CONFIG_FILE} "
+                f"and {WEIGHTS_FILE} (PeftModel.save_pretrained writes both)"
+            )
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFormatError(f"{config_path}: peft_type={config.get('peft_type')!r}; only LORA")
+    for field, what in _UNSUPPORTED_CONFIG.items():
+        if config.get(field):
+            raise AdapterFormatError(
+                f"{config_path}: {field}={config[field]!r} ({what}) is not "
+                "supported by the rollout engine; export a plain LoRA"
+            )
+    if config.get("bias", "none") != "none":
+        raise AdapterFormatError(f"{config_path}: bias={config['bias']!r}; only 'none'")
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    if rank < 1:
+        raise AdapterFormatError(f"{config_path}: r={rank} must be >= 1")
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in load_file(str(weights_path)).items():
+        if not name.startswith(PEFT_PREFIX) or not name.endswith(
+            (".lora_A.weight", ".lora_B.weight")
+        ):
+            raise AdapterFormatError(
+                f"{weights_path}: tensor {name!r} is not a PEFT LoRA weight "
+                f"('{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight')"
+            )
+        module, kind = name[len(PEFT_PREFIX) :].rsplit(".", 2)[0], name.rsplit(".", 2)[1]
+        pairs.setdefault(module, {})[kind] = tensor
+    if not pairs:
+        raise AdapterFormatError(f"{weights_path}: holds no LoRA tensors")
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise AdapterFormatError(
+                f"{weights_path}: module {module!r} has only {sorted(pair)}; "
+                "every module needs both lora_A and lora_B"
+            )
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterFormatError(
+                f"{weights_path}: {module} lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do "
+                f"not have rank r={rank} from {CONFIG_FILE}"
+            )
+        weights[module] = (a, b)
+    return PeftAdapter(path=str(root), rank=rank, alpha=alpha, scale=scale, weights=weights)
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """How one forward's tokens reach the adapter slots (shared by every wrapped layer).
+
+    ``rows_A``: batch rows that use an adapter; ``slots_A``: their slots. For the grouped path,
+    ``perm_N`` lists the flattened token indices of those rows sorted by slot and ``offs_S`` the
+    cumulative token count per slot (int32, ``torch._grouped_mm``'s segment ends).
+    """
+
+    rows_A: torch.Tensor
+    slots_A: torch.Tensor
+    perm_N: torch.Tensor
+    slot_N: torch.Tensor
+    offs_S: torch.Tensor
+
+
+class SlotRouting:
+    """The per-row slot ids of the forward in progress, read by every wrapped layer of one model."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self._slot_ids_B: torch.Tensor | None = None
+        self._plans: dict[int, RoutePlan] = {}
+
+    @contextmanager
+    def route(
+        self, slot_ids_B: Sequence[int] | torch.Tensor, device: torch.device
+    ) -> Iterator[None]:
+        """Set the slot id of each batch row for the forwards inside the block."""
+        ids = torch.as_tensor(slot_ids_B, dtype=torch.long).reshape(-1).cpu()
+        bad = ids[(ids < BASE_SLOT) | (ids >= self.num_slots)]
+        if bad.numel():
+            raise SlotRoutingError(
+                f"slot ids {bad.tolist()} outside [{BASE_SLOT}, "
+                f"{self.num_slots}); use BASE_SLOT={BASE_SLOT} for no adapter"
+            )
+        self._slot_ids_B, self._plans = ids.to(device), {}
+        try:
+            yield
+        finally:
+            self._slot_ids_B, self._plans = None, {}
+
+    def plan(self, batch: int, tokens: int) -> RoutePlan:
+        """The routing plan for an input of ``batch`` rows of ``tokens`` tokens (memoised)."""
+        if self._slot_ids_B is None:
+            raise SlotRoutingError(
+                "a LoRA-wrapped model ran outside MultiLoraModel.route(...); "
+                "every forward needs per-row slot ids"
+            )
+        if batch != self._slot_ids_B.numel():
+            raise SlotRoutingError(
+                f"forward has {batch} rows but {self._slot_ids_B.numel()} slot ids were routed"
+            )
+        plan = self._plans.get(tokens)
+        if plan is None:
+            plan = self._plans[tokens] = _make_plan(self._slot_ids_B, tokens, self.num_slots)
+        return plan
+
+
+def _make_plan(slot_ids_B: torch.Tensor, tokens: int, num_slots: int) -> RoutePlan:
+    rows_A = torch.nonzero(slot_ids_B >= 0).flatten()
+    slots_A = slot_ids_B[rows_A]
+    order = torch.argsort(slots_A, stable=True)
+    token_T = torch.arange(tokens, device=slot_ids_B.device)
+    perm_N = (rows_A[order][:, None] * tokens + token_T[None, :]).flatten()
+    slot_N = slots_A[order].repeat_interleave(tokens)
+    counts_S = torch.bincount(slots_A, minlength=num_slots) * tokens
+    offs_S = counts_S.cumsum(0).to(torch.int32)
+    return RoutePlan(rows_A=rows_A, slots_A=slots_A, perm_N=perm_N, slot_N=slot_N, offs_S=offs_S)
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs here for ``dtype`` (probed with a 2-group call)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):
+        return False
+    x = torch.ones(16, 16, device=device, dtype=dtype)
+    w = torch.ones(2, 16, 16, device=device, dtype=dtype)
+    offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
+    try:
+        torch._grouped_mm(x, w, offs=offs)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus ``num_slots`` LoRA slots of rank ``max_rank`` (module doc)."""
+
+    def __init__(self, base: nn.Linear, routing: SlotRouting, max_rank: int, backend: str) -> None:
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        self.backend = backend
+        self.max_rank = max_rank
+        w = base.weight
+        slots = routing.num_slots
+        self.register_buffer("lora_A_S_R_I", w.new_zeros(slots, max_rank, base.in_features))
+        self.register_buffer("lora_B_S_O_R", w.new_zeros(slots, base.out_features, max_rank))
+        self.register_buffer("scale_S", w.new_zeros(slots))
+
+    def set_slot(self, slot: int, a_r_I: torch.Tensor, b_O_r: torch.Tensor, scale: float) -> None:
+        """Write one adapter into ``slot`` (zero-padded to ``max_rank``)."""
+        rank = a_r_I.shape[0]
+        if rank > self.max_rank:
+            raise AdapterRankError(
+                f"adapter rank {rank} > max_rank {self.max_rank}; raise "
+                "max_lora_rank or publish a smaller adapter"
+            )
+        if a_r_I.shape[1] != self.base.in_features or b_O_r.shape[0] != self.base.out_features:
+            raise AdapterFormatError(
+                f"lora_A {tuple(a_r_I.shape)} / lora_B {tuple(b_O_r.shape)} do not fit a linear "
+                f"{self.base.in_features} -> {self.base.out_features}"
+            )
+        self.clear_slot(slot)
+        self.lora_A_S_R_I[slot, :rank].copy_(a_r_I)
+        self.lora_B_S_O_R[slot, :, :rank].copy_(b_O_r)
+        self.scale_S[slot] = scale
+
+    def clear_slot(self, slot: int) -> None:
+        self.lora_A_S_R_I[slot].zero_()
+        self.lora_B_S_O_R[slot].zero_()
+        self.scale_S[slot] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if x.ndim != 3:
+            raise SlotRoutingError(
+                f"MultiLoraLinear expects (batch, tokens, features), got {tuple(x.shape)}"
+            )
+        plan = self.routing.plan(x.shape[0], x.shape[1])
+        if plan.rows_A.numel() == 0:
+            return y
+        if self.backend == "grouped":
+            return self._grouped(x, y, plan)
+        return self._gather(x, y, plan)
+
+    def _gather(self, x: torch.Tensor, y: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
+        a_A_R_I = self.lora_A_S_R_I[plan.slots_A]
+        b_A_O_R = self.lora_B_S_O_R[plan.slots_A]
+        h_A_T_R = torch.bmm(x[plan.rows_A], a_A_R_I.transpose(1, 2))
+        h_A_T_R = h_A_T_R * self.scale_S[plan.slots_A][:, None, None]
+        return y.index_add(0, plan.rows_A, torch.bmm(h_A_T_R, b_A_O_R.transpose(1, 2)))
+
+    def _grouped(self, x: torch.Tensor, y: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
+        x_N_I = x.reshape(-1, x.shape[-1])[plan.perm_N]
+        h_N_R = torch._grouped_mm(x_N_I, self.lora_A_S_R_I.transpose(1, 2), offs=plan.offs_S)
+        h_N_R = h_N_R * self.scale_S[plan.slot_N][:, None]
+        d_N_O = torch._grouped_mm(h_N_R, self.lora_B_S_O_R.transpose(1, 2), offs=plan.offs_S)
+        out = y.reshape(-1, y.shape[-1]).index_add(0, plan.perm_N, d_N_O)
+        return out.view_as(y)
+
+
+class MultiLoraModel:
+    """A causal LM whose linear layers get LoRA slots on demand; loads PEFT adapters into slots.
+
+    ``model`` is modified in place (target linears are replaced by :class:`MultiLoraLinear`).
+    Wrapping is lazy: :meth:`load` wraps the modules an adapter targets the first time one does,
+    or :meth:`wrap` wraps a fixed list up front (SGLang's ``--lora-target-modules``).
+    """
+
+    def __init__(
+        self, model: nn.Module, *, num_slots: int, max_rank: int, backend: LoraBackend = "auto"
+    ) -> None:
+        if num_slots < 1 or max_rank < 1:
+            raise LoraError(f"num_slots={num_slots} and max_rank={max_rank} must be >= 1")
+        self.model = model
+        self.max_rank = max_rank
+        self.routing = SlotRouting(num_slots)
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        if backend == "auto":
+            backend = "grouped" if grouped_mm_supported(self.device, self.dtype) else "gather"
+        if backend not in ("gather", "grouped"):
+            raise LoraError(f"lora backend {backend!r}; use 'auto', 'gather' or 'grouped'")
+        self.backend: str = backend
+        self.layers: dict[str, MultiLoraLinear] = {}
+
+    @property
+    def num_slots(self) -> int:
+        return self.routing.num_slots
+
+    def route(self, slot_ids_B: Sequence[int] | torch.Tensor) -> AbstractContextManager[None]:
+        """Context manager: forwards inside use these per-row slot ids (``BASE_SLOT``: none)."""
+        return self.routing.route(slot_ids_B, self.device)
+
+    def linear_names(self, suffixes: Iterable[str] | Literal["all"]) -> list[str]:
+        """Full names of the model's linear layers (wrapped or not) whose last name part is in
+        ``suffixes``; ``"all"`` means every linear layer except the LM head."""
+        wanted = None if suffixes == "all" else set(suffixes)
+        head = self.model.get_output_embeddings()
+        inner = {id(layer.base) for layer in self.layers.values()}
+        names = []
+        for name, module in self.model.named_modules():
+            is_linear = isinstance(module, MultiLoraLinear) or (
+                isinstance(module, nn.Linear) and module is not head and id(module) not in inner
+            )
+            if is_linear and (wanted is None or name.rsplit(".", 1)[-1] in wanted):
+                names.append(name)
+        return names
+
+    def wrap(self, names: Iterable[str]) -> None:
+        """Wrap the named ``nn.Linear`` modules (already wrapped ones are left alone)."""
+        for name in names:
+            if name in self.layers:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            module = getattr(parent, child, None)
+            if not isinstance(module, nn.Linear):
+                raise AdapterFormatError(
+                    f"module {name!r} is {type(module).__name__}, not a "
+                    "torch.nn.Linear; LoRA targets must be linear layers"
+                )
+            layer = MultiLoraLinear(module, self.routing, self.max_rank, self.backend)
+            setattr(parent, child, layer)
+            self.layers[name] = layer
+
+    def check(self, adapter: PeftAdapter, *, allow_wrap: bool) -> list[str]:
+        """Validate ``adapter`` against the model; return the modules that still need wrapping."""
+        if adapter.rank > self.max_rank:
+            raise AdapterRankError(
+                f"{adapter.path}: rank {adapter.rank} > max_lora_rank "
+                f"{self.max_rank}; raise max_lora_rank or lower the adapter's r"
+            )
+        missing = []
+        for module in adapter.modules:
+            if module in self.layers:
+                continue
+            try:
+                self.model.get_submodule(module)
+            except AttributeError as err:
+                raise AdapterFormatError(
+                    f"{adapter.path}/{WEIGHTS_FILE}: tensor "
+                    f"'{PEFT_PREFIX}{module}.lora_A.weight' names no module "
+                    "of the base model (adapter for another model?)"
+                ) from err
+            missing.append(module)
+        if missing and not allow_wrap:
+            raise AdapterFormatError(
+                f"{adapter.path}: targets {missing[:3]}... which are not LoRA "
+                "target modules of this engine; add them to target_modules"
+            )
+        return missing
+
+    def load(self, slot: int, adapter: PeftAdapter, *, allow_wrap: bool = True) -> None:
+        """Write ``adapter`` into ``slot`` of every wrapped layer (zero where it has no tensors)."""
+        if not 0 <= slot < self.num_slots:
+            raise SlotRoutingError(f"slot {slot} outside [0, {self.num_slots})")
+        self.wrap(self.check(adapter, allow_wrap=allow_wrap))
+        for name, layer in self.layers.items():
+            pair = adapter.weights.get(name)
+            if pair is None:
+                layer.clear_slot(slot)
+                continue
+            a, b = pair
+            try:
+                layer.set_slot(
+                    slot,
+                    a.to(self.device, self.dtype),
+                    b.to(self.device, self.dtype),
+                    adapter.scale,
+                )
+            except AdapterFormatError as err:
+                raise AdapterFormatError(f"{adapter.path}/{WEIGHTS_FILE}: {name}: {err}") from err
+
+    def clear(self, slot: int) -> None:
+        """Zero ``slot`` in every wrapped layer (rows routed to it then run the base model)."""
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
