@@ -1,0 +1,194 @@
+"""One training step for every adapter in a batch: one forward, one backward, per-slot updates.
+
+Loss normalization is per adapter: slot ``s``'s loss is the sum of its per-token losses over its
+own target tokens divided by its own target-token count, and the step minimizes
+``Σ_s loss_s``. Since rows of different slots never interact (attention is per row, base
+weights are frozen, each slot's parameters only see its own rows), the gradient reaching slot
+``s`` is exactly the gradient of ``loss_s`` alone: the same as training it solo on its rows.
+Clipping, schedule and Adam state are per slot too (:class:`trainer.optim.SlotAdamW`).
+
+Skips (reported in :class:`SlotMetrics`, state untouched, step counter not bumped):
+``"no target tokens"``, ``"non-finite loss"`` (the slot is left out of the backward) and
+``"non-finite gradient norm"`` (from the optimizer). Other slots step normally.
+
+Rows routed to ``BASE_SLOT`` may be present (e.g. padding rows); they carry no loss.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from events.errors import MultiLoraError
+from trainer.inject import MultiLoraModel
+from trainer.lora import BASE_SLOT
+from trainer.losses import LossFn
+from trainer.optim import SlotAdamW
+
+
+class BatchError(MultiLoraError, ValueError):
+    """A train batch's tensors have inconsistent shapes or dtypes."""
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """The rows of one train step. Per-token fields are ``[B, T]`` aligned with the tokens.
+
+    - ``slot_ids_B`` (int): the slot of each row, or ``BASE_SLOT`` (no loss).
+    - ``tokens_B_T`` (int), ``attention_mask_B_T`` (1 = real token; left or right padding).
+    - ``loss_mask_B_T``: 1 where token ``t`` is a training target (e.g. completion tokens);
+      column 0 and padding are never targets, whatever the mask says.
+    - ``advantages_B_T`` (float): per-token weight of each target (RL advantage, or 1 for SFT).
+    - ``old_logprobs_B_T`` (float, optional): rollout-time ``log p(token t)``; column 0 unused.
+    """
+
+    slot_ids_B: Tensor
+    tokens_B_T: Tensor
+    attention_mask_B_T: Tensor
+    loss_mask_B_T: Tensor
+    advantages_B_T: Tensor
+    old_logprobs_B_T: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens_B_T.dim() != 2:
+            raise BatchError(f"tokens_B_T must be [B, T]; got shape {tuple(self.tokens_B_T.shape)}")
+        b, t = self.tokens_B_T.shape
+        if t < 2:
+            raise BatchError(f"sequences need >= 2 tokens to have a target; got T={t}")
+        if tuple(self.slot_ids_B.shape) != (b,):
+            raise BatchError(
+                f"slot_ids_B has shape {tuple(self.slot_ids_B.shape)}; expected ({b},)"
+            )
+        for name in ("attention_mask_B_T", "loss_mask_B_T", "advantages_B_T", "old_logprobs_B_T"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (b, t):
+                raise BatchError(f"{name} has shape {tuple(value.shape)}; expected ({b}, {t})")
+        for name in ("slot_ids_B", "tokens_B_T"):
+            if getattr(self, name).is_floating_point():
+                raise BatchError(f"{name} must be an integer tensor")
+
+    @property
+    def target_mask_B_T(self) -> Tensor:
+        """Bool: token is a target (loss mask, real token, not column 0, not a base row)."""
+        mask = self.loss_mask_B_T.bool() & self.attention_mask_B_T.bool()
+        mask[:, 0] = False
+        return mask & (self.slot_ids_B != BASE_SLOT)[:, None]
+
+    def select(self, rows_B: Tensor) -> TrainBatch:
+        """The batch restricted to / reordered by ``rows_B``."""
+        old = self.old_logprobs_B_T
+        return TrainBatch(
+            slot_ids_B=self.slot_ids_B[rows_B],
+            tokens_B_T=self.tokens_B_T[rows_B],
+            attention_mask_B_T=self.attention_mask_B_T[rows_B],
+            loss_mask_B_T=self.loss_mask_B_T[rows_B],
+            advantages_B_T=self.advantages_B_T[rows_B],
+            old_logprobs_B_T=None if old is None else old[rows_B],
+        )
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        old = self.old_logprobs_B_T
+        return TrainBatch(
+            slot_ids_B=self.slot_ids_B.to(device),
+            tokens_B_T=self.tokens_B_T.to(device),
+            attention_mask_B_T=self.attention_mask_B_T.to(device),
+            loss_mask_B_T=self.loss_mask_B_T.to(device),
+            advantages_B_T=self.advantages_B_T.to(device),
+            old_logprobs_B_T=None if old is None else old.to(device),
+        )
+
+
+@dataclass(frozen=True)
+class SlotMetrics:
+    """What one train step did for one slot.
+
+    ``loss``: the slot's normalized loss; ``grad_norm``: its gradient norm before clipping (NaN
+    when skipped before the backward); ``tokens``: its target tokens; ``lr``: the rate used (or
+    that would have been); ``step``: the slot's update count after the step; ``extras``: the
+    loss's per-token metrics averaged over the slot's target tokens.
+    """
+
+    slot: int
+    loss: float
+    grad_norm: float
+    tokens: int
+    lr: float
+    step: int
+    skipped: bool
+    reason: str | None = None
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+def train_step(
+    model: MultiLoraModel, optimizer: SlotAdamW, batch: TrainBatch, loss_fn: LossFn
+) -> dict[int, SlotMetrics]:
+    """Train every slot present in ``batch`` by one step; return metrics keyed by slot."""
+    device = model.store.weight_S_R_Q.device
+    order_B = torch.argsort(batch.slot_ids_B.cpu(), stable=True)  # contiguous slot segments
+    batch = batch.select(order_B).to(device)
+    ids = batch.slot_ids_B.tolist()
+    slots = sorted({s for s in ids if s != BASE_SLOT})
+    for slot in slots:
+        optimizer.spec(slot)  # raises for a slot without optimizer settings
+    optimizer.zero_grad()
+
+    args = (batch.tokens_B_T, batch.attention_mask_B_T, batch.slot_ids_B)
+    logprobs_B_T = F.pad(model.logprobs(*args), (1, 0))
+    ref_B_T = None
+    if loss_fn.needs_reference:
+        ref_B_T = F.pad(model.logprobs(*args, adapters=False), (1, 0))
+    per_token_B_T, extras = loss_fn(logprobs_B_T, batch, ref_B_T)
+
+    target_B_T = batch.target_mask_B_T
+    num_slots = model.num_slots
+    bins_B = torch.where(batch.slot_ids_B == BASE_SLOT, num_slots, batch.slot_ids_B)
+
+    def per_slot_sum(values_B_T: Tensor) -> Tensor:
+        row_B = torch.where(target_B_T, values_B_T, 0.0).sum(1)
+        return row_B.new_zeros(num_slots + 1).index_add(0, bins_B, row_B)
+
+    tokens_S = per_slot_sum(torch.ones_like(per_token_B_T, dtype=torch.float32))
+    loss_S = per_slot_sum(per_token_B_T) / tokens_S.clamp(min=1)
+    extras_K_S = {
+        k: per_slot_sum(v.detach().float()) / tokens_S.clamp(min=1) for k, v in extras.items()
+    }
+    host = torch.stack([tokens_S, loss_S.detach(), *extras_K_S.values()]).tolist()
+    tokens, losses, extra_rows = host[0], host[1], host[2:]
+
+    skipped: dict[int, str] = {}
+    for slot in slots:
+        if tokens[slot] == 0:
+            skipped[slot] = "no target tokens"
+        elif not math.isfinite(losses[slot]):
+            skipped[slot] = "non-finite loss"
+    live = [s for s in slots if s not in skipped]
+    if live:
+        total = loss_S[torch.tensor(live, device=loss_S.device)].sum()
+        with warnings.catch_warnings():
+            # Slot parameters are views into one flat store, so autograd notes that their
+            # .grad views are not dense; accumulation into them is intended (see SlotStore).
+            warnings.filterwarnings("ignore", message=".*gradient layout contract.*")
+            total.backward()
+    stepped = optimizer.step(live)
+
+    metrics: dict[int, SlotMetrics] = {}
+    for slot in slots:
+        result = stepped.get(slot)
+        reason = skipped.get(slot) or (result.reason if result else None)
+        metrics[slot] = SlotMetrics(
+            slot=slot,
+            loss=losses[slot],
+            grad_norm=result.grad_norm if result else float("nan"),
+            tokens=int(tokens[slot]),
+            lr=result.lr if result else optimizer.current_lr(slot),
+            step=optimizer.step_count(slot),
+            skipped=reason is not None,
+            reason=reason,
+            extras={k: row[slot] for k, row in zip(extras_K_S, extra_rows, strict=True)},
+        )
+    return metrics
