@@ -154,12 +154,12 @@ class RewardRegistry:
         target: str,
         *,
         value_range: tuple[float, float] = UNBOUNDED,
-        remote: bool = False,
     ) -> None:
         """Import ``target`` (``"package.module:function"``) and register it under ``name``.
 
         Only for the operator's own process config, read at boot; never with a string that
-        arrived in an event.
+        arrived in an event. Entry-point rewards run in-process: RQ reward workers resolve
+        names in the built-in registry only (see :mod:`rollout.reward_queue`).
         """
         if not _ENTRY_POINT_RE.match(target):
             raise RewardError(
@@ -176,7 +176,7 @@ class RewardRegistry:
             if not hasattr(obj, attr):
                 raise RewardError(f"reward entry point {target!r}: no attribute {attr!r}")
             obj = getattr(obj, attr)
-        self.register(name, obj, value_range=value_range, remote=remote)
+        self.register(name, obj, value_range=value_range)
 
     def get(self, name: str) -> RewardEntry:
         """The entry for ``name``; :class:`RewardError` listing the known names otherwise."""
