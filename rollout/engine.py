@@ -165,6 +165,9 @@ class SlotTable:
         refs = [e.ref for e in self._entries.values() if not e.retired]
         return sorted(refs, key=lambda r: (r.name, r.version))
 
+    def path_of(self, ref: AdapterRef) -> str:
+        return self._entries[ref].path
+
     def get(self, ref: AdapterRef) -> _Entry | None:
         entry = self._entries.get(ref)
         return None if entry is None or entry.retired else entry
@@ -306,7 +309,7 @@ class Engine:
         model_path: str = "",
     ) -> None:
         self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+        self.tokenizer: Any = tokenizer  # None: no text, no stop strings
         self.model_path = model_path
         self.lora = MultiLoraModel(
             model, num_slots=max_loras, max_rank=max_lora_rank, backend=lora_backend
@@ -336,8 +339,10 @@ class Engine:
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise EngineError(f"dtype {dtype!r} is not a torch dtype (float32, bfloat16, ...)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         return cls(model.to(device), tokenizer, model_path=str(path), **kwargs)
 
     # ---- adapters -------------------------------------------------------------------------
@@ -388,8 +393,14 @@ class Engine:
         return retired
 
     def loaded_adapters(self) -> list[AdapterRef]:
+        """Versions new batches may use, by name then version."""
         with self._lock:
             return self.slots.live()
+
+    def adapter_paths(self) -> dict[AdapterRef, str]:
+        """Each usable version and the directory it was loaded from."""
+        with self._lock:
+            return {ref: self.slots.path_of(ref) for ref in self.slots.live()}
 
     # ---- generation -----------------------------------------------------------------------
 
@@ -506,7 +517,7 @@ class Engine:
         row.logprobs.append(logprob)
         if token in row.stop_ids:
             row.finish, row.matched = "stop", token
-        elif sp.stop:
+        elif sp.stop and self.tokenizer is not None:  # _validate rejects stop without one
             window = max(len(s) for s in sp.stop) + 4
             tail = self.tokenizer.decode(row.out_ids[-window:], skip_special_tokens=True)
             hit = find_stop(tail, sp.stop)

@@ -254,6 +254,10 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 class MultiLoraLinear(nn.Module):
     """A frozen ``nn.Linear`` plus ``num_slots`` LoRA slots of rank ``max_rank`` (module doc)."""
 
+    lora_A_S_R_I: torch.Tensor
+    lora_B_S_O_R: torch.Tensor
+    scale_S: torch.Tensor
+
     def __init__(self, base: nn.Linear, routing: SlotRouting, max_rank: int, backend: str) -> None:
         super().__init__()
         self.base = base
@@ -355,7 +359,7 @@ class MultiLoraModel:
         """Full names of the model's linear layers (wrapped or not) whose last name part is in
         ``suffixes``; ``"all"`` means every linear layer except the LM head."""
         wanted = None if suffixes == "all" else set(suffixes)
-        head = self.model.get_output_embeddings()
+        head = getattr(self.model, "get_output_embeddings", lambda: None)()
         inner = {id(layer.base) for layer in self.layers.values()}
         names = []
         for name, module in self.model.named_modules():

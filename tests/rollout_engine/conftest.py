@@ -42,7 +42,7 @@ def write_peft_adapter(
         for name, param in peft_model.named_parameters():
             if "lora_B" in name or "lora_A" in name:
                 param.normal_(0.0, std)
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(str(out_dir))
     return out_dir
 
 

@@ -53,8 +53,9 @@ def test_inverse_cdf_draw_follows_uniform() -> None:
     picks = []
     for u in (0.0, 0.49, 0.51, 0.79, 0.81, 0.999):
         tokens, logprobs = sample_tokens_B(logits, **_one_row(), uniform_B=torch.tensor([u]))
-        picks.append(tokens.item())
-        assert logprobs.item() == pytest.approx(math.log([0.5, 0.3, 0.2][tokens.item()]), 1e-6)
+        token = int(tokens.item())
+        picks.append(token)
+        assert logprobs.item() == pytest.approx(math.log([0.5, 0.3, 0.2][token]), 1e-6)
     assert picks == [0, 0, 1, 1, 2, 2]
 
 
