@@ -30,6 +30,7 @@ Delivery contract (at-least-once delivery, effectively-once effects):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import signal
@@ -194,6 +195,7 @@ class Consumer:
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._drained: set[int] = set()
+        self._reader_ids: list[int] = []
         self._commit = self.client.register_script(COMMIT_LUA)
         self._touch = self.client.register_script(_TOUCH_LUA)
         self._signals = 0
@@ -262,10 +264,18 @@ class Consumer:
             self._stop.set()
             with self._lock:
                 self._lock.notify_all()
+            self._unblock_readers()
             for t in threads:
                 t.join(timeout=self.block_ms / 1000 + 2)
             self.lease.release()
         return self.stats
+
+    def _unblock_readers(self) -> None:
+        """Wake readers parked in a blocking XREADGROUP so shutdown need not wait ``block_ms``."""
+        for client_id in list(self._reader_ids):
+            # a reader whose connection is gone already is covered by its join timeout
+            with contextlib.suppress(redis.RedisError):
+                self.client.client_unblock(client_id)
 
     def _all_drained(self) -> bool:
         with self._lock:
@@ -349,6 +359,7 @@ class Consumer:
         sub = self.subscriptions[index]
         client = self.client_factory()
         try:
+            self._reader_ids.append(int(client.client_id()))
             self._read_own_pending(sub, client)
             last_claim = 0.0
             while not self._stop.is_set():
@@ -379,11 +390,15 @@ class Consumer:
                         got += 1
                 if burst and got == 0:
                     with self._lock:
-                        idle = not any(k[0] == sub.stream for k in self._in_flight)
-                        if idle:
+                        while any(k[0] == sub.stream for k in self._in_flight):
+                            if self._stop.is_set():
+                                return
+                            self._lock.wait(0.1)
+                    if self._reclaim(sub, client) == 0 and not self._has_new(client, sub):
+                        with self._lock:
                             self._drained.add(index)
-                            return
-                    time.sleep(self.claim_idle_ms / 4000)
+                        self._queue.put(None)  # wake the handler thread to notice
+                        return
         except Exception as exc:  # surfaced in the handler thread, which re-raises it
             self._queue.put(exc)
         finally:
@@ -420,6 +435,15 @@ class Consumer:
         if got:
             self.observer.reclaimed(sub, got)
         return got
+
+    @staticmethod
+    def _has_new(client: redis.Redis, sub: Subscription) -> bool:
+        """Whether the group has undelivered entries (burst mode's end test)."""
+        for group in client.xinfo_groups(sub.stream):
+            if _s(group["name"]) == sub.group:
+                last = _s(group["last-delivered-id"])
+                return bool(client.xrange(sub.stream, min=f"({last}", count=1))
+        return False
 
     @staticmethod
     def _delivery_count(client: redis.Redis, sub: Subscription, entry_id: str) -> int:

