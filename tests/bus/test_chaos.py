@@ -163,7 +163,7 @@ def test_unsafe_server_is_refused_unless_overridden(tmp_path) -> None:
     with RedisServer(tmp_path / "r") as server:
         client = connect(server.url)
         client.config_set("appendonly", "no")
-        with pytest.raises(UnsafeRedisError, match="appendonly.*--unsafe-redis"):
+        with pytest.raises(UnsafeRedisError, match=r"appendonly.*--unsafe-redis"):
             check_durability(client)
         check_durability(client, allow_unsafe=True)
         client.config_set("appendonly", "yes")
