@@ -184,7 +184,8 @@ class RoutingPlan:
     ``rows_N`` are the adapter rows (slot != BASE_SLOT) of the batch, stably sorted by slot;
     ``scale_N`` their ``alpha/rank``; ``offsets_S`` (int32) the cumulative *token* count per
     slot over all ``S`` slots in sorted order (``_grouped_mm``'s ``offs``; absent slots give empty
-    groups); ``identity`` is True when ``rows_N`` is ``0..B-1`` (no gather/scatter needed).
+    groups); ``row_span`` is ``(lo, hi)`` when ``rows_N`` is the contiguous range ``lo..hi-1``
+    (then layers slice instead of gather/scatter; the train step sorts rows so this holds).
     """
 
     slot_ids_B: Tensor
@@ -194,7 +195,7 @@ class RoutingPlan:
     scale_N: Tensor
     offsets_S: Tensor
     segments: tuple[Segment, ...]
-    identity: bool
+    row_span: tuple[int, int] | None
 
     @property
     def num_adapter_rows(self) -> int:
@@ -268,7 +269,9 @@ class SlotRouting:
             scale_N=table.scale_S[ids[rows_N]] if rows else table.scale_S[:0],
             offsets_S=offsets.to(device=device, dtype=torch.int32),
             segments=tuple(segments),
-            identity=rows == list(range(len(ids_list))),
+            row_span=(rows[0], rows[-1] + 1)
+            if rows and rows == list(range(rows[0], rows[-1] + 1))
+            else None,
         )
 
 
@@ -373,8 +376,12 @@ class SlotLinear(nn.Module):
                 f"slot layer input {tuple(x.shape)} does not match the routed batch "
                 f"[{plan.batch_size}, {plan.seq_len}, ...]; route with the tokens' [B, T]"
             )
-        if plan.identity:
-            return base_out + slot_delta(x, self.lora_A, self.lora_Bt, plan, self.kernel)
+        if plan.row_span is not None:
+            lo, hi = plan.row_span
+            if (lo, hi) == (0, plan.batch_size):
+                return base_out + slot_delta(x, self.lora_A, self.lora_Bt, plan, self.kernel)
+            delta = slot_delta(x[lo:hi], self.lora_A, self.lora_Bt, plan, self.kernel)
+            return torch.cat([base_out[:lo], base_out[lo:hi] + delta, base_out[hi:]])
         x_sel = x.index_select(0, plan.rows_N)
         delta = slot_delta(x_sel, self.lora_A, self.lora_Bt, plan, self.kernel)
         return base_out.index_add(0, plan.rows_N, delta.to(base_out.dtype))
