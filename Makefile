@@ -1,0 +1,46 @@
+# multilora — two commands:
+#   make demo   set up whatever is missing, then run the demo (RL on SmolLM2-135M, CPU)
+#   make test   set up whatever is missing, then run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MODEL  ?= models/smollm2-135m
+
+.PHONY: setup demo test test-bus lint typecheck bench-bus model clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch, pinned: a bare `torch` would pull multi-GB CUDA builds
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(MODEL)/config.json: | $(VENV)/.installed
+	$(PY) -m ops.models smollm2 $(MODEL)
+
+model: $(MODEL)/config.json
+
+demo: setup model
+	$(VENV)/bin/multilora demo --model $(MODEL)
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-bus: setup
+	$(VENV)/bin/pytest -q -m bus tests/bus
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+bench-bus: setup
+	$(PY) bench/bus.py --out bench/results/bus.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
