@@ -1,0 +1,89 @@
+"""RL loss and batch building: advantages, clipping, KL, masks, dropped groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from events.schema import PromptGroup, Sample
+from events.specs import LossSpec
+from trainer.batching import AdapterRows, build_batch
+from trainer.rl_loss import PPOClipLoss, group_advantages
+
+
+def sample(ids, reward, *, failed=False, lp=-0.5) -> Sample:
+    return Sample(completion_ids=tuple(ids), logprobs=tuple(lp for _ in ids), text="",
+                  reward=reward, failed=failed)  # fmt: skip
+
+
+def test_group_advantages() -> None:
+    adv = group_advantages([1.0, 0.0, 0.0, 1.0], "grpo")
+    assert adv == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-5)
+    assert group_advantages([2.0, 0.0], "drgrpo") == pytest.approx([1.0, -1.0])
+    assert group_advantages([0.5, 0.5], "grpo") == [0.0, 0.0]
+
+
+def test_build_batch_rows_masks_and_drops() -> None:
+    g_ok = PromptGroup(
+        prompt_index=0,
+        prompt_ids=(5, 6),
+        samples=(sample([7, 8], 1.0), sample([9], 0.0), sample([3], 0.0, failed=True)),
+    )
+    g_flat = PromptGroup(
+        prompt_index=1, prompt_ids=(5,), samples=(sample([7], 1.0), sample([8], 1.0))
+    )
+    g_one = PromptGroup(prompt_index=2, prompt_ids=(5,), samples=(sample([7], 1.0),))
+    rows = AdapterRows(
+        slot=2, loss=LossSpec(filter_zero_variance=True), groups=[g_ok, g_flat, g_one]
+    )
+    batch, stats = build_batch([rows], pad_id=0)
+    assert batch is not None
+    assert batch.tokens_B_T.tolist() == [[5, 6, 7, 8], [5, 6, 9, 0]]
+    assert batch.loss_mask_B_T.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
+    assert batch.attention_mask_B_T.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch.advantages_B_T[0, 2].item() == pytest.approx(1.0, abs=1e-5)
+    assert batch.advantages_B_T[1, 2].item() == pytest.approx(-1.0, abs=1e-5)
+    assert batch.old_logprobs_B_T[0, 2].item() == -0.5
+    assert stats[2].groups == 1 and stats[2].groups_dropped == 2 and stats[2].samples_failed == 1
+    none, _ = build_batch([AdapterRows(slot=0, loss=LossSpec(), groups=[g_one])], pad_id=0)
+    assert none is None
+
+
+def _batch(adv: float, old: float):
+    samples = (sample([2], adv, lp=old), sample([3], -adv, lp=old))
+    g = PromptGroup(prompt_index=0, prompt_ids=(1,), samples=samples)
+    batch, _ = build_batch([AdapterRows(slot=0, loss=LossSpec(advantage="drgrpo"), groups=[g])], 0)
+    return batch
+
+
+def test_on_policy_loss_is_policy_gradient_and_clip_stops_gradient() -> None:
+    loss_fn = PPOClipLoss.from_specs({0: LossSpec(clip_low=0.2, clip_high=0.28)}, num_slots=2)
+    assert not loss_fn.needs_reference
+    batch = _batch(adv=1.0, old=math.log(0.5))
+    logp = torch.full(batch.tokens_B_T.shape, math.log(0.5), requires_grad=True)
+    loss, metrics = loss_fn(logp, batch, None)
+    assert loss[0, 1].item() == pytest.approx(-1.0) and loss[1, 1].item() == pytest.approx(1.0)
+    assert metrics["clip_frac"][:, 1].sum().item() == 0
+    loss[:, 1].sum().backward()
+    assert logp.grad[0, 1].item() == pytest.approx(-1.0)  # d(-ρA)/dlogp = -ρA at ρ=1
+    # ratio 2 > 1 + 0.28 with positive advantage: clipped, no gradient
+    logp2 = torch.full(batch.tokens_B_T.shape, math.log(1.0), requires_grad=True)
+    loss2, metrics2 = loss_fn(logp2, batch, None)
+    loss2[0, 1].backward()
+    assert logp2.grad[0, 1].item() == 0.0
+    assert metrics2["clip_frac"][0, 1].item() == 1.0
+
+
+def test_kl_term_only_for_slots_with_a_coefficient() -> None:
+    loss_fn = PPOClipLoss.from_specs({0: LossSpec(kl_coef=0.5)}, num_slots=1)
+    assert loss_fn.needs_reference
+    batch = _batch(adv=1.0, old=-1.0)
+    logp = torch.full(batch.tokens_B_T.shape, -1.0)
+    same, m = loss_fn(logp, batch, logp.clone())
+    assert m["kl"][:, 1].abs().max().item() == 0.0
+    far, m2 = loss_fn(logp, batch, logp - 1.0)
+    expected_kl = math.exp(-1.0) + 1.0 - 1.0
+    assert m2["kl"][0, 1].item() == pytest.approx(expected_kl)
+    assert (far - same)[0, 1].item() == pytest.approx(0.5 * expected_kl)

@@ -1,0 +1,111 @@
+"""Turn scored sample groups into one mixed :class:`~trainer.step.TrainBatch`.
+
+Every sample becomes one row: ``prompt_ids + completion_ids``, right-padded. Targets are the
+completion tokens; their advantage is the sample's group-normalised advantage and their old
+log-prob is the rollout log-prob the worker returned (column ``t`` holds ``log μ(token_t)``).
+
+Samples whose reward failed are left out of their group (no advantage can be computed for them);
+a group with fewer than two usable samples gives no learning signal and is dropped, as is a group
+whose rewards are all equal when the adapter asked for ``filter_zero_variance``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from events.schema import PromptGroup
+from events.specs import LossSpec
+from trainer.rl_loss import group_advantages
+from trainer.step import TrainBatch
+
+
+@dataclass(frozen=True)
+class AdapterRows:
+    """One adapter's contribution to a step: its slot, loss settings and sample groups."""
+
+    slot: int
+    loss: LossSpec
+    groups: Sequence[PromptGroup]
+
+
+@dataclass
+class RowStats:
+    """Per-slot statistics of what went into the batch (for ``step_done`` metrics)."""
+
+    samples: int = 0
+    groups: int = 0
+    groups_dropped: int = 0
+    samples_failed: int = 0
+    reward_sum: float = 0.0
+    length_sum: int = 0
+    rewards: list[float] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.samples, 1)
+        return {
+            "reward_mean": self.reward_sum / n,
+            "response_length": self.length_sum / n,
+            "samples": float(self.samples),
+            "groups": float(self.groups),
+            "groups_dropped": float(self.groups_dropped),
+            "samples_failed": float(self.samples_failed),
+        }
+
+
+def build_batch(
+    adapters: Sequence[AdapterRows], pad_id: int
+) -> tuple[TrainBatch | None, dict[int, RowStats]]:
+    """The mixed batch (None when no adapter has a usable group) and per-slot stats."""
+    rows: list[tuple[int, list[int], int, list[float], float]] = []
+    stats: dict[int, RowStats] = {}
+    for item in adapters:
+        st = stats.setdefault(item.slot, RowStats())
+        for group in item.groups:
+            usable = [s for s in group.samples if not s.failed and len(s.completion_ids) > 0]
+            st.samples_failed += len(group.samples) - len(usable)
+            rewards = [s.reward for s in usable]
+            flat = len(set(rewards)) <= 1
+            if len(usable) < 2 or (flat and item.loss.filter_zero_variance):
+                st.groups_dropped += 1
+                continue
+            st.groups += 1
+            for sample, adv in zip(
+                usable, group_advantages(rewards, item.loss.advantage), strict=True
+            ):
+                tokens = list(group.prompt_ids) + list(sample.completion_ids)
+                old = [0.0] * len(group.prompt_ids) + list(sample.logprobs)
+                rows.append((item.slot, tokens, len(group.prompt_ids), old, adv))
+                st.samples += 1
+                st.reward_sum += sample.reward
+                st.length_sum += len(sample.completion_ids)
+                st.rewards.append(sample.reward)
+    if not rows:
+        return None, stats
+    width = max(len(r[1]) for r in rows)
+    b = len(rows)
+    tokens_B_T = torch.full((b, width), pad_id, dtype=torch.long)
+    attn_B_T = torch.zeros((b, width), dtype=torch.long)
+    loss_B_T = torch.zeros((b, width), dtype=torch.long)
+    adv_B_T = torch.zeros((b, width), dtype=torch.float32)
+    old_B_T = torch.zeros((b, width), dtype=torch.float32)
+    slots_B = torch.empty(b, dtype=torch.long)
+    for i, (slot, tokens, prompt_len, old, adv) in enumerate(rows):
+        n = len(tokens)
+        slots_B[i] = slot
+        tokens_B_T[i, :n] = torch.tensor(tokens)
+        attn_B_T[i, :n] = 1
+        loss_B_T[i, prompt_len:n] = 1
+        adv_B_T[i, prompt_len:n] = adv
+        old_B_T[i, :n] = torch.tensor(old)
+    batch = TrainBatch(
+        slot_ids_B=slots_B,
+        tokens_B_T=tokens_B_T,
+        attention_mask_B_T=attn_B_T,
+        loss_mask_B_T=loss_B_T,
+        advantages_B_T=adv_B_T,
+        old_logprobs_B_T=old_B_T,
+    )
+    return batch, stats
