@@ -26,6 +26,8 @@ Delivery contract (at-least-once delivery, effectively-once effects):
 - Shutdown: :meth:`request_stop` (first SIGTERM/SIGINT) is warm — the current handler finishes
   and commits, no new entries are read; a second signal is cold (:class:`ColdShutdown`).
 - Tests use ``burst=True`` (return once every stream is drained) or ``max_events``.
+- ``on_idle`` runs in the handler thread whenever no delivery is waiting (at least every
+  ``idle_s``): the trainer trains there, once the groups it deferred make full batches.
 """
 
 from __future__ import annotations
@@ -172,6 +174,8 @@ class Consumer:
         lease_wait_s: float = 0.0,
         max_in_flight: int = 256,
         observer: Observer | None = None,
+        on_idle: Callable[[], None] | None = None,
+        idle_s: float = 0.5,
     ) -> None:
         if not subscriptions:
             raise ValueError("a consumer needs at least one subscription")
@@ -189,6 +193,8 @@ class Consumer:
         self.lease_wait_s = lease_wait_s
         self.max_in_flight = max_in_flight
         self.observer: Observer = observer or NullObserver()
+        self.on_idle = on_idle
+        self.idle_s = idle_s
         self.stats = RunStats()
         self._queue: queue.Queue[Delivery | BaseException | None] = queue.Queue()
         self._in_flight: dict[tuple[str, str, str], Delivery] = {}
@@ -250,8 +256,10 @@ class Consumer:
                     break
                 if burst and self._all_drained():
                     break
+                if self.on_idle is not None and self._queue.empty():
+                    self.on_idle()
                 try:
-                    item = self._queue.get(timeout=0.5)
+                    item = self._queue.get(timeout=self.idle_s)
                 except queue.Empty:
                     continue
                 if item is None:
@@ -315,9 +323,10 @@ class Consumer:
 
     def commit(self, effects: Effects, deliveries: list[Delivery]) -> bool:
         """Apply ``effects`` and ack ``deliveries`` atomically; False if any is no longer ours."""
-        plan = effects.plan([d.ack_key for d in deliveries])
+        keys = [d.ack_key for d in deliveries] + effects.extra_acks
+        plan = effects.plan(keys)
         applied, entry = _retrying(lambda: self._commit(args=[self.name, plan]), self._stop)
-        self._forget(deliveries)
+        self._forget_keys(keys)
         if not applied:
             self.stats.commits_refused += 1
             log.warning(
@@ -327,9 +336,12 @@ class Consumer:
         return True
 
     def _forget(self, deliveries: list[Delivery]) -> None:
+        self._forget_keys([d.ack_key for d in deliveries])
+
+    def _forget_keys(self, keys: list[tuple[str, str, str]]) -> None:
         with self._lock:
-            for d in deliveries:
-                self._in_flight.pop(d.ack_key, None)
+            for key in keys:
+                self._in_flight.pop(key, None)
             self._lock.notify_all()
 
     def _dead_letter(self, d: Delivery, reason: str) -> None:

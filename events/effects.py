@@ -50,6 +50,7 @@ class Effects:
 
     def __init__(self) -> None:
         self.commands: list[list[str]] = []
+        self.extra_acks: list[tuple[str, str, str]] = []
 
     def __len__(self) -> int:
         return len(self.commands)
@@ -82,6 +83,13 @@ class Effects:
 
     def extend(self, other: Effects) -> Effects:
         self.commands.extend(other.commands)
+        self.extra_acks.extend(other.extra_acks)
+        return self
+
+    def ack(self, *keys: tuple[str, str, str]) -> Effects:
+        """Also acknowledge these (stream, group, entry id) keys — entries a handler deferred
+        earlier and whose durable effect is this commit (e.g. groups dropped by a cancel)."""
+        self.extra_acks.extend(keys)
         return self
 
     def plan(self, acks: list[tuple[str, str, str]]) -> str:
