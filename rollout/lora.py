@@ -31,6 +31,7 @@ map to the module ``<module>`` of the causal LM.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -181,11 +182,16 @@ class RoutePlan:
 
 
 class SlotRouting:
-    """The per-row slot ids of the forward in progress, read by every wrapped layer of one model."""
+    """The per-row slot ids of the forward in progress, read by every wrapped layer of one model.
+
+    The routing plan is computed on the CPU from the (CPU) slot ids and copied to the model's
+    device once per forward, so no layer ever waits on the GPU to learn which rows go where.
+    """
 
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
-        self._slot_ids_B: torch.Tensor | None = None
+        self._slot_ids_B: torch.Tensor | None = None  # on CPU: plans are built without a sync
+        self._device = torch.device("cpu")
         self._plans: dict[int, RoutePlan] = {}
 
     @contextmanager
@@ -200,7 +206,7 @@ class SlotRouting:
                 f"slot ids {bad.tolist()} outside [{BASE_SLOT}, "
                 f"{self.num_slots}); use BASE_SLOT={BASE_SLOT} for no adapter"
             )
-        self._slot_ids_B, self._plans = ids.to(device), {}
+        self._slot_ids_B, self._device, self._plans = ids, device, {}
         try:
             yield
         finally:
@@ -219,7 +225,9 @@ class SlotRouting:
             )
         plan = self._plans.get(tokens)
         if plan is None:
-            plan = self._plans[tokens] = _make_plan(self._slot_ids_B, tokens, self.num_slots)
+            cpu = _make_plan(self._slot_ids_B, tokens, self.num_slots)
+            moved = {f.name: getattr(cpu, f.name).to(self._device) for f in dataclasses.fields(cpu)}
+            plan = self._plans[tokens] = RoutePlan(**moved)
         return plan
 
 
@@ -242,13 +250,21 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):
         return False
     x = torch.ones(16, 16, device=device, dtype=dtype)
-    w = torch.ones(2, 16, 16, device=device, dtype=dtype)
+    w = torch.ones(2, 16, 16, device=device, dtype=dtype).transpose(1, 2)  # layout used below
     offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
     try:
         torch._grouped_mm(x, w, offs=offs)
     except (RuntimeError, NotImplementedError):
         return False
     return True
+
+
+def _aligned(linear: nn.Linear, max_rank: int) -> bool:
+    """``torch._grouped_mm`` on CUDA needs every matrix stride to be a multiple of 16 bytes."""
+    if linear.weight.device.type != "cuda":
+        return True
+    step = 16 // linear.weight.element_size()
+    return all(d % step == 0 for d in (linear.in_features, linear.out_features, max_rank))
 
 
 class MultiLoraLinear(nn.Module):
@@ -294,6 +310,8 @@ class MultiLoraLinear(nn.Module):
         self.scale_S[slot] = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x)`` plus each adapter row's LoRA term, added in place into the fresh output
+        (inference only: no gradient flows into the slots)."""
         y = self.base(x)
         if x.ndim != 3:
             raise SlotRoutingError(
@@ -311,15 +329,15 @@ class MultiLoraLinear(nn.Module):
         b_A_O_R = self.lora_B_S_O_R[plan.slots_A]
         h_A_T_R = torch.bmm(x[plan.rows_A], a_A_R_I.transpose(1, 2))
         h_A_T_R = h_A_T_R * self.scale_S[plan.slots_A][:, None, None]
-        return y.index_add(0, plan.rows_A, torch.bmm(h_A_T_R, b_A_O_R.transpose(1, 2)))
+        return y.index_add_(0, plan.rows_A, torch.bmm(h_A_T_R, b_A_O_R.transpose(1, 2)))
 
     def _grouped(self, x: torch.Tensor, y: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
         x_N_I = x.reshape(-1, x.shape[-1])[plan.perm_N]
         h_N_R = torch._grouped_mm(x_N_I, self.lora_A_S_R_I.transpose(1, 2), offs=plan.offs_S)
         h_N_R = h_N_R * self.scale_S[plan.slot_N][:, None]
         d_N_O = torch._grouped_mm(h_N_R, self.lora_B_S_O_R.transpose(1, 2), offs=plan.offs_S)
-        out = y.reshape(-1, y.shape[-1]).index_add(0, plan.perm_N, d_N_O)
-        return out.view_as(y)
+        y.view(-1, y.shape[-1]).index_add_(0, plan.perm_N, d_N_O)
+        return y
 
 
 class MultiLoraModel:
@@ -383,7 +401,10 @@ class MultiLoraModel:
                     f"module {name!r} is {type(module).__name__}, not a "
                     "torch.nn.Linear; LoRA targets must be linear layers"
                 )
-            layer = MultiLoraLinear(module, self.routing, self.max_rank, self.backend)
+            backend = self.backend
+            if backend == "grouped" and not _aligned(module, self.max_rank):
+                backend = "gather"
+            layer = MultiLoraLinear(module, self.routing, self.max_rank, backend)
             setattr(parent, child, layer)
             self.layers[name] = layer
 

@@ -17,9 +17,9 @@ remove tokens; RL recipes that train on these log-probs run with ``top_k=-1, top
 
 **Draws.** Each row owns a ``torch.Generator`` seeded from its request seed and draws exactly one
 uniform number per decoding step (even greedy rows draw, so the stream never depends on the
-parameters of other rows). A token is the inverse-CDF pick of that uniform under the row's
-filtered, renormalised distribution, so a row's tokens depend only on its own logits and seed —
-never on which other rows share its batch.
+parameters of other rows). A token is the inverse-CDF pick of that uniform, in vocabulary order,
+under the row's filtered, renormalised distribution, so a row's tokens depend only on its own
+logits and seed — never on which other rows share its batch.
 """
 
 from __future__ import annotations
@@ -132,15 +132,14 @@ def policy_logprobs_B_V(logits_B_V: torch.Tensor, temperature_B: torch.Tensor) -
     return torch.log_softmax(scaled, dim=-1)
 
 
-def filtered_sorted_probs(
+def keep_mask_B_V(
     logprobs_B_V: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The truncated sampling distribution, sorted by descending probability.
+) -> torch.Tensor:
+    """Which tokens survive top-k and top-p, in vocabulary order.
 
-    Returns ``(probs_B_V, order_B_V)``: ``probs_B_V[b, j]`` is the unnormalised kept mass of the
-    ``j``-th most likely token ``order_B_V[b, j]``. A token is kept when its rank is below
-    ``top_k`` (``-1``: no limit) and the probability mass ranked before it is below ``top_p``;
-    the most likely token is always kept.
+    A token is kept when its rank (by descending probability) is below ``top_k`` (``-1``: no
+    limit) and the probability mass ranked before it is below ``top_p``; the most likely token
+    is always kept. Rows with ``top_k=-1, top_p=1`` keep everything.
     """
     sorted_B_V, order_B_V = torch.sort(logprobs_B_V, dim=-1, descending=True)
     probs_B_V = sorted_B_V.exp()
@@ -148,9 +147,9 @@ def filtered_sorted_probs(
     rank_V = torch.arange(vocab, device=probs_B_V.device)
     k_B = torch.where(top_k_B < 1, torch.full_like(top_k_B, vocab), top_k_B)
     mass_before_B_V = probs_B_V.cumsum(dim=-1) - probs_B_V
-    keep_B_V = (rank_V[None, :] < k_B[:, None]) & (mass_before_B_V < top_p_B[:, None])
-    keep_B_V[:, 0] = True
-    return probs_B_V * keep_B_V, order_B_V
+    keep_sorted_B_V = (rank_V[None, :] < k_B[:, None]) & (mass_before_B_V < top_p_B[:, None])
+    keep_sorted_B_V[:, 0] = True
+    return torch.zeros_like(keep_sorted_B_V).scatter(-1, order_B_V, keep_sorted_B_V)
 
 
 def sample_tokens_B(
@@ -163,19 +162,26 @@ def sample_tokens_B(
     """Draw one token per row; return ``(tokens_B, logprobs_B)``.
 
     Greedy rows take ``argmax(logits)`` (first index on ties, as HF ``generate``). Other rows take
-    the inverse-CDF pick of ``uniform_B`` (in [0, 1)) under :func:`filtered_sorted_probs` of
-    ``log_softmax(logits / T)``. ``logprobs_B`` are the policy log-probs of the chosen tokens
-    (:func:`policy_logprobs_B_V`).
+    the inverse-CDF pick of ``uniform_B`` (in [0, 1)), in vocabulary order, under
+    ``softmax(logits / T)`` restricted to :func:`keep_mask_B_V`. Vocabulary order (not sorted
+    order) keeps a row's draw independent of whether its batch-mates filter. ``logprobs_B`` are
+    the policy log-probs of the chosen tokens (:func:`policy_logprobs_B_V`).
     """
+    device = logits_B_V.device
+    temperature_B, top_k_B, top_p_B = (t.to(device) for t in (temperature_B, top_k_B, top_p_B))
     logprobs_B_V = policy_logprobs_B_V(logits_B_V, temperature_B)
-    probs_B_V, order_B_V = filtered_sorted_probs(logprobs_B_V, top_k_B, top_p_B)
-    cdf_B_V = probs_B_V.cumsum(dim=-1)
-    target_B = uniform_B.to(cdf_B_V)[:, None] * cdf_B_V[:, -1:]
-    kept_B = (probs_B_V > 0).sum(dim=-1, keepdim=True)
-    pos_B = torch.searchsorted(cdf_B_V, target_B, right=True).clamp(max=kept_B - 1)
-    sampled_B = order_B_V.gather(-1, pos_B).squeeze(-1)
-    greedy_B = temperature_B.to(logits_B_V.device) < GREEDY_TEMPERATURE
-    tokens_B = torch.where(greedy_B, logits_B_V.argmax(dim=-1), sampled_B)
+    greedy_B = temperature_B < GREEDY_TEMPERATURE
+    tokens_B = logits_B_V.argmax(dim=-1)
+    if not bool(greedy_B.all()):
+        probs_B_V = logprobs_B_V.exp()
+        if bool(((top_k_B > 0) | (top_p_B < 1.0)).any()):
+            probs_B_V = probs_B_V * keep_mask_B_V(logprobs_B_V, top_k_B, top_p_B)
+        cdf_B_V = probs_B_V.cumsum(dim=-1)
+        target_B = uniform_B.to(cdf_B_V)[:, None] * cdf_B_V[:, -1:]
+        vocab = probs_B_V.shape[-1]
+        last_kept_B = vocab - 1 - (probs_B_V > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+        pos_B = torch.searchsorted(cdf_B_V, target_B, right=True).clamp(max=last_kept_B)
+        tokens_B = torch.where(greedy_B, tokens_B, pos_B.squeeze(-1))
     return tokens_B, logprobs_B_V.gather(-1, tokens_B[:, None]).squeeze(-1)
 
 

@@ -11,8 +11,8 @@ from events.specs import SamplingSpec
 from rollout.sampling import (
     SamplingParamError,
     SamplingParams,
-    filtered_sorted_probs,
     find_stop,
+    keep_mask_B_V,
     policy_logprobs_B_V,
     sample_tokens_B,
     trim_at_stop,
@@ -35,17 +35,17 @@ def test_policy_logprobs_are_temperature_scaled_and_greedy_uses_raw_logits() -> 
 
 
 def test_top_k_and_top_p_keep_the_expected_sets() -> None:
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])  # ranks: 1, 0, 3, 2
     logp = probs.log()
-    kept, order = filtered_sorted_probs(logp, torch.tensor([2]), torch.tensor([1.0]))
-    assert order[0].tolist() == [0, 1, 2, 3]
-    assert (kept[0] > 0).tolist() == [True, True, False, False]
-    # top_p=0.8: mass before token 2 is 0.8 -> dropped; token 1 (mass before 0.5) kept.
-    kept, _ = filtered_sorted_probs(logp, torch.tensor([-1]), torch.tensor([0.8]))
-    assert (kept[0] > 0).tolist() == [True, True, False, False]
-    # a tiny top_p still keeps the most likely token
-    kept, _ = filtered_sorted_probs(logp, torch.tensor([-1]), torch.tensor([1e-9]))
-    assert (kept[0] > 0).tolist() == [True, False, False, False]
+    keep = keep_mask_B_V(logp, torch.tensor([2]), torch.tensor([1.0]))
+    assert keep[0].tolist() == [False, True, False, True]
+    # top_p=0.8: the mass before 0.15 is 0.8 -> dropped; 0.3 (mass before 0.5) kept.
+    keep = keep_mask_B_V(logp, torch.tensor([-1]), torch.tensor([0.8]))
+    assert keep[0].tolist() == [False, True, False, True]
+    # a tiny top_p still keeps the most likely token; no filter keeps everything
+    keep = keep_mask_B_V(logp, torch.tensor([-1]), torch.tensor([1e-9]))
+    assert keep[0].tolist() == [False, True, False, False]
+    assert keep_mask_B_V(logp, torch.tensor([-1]), torch.tensor([1.0])).all()
 
 
 def test_inverse_cdf_draw_follows_uniform() -> None:
@@ -57,6 +57,18 @@ def test_inverse_cdf_draw_follows_uniform() -> None:
         picks.append(token)
         assert logprobs.item() == pytest.approx(math.log([0.5, 0.3, 0.2][token]), 1e-6)
     assert picks == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_rows_draw_does_not_depend_on_its_batch_mates() -> None:
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(3))
+    uniform = torch.tensor([0.37, 0.81])
+    mixed, _ = sample_tokens_B(
+        logits, torch.tensor([1.0, 0.8]), torch.tensor([-1, 4]), torch.tensor([1.0, 0.9]), uniform
+    )
+    alone, _ = sample_tokens_B(
+        logits[:1], torch.tensor([1.0]), torch.tensor([-1]), torch.tensor([1.0]), uniform[:1]
+    )
+    assert mixed[0] == alone[0]
 
 
 def test_filtered_tokens_are_never_drawn() -> None:

@@ -1,0 +1,257 @@
+"""Rollout engine benchmark: mixed-adapter decode throughput and adapter load latency.
+
+Measures, on the same prompts in one run:
+
+* decode tokens/s of the embedded engine with 8 distinct adapters mixed row by row, divided by
+  the same engine with no adapter (``mixed8_vs_base``: the cost of multi-LoRA), and divided by
+  PEFT's mixed-batch ``generate(adapter_names=...)`` on the same model (``mixed8_vs_peft``);
+* the latency of loading one published PEFT directory into the engine (``adapter_load_ms``:
+  median of steady-state loads of new versions into a full slot table, file read included).
+
+Every row generates exactly ``--new-tokens`` tokens (greedy, EOS ignored; PEFT gets
+``min_new_tokens``), so tokens/s = rows x new tokens / wall time (prefill included). The three
+variants run interleaved ``--repeats`` times and each reports its median. On a shared CPU pass
+``--threads 1``: OpenMP threads spinning against other processes distort small-op timings.
+
+Usage::
+
+    python bench/rollout.py --device cpu --model models/smollm2-135m \\
+        --out bench/results/rollout_cpu.json
+    python bench/rollout.py --device cuda --out $OUT/rollout.json   # random-init Qwen3-0.6B bf16
+    python bench/rollout.py --device cpu --small                     # tiny model, quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the repo's packages importable first
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from rollout.engine import AdapterRef, Engine, GenerateRequest  # noqa: E402
+from rollout.sampling import SamplingParams  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SMOLLM2 = ROOT / "models" / "smollm2-135m"
+
+
+def qwen3_0p6b_config() -> Any:
+    """Qwen3-0.6B's shape (28 layers, hidden 1024, 16/8 heads of 128, MLP 3072, vocab 151936)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+        eos_token_id=151645,
+        pad_token_id=151643,
+    )
+
+
+def build_model(args: argparse.Namespace, tmp: Path) -> tuple[Any, str]:
+    """The base model for this run and a label naming it."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    if args.small:
+        from ops.models import write_tiny_model
+
+        path = write_tiny_model(tmp / "tiny", "qwen3", hidden_size=64, num_layers=2)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device), "tiny-qwen3"
+    model_path = args.model or (str(SMOLLM2) if args.device == "cpu" and SMOLLM2.exists() else "")
+    if model_path:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True)
+        return model.to(args.device), model_path
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(qwen3_0p6b_config(), dtype=dtype)
+    return model, "random-init Qwen3-0.6B shape"
+
+
+def write_adapters(model: Any, root: Path, count: int, rank: int) -> tuple[Any, list[Path]]:
+    """A PEFT model holding ``count`` random LoRAs on a copy of ``model``, each also saved as a
+    PEFT directory ``root/a<i>`` (the published form the engine loads)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
+    peft_model = get_peft_model(copy.deepcopy(model), config, adapter_name="a0")
+    for i in range(1, count):
+        peft_model.add_adapter(f"a{i}", config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    names = [f"a{i}" for i in range(count)]
+    peft_model.save_pretrained(str(root), selected_adapters=names)
+    return peft_model.eval(), [root / n for n in names]
+
+
+def timed(device: str, fn: Any) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", default="", help="local HF model dir (default: see doc)")
+    parser.add_argument("--small", action="store_true", help="tiny model, few tokens (smoke run)")
+    parser.add_argument("--dtype", default="")
+    parser.add_argument("--batch", type=int, default=0, help="rows (default 16 cpu / 64 cuda)")
+    parser.add_argument("--new-tokens", type=int, default=0, help="default 32 cpu / 128 cuda")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lora-backend", default="auto", choices=["auto", "gather", "grouped"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs each (median)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.batch = args.batch or (8 if args.small else 64 if cuda else 16)
+    args.new_tokens = args.new_tokens or (8 if args.small else 128 if cuda else 32)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
+    base, label = build_model(args, tmp)
+    peft_model, dirs = write_adapters(base, tmp / "adapters", args.adapters, args.rank)
+    engine = Engine(
+        base,
+        None,
+        max_loras=args.adapters,
+        max_lora_rank=args.rank,
+        keep_versions=2,
+        lora_backend=args.lora_backend,
+        model_path=label,
+    )
+    cold = [engine.load_adapter(f"a{i}", 1, d).load_ms for i, d in enumerate(dirs)]
+    steady = [engine.load_adapter(f"a{i}", 2, d).load_ms for i, d in enumerate(dirs)]
+
+    vocab = engine.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    prompts = [
+        tuple(torch.randint(10, min(vocab, 30000), (args.prompt_len,), generator=gen).tolist())
+        for _ in range(args.batch)
+    ]
+    sp = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    adapters = [AdapterRef(f"a{b % args.adapters}", 2) for b in range(args.batch)]
+    base_rows = [GenerateRequest(input_ids=p, sampling=sp) for p in prompts]
+    mixed_rows = [
+        GenerateRequest(input_ids=p, adapter=a, sampling=sp)
+        for p, a in zip(prompts, adapters, strict=True)
+    ]
+    ids = torch.tensor(prompts, device=args.device)
+    names = [f"a{b % args.adapters}" for b in range(args.batch)]
+
+    def peft_generate(new_tokens: int) -> None:
+        with torch.no_grad():
+            peft_model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                adapter_names=names,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=engine.pad_id,
+            )
+
+    warm = SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True)
+    engine.generate(
+        [
+            GenerateRequest(input_ids=r.input_ids, adapter=r.adapter, sampling=warm)
+            for r in mixed_rows
+        ]
+    )
+    peft_generate(2)
+    runs: dict[str, Any] = {
+        "engine_base": lambda: engine.generate(base_rows),
+        "engine_mixed8": lambda: engine.generate(mixed_rows),
+        "peft_mixed8": lambda: peft_generate(args.new_tokens),
+    }
+    samples: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
+        for key, run in runs.items():
+            samples[key].append(timed(args.device, run))
+    seconds = {key: statistics.median(values) for key, values in samples.items()}
+    tokens = args.batch * args.new_tokens
+    tps = {k: tokens / v for k, v in seconds.items()}
+    result = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "mixed8_vs_base": tps["engine_mixed8"] / tps["engine_base"],
+        "mixed8_vs_peft": tps["engine_mixed8"] / tps["peft_mixed8"],
+        "adapter_load_ms": statistics.median(steady),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python "
+        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "model": label,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "prompt_len": args.prompt_len,
+        "adapters": args.adapters,
+        "rank": args.rank,
+        "lora_backend": engine.lora.backend,
+        "tokens_per_s": tps,
+        "seconds_per_run": samples,
+        "repeats": args.repeats,
+        "adapter_load_ms_cold": cold,
+        "adapter_load_ms_steady": steady,
+        "adapter_mb": sum(f.stat().st_size for f in dirs[0].iterdir()) / 2**20,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    print(
+        f"model {label}  device {result['device']}  dtype {args.dtype}  batch {args.batch}  "
+        f"new tokens {args.new_tokens}  rank {args.rank}  lora backend {engine.lora.backend}"
+    )
+    print(f"{'run':<16}{'tokens/s':>12}{'seconds':>10}")
+    for key in seconds:
+        print(f"{key:<16}{tps[key]:>12.1f}{seconds[key]:>10.2f}")
+    print(f"mixed8 / base   {result['mixed8_vs_base']:.3f}")
+    print(f"mixed8 / peft   {result['mixed8_vs_peft']:.3f}")
+    print(
+        f"adapter load    {result['adapter_load_ms']:.1f} ms median (steady), "
+        f"{cold[0]:.1f} ms first load, {result['adapter_mb']:.2f} MiB per adapter"
+    )
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
