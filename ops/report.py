@@ -219,18 +219,31 @@ def _number(text: str | None, kind: type) -> Any:
 
 
 def read_status_hashes(client: redis.Redis, streams: Streams) -> dict[str, dict[str, str]]:
-    """The status projection: ``{adapter: {field: value}}`` for every name in the index set."""
-    names = sorted(_s(n) for n in client.smembers(streams.status_index))
+    """The status projection as ``{adapter: {field: value}}``.
+
+    Uses :func:`orchestrator.status.read_status` (which drops values of older registrations) when
+    that module is installed, else reads the raw hashes of every name in the index set.
+    """
+    try:
+        from orchestrator.status import read_status
+    except ImportError:
+        names = sorted(_s(n) for n in client.smembers(streams.status_index))  # type: ignore[union-attr]
+        raw = {name: client.hgetall(streams.status(name)) for name in names}
+        return {n: {_s(k): _s(v) for k, v in h.items()} for n, h in raw.items() if h}  # type: ignore[union-attr]
     out = {}
-    for name in names:
-        raw = client.hgetall(streams.status(name))
-        if raw:
-            out[name] = {_s(k): _s(v) for k, v in raw.items()}
+    for status in read_status(client, streams):
+        fields = msgspec.structs.asdict(status)
+        if status.synced:
+            fields["sync_version"] = max(version for _, version in status.synced)
+        out[status.name] = {k: str(v) for k, v in fields.items() if v is not None and v != ""}
     return out
 
 
 def _merge_status(row: AdapterRow | None, name: str, fields: Mapping[str, str]) -> AdapterRow:
     """Fill what the control fold lacks from one status hash (the log wins where it knows)."""
+    registration = _first(fields, "registration_id")
+    if row is not None and registration and row.registration_id not in ("", registration):
+        return row  # the hash shows another registration than the log's latest
     if row is None:
         slot = _number(_first(fields, "slot"), int)
         row = AdapterRow(
@@ -243,15 +256,15 @@ def _merge_status(row: AdapterRow | None, name: str, fields: Mapping[str, str]) 
             reason=_first(fields, "reason") or "",
         )
     if not row.total_steps:
-        total = _number(_first(fields, "total_steps", "steps", "total"), int)
+        total = _number(_first(fields, "steps_total", "total_steps", "steps"), int)
         row = replace(row, total_steps=total or 0)
     if row.reward is None:
         row = replace(row, reward=_number(_first(fields, "reward_mean", "reward"), float))
     if row.loss is None:
         row = replace(row, loss=_number(_first(fields, "loss"), float))
     if row.sync_latency_s is None:
-        latency = _number(_first(fields, "sync_latency_s", "latency_s"), float)
-        sync_version = _number(_first(fields, "synced_version", "sync_version"), int)
+        latency = _number(_first(fields, "last_sync_latency_s", "sync_latency_s"), float)
+        sync_version = _number(_first(fields, "sync_version"), int)
         row = replace(row, sync_latency_s=latency, sync_version=sync_version)
     return row
 

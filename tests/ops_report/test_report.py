@@ -137,7 +137,7 @@ def test_status_hashes_fill_adapters_missing_from_the_log(rclient, streams):
             "phase": "training",
             "slot": "0",
             "step": "7",
-            "steps": "20",
+            "steps_total": "20",
             "reward_mean": "0.3",
         },
     )
