@@ -300,7 +300,10 @@ def slot_delta(
 
     ``x_N_T_I``: inputs of ``plan.rows_N`` in that order; ``lora_A``: ``[S, R, in]``;
     ``lora_Bt``: ``[S, R, out]``. Returns ``[N, T, out]`` in ``x``'s dtype. ``kernel`` picks the
-    path (``auto``: grouped on CUDA, loop elsewhere); all paths give the same values.
+    path (``auto``: grouped on CUDA, loop elsewhere); all paths give the same values. The
+    ``torch._grouped_mm`` kernel is used (in ``auto``/``segments``) only when
+    :func:`grouped_mm_supported` holds and ``T`` is a multiple of 8, so that every token segment
+    starts 16-byte aligned for the weight-gradient GEMM; the train step pads ``T`` accordingly.
     """
     if kernel == "auto":
         kernel = "segments" if x_N_T_I.is_cuda else "loop"
@@ -309,15 +312,21 @@ def slot_delta(
     bt_S_R_O = lora_Bt.to(x_N_T_I.dtype)
     scale_N = plan.scale_N.to(x_N_T_I.dtype)
     if kernel == "loop":
+        # unbind, not a[slot]: its backward builds the [S, ...] gradient once, not per segment
+        a_R_I, bt_R_O = a_S_R_I.unbind(0), bt_S_R_O.unbind(0)
         pieces = []
         for seg in plan.segments:
-            h = x_N_T_I[seg.start : seg.end] @ a_S_R_I[seg.slot, : seg.rank].T
+            h = x_N_T_I[seg.start : seg.end] @ a_R_I[seg.slot][: seg.rank].T
             h = h * scale_N[seg.start : seg.end, None, None]
-            pieces.append(h @ bt_S_R_O[seg.slot, : seg.rank])
+            pieces.append(h @ bt_R_O[seg.slot][: seg.rank])
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
     x_M_I = x_N_T_I.reshape(n * t, -1)
     a_S_I_R = a_S_R_I.transpose(1, 2)
-    use_kernel = kernel == "grouped_mm" or grouped_mm_supported(x_M_I, a_S_I_R, bt_S_R_O)
+    # The kernel's weight-gradient GEMM runs over token segments; keep their offsets aligned.
+    aligned = t % 8 == 0
+    use_kernel = kernel == "grouped_mm" or (
+        aligned and grouped_mm_supported(x_M_I, a_S_I_R, bt_S_R_O)
+    )
     h_M_R = _grouped(x_M_I, a_S_I_R, plan, use_kernel)
     h_M_R = (h_M_R.view(n, t, -1) * scale_N[:, None, None]).view(n * t, -1)
     return _grouped(h_M_R, bt_S_R_O, plan, use_kernel).view(n, t, -1)
@@ -327,8 +336,8 @@ def _grouped(x_M_K: Tensor, w_S_K_N: Tensor, plan: RoutingPlan, use_kernel: bool
     """``out[m] = x[m] @ w[slot(m)]`` over the slot-sorted token segments."""
     if use_kernel:
         return torch._grouped_mm(x_M_K, w_S_K_N, offs=plan.offsets_S)
-    t = plan.seq_len
-    pieces = [x_M_K[s.start * t : s.end * t] @ w_S_K_N[s.slot] for s in plan.segments]
+    t, w_K_N = plan.seq_len, w_S_K_N.unbind(0)
+    pieces = [x_M_K[s.start * t : s.end * t] @ w_K_N[s.slot] for s in plan.segments]
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 

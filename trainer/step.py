@@ -11,7 +11,9 @@ Skips (reported in :class:`SlotMetrics`, state untouched, step counter not bumpe
 ``"no target tokens"``, ``"non-finite loss"`` (the slot is left out of the backward) and
 ``"non-finite gradient norm"`` (from the optimizer). Other slots step normally.
 
-Rows routed to ``BASE_SLOT`` may be present (e.g. padding rows); they carry no loss.
+Rows routed to ``BASE_SLOT`` may be present (e.g. padding rows); they carry no loss. Rows are
+sorted by slot and ``T`` is right-padded to a multiple of 8 before the forward (so slot layers
+slice contiguous segments and the grouped GEMM kernel applies); neither changes any result.
 """
 
 from __future__ import annotations
@@ -124,13 +126,36 @@ class SlotMetrics:
     extras: dict[str, float] = field(default_factory=dict)
 
 
+TIME_MULTIPLE = 8
+"""The train step right-pads ``T`` to a multiple of this (grouped GEMM segment alignment)."""
+
+
+def pad_time(batch: TrainBatch, multiple: int) -> TrainBatch:
+    """Right-pad every per-token field to a multiple of ``multiple`` tokens (mask 0, no loss).
+
+    Causal attention and mask-derived positions make this invisible to the real tokens.
+    """
+    extra = -batch.tokens_B_T.shape[1] % multiple
+    if extra == 0:
+        return batch
+    old = batch.old_logprobs_B_T
+    return TrainBatch(
+        slot_ids_B=batch.slot_ids_B,
+        tokens_B_T=F.pad(batch.tokens_B_T, (0, extra)),
+        attention_mask_B_T=F.pad(batch.attention_mask_B_T, (0, extra)),
+        loss_mask_B_T=F.pad(batch.loss_mask_B_T, (0, extra)),
+        advantages_B_T=F.pad(batch.advantages_B_T, (0, extra)),
+        old_logprobs_B_T=None if old is None else F.pad(old, (0, extra)),
+    )
+
+
 def train_step(
     model: MultiLoraModel, optimizer: SlotAdamW, batch: TrainBatch, loss_fn: LossFn
 ) -> dict[int, SlotMetrics]:
     """Train every slot present in ``batch`` by one step; return metrics keyed by slot."""
     device = model.store.weight_S_R_Q.device
     order_B = torch.argsort(batch.slot_ids_B.cpu(), stable=True)  # contiguous slot segments
-    batch = batch.select(order_B).to(device)
+    batch = pad_time(batch.select(order_B), TIME_MULTIPLE).to(device)
     ids = batch.slot_ids_B.tolist()
     slots = sorted({s for s in ids if s != BASE_SLOT})
     for slot in slots:
