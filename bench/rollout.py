@@ -44,6 +44,7 @@ from rollout.sampling import SamplingParams  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMOLLM2 = ROOT / "models" / "smollm2-135m"
+RANDOM_QWEN3 = "random-qwen3-0.6b"
 
 
 def qwen3_0p6b_config() -> Any:
@@ -77,7 +78,7 @@ def build_model(args: argparse.Namespace, tmp: Path) -> tuple[Any, str]:
         path = write_tiny_model(tmp / "tiny", "qwen3", hidden_size=64, num_layers=2)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device), "tiny-qwen3"
     model_path = args.model or (str(SMOLLM2) if args.device == "cpu" and SMOLLM2.exists() else "")
-    if model_path:
+    if model_path and model_path != RANDOM_QWEN3:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True)
         return model.to(args.device), model_path
     torch.manual_seed(0)
@@ -122,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--model", default="", help="local HF model dir (default: see doc)")
+    parser.add_argument(
+        "--model",
+        default="",
+        help=f"local HF model dir or {RANDOM_QWEN3!r} (default: SmolLM2 on cpu, random on cuda)",
+    )
     parser.add_argument("--small", action="store_true", help="tiny model, few tokens (smoke run)")
     parser.add_argument("--dtype", default="")
     parser.add_argument("--batch", type=int, default=0, help="rows (default 16 cpu / 64 cuda)")

@@ -320,12 +320,14 @@ class Engine:
         self.slots = SlotTable(max_loras, keep_versions)
         self.max_batch_size = max_batch_size
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = _pad_id(model, tokenizer, self.eos_ids)
         self._seeds = random.Random(seed)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._inflight = 0
+        self._inflight = 0  # generate calls between acquire and release
+        self._wrapping = 0  # loads waiting to wrap new target modules
         self._decode_lock = threading.Lock()
         self._cache_kw = _cache_keyword(model)
 
@@ -359,7 +361,14 @@ class Engine:
                 return self._loaded(ref, entry.slot, adapter, start, ())
             self.slots.check_fresh(ref)
             if self.lora.check(adapter, allow_wrap=True):
-                self._idle.wait_for(lambda: self._inflight == 0)  # wrapping swaps modules
+                # wrapping swaps modules: hold new batches back and wait for running ones
+                self._wrapping += 1
+                try:
+                    self._idle.wait_for(lambda: self._inflight == 0)
+                    self.lora.wrap(self.lora.check(adapter, allow_wrap=True))
+                finally:
+                    self._wrapping -= 1
+                    self._idle.notify_all()
             slot, evicted = self.slots.place()
             self.lora.load(slot, adapter)
             _, retired = self.slots.commit(ref, slot, str(path))
@@ -410,6 +419,7 @@ class Engine:
             self._validate(i, request)
         refs = [r.adapter for r in requests if r.adapter is not None]
         with self._lock:
+            self._idle.wait_for(lambda: self._wrapping == 0)
             slot_of = self.slots.acquire(refs)
             self._inflight += 1
         try:
@@ -433,6 +443,13 @@ class Engine:
             raise RequestError(f"input_ids[{i}]", "prompt is empty")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise RequestError(f"input_ids[{i}]", f"token ids must be in [0, {self.vocab_size})")
+        total = len(ids) + request.sampling.max_new_tokens
+        if self.max_positions and total > self.max_positions:
+            raise RequestError(
+                f"sampling_params[{i}].max_new_tokens",
+                f"prompt {len(ids)} + max_new_tokens {request.sampling.max_new_tokens} exceeds "
+                f"the model's max_position_embeddings {self.max_positions}",
+            )
         if request.sampling.stop and self.tokenizer is None:
             raise RequestError(f"sampling_params[{i}].stop", "stop strings need a tokenizer")
 

@@ -409,7 +409,8 @@ class MultiLoraModel:
             self.layers[name] = layer
 
     def check(self, adapter: PeftAdapter, *, allow_wrap: bool) -> list[str]:
-        """Validate ``adapter`` against the model; return the modules that still need wrapping."""
+        """Validate ``adapter`` against the model (module names, linear shapes, rank) before any
+        slot is touched; return the modules that still need wrapping."""
         if adapter.rank > self.max_rank:
             raise AdapterRankError(
                 f"{adapter.path}: rank {adapter.rank} > max_lora_rank "
@@ -417,17 +418,30 @@ class MultiLoraModel:
             )
         missing = []
         for module in adapter.modules:
-            if module in self.layers:
-                continue
-            try:
-                self.model.get_submodule(module)
-            except AttributeError as err:
+            where = f"{adapter.path}/{WEIGHTS_FILE}: tensor '{PEFT_PREFIX}{module}.lora_A.weight'"
+            layer = self.layers.get(module)
+            if layer is not None:
+                linear = layer.base
+            else:
+                try:
+                    found = self.model.get_submodule(module)
+                except AttributeError as err:
+                    raise AdapterFormatError(
+                        f"{where} names no module of the base model (an adapter for another model?)"
+                    ) from err
+                if not isinstance(found, nn.Linear):
+                    raise AdapterFormatError(
+                        f"{where} targets a {type(found).__name__}; LoRA "
+                        "targets must be torch.nn.Linear layers"
+                    )
+                linear = found
+                missing.append(module)
+            a, b = adapter.weights[module]
+            if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
                 raise AdapterFormatError(
-                    f"{adapter.path}/{WEIGHTS_FILE}: tensor "
-                    f"'{PEFT_PREFIX}{module}.lora_A.weight' names no module "
-                    "of the base model (adapter for another model?)"
-                ) from err
-            missing.append(module)
+                    f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a "
+                    f"linear {linear.in_features} -> {linear.out_features}"
+                )
         if missing and not allow_wrap:
             raise AdapterFormatError(
                 f"{adapter.path}: targets {missing[:3]}... which are not LoRA "

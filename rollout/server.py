@@ -1,32 +1,25 @@
 """SGLang-compatible HTTP front of the embedded engine, so one client speaks to both.
 
-Endpoints (request and response shapes follow SGLang's native API; subset documented in
-``docs/SGLANG.md``):
+Endpoints, with SGLang's request and response shapes (the subset is listed in
+``docs/SGLANG.md``): ``GET /health``, ``GET /health_generate``, ``GET /get_model_info``,
+``POST /generate``, ``POST /load_lora_adapter``, ``POST /unload_lora_adapter``.
 
-* ``GET /health`` — 200, empty body.
-* ``GET /health_generate`` — 200 after generating one token, 503 when that fails.
-* ``GET /get_model_info`` — ``model_path``, ``tokenizer_path``, ``is_generation``, ...
-* ``POST /generate`` — ``text`` or ``input_ids`` (one prompt or a list), ``sampling_params`` (one
-  dict or one per prompt), ``lora_path`` (one adapter name or one per prompt, ``null`` = base),
-  ``return_logprob``, ``return_text_in_logprobs``, ``rid``. Answers one object per prompt
-  (a bare object for a single prompt): ``text``, ``output_ids`` and ``meta_info`` with ``id``,
-  ``finish_reason`` (``{"type": "stop", "matched": ...}`` / ``{"type": "length", "length": n}``),
-  ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` and, with ``return_logprob``,
-  ``output_token_logprobs`` as ``[[logprob, token_id, text_or_null], ...]``.
-* ``POST /load_lora_adapter`` ``{lora_name, lora_path}`` / ``POST /unload_lora_adapter``
-  ``{lora_name}`` — ``{success, error_message, loaded_adapters}``, 200 or 400.
-
-Adapter names carry the version: ``lora_name``/``lora_path`` ``"math@7"`` is version 7 of
-adapter ``math`` (plain ``"math"`` is version 0); the same names work on a real SGLang server,
-where each version is simply a distinct adapter. ``lora_path`` of ``/load_lora_adapter`` must lie
-under one of the server's allowed roots.
+Adapter names carry the version: ``lora_name``/``lora_path`` ``"math@7"`` is version 7 of adapter
+``math`` (plain ``"math"`` is version 0); the same names work on a real SGLang server, where each
+version is simply a distinct adapter. ``lora_path`` of ``/load_lora_adapter`` must lie under one
+of the server's allowed roots.
 
 Errors are 400 with ``{"error": {"message": ..., "param": <field>}}`` naming the bad field
-(SGLang's error body plus ``param``); an unexpected failure is a 500 with the message.
+(SGLang's error body plus ``param``; load/unload answers also carry SGLang's ``success: false``
+and ``error_message``); an unexpected failure is a 500 with the message.
 
 Requests from concurrent HTTP clients are merged by :class:`Batcher`: the first waiting request
 opens a batch, which closes after ``max_wait_s`` or at ``max_batch_rows`` rows, and runs as one
 :meth:`Engine.generate` call.
+
+The module passes 600 lines on purpose: it keeps the whole HTTP contract (body parsing, output
+rendering, batching, routes, CLI) side by side, so a reader checks it against SGLang's types in
+one place. The parsing half is pure and is the part to move out if it grows.
 """
 
 from __future__ import annotations
@@ -67,7 +60,8 @@ GENERATE_FIELDS = frozenset(
         "top_logprobs_num",
     }
 )
-# SGLang sampling fields we implement, and the others we accept only at their neutral value.
+# SGLang sampling fields we implement (-> SamplingParams field), and those accepted only at their
+# neutral value (any other value is a 400: the engine would silently sample differently).
 SAMPLING_FIELDS = {
     "temperature": "temperature",
     "top_p": "top_p",

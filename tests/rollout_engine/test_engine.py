@@ -237,3 +237,21 @@ def test_bad_requests_name_the_field(engine: Engine) -> None:
         engine.generate([GenerateRequest(input_ids=())])
     with pytest.raises(RequestError, match=r"input_ids\[1\].*\[0, 104\)"):
         engine.generate([GenerateRequest(input_ids=(5,)), GenerateRequest(input_ids=(104,))])
+
+
+def test_fixed_target_modules_reject_other_targets(
+    make_engine: Callable[..., Engine], adapter_dirs: dict[str, Path]
+) -> None:
+    from rollout.lora import AdapterFormatError
+
+    engine = make_engine(target_modules=["q_proj", "v_proj"])
+    assert engine.load_adapter("a", 1, adapter_dirs["a"]).modules == 4
+    with pytest.raises(AdapterFormatError, match="add them to target_modules"):
+        engine.load_adapter("b", 1, adapter_dirs["b"])
+    assert engine.loaded_adapters() == [AdapterRef("a", 1)]
+
+
+def test_prompt_plus_new_tokens_beyond_positions_is_refused(engine: Engine) -> None:
+    long = GenerateRequest(input_ids=(5,) * 500, sampling=SamplingParams(max_new_tokens=20))
+    with pytest.raises(RequestError, match="max_position_embeddings 512"):
+        engine.generate([long])

@@ -165,3 +165,21 @@ def test_malformed_adapter_dirs_raise(tmp_path: Path, adapter_dirs: dict[str, Pa
     )
     with pytest.raises(AdapterFormatError, match="only \\['lora_A'\\]"):
         read_peft_adapter(half)
+
+
+def test_adapter_for_another_shape_fails_before_touching_a_slot(
+    tmp_path: Path, tiny_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from ops.models import write_tiny_model
+    from tests.rollout_engine.conftest import write_peft_adapter
+
+    narrow = write_tiny_model(tmp_path / "narrow", "llama", hidden_size=32, intermediate_size=64)
+    foreign = write_peft_adapter(narrow, tmp_path / "foreign", rank=4, alpha=8, targets=["q_proj"])
+    lora = MultiLoraModel(AutoModelForCausalLM.from_pretrained(tiny_dir), num_slots=1, max_rank=8)
+    lora.load(0, read_peft_adapter(adapter_dirs["a"]))
+    before = lora.layers["model.layers.0.self_attn.q_proj"].lora_A_S_R_I.clone()
+    with pytest.raises(AdapterFormatError, match=r"q_proj\.lora_A\.weight.*\(4, 32\).*64 -> 64"):
+        lora.load(0, read_peft_adapter(foreign))
+    assert torch.equal(lora.layers["model.layers.0.self_attn.q_proj"].lora_A_S_R_I, before)
