@@ -8,12 +8,19 @@ its own events when it publishes them and again when it reads them back.
 
 On top of the per-registration rules the fleet enforces what needs the whole view:
 
-- a ``register_requested`` for a name that has a live registration is ``INVALID`` (admission
-  rejects such a registration before it reaches the log; this guards raw writes to the log);
-- an ``admitted`` must name a slot in ``[0, slots)`` that no other live registration holds;
+- a ``register_requested`` for a name that has a live registration starts a ``rejected`` state
+  (admission refuses such a registration before it reaches the log; this covers raw writes to
+  the log, and remembering the decision keeps a later redelivery of it a no-op);
+- an ``admitted`` must name a slot in ``[0, slots)`` that no other live registration holds
+  (``INVALID`` otherwise);
 - a ``deregister_requested`` must name its registration; the trainer resolves a by-name cancel
   from ingress with :meth:`Fleet.current` (when :meth:`Fleet.is_active_name`) before it
   republishes it, so a replayed cancel never hits a newer registration of the same name.
+
+An ``INVALID`` event is a protocol violation by its producer. It changes nothing, but unlike a
+duplicate it is not remembered, so it could apply if delivered again once it became valid: the
+trainer checks :meth:`Fleet.explain` before it publishes an event, and publishes only ``APPLIED``
+ones.
 
 Wait queue order: ``(-priority, arrival)``: higher priority first, first come first served within
 a priority, where ``arrival`` counts registrations in the order the fleet first saw them.
@@ -37,6 +44,7 @@ from orchestrator.lifecycle import (
     TRAINING,
     AdapterState,
     Outcome,
+    Phase,
     Verdict,
     decide,
     is_live,
@@ -85,13 +93,15 @@ class Fleet:
             return outcome
         if before is None:
             holder = self._active.get(after.name)
+            reason = ""
             if holder is not None and is_live(after):
                 reason = (
                     f"adapter {after.name!r} already has the live registration {holder!r}; "
                     "deregister it or wait until it retires"
                 )
-                return Outcome(before, Verdict.INVALID, reason)
+                after = msgspec.structs.replace(after, phase=Phase.REJECTED, reason=reason)
             after = msgspec.structs.replace(after, arrival=self._arrivals)
+            return Outcome(after, Verdict.APPLIED, reason)
         if isinstance(event, Admitted):
             problem = self._slot_problem(key, event.slot)
             if problem:
