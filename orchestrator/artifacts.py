@@ -29,12 +29,13 @@ the rename. Object stores have no directory rename: files are moved one by one w
 file (``manifest.json``, ``adapter_config.json``) last, and readers trust a directory only through
 its marker. Pointers are written only after their target is complete and retention never deletes a
 pointer's target, so ``latest`` never names a missing directory. One exception, documented where
-it happens: replacing a checkpoint of the same step from a newer epoch swaps two directories with
-two renames; a crash between them leaves a dangling pointer, and :func:`load_latest` then falls
-back to a scan of the valid step directories.
+it happens: replacing a step directory that holds another version (possible only after a resume
+from an older checkpoint) swaps two directories with two renames; a crash between them leaves a
+dangling pointer, and :func:`load_latest` then falls back to a scan of the valid step directories.
 
-This module is pure I/O (no Redis, no torch). It is one concept, the shared layout, which is why
-both stores live here.
+This module is pure I/O (no Redis, no torch). It passes 600 lines because it is one contract:
+the two stores, the pointer and retention rules and the atomic local/fsspec primitives they rest
+on must agree with each other, and trainer and checkpointer import them from one place.
 """
 
 from __future__ import annotations
@@ -166,6 +167,12 @@ class _Fs:
     def join(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
 
+    def reg_dir(self, adapter: str, registration_id: str) -> str:
+        """``{root}/{adapter}/{registration_id}`` after checking both are safe names."""
+        return self.join(
+            check_name("adapter name", adapter), check_name("registration id", registration_id)
+        )
+
     def uri(self, path: str) -> str:
         return path if self.local else str(self.fs.unstrip_protocol(path))
 
@@ -271,10 +278,17 @@ class _Fs:
             self.fs.rm(path, recursive=True)
 
     def age_s(self, path: str) -> float | None:
+        """Seconds since ``path`` (or, for object-store pseudo-directories, its newest file)
+        changed; None when the filesystem cannot tell."""
         try:
             return time.time() - self.fs.modified(path).timestamp()
         except (NotImplementedError, FileNotFoundError, IsADirectoryError):
+            pass
+        try:
+            stamps = [self.fs.modified(p).timestamp() for p in self.fs.find(path)]
+        except (NotImplementedError, FileNotFoundError):
             return None
+        return time.time() - max(stamps) if stamps else None
 
 
 def _fsync_dir(path: str) -> None:
@@ -293,11 +307,6 @@ def _numbered(names: list[str], pattern: re.Pattern[str]) -> list[int]:
     return sorted(int(m.group(1)) for n in names if (m := pattern.fullmatch(n)))
 
 
-def _split_uri(uri: str, storage_options: Mapping[str, Any] | None) -> tuple[_Fs, str]:
-    loc = _Fs(uri, storage_options)
-    return loc, loc.root
-
-
 class ArtifactStore:
     """Versions of every adapter under ``root`` (see the module doc for the layout).
 
@@ -312,16 +321,11 @@ class ArtifactStore:
     def root(self) -> str:
         return self._fs.uri(self._fs.root)
 
-    def _reg_dir(self, adapter: str, registration_id: str) -> str:
-        return self._fs.join(
-            check_name("adapter name", adapter), check_name("registration id", registration_id)
-        )
-
     def version_dir(self, adapter: str, registration_id: str, version: int) -> str:
         """URI of ``{root}/{adapter}/{registration_id}/v{version:06d}`` (no trailing slash)."""
         if version < 0:
             raise ConfigError(f"version must be >= 0, got {version}")
-        return self._fs.uri(f"{self._reg_dir(adapter, registration_id)}/v{version:06d}")
+        return self._fs.uri(f"{self._fs.reg_dir(adapter, registration_id)}/v{version:06d}")
 
     def write_version(
         self, adapter: str, registration_id: str, version: int, files: Mapping[str, bytes]
@@ -337,7 +341,7 @@ class ArtifactStore:
         bad = [n for n in files if not _NAME.fullmatch(n)]
         if bad:
             raise ConfigError(f"file names {bad} are not plain names; use [A-Za-z0-9._-]")
-        parent = self._reg_dir(adapter, registration_id)
+        parent = self._fs.reg_dir(adapter, registration_id)
         final = f"{parent}/v{version:06d}"
         self._fs.fs.makedirs(parent, exist_ok=True)
         tmp = self._fs.temp_dir(parent, f"v{version:06d}")
@@ -351,14 +355,24 @@ class ArtifactStore:
             uri=self._fs.uri(final), version=version, sha256=digest.sha256, bytes=digest.bytes
         )
 
+    def describe(self, uri: str) -> PublishedVersion:
+        """The :class:`PublishedVersion` of the existing version directory ``uri``."""
+        loc = _Fs(uri, self.storage_options)
+        match = _VERSION_DIR.fullmatch(loc.root.rsplit("/", 1)[-1])
+        if match is None:
+            raise ArtifactError(f"{uri} is not a version directory (…/v000123)")
+        digest = loc.digest(f"{loc.root}/{ADAPTER_WEIGHTS}")
+        return PublishedVersion(uri=loc.uri(loc.root), version=int(match.group(1)),
+                                sha256=digest.sha256, bytes=digest.bytes)  # fmt: skip
+
     def read_file(self, uri: str, name: str) -> bytes:
         """The bytes of file ``name`` in the directory ``uri`` (:class:`ArtifactNotFound`)."""
-        loc, path = _split_uri(uri, self.storage_options)
-        return loc.read(f"{path}/{name}")
+        loc = _Fs(uri, self.storage_options)
+        return loc.read(f"{loc.root}/{name}")
 
     def list_versions(self, adapter: str, registration_id: str) -> list[int]:
         """Complete versions of the registration, ascending (temporary directories excluded)."""
-        return _numbered(self._fs.names(self._reg_dir(adapter, registration_id)), _VERSION_DIR)
+        return _numbered(self._fs.names(self._fs.reg_dir(adapter, registration_id)), _VERSION_DIR)
 
     def gc(
         self,
@@ -376,7 +390,7 @@ class ArtifactStore:
             raise ConfigError(f"keep_last must be >= 1, got {keep_last}")
         versions = self.list_versions(adapter, registration_id)
         doomed = [v for v in versions[:-keep_last] if v not in protect]
-        parent = self._reg_dir(adapter, registration_id)
+        parent = self._fs.reg_dir(adapter, registration_id)
         for v in doomed:
             self._fs.remove(f"{parent}/v{v:06d}")
         return doomed
@@ -394,26 +408,21 @@ class CheckpointStore:
     def root(self) -> str:
         return self._fs.uri(self._fs.root)
 
-    def _reg_dir(self, adapter: str, registration_id: str) -> str:
-        return self._fs.join(
-            check_name("adapter name", adapter), check_name("registration id", registration_id)
-        )
-
     def step_dir(self, adapter: str, registration_id: str, step: int) -> str:
         """URI of ``{root}/{adapter}/{registration_id}/step_{step:06d}``."""
-        return self._fs.uri(f"{self._reg_dir(adapter, registration_id)}/step_{step:06d}")
+        return self._fs.uri(f"{self._fs.reg_dir(adapter, registration_id)}/step_{step:06d}")
 
     def list_steps(self, adapter: str, registration_id: str) -> list[int]:
         """Steps with a (renamed, hence complete) step directory, ascending."""
-        return _numbered(self._fs.names(self._reg_dir(adapter, registration_id)), _STEP_DIR)
+        return _numbered(self._fs.names(self._fs.reg_dir(adapter, registration_id)), _STEP_DIR)
 
     def registrations(self, adapter: str) -> list[str]:
         names = self._fs.names(self._fs.join(check_name("adapter name", adapter)))
         return [n for n in names if _NAME.fullmatch(n) and n != LATEST]
 
     def read_manifest(self, checkpoint_uri: str) -> Manifest:
-        loc, path = _split_uri(checkpoint_uri, self.storage_options)
-        return _decode_manifest(loc.read(f"{path}/{MANIFEST}"), checkpoint_uri)
+        loc = _Fs(checkpoint_uri, self.storage_options)
+        return _decode_manifest(loc.read(f"{loc.root}/{MANIFEST}"), checkpoint_uri)
 
     def promote(
         self,
@@ -429,29 +438,32 @@ class CheckpointStore:
     ) -> CheckpointRef:
         """Copy the version at ``source_uri`` to the step directory (atomic; idempotent).
 
-        Checks ``training_state.json`` names ``step``/``version``/``epoch`` (a newer epoch there
-        raises :class:`StaleSource`; any other mismatch :class:`ArtifactError`). If the step
-        directory exists with a valid manifest of the same epoch and version it is reused
-        (``final`` is added to its manifest if asked); one of an older epoch is replaced; one of a
-        newer epoch raises :class:`StaleSource`. Missing source files raise
-        :class:`ArtifactNotFound`.
+        If the step directory exists and verifies with the same ``version``, it is reused without
+        reading the source (which may be gc'd by now): ``final`` is added to its manifest if
+        asked. One holding another version is replaced if its epoch is not newer than ``epoch``,
+        else :class:`StaleSource`. The source's ``training_state.json`` must name ``step`` and
+        ``version`` (else :class:`ArtifactError`) and an epoch not newer than ``epoch`` (else
+        :class:`StaleSource`: the version was rewritten after a resume; an older epoch is fine, a
+        resumed trainer re-announces versions it did not rewrite). Missing source files raise
+        :class:`ArtifactNotFound`. Versions identify content: the trainer never publishes two
+        different versions under one number for one step of a registration.
         """
-        final_path = f"{self._reg_dir(adapter, registration_id)}/step_{step:06d}"
+        final_path = f"{self._fs.reg_dir(adapter, registration_id)}/step_{step:06d}"
         existing = self._reusable(final_path, epoch, version)
         if isinstance(existing, CheckpointRef):
             return self._reuse(final_path, existing.manifest, final)
-        src, src_path = _split_uri(source_uri, self.storage_options)
+        src = _Fs(source_uri, self.storage_options)
         header = _check_header(
-            src.read(f"{src_path}/{STATE_JSON}"), source_uri, step, version, epoch
+            src.read(f"{src.root}/{STATE_JSON}"), source_uri, step, version, epoch
         )
-        names = [n for n in src.names(src_path, files_only=True) if not n.startswith(".")]
+        names = [n for n in src.names(src.root, files_only=True) if not n.startswith(".")]
         missing = [n for n in CHECKPOINT_FILES if n not in names]
         if missing:
             raise ArtifactNotFound(f"version {source_uri} lacks {missing}; it cannot be restored")
         parent = final_path.rsplit("/", 1)[0]
         self._fs.fs.makedirs(parent, exist_ok=True)
         tmp = self._fs.temp_dir(parent, f"step_{step:06d}")
-        files = {n: self._copy(src, f"{src_path}/{n}", f"{tmp}/{n}") for n in names}
+        files = {n: self._copy(src, f"{src.root}/{n}", f"{tmp}/{n}") for n in names}
         manifest = Manifest(
             adapter=adapter,
             registration_id=registration_id,
@@ -478,10 +490,10 @@ class CheckpointStore:
         return CheckpointRef(uri=self._fs.uri(final_path), manifest=manifest)
 
     def _reusable(self, path: str, epoch: int, version: int) -> CheckpointRef | str | None:
-        """The existing, verified checkpoint at ``path`` for (``epoch``, ``version``); else None
-        when there is none, or a string saying why the existing one must be replaced.
+        """The existing, verified checkpoint at ``path`` of ``version``; else None when there is
+        none, or a string saying why the existing one must be replaced.
 
-        Raises :class:`StaleSource` when it belongs to a newer epoch.
+        Raises :class:`StaleSource` when it holds another version from a newer epoch.
         """
         if not self._fs.fs.exists(path):
             return None
@@ -490,11 +502,11 @@ class CheckpointStore:
             manifest = verify(uri, **self.storage_options)
         except ArtifactError as exc:
             return f"it is not a valid checkpoint ({exc})"
+        if manifest.version == version:
+            return CheckpointRef(uri=uri, manifest=manifest)
         if manifest.epoch > epoch:
             raise StaleSource(f"{uri} holds epoch {manifest.epoch}; the request is epoch {epoch}")
-        if (manifest.epoch, manifest.version) != (epoch, version):
-            return f"it holds epoch {manifest.epoch} version {manifest.version}"
-        return CheckpointRef(uri=uri, manifest=manifest)
+        return f"it holds version {manifest.version} of epoch {manifest.epoch}"
 
     def _reuse(self, path: str, manifest: Manifest, final: bool) -> CheckpointRef:
         if final and not manifest.final:
@@ -529,7 +541,7 @@ class CheckpointStore:
         across registrations, so redelivered old events never move a pointer back.
         """
         m = ref.manifest
-        reg_dir = self._reg_dir(m.adapter, m.registration_id)
+        reg_dir = self._fs.reg_dir(m.adapter, m.registration_id)
         current = self._pointer_target(reg_dir, m.adapter)
         if current is None or current.manifest.step <= m.step:
             self._fs.write_atomic(f"{reg_dir}/{LATEST}", f"step_{m.step:06d}".encode())
@@ -562,13 +574,13 @@ class CheckpointStore:
         """
         reg_ids = [registration_id] if registration_id else self.registrations(adapter)
         top = self._fs.join(check_name("adapter name", adapter))
-        pointer_dir = self._reg_dir(adapter, registration_id) if registration_id else top
+        pointer_dir = self._fs.reg_dir(adapter, registration_id) if registration_id else top
         ref = self._pointer_target(pointer_dir, adapter)
         if ref is not None:
             return ref
         found: list[CheckpointRef] = []
         for reg in reg_ids:
-            reg_dir = self._reg_dir(adapter, reg)
+            reg_dir = self._fs.reg_dir(adapter, reg)
             for step in reversed(self.list_steps(adapter, reg)):
                 manifest = self._valid_manifest(f"{reg_dir}/step_{step:06d}")
                 if manifest is not None:
@@ -584,7 +596,7 @@ class CheckpointStore:
         cannot be read (it may be mid-move on an object store). Also sweeps temporary
         directories older than ``stale_temp_s`` (left by crashed writers).
         """
-        reg_dir = self._reg_dir(adapter, registration_id)
+        reg_dir = self._fs.reg_dir(adapter, registration_id)
         steps = self.list_steps(adapter, registration_id)
         latest = self._pointer_target(reg_dir, adapter)
         protected = set(steps[-max(keep, 1) :])
@@ -629,10 +641,10 @@ def _check_header(
         raise StaleSource(
             f"{source_uri} was rewritten under epoch {header.epoch}; the request is epoch {epoch}"
         )
-    if (header.step, header.version, header.epoch) != (step, version, epoch):
+    if (header.step, header.version) != (step, version):
         raise ArtifactError(
-            f"{source_uri}/{STATE_JSON} holds step {header.step}, version {header.version}, "
-            f"epoch {header.epoch}; expected step {step}, version {version}, epoch {epoch}"
+            f"{source_uri}/{STATE_JSON} holds step {header.step}, version {header.version}; "
+            f"expected step {step}, version {version}"
         )
     return header
 
@@ -643,13 +655,13 @@ def verify(checkpoint_uri: str, **storage_options: Any) -> Manifest:
     Raises :class:`ChecksumError` naming the first file whose size or sha256 differs,
     :class:`ArtifactNotFound` for a missing file, :class:`ArtifactError` for a bad manifest.
     """
-    loc, path = _split_uri(checkpoint_uri, storage_options)
-    manifest = _decode_manifest(loc.read(f"{path}/{MANIFEST}"), checkpoint_uri)
+    loc = _Fs(checkpoint_uri, storage_options)
+    manifest = _decode_manifest(loc.read(f"{loc.root}/{MANIFEST}"), checkpoint_uri)
     missing = [n for n in CHECKPOINT_FILES if n not in manifest.files]
     if missing:
         raise ArtifactError(f"manifest of {checkpoint_uri} does not list {missing}")
     for name, want in sorted(manifest.files.items()):
-        got = loc.digest(f"{path}/{name}")
+        got = loc.digest(f"{loc.root}/{name}")
         if got != want:
             raise ChecksumError(
                 f"{checkpoint_uri}/{name}: {got.bytes} bytes, sha256 {got.sha256[:16]}…; manifest "

@@ -16,9 +16,9 @@ A state machine over the control log, read through the consumer group ``checkpoi
 Every promotion moves the ``latest`` pointers, applies retention, and returns as effects,
 committed atomically with the ack: ``adapter.checkpoint_saved(step, uri, final)``,
 ``adapter.exported(step, uri)`` (the step directory is itself the PEFT export), and the status
-fields ``last_checkpoint_step``, ``last_checkpoint_uri`` and ``export_uri`` (only when the
-adapter's ``latest`` pointer names this checkpoint, so a redelivered old event never rolls
-status back).
+fields ``checkpoint`` and ``export`` (:func:`orchestrator.status.checkpoint_effects`; only when
+the adapter's ``latest`` pointer names this checkpoint, so a redelivered old event or a late
+final of a previous registration never rolls status back).
 
 Failure policy: a crash after the rename but before the ack is redelivered, finds the verified
 step directory and only publishes (promotion is idempotent). A missing or inconsistent source
@@ -65,6 +65,7 @@ from orchestrator.artifacts import (
     CheckpointStore,
     StaleSource,
 )
+from orchestrator.status import checkpoint_effects
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,6 @@ class _StateSpec(msgspec.Struct, frozen=True):
     """The part of ``training_state.json`` that tells the policy: its embedded ``spec``."""
 
     spec: _SpecPolicy | None = None
-
-
-def status_fields(step: int, uri: str) -> dict[str, str]:
-    """Status hash fields of the adapter's newest checkpoint (the export is the same dir)."""
-    return {"last_checkpoint_step": str(step), "last_checkpoint_uri": uri, "export_uri": uri}
 
 
 class CheckpointProcess:
@@ -248,11 +244,12 @@ class CheckpointProcess:
                                 step=step, uri=ref.uri, final=final)  # fmt: skip
         exported = Exported(adapter=event.adapter, registration_id=reg_id, epoch=event.epoch,
                             step=step, uri=ref.uri)  # fmt: skip
+        saved, exported = stamp(saved, source=self.source), stamp(exported, source=self.source)
         effects = Effects()
-        effects.publish(self.streams.control, stamp(saved, source=self.source))
-        effects.publish(self.streams.control, stamp(exported, source=self.source))
+        effects.publish(self.streams.control, saved).publish(self.streams.control, exported)
         if newest:
-            effects.hset(self.streams.status(event.adapter), status_fields(step, ref.uri))
+            effects.extend(checkpoint_effects(self.streams, saved))
+            effects.extend(checkpoint_effects(self.streams, exported))
         return effects
 
 
@@ -297,8 +294,10 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> Checkpoin
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for field, var in _ENV.items():
-        flag = "--" + field.replace("_", "-")
-        parser.add_argument(flag, dest=field, default=env.get(var), help=f"(env {var})")
+        flags = ["--" + field.replace("_", "-")]
+        if field.endswith("_root"):
+            flags.append("--" + field.removesuffix("_root"))  # the trainer's flag names
+        parser.add_argument(*flags, dest=field, default=env.get(var), help=f"(env {var})")
     parser.add_argument("--block-ms", type=int, default=2_000)
     parser.add_argument("--claim-idle-ms", type=int, default=30_000)
     parser.add_argument("--max-deliveries", type=int, default=5)
@@ -344,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_deliveries=config.max_deliveries,
     )
     consumer.install_signal_handlers()
+    log.info("checkpoint process %s: reading %s as group %s; checkpoints in %s",
+             config.consumer, streams.control, GROUP, process.checkpoints.root)  # fmt: skip
     stats = consumer.run(burst=config.burst)
     log.info("checkpoint process %s stopped: %s", config.consumer, stats)
     return 0

@@ -74,8 +74,11 @@ def test_version_layout_round_trip(stores) -> None:
 
 def test_local_uris_are_plain_paths(tmp_path) -> None:
     arts = ArtifactStore(f"file://{tmp_path}/a")
-    uri = write_fake_version(arts, "ad", REG, 1).uri
-    assert uri == f"{tmp_path}/a/ad/r1/v000001" and os.path.isdir(uri)
+    published = write_fake_version(arts, "ad", REG, 1)
+    assert published.uri == f"{tmp_path}/a/ad/r1/v000001" and os.path.isdir(published.uri)
+    assert arts.describe(published.uri) == published
+    with pytest.raises(ArtifactError, match="not a version directory"):
+        arts.describe(f"{tmp_path}/a/ad/r1")
 
 
 def test_rewritten_version_replaces_the_old_one(artifacts) -> None:
@@ -122,6 +125,28 @@ def test_promote_writes_a_verified_checkpoint(stores) -> None:
     assert load_latest(ckpts.root, "ad") == ref
     assert load_latest(ckpts.root, "ad", REG) == ref
     assert load_latest(ckpts.root, "other") is None
+
+
+def test_crashed_writer_leaves_only_a_swept_temporary(stores, monkeypatch) -> None:
+    arts, ckpts = stores
+    write_fake_version(arts, "ad", REG, 2)
+    with monkeypatch.context() as m:
+        m.setattr(art._Fs, "publish_dir", _crash)
+        with pytest.raises(SimulatedCrash):
+            promote(arts, ckpts, 2)
+    assert ckpts.list_steps("ad", REG) == [] and load_latest(ckpts.root, "ad") is None
+    loc = art._Fs(ckpts.root)
+    assert [n for n in loc.names(loc.reg_dir("ad", REG)) if n.startswith(".tmp-step_000002")]
+    ckpts.retain("ad", REG, keep=1)  # younger than stale_temp_s: kept (may be in progress)
+    assert loc.names(loc.reg_dir("ad", REG))
+    CheckpointStore(ckpts.root, stale_temp_s=0.0).retain("ad", REG, keep=1)
+    assert loc.names(loc.reg_dir("ad", REG)) == []
+    ref = promote(arts, ckpts, 2)
+    assert verify(ref.uri).step == 2 and ckpts.list_steps("ad", REG) == [2]
+
+
+def _crash(*args, **kwargs):
+    raise SimulatedCrash
 
 
 def test_corruption_is_detected(tmp_path, artifacts) -> None:
@@ -232,20 +257,27 @@ def test_repromotion_is_idempotent_and_marks_final(tmp_path, artifacts) -> None:
 
 def test_epochs_fence_and_replace(tmp_path, artifacts) -> None:
     ckpts = CheckpointStore(str(tmp_path / "ckpt"))
-    write_fake_version(artifacts, "ad", REG, 3, epoch=0)
-    old = promote(artifacts, ckpts, 3, epoch=0)
+    src3 = write_fake_version(artifacts, "ad", REG, 3, epoch=0).uri
+    old = ckpts.promote(src3, "ad", REG, step=3, version=3, epoch=0)
     ckpts.set_latest(old)
-    write_fake_version(artifacts, "ad", REG, 3, epoch=1)  # step redone after a resume
-    assert promote(artifacts, ckpts, 3, epoch=0) == old  # a redelivery: nothing to redo
-    new = promote(artifacts, ckpts, 3, epoch=1)  # the newer epoch replaces it
-    assert new.manifest.epoch == 1 and verify(new.uri).epoch == 1
-    assert new.uri == old.uri and load_latest(ckpts.root, "ad").manifest.epoch == 1
-    with pytest.raises(StaleSource, match="holds epoch 1"):
-        promote(artifacts, ckpts, 3, epoch=0)  # the old event arrives late: fenced
+    # a resumed trainer (epoch 1) re-announces version 3 without rewriting it: reused as is
+    assert ckpts.promote(src3, "ad", REG, step=3, version=3, epoch=1, final=True).manifest == (
+        msgspec.structs.replace(old.manifest, final=True)
+    )
+    # another version for step 3 from a newer epoch replaces the checkpoint ...
+    src4 = write_fake_version(artifacts, "ad", REG, 3, version=4, epoch=2).uri
+    new = ckpts.promote(src4, "ad", REG, step=3, version=4, epoch=2)
+    assert (new.manifest.epoch, new.manifest.version) == (2, 4) and verify(new.uri).version == 4
+    assert new.uri == old.uri and load_latest(ckpts.root, "ad").manifest.version == 4
+    # ... and a late event of an older epoch is fenced
+    with pytest.raises(StaleSource, match="holds epoch 2"):
+        ckpts.promote(src3, "ad", REG, step=3, version=3, epoch=0)
+    # a source rewritten by a newer epoch is fenced too; one from an older epoch is accepted
     write_fake_version(artifacts, "ad", REG, 5, epoch=1)
     with pytest.raises(StaleSource, match="rewritten under epoch 1"):
         promote(artifacts, ckpts, 5, epoch=0)
-    assert ckpts.list_steps("ad", REG) == [3]
+    assert promote(artifacts, ckpts, 5, epoch=3).manifest.epoch == 3
+    assert ckpts.list_steps("ad", REG) == [3, 5]
 
 
 def test_missing_or_inconsistent_source(tmp_path, artifacts) -> None:

@@ -23,6 +23,7 @@ from events.schema import (
 )
 from orchestrator.artifacts import CheckpointStore, verify
 from orchestrator.checkpoint import CheckpointConfig, CheckpointProcess, load_config, main
+from orchestrator.status import read_status
 from tests.checkpoint.conftest import make_spec, write_fake_version
 
 pytestmark = pytest.mark.bus
@@ -77,12 +78,10 @@ def test_interval_and_final_checkpoints_published_once(
     ]
     assert all(e.registration_id == "r1" and e.source == "checkpoint" for e in saved)
     assert ckpts.list_steps("ad", "r1") == [4, 6]  # keep_checkpoints=2
-    status = rclient.hgetall(streams.status("ad"))
-    assert status == {
-        b"last_checkpoint_step": b"6",
-        b"last_checkpoint_uri": saved[-1].uri.encode(),
-        b"export_uri": saved[-1].uri.encode(),
-    }
+    rclient.hset(streams.status("ad"), "registration_id", "r1")  # the trainer's field
+    (row,) = read_status(rclient, streams)
+    assert (row.last_checkpoint_step, row.last_checkpoint_uri) == (6, saved[-1].uri)
+    assert row.export_uri == saved[-1].uri
 
     write_fake_version(artifacts, "ad", "r1", 7)
     publish(rclient, streams,
@@ -92,7 +91,7 @@ def test_interval_and_final_checkpoints_published_once(
     final = outputs(rclient, streams, CheckpointSaved)[-1]
     assert (final.step, final.final) == (7, True)
     assert verify(final.uri).final and ckpts.list_steps("ad", "r1") == [6, 7]
-    assert rclient.hget(streams.status("ad"), "last_checkpoint_step") == b"7"
+    assert read_status(rclient, streams)[0].last_checkpoint_step == 7
     assert not rclient.hexists(streams.key("checkpoint", "registrations"), "r1")
     assert rclient.xpending(streams.control, "checkpoint")["pending"] == 0
 
