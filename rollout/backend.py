@@ -1,0 +1,222 @@
+"""Generation backends: the one interface a rollout worker generates through, and two of them.
+
+:class:`GenerationBackend` is what :class:`rollout.worker.RolloutWorker` needs from an engine:
+load and unload adapter versions, and generate a batch of rows, each with its own adapter
+version, sampling parameters and seed. Two implementations:
+
+* :class:`EmbeddedBackend` — the in-process :class:`rollout.engine.Engine` (default).
+* :class:`HttpBackend` — an SGLang-compatible server through :class:`rollout.client.SGLangClient`:
+  ``python -m rollout.server`` or a real SGLang launched with ``--enable-lora``.
+
+Adapter versions are named as :class:`rollout.engine.AdapterRef` names them: ``"name@version"``
+(``lora_name`` on ``/load_lora_adapter``, ``lora_path`` on ``/generate``). On a real SGLang
+server each version is simply a distinct adapter; :class:`HttpBackend` unloads versions beyond
+the newest ``keep_versions`` itself, as the embedded engine does.
+
+Errors: a backend raises :class:`BackendUnavailableError` when the engine cannot be reached (a
+transient condition: the worker retries the task later) and :class:`AdapterLoadError` when an
+adapter directory cannot be served (bad files, too large a rank: a property of the artifact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+
+from events.errors import MultiLoraError
+from rollout.client import SGLangClient, SGLangError, SGLangUnavailableError
+from rollout.engine import (
+    AdapterNotLoadedError,
+    AdapterRef,
+    Engine,
+    EngineError,
+    GenerateRequest,
+)
+from rollout.lora import LoraError
+from rollout.sampling import SamplingParams
+
+
+class BackendError(MultiLoraError):
+    """Root of the generation backends' errors."""
+
+
+class BackendUnavailableError(BackendError):
+    """The engine could not be reached or failed transiently; retrying later may succeed."""
+
+
+class AdapterLoadError(BackendError):
+    """An adapter version could not be loaded (bad or missing files, rank or modules unfit)."""
+
+
+class GenerationRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One completion to generate: prompt token ids, the adapter version, sampling with a seed.
+
+    ``adapter=None`` runs the base model. ``sampling.seed`` fixes the row's draws, so the same
+    row gives the same tokens on any worker with the same weights (and on the embedded engine,
+    whatever other rows share its batch).
+    """
+
+    prompt_ids: tuple[int, ...]
+    adapter: AdapterRef | None
+    sampling: SamplingParams
+
+
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    """One generated completion; ``logprobs[t]`` is the behaviour log-prob of ``completion_ids[t]``.
+
+    ``finish_reason`` is ``"stop"`` (EOS, stop token or stop string) or ``"length"``; ``text`` is
+    the decoded completion, cut before a matched stop string.
+    """
+
+    completion_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    text: str
+    finish_reason: str
+
+
+class GenerationBackend(Protocol):
+    """What a rollout worker generates through (see the module doc).
+
+    ``tokenizer`` is the base model's Hugging Face tokenizer (prompts are tokenized by the
+    worker). ``load`` is idempotent: loading a served version again is a no-op. ``unload``
+    removes every version of ``name`` (a no-op when none is served). ``versions(name)`` are the
+    versions of ``name`` new batches may use, ascending. ``generate`` returns one
+    :class:`Completion` per row, in row order.
+    """
+
+    tokenizer: Any
+
+    def load(self, name: str, version: int, path: str) -> None: ...
+
+    def unload(self, name: str) -> None: ...
+
+    def versions(self, name: str) -> tuple[int, ...]: ...
+
+    def generate(self, rows: Sequence[GenerationRow]) -> list[Completion]: ...
+
+
+class EmbeddedBackend:
+    """:class:`GenerationBackend` over an in-process :class:`Engine` (one mixed batch per call)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokenizer: Any = engine.tokenizer
+
+    def load(self, name: str, version: int, path: str) -> None:
+        try:
+            self.engine.load_adapter(name, version, path)
+        except (EngineError, LoraError) as err:
+            raise AdapterLoadError(f"cannot load {name}@{version} from {path}: {err}") from err
+
+    def unload(self, name: str) -> None:
+        if self.versions(name):
+            self.engine.unload_adapter(name)
+
+    def versions(self, name: str) -> tuple[int, ...]:
+        return tuple(sorted(r.version for r in self.engine.loaded_adapters() if r.name == name))
+
+    def generate(self, rows: Sequence[GenerationRow]) -> list[Completion]:
+        requests = [
+            GenerateRequest(input_ids=row.prompt_ids, adapter=row.adapter, sampling=row.sampling)
+            for row in rows
+        ]
+        try:
+            results = self.engine.generate(requests)
+        except AdapterNotLoadedError as err:  # evicted since the worker loaded it
+            raise BackendUnavailableError(str(err)) from err
+        return [
+            Completion(
+                completion_ids=r.output_ids,
+                logprobs=r.logprobs,
+                text=r.text,
+                finish_reason=r.finish_reason,
+            )
+            for r in results
+        ]
+
+
+class HttpBackend:
+    """:class:`GenerationBackend` over an SGLang-compatible HTTP server.
+
+    ``tokenizer`` must be the server's model tokenizer (read from the same local directory).
+    ``loaded`` tracks the versions this backend loaded; a server shared by several workers is
+    fine as long as they use the same ``keep_versions`` (a load the server reports as already
+    done counts as done). Adapter paths must be readable by the server.
+    """
+
+    def __init__(self, client: SGLangClient, tokenizer: Any, *, keep_versions: int = 2) -> None:
+        if keep_versions < 1:
+            raise BackendError(f"keep_versions={keep_versions} must be >= 1 (max staleness + 1)")
+        self.client = client
+        self.tokenizer: Any = tokenizer
+        self.keep_versions = keep_versions
+        self.loaded: dict[str, set[int]] = {}
+
+    def load(self, name: str, version: int, path: str) -> None:
+        have = self.loaded.setdefault(name, set())
+        if version in have:
+            return
+        ref = AdapterRef(name, version)
+        try:
+            self.client.load_lora_adapter(str(ref), str(Path(path)))
+        except SGLangUnavailableError as err:
+            raise BackendUnavailableError(str(err)) from err
+        except SGLangError as err:
+            if "already" not in err.message:
+                raise AdapterLoadError(f"cannot load {ref} from {path}: {err}") from err
+        have.add(version)
+        for old in sorted(have)[: -self.keep_versions]:
+            self._unload_one(AdapterRef(name, old))
+            have.discard(old)
+
+    def unload(self, name: str) -> None:
+        for version in sorted(self.loaded.pop(name, set())):
+            self._unload_one(AdapterRef(name, version))
+
+    def _unload_one(self, ref: AdapterRef) -> None:
+        try:
+            self.client.unload_lora_adapter(str(ref))
+        except SGLangUnavailableError as err:
+            raise BackendUnavailableError(str(err)) from err
+        except SGLangError:
+            return  # not loaded there (server restarted, or evicted by another worker): done
+
+    def versions(self, name: str) -> tuple[int, ...]:
+        return tuple(sorted(self.loaded.get(name, ())))
+
+    def generate(self, rows: Sequence[GenerationRow]) -> list[Completion]:
+        if not rows:
+            return []
+        try:
+            outputs = self.client.generate_batch(
+                [row.prompt_ids for row in rows],
+                [row.sampling for row in rows],
+                lora_path=[None if row.adapter is None else str(row.adapter) for row in rows],
+                return_logprob=True,
+            )
+        except SGLangUnavailableError as err:
+            raise BackendUnavailableError(str(err)) from err
+        except SGLangError as err:
+            if err.status >= 500 or err.param == "lora_path":  # server fault / adapter evicted
+                raise BackendUnavailableError(str(err)) from err
+            raise
+        completions = []
+        for out in outputs:
+            logprobs = out.output_token_logprobs or ()
+            if len(logprobs) != len(out.output_ids):
+                raise BackendError(
+                    f"server returned {len(logprobs)} logprobs for {len(out.output_ids)} tokens; "
+                    "it must honour return_logprob=True"
+                )
+            completions.append(
+                Completion(
+                    completion_ids=out.output_ids,
+                    logprobs=logprobs,
+                    text=out.text,
+                    finish_reason=out.finish_reason,
+                )
+            )
+        return completions

@@ -1,0 +1,569 @@
+"""The rollout worker process: a state machine over the control log and the task queue.
+
+Run ``python -m rollout.worker --redis-url redis://... --model models/smollm2-135m`` (flags,
+env and file in :mod:`rollout.config`). Any number of replicas run side by side.
+
+**Subscriptions.** ``rollout.tasks`` through ONE shared group ``rollout`` (each task goes to one
+replica), and the control log through a group of its own, ``rollout.<name>`` (broadcast: every
+replica sees every event; a new group starts at ``"0"``, so a new replica replays the log and
+learns the registrations, epochs and versions before it serves).
+
+**Control events** (:meth:`RolloutWorker.on_control`):
+
+- ``adapter.admitted`` — remember ``(registration_id, epoch)``; the registration is live.
+- ``adapter.sync_requested`` — verify the sha256 of ``adapter_model.safetensors`` against the
+  event (mismatch: :class:`SyncError`, so the entry is retried, then dead-lettered), load the
+  version unless a newer one is served, and publish ``adapter.synced`` (``latency_s = now -
+  event.time``) plus ``sync:<worker> = <version>`` in the adapter's status hash, in the same
+  commit as the ack. Events already in the log when the worker started (``history_until``) are
+  only *recorded*: a replica replaying history loads lazily, from the next task, rather than
+  every version ever published, and does not answer syncs addressed to the past.
+- ``adapter.retired`` / ``.completed`` / ``.failed`` / ``.deregister_requested`` (a cancel)
+  — the registration is dead: unload its versions and drop its future tasks. A later
+  ``adapter.admitted`` under a higher epoch (a resume) makes it live again.
+
+**Tasks** (:meth:`RolloutWorker.on_task`). Fencing first: a task of a dead registration, or of an
+epoch older than the newest seen for it, is acknowledged with no output. Otherwise the worker
+makes sure the weights are served (the task's own version if loaded; else a newer loaded version
+of the same registration, reported in the group; else it loads ``weights_uri`` — workers are
+stateless), reads the prompts by index from the adapter's dataset (sources cached per
+:class:`DatasetSpec`), tokenizes them with the base model's tokenizer, generates ``group_size``
+samples per prompt in ONE mixed batch with per-row seeds (:func:`row_seed`), scores them with the
+composite reward, and publishes ONE ``rollout.group`` through :class:`Effects` committed
+atomically with the task's ack. A worker whose entry was reclaimed by another (it was silent for
+``claim_idle_ms``) has its commit refused, so each task is published once in effect; the
+trainer still keys groups by ``task_id`` as a second line.
+
+**Failure policy.** Known failures of one task become failed samples in its group, each with the
+reason, so the trainer sees the failure and moves on (and may fail the adapter): a dataset that
+cannot be opened, an unknown reward, invalid sampling, weights that cannot be loaded or fail
+their checksum (one group), a prompt index out of range or a prompt longer than
+``max_prompt_tokens`` (that prompt's samples; prompts are never truncated: a cut prompt is a
+different question than the one the reward checks), a reward function that raises (that sample).
+The worker never publishes ``adapter.failed``: whether an adapter has failed is the trainer's
+decision, and one worker's view (a file missing on its host) must not kill an adapter. An
+unreachable engine raises :class:`HandlerError` (retried later by any replica). Anything else is
+a bug and crashes the process; at-least-once delivery makes that safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import msgspec
+
+from events.codec import Decoder, stamp
+from events.connection import check_durability, connect
+from events.consumer import Consumer, Delivery, Subscription
+from events.effects import Effects
+from events.errors import HandlerError, MultiLoraError
+from events.schema import (
+    Admitted,
+    Completed,
+    ControlEvent,
+    DeregisterRequested,
+    Failed,
+    PromptGroup,
+    Retired,
+    RolloutGroup,
+    RolloutTask,
+    Sample,
+    Synced,
+    SyncRequested,
+    TaskEvent,
+)
+from events.specs import DatasetSpec, RewardSpec
+from events.streams import Streams
+from rollout.backend import (
+    AdapterLoadError,
+    BackendUnavailableError,
+    Completion,
+    GenerationBackend,
+    GenerationRow,
+)
+from rollout.config import RolloutConfig, load_config
+from rollout.data import DataError, DataSource, PromptItem, open_source
+from rollout.engine import AdapterRef
+from rollout.lora import WEIGHTS_FILE
+from rollout.rewards import (
+    RemoteScorer,
+    RewardComposite,
+    RewardError,
+    RewardRegistry,
+    RewardResult,
+)
+from rollout.sampling import SamplingParamError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+TASK_GROUP = "rollout"
+"""The one consumer group every replica reads ``rollout.tasks`` through (load balancing)."""
+
+
+class SyncError(HandlerError):
+    """A ``sync_requested`` could not be applied (checksum mismatch, unreadable or bad files)."""
+
+
+class WeightsError(MultiLoraError):
+    """A task's weights cannot be served: bad ``weights_uri`` or a checksum mismatch."""
+
+
+KNOWN_TASK_FAILURES = (DataError, RewardError, SamplingParamError, AdapterLoadError, WeightsError)
+"""Task failures that become failed samples in the group instead of crashing the worker."""
+
+
+def row_seed(task_seed: int, prompt_index: int, sample_index: int, occurrence: int = 0) -> int:
+    """The sampling seed of one row: a hash of the task seed, prompt index and sample index.
+
+    ``occurrence`` counts earlier copies of the same prompt index in the task (0 normally), so
+    a prompt listed twice gets different samples. Result in ``[0, 2**63)``.
+    """
+    key = f"{task_seed}:{prompt_index}:{sample_index}:{occurrence}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
+
+
+def served_name(adapter: str, registration_id: str) -> str:
+    """The engine-side adapter name of one registration (``math.<registration_id>``).
+
+    Versions are immutable in the engines, so a name registered again after it retired must not
+    reuse the old registration's ``name@version`` entries: the registration id makes it unique.
+    """
+    return f"{adapter}.{registration_id}" if registration_id else adapter
+
+
+def local_dir(uri: str) -> Path:
+    """The local directory of a ``weights_uri`` (a path or ``file://`` URL)."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else uri)
+    raise WeightsError(
+        f"weights_uri {uri!r}: the rollout worker reads adapter weights from local paths or "
+        "file:// URLs; mount the artifact store on the worker's host"
+    )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def entry_at_or_before(entry_id: str, bound: str) -> bool:
+    """Whether stream entry ``entry_id`` is at or before ``bound`` (both ``"ms-seq"``)."""
+    a, b = (tuple(int(x) for x in e.split("-")) for e in (entry_id, bound))
+    return a <= b
+
+
+def last_entry_id(client: Any, stream: str) -> str:
+    """The id of the newest entry of ``stream`` (``"0-0"`` when empty or missing)."""
+    newest = client.xrevrange(stream, count=1)
+    if not newest:
+        return "0-0"
+    entry = newest[0][0]
+    return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+
+@dataclass
+class _Registration:
+    """What the worker knows of one registration: its newest epoch and whether it is live."""
+
+    epoch: int
+    live: bool = True
+
+
+class _Lru:
+    """A small LRU map from bytes keys to opened things (data sources, reward composites)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[bytes, Any] = OrderedDict()
+
+    def get(self, key: bytes, build: Callable[[], Any]) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = build()
+        self._items[key] = value
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+
+class RolloutWorker:
+    """The rollout worker's state machine; the consumer runtime calls :meth:`handle`.
+
+    ``name``: this replica's stable name (consumer name and worker id in events).
+    ``backend``: where generation runs. ``registry``: the closed reward registry; ``remote``:
+    where remote rewards run (``None``: in-process). ``allowed_roots``: directories dataset
+    files may live under. ``history_until``: the newest control entry when the process started
+    (see the module doc). ``clock``: wall clock for ``latency_s``.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        streams: Streams,
+        backend: GenerationBackend,
+        registry: RewardRegistry,
+        remote: RemoteScorer | None = None,
+        allowed_roots: Sequence[Path] = (),
+        max_prompt_tokens: int = 1024,
+        history_until: str = "0-0",
+        clock: Callable[[], float] = time.time,
+        cache_size: int = 16,
+    ) -> None:
+        self.name = name
+        self.streams = streams
+        self.backend = backend
+        self.registry = registry
+        self.remote = remote
+        self.allowed_roots = tuple(allowed_roots)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.history_until = history_until
+        self.clock = clock
+        self.registrations: dict[str, _Registration] = {}
+        self.current: dict[str, str] = {}  # adapter name -> its newest registration id
+        self.syncs: dict[str, SyncRequested] = {}  # registration id -> newest sync seen
+        self._sources = _Lru(cache_size)
+        self._rewards = _Lru(cache_size)
+
+    def subscriptions(self) -> list[Subscription]:
+        """Control log (own group, from the start) and the task queue (shared group)."""
+        return [
+            Subscription(self.streams.control, f"rollout.{self.name}", Decoder(ControlEvent)),
+            Subscription(self.streams.tasks, TASK_GROUP, Decoder(TaskEvent)),
+        ]
+
+    def handle(self, delivery: Delivery) -> Effects:
+        """The consumer's handler: route by stream."""
+        if delivery.subscription.stream == self.streams.tasks:
+            return self.on_task(delivery.event)
+        return self.on_control(delivery.event, delivery.entry_id)
+
+    # --- control log ---------------------------------------------------------------------------
+
+    def on_control(self, event: Any, entry_id: str = "") -> Effects:
+        """Apply one control event; returns the effects to commit with its ack."""
+        if isinstance(event, Admitted):
+            view = self.registrations.get(event.registration_id)
+            if view is None or event.epoch > view.epoch:
+                self.registrations[event.registration_id] = _Registration(event.epoch)
+            self.current[event.adapter] = event.registration_id
+        elif isinstance(event, SyncRequested):
+            replay = bool(entry_id) and entry_at_or_before(entry_id, self.history_until)
+            return self._on_sync(event, replay=replay)
+        elif isinstance(event, Retired | Completed | Failed | DeregisterRequested):
+            self._end(event.adapter, event.registration_id, event.epoch)
+        return Effects()
+
+    def _end(self, adapter: str, registration_id: str, epoch: int) -> None:
+        reg = registration_id or self.current.get(adapter)
+        if reg is None:
+            return  # a cancel by name of an adapter this worker never saw: nothing to end
+        view = self.registrations.setdefault(reg, _Registration(epoch))
+        view.epoch, view.live = max(view.epoch, epoch), False
+        self.syncs.pop(reg, None)
+        self.backend.unload(served_name(adapter, reg))
+
+    def _on_sync(self, event: SyncRequested, *, replay: bool) -> Effects:
+        view = self.registrations.setdefault(event.registration_id, _Registration(event.epoch))
+        if not view.live and event.epoch <= view.epoch:
+            return Effects()
+        view.epoch = max(view.epoch, event.epoch)
+        known = self.syncs.get(event.registration_id)
+        if known is None or event.version >= known.version:
+            self.syncs[event.registration_id] = event
+        if replay:
+            return Effects()
+        name = served_name(event.adapter, event.registration_id)
+        served = self.backend.versions(name)
+        if served and max(served) > event.version:
+            return Effects()  # a newer version is already served; this request is outdated
+        try:
+            path = local_dir(event.uri)
+            self._verify(path, event.sha256)
+            self.backend.load(name, event.version, str(path))
+        except (WeightsError, AdapterLoadError, BackendUnavailableError) as err:
+            raise SyncError(f"sync of {name}@{event.version} failed: {err}") from err
+        synced = Synced(
+            adapter=event.adapter,
+            registration_id=event.registration_id,
+            epoch=event.epoch,
+            worker=self.name,
+            version=event.version,
+            latency_s=max(0.0, self.clock() - event.time),
+        )
+        return (
+            Effects()
+            .publish(self.streams.control, stamp(synced, source=self.name))
+            .hset(self.streams.status(event.adapter), {f"sync:{self.name}": event.version})
+        )
+
+    @staticmethod
+    def _verify(path: Path, sha256: str) -> None:
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise WeightsError(f"{weights} not found; the adapter directory is incomplete")
+        actual = file_sha256(weights)
+        if actual != sha256:
+            raise WeightsError(
+                f"sha256 of {weights} is {actual}, the event says {sha256}; the artifact is "
+                "corrupt or was overwritten (versions must be immutable)"
+            )
+
+    # --- tasks ---------------------------------------------------------------------------------
+
+    def fenced(self, task: RolloutTask) -> str:
+        """Why ``task`` must be dropped ("" if it may run); updates the known epoch."""
+        view = self.registrations.get(task.registration_id)
+        if view is None:
+            self.registrations[task.registration_id] = _Registration(task.epoch)
+            return ""
+        if not view.live and task.epoch <= view.epoch:
+            return f"registration {task.registration_id!r} has ended"
+        if task.epoch < view.epoch:
+            return f"epoch {task.epoch} is older than the registration's epoch {view.epoch}"
+        if task.epoch > view.epoch:
+            view.epoch, view.live = task.epoch, True
+        return ""
+
+    def on_task(self, task: RolloutTask) -> Effects:
+        """Run one task; the group is published with the task's ack (or nothing if fenced)."""
+        why = self.fenced(task)
+        if why:
+            log.info("dropping task %s of %s: %s", task.id, task.adapter, why)
+            return Effects()
+        if task.group_size < 1:
+            raise HandlerError(f"task {task.id}: group_size must be >= 1, got {task.group_size}")
+        start = time.perf_counter()
+        try:
+            version, groups = self._run(task)
+        except KNOWN_TASK_FAILURES as err:
+            log.warning("task %s of %s failed: %s", task.id, task.adapter, err)
+            version, groups = task.version, _failed_groups(task, f"{type(err).__name__}: {err}")
+        except BackendUnavailableError as err:
+            raise HandlerError(f"task {task.id}: engine unavailable: {err}") from err
+        group = RolloutGroup(
+            adapter=task.adapter,
+            registration_id=task.registration_id,
+            epoch=task.epoch,
+            task_id=task.id,
+            step=task.step,
+            version=version,
+            worker=self.name,
+            groups=tuple(groups),
+            generate_s=time.perf_counter() - start,
+        )
+        return Effects().publish(self.streams.groups, stamp(group, source=self.name))
+
+    def _run(self, task: RolloutTask) -> tuple[int, list[PromptGroup]]:
+        """Generate and score ``task``; returns ``(version used, prompt groups in task order)``."""
+        version = self._ensure_weights(task)
+        source: DataSource = self._sources.get(
+            msgspec.json.encode(task.dataset), lambda: self._open(task.dataset)
+        )
+        reward: RewardComposite = self._rewards.get(
+            msgspec.json.encode(task.rewards), lambda: self._composite(task.rewards)
+        )
+        SamplingParams.from_spec(task.sampling)  # invalid sampling fails the task, not a row
+        ref = AdapterRef(served_name(task.adapter, task.registration_id), version)
+        prompts: list[tuple[PromptItem, tuple[int, ...]] | str] = [
+            self._prompt(source, index, task.dataset) for index in task.prompt_indices
+        ]
+        rows: list[GenerationRow] = []
+        seen: dict[int, int] = {}
+        for index, prompt in zip(task.prompt_indices, prompts, strict=True):
+            occurrence = seen.get(index, 0)
+            seen[index] = occurrence + 1
+            if isinstance(prompt, str):
+                continue
+            for g in range(task.group_size):
+                seed = row_seed(task.seed, index, g, occurrence)
+                sampling = SamplingParams.from_spec(task.sampling, seed=seed)
+                rows.append(GenerationRow(prompt_ids=prompt[1], adapter=ref, sampling=sampling))
+        completions = self.backend.generate(rows)
+        items = [p[0] for p in prompts if not isinstance(p, str) for _ in range(task.group_size)]
+        scores = reward.score_batch([c.text for c in completions], items, self.remote)
+        done = iter(zip(completions, scores, strict=True))
+        groups = []
+        for index, prompt in zip(task.prompt_indices, prompts, strict=True):
+            if isinstance(prompt, str):
+                groups.append(_failed_prompt(index, task.group_size, prompt))
+                continue
+            samples = tuple(_sample(*next(done)) for _ in range(task.group_size))
+            groups.append(PromptGroup(prompt_index=index, prompt_ids=prompt[1], samples=samples))
+        return version, groups
+
+    def _ensure_weights(self, task: RolloutTask) -> int:
+        """Serve the task's version (or a newer loaded one); returns the version to use."""
+        name = served_name(task.adapter, task.registration_id)
+        served = self.backend.versions(name)
+        if task.version in served:
+            return task.version
+        newer = [v for v in served if v > task.version]
+        if newer:
+            return max(newer)
+        path = local_dir(task.weights_uri)
+        sync = self.syncs.get(task.registration_id)
+        if sync is not None and sync.version == task.version:
+            self._verify(path, sync.sha256)
+        self.backend.load(name, task.version, str(path))
+        return task.version
+
+    def _open(self, spec: DatasetSpec) -> DataSource:
+        return open_source(spec, allowed_roots=self.allowed_roots, tokenizer=self.backend.tokenizer)
+
+    def _composite(self, specs: tuple[RewardSpec, ...]) -> RewardComposite:
+        return RewardComposite.from_specs(specs, self.registry)
+
+    def _prompt(
+        self, source: DataSource, index: int, spec: DatasetSpec
+    ) -> tuple[PromptItem, tuple[int, ...]] | str:
+        """The item and its token ids, or the reason this prompt cannot run."""
+        try:
+            item = source[index]
+        except IndexError as err:
+            return f"prompt index: {err}"
+        encoded = self.backend.tokenizer(item.prompt, add_special_tokens=not spec.chat_template)
+        ids = tuple(int(t) for t in encoded["input_ids"])
+        if not ids:
+            return f"prompt {index} is empty after tokenization"
+        if len(ids) > self.max_prompt_tokens:
+            return (
+                f"prompt {index} has {len(ids)} tokens, over max_prompt_tokens="
+                f"{self.max_prompt_tokens}; shorten the dataset's prompts or raise the limit"
+            )
+        return item, ids
+
+
+def _sample(c: Completion, score: RewardResult) -> Sample:
+    """A generated sample; a failed reward marks it failed (reward 0.0, not to be trained on)."""
+    return Sample(
+        completion_ids=c.completion_ids,
+        logprobs=c.logprobs,
+        text=c.text,
+        reward=score.total,
+        reward_terms=score.terms,
+        finish_reason=c.finish_reason,
+        failed=score.failed,
+        reason=score.reason,
+    )
+
+
+def _failed_prompt(index: int, group_size: int, reason: str) -> PromptGroup:
+    failed = Sample(
+        completion_ids=(),
+        logprobs=(),
+        text="",
+        reward=0.0,
+        finish_reason="error",
+        failed=True,
+        reason=reason,
+    )
+    return PromptGroup(prompt_index=index, prompt_ids=(), samples=(failed,) * group_size)
+
+
+def _failed_groups(task: RolloutTask, reason: str) -> list[PromptGroup]:
+    return [_failed_prompt(i, task.group_size, reason) for i in task.prompt_indices]
+
+
+# --- process entry point -----------------------------------------------------------------------
+
+
+def build_backend(config: RolloutConfig) -> GenerationBackend:
+    """The generation backend the config names (loads the model or the tokenizer)."""
+    if config.backend == "http":
+        from transformers import AutoTokenizer
+
+        from rollout.backend import HttpBackend
+        from rollout.client import SGLangClient
+
+        tokenizer = AutoTokenizer.from_pretrained(config.model_path, local_files_only=True)
+        client = SGLangClient(config.engine_url)
+        return HttpBackend(client, tokenizer, keep_versions=config.keep_versions)
+    from rollout.backend import EmbeddedBackend
+    from rollout.engine import Engine
+
+    engine = Engine.from_pretrained(
+        config.model_path,
+        dtype=config.dtype,
+        device=config.device,
+        max_loras=config.max_slots,
+        max_lora_rank=config.max_rank,
+        keep_versions=config.keep_versions,
+    )
+    return EmbeddedBackend(engine)
+
+
+def build_rewards(config: RolloutConfig) -> RewardRegistry:
+    """Built-in rewards plus the operator's entry points (imported here, at boot)."""
+    from rollout.rewards import builtin_registry
+
+    registry = builtin_registry(remote=config.remote_rewards)
+    for reward, target in sorted(config.reward_entry_points.items()):
+        registry.register_entry_point(reward, target)
+    return registry
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build everything from the config, then consume until SIGTERM (or drained, ``--burst``)."""
+    config = load_config(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    name = config.worker_name
+    client = connect(config.redis_url, max_block_ms=config.max_block_ms, name=name)
+    check_durability(client, allow_unsafe=config.unsafe_redis)
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    streams = Streams(config.namespace)
+    remote: RemoteScorer | None = None
+    if config.remote_rewards:
+        from rollout.reward_queue import RQRewardRunner
+
+        remote = RQRewardRunner(client, streams.key("rewards"), config.reward_timeout_s)
+    worker = RolloutWorker(
+        name=name,
+        streams=streams,
+        backend=build_backend(config),
+        registry=build_rewards(config),
+        remote=remote,
+        allowed_roots=[Path(r) for r in config.allowed_roots],
+        max_prompt_tokens=config.max_prompt_tokens,
+        history_until=last_entry_id(client, streams.control),
+    )
+    consumer = Consumer(
+        lambda: connect(config.redis_url, max_block_ms=config.max_block_ms, name=name),
+        streams,
+        name,
+        worker.subscriptions(),
+        worker.handle,
+        block_ms=config.block_ms,
+        count=1,
+        claim_idle_ms=config.claim_idle_ms,
+        max_deliveries=config.max_deliveries,
+        lease_ttl_ms=config.lease_ttl_ms,
+        max_in_flight=config.prefetch + 1,
+    )
+    consumer.install_signal_handlers()
+    log.info("rollout worker %s serving %s (%s backend)", name, config.model_path, config.backend)
+    stats = consumer.run(burst=config.burst)
+    log.info("rollout worker %s stopped: %s", name, stats)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
