@@ -128,7 +128,7 @@ class Stack:
 
 
 def phases(client: redis.Redis, streams: Streams) -> dict[str, tuple[str, int]]:
-    """(phase, step) of every adapter, folded from the control log."""
+    """(phase, step) of every registration (by registration id), folded from the control log."""
     from events.codec import Decoder
     from events.schema import (
         Admitted,
@@ -146,7 +146,8 @@ def phases(client: redis.Redis, streams: Streams) -> dict[str, tuple[str, int]]:
     out: dict[str, tuple[str, int]] = {}
     for entry_id, fields in client.xrange(streams.control):
         event = decoder.decode(fields, entry_id.decode())
-        phase, step = out.get(event.adapter, ("registered", 0))
+        key = event.registration_id
+        phase, step = out.get(key, ("registered", 0))
         match event:
             case RegisterRequested():
                 phase, step = "registered", 0
@@ -164,7 +165,9 @@ def phases(client: redis.Redis, streams: Streams) -> dict[str, tuple[str, int]]:
                 phase = "rejected"
             case Failed():
                 phase = "failed"
-        out[event.adapter] = (phase, step)
+            case _:
+                continue
+        out[key] = (phase, step)
     return out
 
 
@@ -174,7 +177,7 @@ def run_schedule_against(
     """Run a schedule (register / cancel / wait) and wait until every adapter is terminal."""
     steps, base = load_schedule(path)
     producer = Producer(client, streams, source="schedule")
-    names: list[str] = []
+    registrations: dict[str, str] = {}  # name -> registration id of this schedule's latest
     deadline = time.monotonic() + timeout_s
 
     def wait_until(predicate) -> None:
@@ -188,8 +191,7 @@ def run_schedule_against(
     for step in steps:
         if step.register:
             name, spec = load_adapter(base / step.register)
-            producer.register(name, spec)
-            names.append(name)
+            registrations[name] = producer.register(name, spec)
             print(f"[schedule] registered {name}", flush=True)
         elif step.cancel:
             producer.deregister(step.cancel)
@@ -200,13 +202,19 @@ def run_schedule_against(
                 print(f"[schedule] waiting for {w.adapter} to reach step {w.step}", flush=True)
 
                 def reached(w=w) -> bool:
-                    phase, at = phases(client, streams).get(w.adapter, ("", 0))
+                    key = registrations.get(w.adapter, "")
+                    phase, at = phases(client, streams).get(key, ("", 0))
                     return at >= w.step or phase in TERMINAL
 
                 wait_until(reached)
             else:
                 end = time.monotonic() + w.seconds
                 wait_until(lambda end=end: time.monotonic() >= end)
-    wait_until(lambda: all(phases(client, streams).get(n, ("", 0))[0] in TERMINAL for n in names))
+
+    def all_done() -> bool:
+        now = phases(client, streams)
+        return all(now.get(r, ("", 0))[0] in TERMINAL for r in registrations.values())
+
+    wait_until(all_done)
     time.sleep(1.0)  # let the checkpoint process take the final checkpoints
     return 0
