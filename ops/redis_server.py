@@ -85,7 +85,7 @@ class RedisServer:
     ) -> None:
         self.binary = binary or find_binary()
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="multilora-redis-")
-        self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.data_dir = Path(data_dir or self._tmp.name).resolve()  # type: ignore[union-attr]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.appendfsync = appendfsync
@@ -119,7 +119,8 @@ class RedisServer:
                 pass
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
-                log = (self.data_dir / "server.log").read_text(errors="replace")[-2000:]
+                log_file = self.data_dir / "server.log"
+                log = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
                 raise BusError(f"{self.binary.path} exited at start: {err}{log}")
             if time.monotonic() > deadline:
                 self.stop()
