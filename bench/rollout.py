@@ -60,7 +60,6 @@ def qwen3_0p6b_config() -> Any:
         num_key_value_heads=8,
         head_dim=128,
         max_position_embeddings=40960,
-        rope_theta=1_000_000.0,
         tie_word_embeddings=True,
         eos_token_id=151645,
         pad_token_id=151643,

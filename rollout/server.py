@@ -618,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     args = vars(parser.parse_args(argv))
     config = msgspec.convert(args, ServerConfig)
+    logging.basicConfig(level=logging.INFO)
     engine = Engine.from_pretrained(
         config.model,
         dtype=config.dtype,
@@ -633,7 +634,6 @@ def main(argv: list[str] | None = None) -> int:
         max_wait_s=config.max_wait_ms / 1e3,
     )
     url = server.start(config.host, config.port)
-    logging.basicConfig(level=logging.INFO)
     logger.info("serving %s on %s", config.model, url)
     try:
         threading.Event().wait()
