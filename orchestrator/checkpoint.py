@@ -46,7 +46,7 @@ from events.codec import Decoder, stamp
 from events.connection import check_durability, connect
 from events.consumer import Consumer, Delivery, Subscription
 from events.effects import Effects
-from events.errors import ConfigError, HandlerError
+from events.errors import ConfigError, HandlerError, UnsafeRedisError
 from events.schema import (
     Admitted,
     CheckpointSaved,
@@ -87,8 +87,10 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _SpecPolicy(msgspec.Struct, frozen=True):
-    checkpoint_interval: int = 10
-    keep_checkpoints: int = 3
+    """The two :class:`~events.specs.AdapterSpec` fields this process needs (others ignored)."""
+
+    checkpoint_interval: int
+    keep_checkpoints: int
 
 
 class _StateSpec(msgspec.Struct, frozen=True):
@@ -262,6 +264,8 @@ class CheckpointConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     """Configuration of ``python -m orchestrator.checkpoint`` (flags, else environment).
 
     ``unsafe_redis`` runs against a Redis that can lose acknowledged events (throwaway use).
+    ``lease_wait_s`` waits for the consumer name's lease (a predecessor on another host that
+    died holds it until its TTL runs out).
     ``burst`` returns once the control log is drained (tests, one-shot catch-up).
     """
 
@@ -273,6 +277,7 @@ class CheckpointConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     block_ms: Positive = 2_000
     claim_idle_ms: Positive = 30_000
     max_deliveries: Positive = 5
+    lease_wait_s: float = 0.0
     unsafe_redis: bool = False
     burst: bool = False
 
@@ -301,6 +306,7 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> Checkpoin
     parser.add_argument("--block-ms", type=int, default=2_000)
     parser.add_argument("--claim-idle-ms", type=int, default=30_000)
     parser.add_argument("--max-deliveries", type=int, default=5)
+    parser.add_argument("--lease-wait-s", type=float, default=0.0)
     unsafe = env.get("MULTILORA_UNSAFE_REDIS", "").lower() in ("1", "true", "yes")
     parser.add_argument("--unsafe-redis", action="store_true", default=unsafe)
     parser.add_argument("--burst", action="store_true")
@@ -323,7 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     client = connect(config.redis_url, max_block_ms=config.block_ms, name=config.consumer)
-    check_durability(client, allow_unsafe=config.unsafe_redis)
+    try:
+        check_durability(client, allow_unsafe=config.unsafe_redis)
+    except UnsafeRedisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     streams = Streams(config.namespace)
     process = CheckpointProcess(
         client,
@@ -341,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         block_ms=config.block_ms,
         claim_idle_ms=config.claim_idle_ms,
         max_deliveries=config.max_deliveries,
+        lease_wait_s=config.lease_wait_s,
     )
     consumer.install_signal_handlers()
     log.info("checkpoint process %s: reading %s as group %s; checkpoints in %s",

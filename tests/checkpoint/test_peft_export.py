@@ -43,3 +43,46 @@ def test_checkpoint_of_a_real_adapter_loads_in_peft(tmp_path) -> None:
     assert not torch.allclose(want, base_logits, atol=1e-4)  # the adapter does something
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert loaded.peft_config["default"].r == 4
+
+
+def test_trainer_version_round_trips_through_a_checkpoint(tmp_path) -> None:
+    """Contract with the trainer: its serialised version becomes a checkpoint that verifies,
+    names the cursor, restores the slot exactly and loads in PEFT with the same outputs."""
+    from events.specs import OptimSpec
+    from orchestrator.artifacts import load_latest
+    from orchestrator.cursor import CursorState
+    from tests.checkpoint.conftest import make_spec
+    from trainer.inject import MultiLoraModel
+    from trainer.optim import SlotAdamW
+    from trainer.publish import VersionInfo, restore_slot, version_files
+
+    base_dir = write_tiny_model(tmp_path / "base", "llama")
+    model = MultiLoraModel.from_pretrained(base_dir, 2, 8)
+    optimizer = SlotAdamW(model.store, model.table)
+    model.configure_slot(1, 4, 8.0, seed=3)
+    optimizer.configure(1, OptimSpec(), 10)
+    for name, _ in model.slot_layers():  # a trained-looking, non-zero B
+        model.layer_weights(1, name)[1].normal_(0, 0.05)
+    cursor = CursorState(n=50, seed=9, epoch=1, position=12)
+    info = VersionInfo(adapter="ad", registration_id="r1", step=8, version=8, epoch=0,
+                       cursor=cursor, spec=make_spec(interval=4))  # fmt: skip
+    files = version_files(model, optimizer, 1, info, str(base_dir))
+    artifacts = ArtifactStore(str(tmp_path / "artifacts"))
+    source = artifacts.write_version("ad", "r1", 8, files).uri
+    ckpts = CheckpointStore(str(tmp_path / "checkpoints"))
+    ckpts.set_latest(ckpts.promote(source, "ad", "r1", step=8, version=8, epoch=0))
+
+    ref = load_latest(ckpts.root, "ad")
+    assert ref is not None and verify(ref.uri).cursor == cursor
+    other = MultiLoraModel.from_pretrained(base_dir, 2, 8)
+    restored = restore_slot(other, SlotAdamW(other.store, other.table), 0,
+                            artifacts.read_file(ref.uri, "training_state.safetensors"),
+                            artifacts.read_file(ref.uri, "training_state.json"))  # fmt: skip
+    assert restored == info
+    torch.testing.assert_close(other.store.weight_S_R_Q[0, :4], model.store.weight_S_R_Q[1, :4])
+    ids_B_T = torch.tensor([[1, 10, 20, 30, 40]])
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        got = PeftModel.from_pretrained(hf, ref.uri).eval()(input_ids=ids_B_T).logits
+        want = model(ids_B_T, torch.ones_like(ids_B_T), torch.tensor([1]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -21,6 +21,7 @@ from events.schema import (
     Retired,
     StepDone,
 )
+from ops.redis_server import RedisServer
 from orchestrator.artifacts import CheckpointStore, verify
 from orchestrator.checkpoint import CheckpointConfig, CheckpointProcess, load_config, main
 from orchestrator.status import read_status
@@ -184,3 +185,13 @@ def test_config_from_flags_and_environment(tmp_path, capsys) -> None:
         msgspec.convert({**msgspec.to_builtins(config), "unknown": 1}, CheckpointConfig)
     assert main(["--redis-url", "redis://h:1/0"]) == 2
     assert "artifacts_root" in capsys.readouterr().err
+
+
+def test_main_refuses_an_unsafe_redis_unless_told(tmp_path, capsys) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        connect(server.url).config_set("appendonly", "no")
+        argv = ["--redis-url", server.url, "--artifacts", str(tmp_path / "a"),
+                "--checkpoints", str(tmp_path / "c"), "--burst"]  # fmt: skip
+        assert main(argv) == 2
+        assert "appendonly" in capsys.readouterr().err
+        assert main([*argv, "--unsafe-redis"]) == 0
