@@ -13,7 +13,9 @@ from typing import Literal
 import msgspec
 
 Scalar = str | int | float | bool
-"""A JSON scalar: the only values allowed in the small parameter maps below."""
+"""A JSON scalar: the only values allowed in reward parameter maps."""
+ConfigValue = Scalar | list[Scalar]
+"""A dataset config value: a scalar or a list of scalars (e.g. reasoning-gym's ``operators``)."""
 
 
 class DatasetSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -36,7 +38,7 @@ class DatasetSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     name: str = ""
     size: int = 1000
     seed: int = 0
-    config: dict[str, Scalar] = msgspec.field(default_factory=dict)
+    config: dict[str, ConfigValue] = msgspec.field(default_factory=dict)
     input_key: str = "prompt"
     label_key: str = "answer"
     metadata_key: str = ""
