@@ -37,15 +37,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import redis
-from prometheus_client import (
-    GC_COLLECTOR,
-    PLATFORM_COLLECTOR,
-    PROCESS_COLLECTOR,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    start_http_server,
-)
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -66,8 +58,6 @@ HANDLER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 LAG_SCAN_CAP = 1000
 """Most entries :class:`GroupLagCollector` counts itself when Redis cannot tell the lag."""
-
-del GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR  # the default registry's; we never use it
 
 
 def metrics_registry(*, process_metrics: bool = True) -> CollectorRegistry:
@@ -107,7 +97,7 @@ class BusMetrics:
         )
         self.dead_lettered_total = Counter(
             "multilora_bus_events_dead_lettered_total",
-            "Entries moved to the dead-letter stream (undecodable, or failed max_deliveries times).",
+            "Entries moved to the dead-letter stream (undecodable, or failed too often).",
             ["stream", "type"],
             registry=registry,
         )
@@ -262,7 +252,7 @@ class GroupLagCollector(Collector):
         if value is not None:
             return int(value)
         after = f"({_s(group['last-delivered-id'])}"
-        return len(self.client.xrange(stream, min=after, count=LAG_SCAN_CAP))
+        return len(self.client.xrange(stream, min=after, count=LAG_SCAN_CAP) or [])
 
 
 def _s(value: Any) -> str:
@@ -306,9 +296,8 @@ def start_metrics_server(
 ) -> MetricsServer:
     """Serve ``registry`` at ``http://addr:port/metrics`` from a daemon thread.
 
-    ``port=0`` binds a free port (read it from the result). A port in use raises ``OSError``
-    from the bind, at start-up, naming nothing else to do than to pick another port; process
-    entry points turn that into a :class:`~events.errors.ConfigError`.
+    ``port=0`` binds a free port (read it from the result). A port out of range or already in
+    use raises :class:`~events.errors.ConfigError` at start-up (fail at boot, not mid-run).
     """
     if not 0 <= port <= 65535:
         raise ConfigError(f"metrics port {port} is out of range; use 1..65535 (0: any free port)")
