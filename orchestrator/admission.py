@@ -37,10 +37,12 @@ from events.specs import AdapterSpec, DatasetSpec
 from orchestrator.fleet import Fleet
 from orchestrator.lifecycle import registration_key
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-"""Adapter names: lowercase letters, digits, ``.``, ``_``, ``-``; 1-63 characters."""
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+"""Adapter names (matched whole with ``fullmatch``: ``^...$`` would let a trailing newline
+through): lowercase letters, digits, ``.``, ``_``, ``-``; 1-63 characters, no leading ``.``,
+``_`` or ``-``."""
 
-REGISTRATION_ID_PATTERN = re.compile(r"^[!-~]{1,128}$")
+REGISTRATION_ID_PATTERN = re.compile(r"[!-~]{1,128}")
 """Registration ids: 1-128 printable ASCII characters without spaces."""
 
 ProbeDataset = Callable[[DatasetSpec], int]
@@ -96,13 +98,13 @@ class Admission:
     def check(self, event: RegisterRequested, fleet: Fleet, payload_bytes: int) -> Verdict:
         """Admit or reject ``event`` given the trainer's ``fleet`` and the JSON's size in bytes."""
         name = event.adapter
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             reason = (
                 f"adapter name {name!r} is invalid; use 1-63 characters of lowercase letters, "
                 "digits, '.', '_' or '-', starting with a letter or digit"
             )
             return Reject(reason, "adapter")
-        if event.registration_id and not REGISTRATION_ID_PATTERN.match(event.registration_id):
+        if event.registration_id and not REGISTRATION_ID_PATTERN.fullmatch(event.registration_id):
             reason = (
                 f"registration_id {event.registration_id!r} is invalid; use 1-128 printable "
                 "ASCII characters without spaces, or leave it empty to get one assigned"

@@ -68,7 +68,7 @@ class Fleet:
         self._slots = slots
         self._states: dict[str, AdapterState] = {}  # registration key -> state, by arrival
         self._active: dict[str, str] = {}  # name -> key of its live registration
-        self._latest: dict[str, str] = {}  # name -> key of its latest registration
+        self._latest: dict[str, str] = {}  # name -> key shown when none is live
         self._owners: dict[int, str] = {}  # slot -> key of the registration holding it
         self._arrivals = 0
 
@@ -134,8 +134,9 @@ class Fleet:
         new._owners = dict(self._owners)
         new._arrivals = self._arrivals
         if before is None:
-            new._latest = {**self._latest, state.name: key}
             new._arrivals += 1
+            if state.name not in self._active:  # rejected while another is live: not shown
+                new._latest = {**self._latest, state.name: key}
         if before is not None and before.slot is not None and new._owners.get(before.slot) == key:
             del new._owners[before.slot]
         if state.slot is not None:
@@ -167,7 +168,9 @@ class Fleet:
         return tuple(s for k, s in self._states.items() if k in keys)
 
     def current(self, name: str) -> AdapterState | None:
-        """The registration the status of ``name`` shows: the live one, else the latest."""
+        """The registration the status of ``name`` shows: the live one, else the latest one that
+        arrived while the name had no live registration (a registration rejected because the
+        name was taken never replaces the one it collided with)."""
         key = self._active.get(name) or self._latest.get(name)
         return self._states[key] if key is not None else None
 

@@ -25,7 +25,7 @@ from orchestrator.lifecycle import AdapterState
 def make_spec(**overrides: object) -> AdapterSpec:
     """A valid small spec; keyword arguments override fields."""
     fields: dict[str, object] = {
-        "dataset": DatasetSpec(kind="jsonl", path="data/prompts.jsonl"),
+        "dataset": DatasetSpec(kind="jsonl", path="prompts.jsonl"),
         "rewards": (RewardSpec(name="exact_match"),),
         "rank": 8,
         "steps": 3,
