@@ -172,19 +172,24 @@ class TrainerProcess:
         for entry_id, fields in self.client.xrange(self.streams.control):
             self.fleet = self.fleet.apply(decoder.decode(fields, entry_id.decode()))
         effects = Effects()
-        for state in self.fleet.running():
-            if state.slot is None or state.spec is None:
+        for state in self.fleet.live():
+            if state.slot is None:
+                continue  # waiting for a slot: admitted below when one is free
+            if state.spec is None:
                 raise MultiLoraError(
-                    f"running registration {state.registration_id} lacks slot/spec"
+                    f"registration {state.registration_id} holds a slot but has no spec"
                 )
             uri = state.state_uri or self.artifacts.version_dir(
                 state.name, state.registration_id, state.version
             )
             run = self._restore(state.name, state.registration_id, state.slot, uri)
-            run.epoch = state.epoch + 1
-            if state.phase is Phase.COMPLETING:  # crashed between the last step and completion
-                self._finish(effects, run, "budget")
+            run.epoch = state.epoch
+            unfinished = {Phase.COMPLETING: "budget", Phase.CANCELLED: "cancelled"}
+            if state.phase in unfinished or state.phase is Phase.FAILED:
+                # crashed between the decision and the slot's release: finish it now
+                self._finish(effects, run, unfinished.get(state.phase))
                 continue
+            run.epoch = state.epoch + 1
             log.info("resuming %s at step %d (version %d) under epoch %d",
                      run.name, run.step, run.version, run.epoch)  # fmt: skip
             self._publish(
@@ -345,9 +350,8 @@ class TrainerProcess:
                     )
                     self._finish(effects, run, None)
                     continue
-                run.issued_through = run.step  # issue the step's tasks again, with new prompts
                 run.expected.pop(run.next_step, None)
-                self._issue(effects, run)
+                self._issue_step(effects, run, run.next_step)  # again, with the next prompts
                 continue
             run.failures = 0
             versions_used = [ev.version for _, ev in used[run.name]]
@@ -464,27 +468,31 @@ class TrainerProcess:
 
     def _issue(self, effects: Effects, run: AdapterRun) -> None:
         """Issue tasks up to ``max_staleness`` steps ahead of the newest weights."""
-        spec = run.spec
-        horizon = min(run.step + 1 + spec.max_staleness, spec.steps)
+        horizon = min(run.step + 1 + run.spec.max_staleness, run.spec.steps)
         while run.issued_through < horizon:
             k = run.issued_through + 1
             run.cursor_before[k] = run.cursor.state()
-            indices = run.cursor.take(spec.prompts_per_step)
-            size = self.prompts_per_task or len(indices)
-            expected = run.expected.setdefault(k, set())
-            for chunk, start in enumerate(range(0, len(indices), size)):
-                seed = _task_seed(spec.seed, run.registration_id, run.epoch, k, chunk)
-                task = RolloutTask(
-                    id=new_id(), adapter=run.name, registration_id=run.registration_id,
-                    epoch=run.epoch, step=k, version=run.version, weights_uri=run.uri,
-                    prompt_indices=tuple(indices[start:start + size]), group_size=spec.group_size,
-                    dataset=spec.dataset, rewards=spec.rewards, sampling=spec.sampling, seed=seed,
-                )  # fmt: skip
-                expected.add(task.id)
-                self._publish(effects, task, self.streams.tasks)
+            self._issue_step(effects, run, k)
             run.issued_through = k
-            for old in [s for s in run.cursor_before if s < run.step]:
-                del run.cursor_before[old]
+        for old in [s for s in run.cursor_before if s < run.step]:
+            del run.cursor_before[old]
+
+    def _issue_step(self, effects: Effects, run: AdapterRun, k: int) -> None:
+        """The tasks of step ``k``: the cursor's next ``prompts_per_step`` prompts."""
+        spec = run.spec
+        indices = run.cursor.take(spec.prompts_per_step)
+        size = self.prompts_per_task or len(indices)
+        expected = run.expected.setdefault(k, set())
+        for chunk, start in enumerate(range(0, len(indices), size)):
+            seed = _task_seed(spec.seed, run.registration_id, run.epoch, k, chunk)
+            task = RolloutTask(
+                id=new_id(), adapter=run.name, registration_id=run.registration_id,
+                epoch=run.epoch, step=k, version=run.version, weights_uri=run.uri,
+                prompt_indices=tuple(indices[start:start + size]), group_size=spec.group_size,
+                dataset=spec.dataset, rewards=spec.rewards, sampling=spec.sampling, seed=seed,
+            )  # fmt: skip
+            expected.add(task.id)
+            self._publish(effects, task, self.streams.tasks)
 
 
 def _task_seed(seed: int, registration_id: str, epoch: int, step: int, chunk: int) -> int:
