@@ -157,16 +157,15 @@ def peft_sequential(hf: torch.nn.Module, batch: TrainBatch, device: torch.device
     from peft import LoraConfig, get_peft_model
 
     names = [f"a{i}" for i in range(8)]
-    peft_model = None
-    for i, name in enumerate(names):
+
+    def config(i: int) -> LoraConfig:
         rank = RANKS[i % 3]
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PEFT_TARGETS,
-                            task_type="CAUSAL_LM")  # fmt: skip
-        if peft_model is None:
-            peft_model = get_peft_model(hf, config, adapter_name=name, autocast_adapter_dtype=False)
-        else:
-            peft_model.add_adapter(name, config)
-    assert peft_model is not None
+        return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PEFT_TARGETS,
+                          task_type="CAUSAL_LM")  # fmt: skip
+
+    peft_model = get_peft_model(hf, config(0), adapter_name=names[0], autocast_adapter_dtype=False)
+    for i, name in enumerate(names[1:], start=1):
+        peft_model.add_adapter(name, config(i))
     for name, param in peft_model.named_parameters():  # add_adapter autocasts to fp32: undo
         if ".lora_" in name:
             param.data = param.data.to(hf.dtype)

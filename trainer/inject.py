@@ -114,7 +114,14 @@ class MultiLoraModel(nn.Module):
             str(path), dtype=dtype, attn_implementation=attn_implementation
         )
         hf_model.to(torch.device(device))
-        return cls.wrap(hf_model, num_slots, max_rank, adapter_dtype=adapter_dtype, kernel=kernel)
+        return cls.wrap(
+            hf_model,
+            num_slots,
+            max_rank,
+            adapter_dtype=adapter_dtype,
+            kernel=kernel,
+            lora_dropout=lora_dropout,
+        )
 
     @classmethod
     def wrap(
@@ -125,8 +132,14 @@ class MultiLoraModel(nn.Module):
         *,
         adapter_dtype: torch.dtype | None = None,
         kernel: Kernel = "auto",
+        lora_dropout: float = 0.0,
     ) -> MultiLoraModel:
-        """Freeze ``hf_model`` and replace its target linears by slot layers, in place."""
+        """Freeze ``hf_model`` and replace its target linears by slot layers, in place.
+
+        Build the HF model on its final device first: slot tensors are created next to its
+        weights, and the model must not be moved afterwards (see :mod:`trainer.lora`).
+        """
+        check_lora_dropout(lora_dropout)
         model_type = getattr(hf_model.config, "model_type", None)
         if model_type not in TARGETS_BY_MODEL_TYPE:
             raise ConfigError(

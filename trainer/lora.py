@@ -182,10 +182,11 @@ class RoutingPlan:
     """Per-forward routing shared by all slot layers; built once by :meth:`SlotRouting.route`.
 
     ``rows_N`` are the adapter rows (slot != BASE_SLOT) of the batch, stably sorted by slot;
-    ``scale_N`` their ``alpha/rank``; ``offsets_S`` (int32) the cumulative *token* count per
-    slot over all ``S`` slots in sorted order (``_grouped_mm``'s ``offs``; absent slots give empty
-    groups); ``row_span`` is ``(lo, hi)`` when ``rows_N`` is the contiguous range ``lo..hi-1``
-    (then layers slice instead of gather/scatter; the train step sorts rows so this holds).
+    ``scale_N`` their ``alpha/rank``; ``present_P`` the ``P`` slots present, ascending (group
+    ``g`` of the grouped GEMM is slot ``present_P[g]``) and ``offsets_P`` (int32) the cumulative
+    *token* count of each group (``_grouped_mm``'s ``offs``); ``row_span`` is ``(lo, hi)`` when
+    ``rows_N`` is the contiguous range ``lo..hi-1`` (then layers slice instead of gather/scatter;
+    the train step sorts rows so this holds).
     """
 
     slot_ids_B: Tensor
@@ -193,7 +194,8 @@ class RoutingPlan:
     seq_len: int
     rows_N: Tensor
     scale_N: Tensor
-    offsets_S: Tensor
+    present_P: Tensor
+    offsets_P: Tensor
     segments: tuple[Segment, ...]
     row_span: tuple[int, int] | None
 
@@ -259,7 +261,8 @@ class SlotRouting:
             if count:
                 segments.append(Segment(s, start, start + count, table.rank(s)))
                 start += count
-        offsets = torch.tensor(counts_S, dtype=torch.int64).cumsum(0) * seq_len
+        counts_P = [seg.end - seg.start for seg in segments]
+        offsets_P = torch.tensor(counts_P, dtype=torch.int64).cumsum(0) * seq_len
         rows_N = torch.tensor(rows, dtype=torch.long, device=device)
         return RoutingPlan(
             slot_ids_B=ids,
@@ -267,7 +270,8 @@ class SlotRouting:
             seq_len=seq_len,
             rows_N=rows_N,
             scale_N=table.scale_S[ids[rows_N]] if rows else table.scale_S[:0],
-            offsets_S=offsets.to(device=device, dtype=torch.int32),
+            present_P=torch.tensor([seg.slot for seg in segments], dtype=torch.long, device=device),
+            offsets_P=offsets_P.to(device=device, dtype=torch.int32),
             segments=tuple(segments),
             row_span=(rows[0], rows[-1] + 1)
             if rows and rows == list(range(rows[0], rows[-1] + 1))
@@ -308,36 +312,41 @@ def slot_delta(
     if kernel == "auto":
         kernel = "segments" if x_N_T_I.is_cuda else "loop"
     n, t, _ = x_N_T_I.shape
-    a_S_R_I = lora_A.to(x_N_T_I.dtype)
-    bt_S_R_O = lora_Bt.to(x_N_T_I.dtype)
-    scale_N = plan.scale_N.to(x_N_T_I.dtype)
+    dtype = x_N_T_I.dtype
+    scale_N = plan.scale_N.to(dtype)
     if kernel == "loop":
-        # unbind, not a[slot]: its backward builds the [S, ...] gradient once, not per segment
-        a_R_I, bt_R_O = a_S_R_I.unbind(0), bt_S_R_O.unbind(0)
+        # unbind, not A[slot]: its backward builds the [S, ...] gradient once, not per segment
+        a_R_I, bt_R_O = lora_A.unbind(0), lora_Bt.unbind(0)
         pieces = []
         for seg in plan.segments:
-            h = x_N_T_I[seg.start : seg.end] @ a_R_I[seg.slot][: seg.rank].T
+            h = x_N_T_I[seg.start : seg.end] @ a_R_I[seg.slot][: seg.rank].to(dtype).T
             h = h * scale_N[seg.start : seg.end, None, None]
-            pieces.append(h @ bt_R_O[seg.slot][: seg.rank])
+            pieces.append(h @ bt_R_O[seg.slot][: seg.rank].to(dtype))
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    # Grouped: only the present slots' weights take part (gathered and cast once per layer).
+    if len(plan.segments) < lora_A.shape[0]:
+        lora_A, lora_Bt = (
+            lora_A.index_select(0, plan.present_P),
+            lora_Bt.index_select(0, plan.present_P),
+        )
+    a_P_I_R = lora_A.to(dtype).transpose(1, 2)
+    bt_P_R_O = lora_Bt.to(dtype)
     x_M_I = x_N_T_I.reshape(n * t, -1)
-    a_S_I_R = a_S_R_I.transpose(1, 2)
     # The kernel's weight-gradient GEMM runs over token segments; keep their offsets aligned.
-    aligned = t % 8 == 0
     use_kernel = kernel == "grouped_mm" or (
-        aligned and grouped_mm_supported(x_M_I, a_S_I_R, bt_S_R_O)
+        t % 8 == 0 and grouped_mm_supported(x_M_I, a_P_I_R, bt_P_R_O)
     )
-    h_M_R = _grouped(x_M_I, a_S_I_R, plan, use_kernel)
+    h_M_R = _grouped(x_M_I, a_P_I_R, plan, use_kernel)
     h_M_R = (h_M_R.view(n, t, -1) * scale_N[:, None, None]).view(n * t, -1)
-    return _grouped(h_M_R, bt_S_R_O, plan, use_kernel).view(n, t, -1)
+    return _grouped(h_M_R, bt_P_R_O, plan, use_kernel).view(n, t, -1)
 
 
-def _grouped(x_M_K: Tensor, w_S_K_N: Tensor, plan: RoutingPlan, use_kernel: bool) -> Tensor:
-    """``out[m] = x[m] @ w[slot(m)]`` over the slot-sorted token segments."""
+def _grouped(x_M_K: Tensor, w_P_K_N: Tensor, plan: RoutingPlan, use_kernel: bool) -> Tensor:
+    """``out[m] = x[m] @ w[group(m)]`` over the slot-sorted token segments (one group each)."""
     if use_kernel:
-        return torch._grouped_mm(x_M_K, w_S_K_N, offs=plan.offsets_S)
-    t, w_K_N = plan.seq_len, w_S_K_N.unbind(0)
-    pieces = [x_M_K[s.start * t : s.end * t] @ w_K_N[s.slot] for s in plan.segments]
+        return torch._grouped_mm(x_M_K, w_P_K_N, offs=plan.offsets_P)
+    t, w_K_N = plan.seq_len, w_P_K_N.unbind(0)
+    pieces = [x_M_K[s.start * t : s.end * t] @ w_K_N[g] for g, s in enumerate(plan.segments)]
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 

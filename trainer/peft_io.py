@@ -48,6 +48,7 @@ _UNSUPPORTED: dict[str, object] = {
     "target_parameters": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
+    "use_bdlora": None,
 }
 """Config keys whose non-default values an import refuses (default shown)."""
 

@@ -109,9 +109,16 @@ def _set_kernel(model, kernel):
         layer.kernel = kernel
 
 
-def test_compute_paths_agree_on_outputs_and_gradients(tiny_model_dir):
+@pytest.mark.parametrize(
+    "rows",
+    [[1, BASE_SLOT, 0, 3, 1, 0, BASE_SLOT], [2, 3, 0, 1, 2]],
+    ids=["some-slots", "all-slots"],
+)
+def test_compute_paths_agree_on_outputs_and_gradients(tiny_model_dir, rows):
     model, _ = _mixed_model(tiny_model_dir("qwen3"))
-    batch = random_batch([1, BASE_SLOT, 0, 3, 1, 0, BASE_SLOT], 12, seed=3)
+    model.configure_slot(2, 3, 9.0, seed=2)
+    randomize_b(model, 2, seed=2)
+    batch = random_batch(rows, 12, seed=3)
     results = {}
     for kernel in _kernels():
         _set_kernel(model, kernel)
