@@ -25,6 +25,25 @@ ones.
 Wait queue order: ``(-priority, arrival)``: higher priority first, first come first served within
 a priority, where ``arrival`` counts registrations in the order the fleet first saw them.
 
+How the trainer drives it (every publish: ``new = fleet.apply(event)``, then commit the event and
+:func:`orchestrator.status.fleet_status_effects` ``(streams, fleet, new)`` with the ack)::
+
+    ingress register_requested e, key = registration_key(e):
+        fleet.get(key) is not None      -> a retried registration: drop it
+        Admission.check(e, fleet, n)    -> Reject: publish Rejected(registration_id=key, ...)
+                                           Admit:  publish e with registration_id=key
+    after any change:
+        for state, slot in fleet.next_admissions():
+            publish Admitted(epoch=state.epoch + 1, slot=slot, ...), SyncRequested(version 0)
+        for position, state in enumerate(fleet.waiting()): publish Queued(position) if new
+    ingress deregister_requested by name -> resolve to fleet.current(name) first (see above)
+    rollout group g                     -> train on it only if fleet.accepts_group(g.adapter,
+                                           g.registration_id, g.epoch, g.version)
+    restart                             -> Fleet.replay(S, control log), then re-admit every
+                                           fleet.running() under epoch + 1 (start_step=step,
+                                           weights from state.state_uri) and finish the ones
+                                           that hold a slot in completing/cancelled/failed
+
 Memory: every registration ever seen stays (ended ones as small tombstones), so late events of a
 retired registration are recognised as stale and a retried registration id is never registered
 twice. The wait queue and the slot map are indexed; the queries a train step makes cost
