@@ -1,8 +1,9 @@
 """The status projection: one Redis hash per adapter name, read by ``multilora status``.
 
 Key ``streams.status(name)`` holds the status of the name's *current* registration (the live one,
-else the latest, see :meth:`Fleet.current`); ``streams.status_index`` is the set of names that
-have a hash. Writers never touch each other's fields, so their writes never conflict:
+else the latest one, where a registration rejected because the name was taken never counts: see
+:meth:`Fleet.current`); ``streams.status_index`` is the set of names that have a hash.
+Writers never touch each other's fields, so their writes never conflict:
 
 =======================  =============  =====================================================
 field                    written by     value
