@@ -11,7 +11,8 @@ field                    written by     value
 ``registration_id``      trainer        the registration shown
 ``phase`` ``reason``     trainer        lifecycle phase; why rejected / cancelled / failed
 ``slot`` ``epoch``       trainer        slot held (absent when none); fencing epoch
-``step`` ``steps_total``  trainer       last optimizer step; step budget
+``step``                 trainer        last optimizer step
+``steps_total``          trainer        step budget
 ``version``              trainer        last published weights version
 ``reward_mean``          trainer        reward mean of the last step (absent when unknown)
 ``queue_position``       trainer        place in the wait queue (absent unless waiting)
