@@ -13,18 +13,31 @@ Adapter versions are named as :class:`rollout.engine.AdapterRef` names them: ``"
 server each version is simply a distinct adapter; :class:`HttpBackend` unloads versions beyond
 the newest ``keep_versions`` itself, as the embedded engine does.
 
+Weights reach a backend as a local PEFT directory. :class:`WeightsFetcher` turns the URI the
+trainer published (a local path, ``file://``, or any fsspec URL such as ``s3://`` or
+``memory://``) into one, copying remote versions into a local cache, and returns the sha256 of
+``adapter_model.safetensors`` so the caller can check it against ``adapter.sync_requested``. (For
+:class:`HttpBackend` the cache must be readable by the server: same host or a shared mount.)
+
 Errors: a backend raises :class:`BackendUnavailableError` when the engine cannot be reached (a
 transient condition: the worker retries the task later) and :class:`AdapterLoadError` when an
-adapter directory cannot be served (bad files, too large a rank: a property of the artifact).
+adapter directory cannot be served (bad files, too large a rank: a property of the artifact);
+the fetcher raises :class:`WeightsError` for a URI that cannot be read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlparse
 
 import msgspec
+from safetensors import SafetensorError
 
 from events.errors import MultiLoraError
 from rollout.client import SGLangClient, SGLangError, SGLangUnavailableError
@@ -35,7 +48,7 @@ from rollout.engine import (
     EngineError,
     GenerateRequest,
 )
-from rollout.lora import LoraError
+from rollout.lora import CONFIG_FILE, WEIGHTS_FILE, LoraError
 from rollout.sampling import SamplingParams
 
 
@@ -49,6 +62,10 @@ class BackendUnavailableError(BackendError):
 
 class AdapterLoadError(BackendError):
     """An adapter version could not be loaded (bad or missing files, rank or modules unfit)."""
+
+
+class WeightsError(BackendError):
+    """Published weights cannot be read from their URI, or their checksum does not match."""
 
 
 class GenerationRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,7 +99,8 @@ class GenerationBackend(Protocol):
 
     ``tokenizer`` is the base model's Hugging Face tokenizer (prompts are tokenized by the
     worker). ``load`` is idempotent: loading a served version again is a no-op. ``unload``
-    removes every version of ``name`` (a no-op when none is served). ``versions(name)`` are the
+    removes one version of ``name``, or every version when ``version`` is None (a no-op for
+    versions not served). ``versions(name)`` are the
     versions of ``name`` new batches may use, ascending. ``generate`` returns one
     :class:`Completion` per row, in row order.
     """
@@ -91,7 +109,7 @@ class GenerationBackend(Protocol):
 
     def load(self, name: str, version: int, path: str) -> None: ...
 
-    def unload(self, name: str) -> None: ...
+    def unload(self, name: str, version: int | None = None) -> None: ...
 
     def versions(self, name: str) -> tuple[int, ...]: ...
 
@@ -108,12 +126,14 @@ class EmbeddedBackend:
     def load(self, name: str, version: int, path: str) -> None:
         try:
             self.engine.load_adapter(name, version, path)
-        except (EngineError, LoraError) as err:
+        except (EngineError, LoraError, SafetensorError, OSError, ValueError) as err:
+            # bad config JSON / unreadable or corrupt tensors / unfit rank or modules
             raise AdapterLoadError(f"cannot load {name}@{version} from {path}: {err}") from err
 
-    def unload(self, name: str) -> None:
-        if self.versions(name):
-            self.engine.unload_adapter(name)
+    def unload(self, name: str, version: int | None = None) -> None:
+        served = self.versions(name)
+        if served and (version is None or version in served):
+            self.engine.unload_adapter(name, version)
 
     def versions(self, name: str) -> tuple[int, ...]:
         return tuple(sorted(r.version for r in self.engine.loaded_adapters() if r.name == name))
@@ -172,9 +192,12 @@ class HttpBackend:
             self._unload_one(AdapterRef(name, old))
             have.discard(old)
 
-    def unload(self, name: str) -> None:
-        for version in sorted(self.loaded.pop(name, set())):
-            self._unload_one(AdapterRef(name, version))
+    def unload(self, name: str, version: int | None = None) -> None:
+        have = self.loaded.get(name, set())
+        targets = sorted(have) if version is None else [v for v in (version,) if v in have]
+        for v in targets:
+            self._unload_one(AdapterRef(name, v))
+            have.discard(v)
 
     def _unload_one(self, ref: AdapterRef) -> None:
         try:
@@ -220,3 +243,59 @@ class HttpBackend:
                 )
             )
         return completions
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of the file at ``path``, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class WeightsFetcher:
+    """Published adapter versions as local PEFT directories (see the module doc).
+
+    ``cache_dir`` receives copies of non-local versions at ``{cache_dir}/{name}/v{version}``,
+    written to a temporary name and renamed, so a crash never leaves half a copy in place.
+    """
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+
+    def fetch(self, uri: str, name: str, version: int) -> tuple[Path, str]:
+        """``(local directory, sha256 of its adapter_model.safetensors)`` of the version."""
+        parsed = urlparse(uri)
+        if parsed.scheme in ("", "file"):
+            local = Path(parsed.path if parsed.scheme else uri)
+            weights = local / WEIGHTS_FILE
+            if not weights.is_file():
+                raise WeightsError(f"{weights} not found; the published version is incomplete")
+            return local, file_sha256(weights)
+        return self._copy(uri, name, version)
+
+    def _copy(self, uri: str, name: str, version: int) -> tuple[Path, str]:
+        from fsspec.core import url_to_fs
+
+        try:
+            fs, root = url_to_fs(uri)
+            files = {
+                f: bytes(fs.cat_file(f"{root.rstrip('/')}/{f}"))
+                for f in (CONFIG_FILE, WEIGHTS_FILE)
+            }
+        except (OSError, ValueError, ImportError) as err:  # missing file, bad URL, no driver
+            raise WeightsError(f"cannot read the version at {uri!r}: {err}") from err
+        final = self.cache_dir / name / f"v{version}"
+        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir(parents=True)
+        for file, data in files.items():
+            (tmp / file).write_bytes(data)
+        if final.exists():
+            shutil.rmtree(final)  # a version written again by a trainer redoing a step
+        os.replace(tmp, final)
+        return final, hashlib.sha256(files[WEIGHTS_FILE]).hexdigest()
+
+    def forget(self, name: str) -> None:
+        """Delete the cached copies of every version of ``name`` (its registration ended)."""
+        shutil.rmtree(self.cache_dir / name, ignore_errors=True)

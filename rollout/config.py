@@ -60,6 +60,8 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     own code (imported at boot, never from an event). ``remote_rewards`` names built-in rewards
     scored on RQ ``rewards`` workers with a deadline of ``reward_timeout_s`` per batch.
     ``max_prompt_tokens``: longer prompts are not truncated; their samples come back failed.
+    ``weights_cache``: where versions published to a remote store (``s3://`` ...) are copied
+    (empty: a folder per worker under the system temp dir).
     """
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -86,6 +88,7 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     unsafe_redis: bool = False
     max_prompt_tokens: int = 1024
     torch_threads: int = 0
+    weights_cache: str = ""
     burst: bool = False
     log_level: str = "INFO"
 
@@ -161,6 +164,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--unsafe-redis", "unsafe_redis", {"action": "store_true"}),
     ("--max-prompt-tokens", "max_prompt_tokens", {"type": int}),
     ("--torch-threads", "torch_threads", {"type": int}),
+    ("--weights-cache", "weights_cache", {}),
     ("--burst", "burst", {"action": "store_true"}),
     ("--log-level", "log_level", {}),
 )

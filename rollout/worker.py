@@ -56,7 +56,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import msgspec
 
@@ -64,7 +63,7 @@ from events.codec import Decoder, stamp
 from events.connection import check_durability, connect
 from events.consumer import Consumer, Delivery, Subscription
 from events.effects import Effects
-from events.errors import HandlerError, MultiLoraError
+from events.errors import HandlerError
 from events.schema import (
     Admitted,
     Completed,
@@ -82,17 +81,19 @@ from events.schema import (
 )
 from events.specs import DatasetSpec, RewardSpec
 from events.streams import Streams
+from orchestrator.status import sync_effects
 from rollout.backend import (
     AdapterLoadError,
     BackendUnavailableError,
     Completion,
     GenerationBackend,
     GenerationRow,
+    WeightsError,
+    WeightsFetcher,
 )
 from rollout.config import RolloutConfig, load_config
 from rollout.data import DataError, DataSource, PromptItem, open_source
 from rollout.engine import AdapterRef
-from rollout.lora import WEIGHTS_FILE
 from rollout.rewards import (
     RemoteScorer,
     RewardComposite,
@@ -110,10 +111,6 @@ TASK_GROUP = "rollout"
 
 class SyncError(HandlerError):
     """A ``sync_requested`` could not be applied (checksum mismatch, unreadable or bad files)."""
-
-
-class WeightsError(MultiLoraError):
-    """A task's weights cannot be served: bad ``weights_uri`` or a checksum mismatch."""
 
 
 KNOWN_TASK_FAILURES = (DataError, RewardError, SamplingParamError, AdapterLoadError, WeightsError)
@@ -137,25 +134,6 @@ def served_name(adapter: str, registration_id: str) -> str:
     reuse the old registration's ``name@version`` entries: the registration id makes it unique.
     """
     return f"{adapter}.{registration_id}" if registration_id else adapter
-
-
-def local_dir(uri: str) -> Path:
-    """The local directory of a ``weights_uri`` (a path or ``file://`` URL)."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        return Path(parsed.path if parsed.scheme else uri)
-    raise WeightsError(
-        f"weights_uri {uri!r}: the rollout worker reads adapter weights from local paths or "
-        "file:// URLs; mount the artifact store on the worker's host"
-    )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def entry_at_or_before(entry_id: str, bound: str) -> bool:
@@ -203,10 +181,11 @@ class RolloutWorker:
     """The rollout worker's state machine; the consumer runtime calls :meth:`handle`.
 
     ``name``: this replica's stable name (consumer name and worker id in events).
-    ``backend``: where generation runs. ``registry``: the closed reward registry; ``remote``:
-    where remote rewards run (``None``: in-process). ``allowed_roots``: directories dataset
-    files may live under. ``history_until``: the newest control entry when the process started
-    (see the module doc). ``clock``: wall clock for ``latency_s``.
+    ``backend``: where generation runs; ``weights``: where published versions are read from.
+    ``registry``: the closed reward registry; ``remote``: where remote rewards run (``None``:
+    in-process). ``allowed_roots``: directories dataset files may live under.
+    ``history_until``: the newest control entry when the process started (see the module
+    doc). ``clock``: wall clock for ``latency_s``.
     """
 
     def __init__(
@@ -215,6 +194,7 @@ class RolloutWorker:
         name: str,
         streams: Streams,
         backend: GenerationBackend,
+        weights: WeightsFetcher,
         registry: RewardRegistry,
         remote: RemoteScorer | None = None,
         allowed_roots: Sequence[Path] = (),
@@ -226,6 +206,7 @@ class RolloutWorker:
         self.name = name
         self.streams = streams
         self.backend = backend
+        self.weights = weights
         self.registry = registry
         self.remote = remote
         self.allowed_roots = tuple(allowed_roots)
@@ -235,6 +216,7 @@ class RolloutWorker:
         self.registrations: dict[str, _Registration] = {}
         self.current: dict[str, str] = {}  # adapter name -> its newest registration id
         self.syncs: dict[str, SyncRequested] = {}  # registration id -> newest sync seen
+        self.loaded_sha: dict[tuple[str, int], str] = {}  # (served name, version) -> sha256
         self._sources = _Lru(cache_size)
         self._rewards = _Lru(cache_size)
 
@@ -274,7 +256,10 @@ class RolloutWorker:
         view = self.registrations.setdefault(reg, _Registration(epoch))
         view.epoch, view.live = max(view.epoch, epoch), False
         self.syncs.pop(reg, None)
-        self.backend.unload(served_name(adapter, reg))
+        name = served_name(adapter, reg)
+        self.backend.unload(name)
+        self.weights.forget(name)
+        self.loaded_sha = {k: v for k, v in self.loaded_sha.items() if k[0] != name}
 
     def _on_sync(self, event: SyncRequested, *, replay: bool) -> Effects:
         view = self.registrations.setdefault(event.registration_id, _Registration(event.epoch))
@@ -290,12 +275,14 @@ class RolloutWorker:
         served = self.backend.versions(name)
         if served and max(served) > event.version:
             return Effects()  # a newer version is already served; this request is outdated
-        try:
-            path = local_dir(event.uri)
-            self._verify(path, event.sha256)
-            self.backend.load(name, event.version, str(path))
-        except (WeightsError, AdapterLoadError, BackendUnavailableError) as err:
-            raise SyncError(f"sync of {name}@{event.version} failed: {err}") from err
+        if (
+            self.loaded_sha.get((name, event.version)) != event.sha256
+            or event.version not in served
+        ):
+            try:
+                self._load(name, event.version, event.uri, expect_sha256=event.sha256)
+            except (WeightsError, AdapterLoadError, BackendUnavailableError) as err:
+                raise SyncError(f"sync of {name}@{event.version} failed: {err}") from err
         synced = Synced(
             adapter=event.adapter,
             registration_id=event.registration_id,
@@ -304,23 +291,30 @@ class RolloutWorker:
             version=event.version,
             latency_s=max(0.0, self.clock() - event.time),
         )
-        return (
-            Effects()
-            .publish(self.streams.control, stamp(synced, source=self.name))
-            .hset(self.streams.status(event.adapter), {f"sync:{self.name}": event.version})
-        )
+        synced = stamp(synced, source=self.name)
+        effects = Effects().publish(self.streams.control, synced)
+        return effects.extend(sync_effects(self.streams, synced))
 
-    @staticmethod
-    def _verify(path: Path, sha256: str) -> None:
-        weights = path / WEIGHTS_FILE
-        if not weights.is_file():
-            raise WeightsError(f"{weights} not found; the adapter directory is incomplete")
-        actual = file_sha256(weights)
-        if actual != sha256:
+    def _load(self, name: str, version: int, uri: str, *, expect_sha256: str = "") -> None:
+        """Fetch, verify (when the sha256 is known) and serve ``name@version``.
+
+        A version already served with other content (a trainer that redid a step after a crash
+        and published the version again) is unloaded first: versions are immutable in engines.
+        """
+        path, sha256 = self.weights.fetch(uri, name, version)
+        if expect_sha256 and sha256 != expect_sha256:
             raise WeightsError(
-                f"sha256 of {weights} is {actual}, the event says {sha256}; the artifact is "
-                "corrupt or was overwritten (versions must be immutable)"
+                f"sha256 of {path}/adapter_model.safetensors is {sha256}, the sync event says "
+                f"{expect_sha256}; the artifact is corrupt or was overwritten"
             )
+        if self.loaded_sha.get((name, version), sha256) != sha256:
+            self.backend.unload(name, version)
+        self.backend.load(name, version, str(path))
+        self.loaded_sha[(name, version)] = sha256
+        served = set(self.backend.versions(name))  # older versions may have been evicted
+        self.loaded_sha = {
+            k: v for k, v in self.loaded_sha.items() if k[0] != name or k[1] in served
+        }
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -414,11 +408,9 @@ class RolloutWorker:
         newer = [v for v in served if v > task.version]
         if newer:
             return max(newer)
-        path = local_dir(task.weights_uri)
         sync = self.syncs.get(task.registration_id)
-        if sync is not None and sync.version == task.version:
-            self._verify(path, sync.sha256)
-        self.backend.load(name, task.version, str(path))
+        known = sync.sha256 if sync is not None and sync.version == task.version else ""
+        self._load(name, task.version, task.weights_uri, expect_sha256=known)
         return task.version
 
     def _open(self, spec: DatasetSpec) -> DataSource:
@@ -506,6 +498,13 @@ def build_backend(config: RolloutConfig) -> GenerationBackend:
     return EmbeddedBackend(engine)
 
 
+def default_cache(name: str) -> Path:
+    """Where a worker copies versions published to remote stores (one folder per worker)."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "multilora-weights" / name
+
+
 def build_rewards(config: RolloutConfig) -> RewardRegistry:
     """Built-in rewards plus the operator's entry points (imported here, at boot)."""
     from rollout.rewards import builtin_registry
@@ -539,6 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name=name,
         streams=streams,
         backend=build_backend(config),
+        weights=WeightsFetcher(Path(config.weights_cache or default_cache(name))),
         registry=build_rewards(config),
         remote=remote,
         allowed_roots=[Path(r) for r in config.allowed_roots],

@@ -51,9 +51,9 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def make_worker(tiny_dir: Path, data_root: Path, streams) -> Callable[..., object]:
+def make_worker(tiny_dir: Path, data_root: Path, streams, tmp_path) -> Callable[..., object]:
     """Build a :class:`RolloutWorker` on the embedded engine (fresh engine per call)."""
-    from rollout.backend import EmbeddedBackend
+    from rollout.backend import EmbeddedBackend, WeightsFetcher
     from rollout.engine import Engine
     from rollout.rewards import builtin_registry
     from rollout.worker import RolloutWorker
@@ -63,6 +63,7 @@ def make_worker(tiny_dir: Path, data_root: Path, streams) -> Callable[..., objec
         kwargs.setdefault("registry", builtin_registry())
         kwargs.setdefault("allowed_roots", [data_root])
         kwargs.setdefault("max_prompt_tokens", 256)
+        kwargs.setdefault("weights", WeightsFetcher(tmp_path / "weights" / name))
         return RolloutWorker(
             name=name,
             streams=streams,

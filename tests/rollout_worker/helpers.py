@@ -60,8 +60,9 @@ def admitted(adapter: str, registration_id: str, epoch: int = 0) -> Admitted:
 
 def sync(adapter: str, registration_id: str, version: int, path: Path, **kw: Any) -> SyncRequested:
     kw.setdefault("sha256", sha256_of(path))
+    kw.setdefault("uri", str(path))
     return SyncRequested(adapter=adapter, registration_id=registration_id, version=version,
-                         step=version, uri=str(path), bytes=1, **kw)  # fmt: skip
+                         step=version, bytes=1, **kw)  # fmt: skip
 
 
 def task(adapter: str, registration_id: str, weights: Path, *, version: int = 0, **kw: Any):

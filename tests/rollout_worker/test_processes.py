@@ -99,8 +99,13 @@ def test_three_workers_publish_each_group_once_despite_kill_and_freeze(
         assert killed_with, "w0 died holding no task; the kill proves nothing"
 
         # freeze w1 while it holds a task until w2 has taken every one of them over
-        frozen_with = wait_for("w1 to take a task", lambda: held_by(rclient, streams, "w1"))
-        procs["w1"].send_signal(signal.SIGSTOP)
+        frozen_with: list[str] = []
+        while not frozen_with:  # what w1 holds once frozen (it may commit just before the stop)
+            wait_for("w1 to take a task", lambda: held_by(rclient, streams, "w1"))
+            procs["w1"].send_signal(signal.SIGSTOP)
+            frozen_with = held_by(rclient, streams, "w1")
+            if not frozen_with:
+                procs["w1"].send_signal(signal.SIGCONT)
         wait_for(
             "w2 to take over w1's tasks",
             lambda: not set(frozen_with) & set(held_by(rclient, streams, "w1")),

@@ -16,7 +16,8 @@ from events.schema import (
     Retired,
     Synced,
 )
-from events.specs import DatasetSpec, RewardSpec
+from events.specs import DatasetSpec, RewardSpec, SamplingSpec
+from orchestrator.status import WorkerSync
 from rollout.worker import TASK_GROUP, SyncError, entry_at_or_before, row_seed, served_name
 from tests.rollout_worker.helpers import (
     CHAIN_SUM,
@@ -28,6 +29,7 @@ from tests.rollout_worker.helpers import (
     run_burst,
     sync,
     task,
+    write_peft_adapter,
 )
 
 pytestmark = pytest.mark.bus
@@ -155,7 +157,9 @@ def test_sync_loads_the_version_and_publishes_synced(
     )
     assert 0.5 <= s.latency_s < 60
     assert worker.backend.versions(served_name("math", "r1")) == (1,)
-    assert rclient.hget(streams.status("math"), "sync:w1") == b"1"
+    status = msgspec.json.decode(rclient.hget(streams.status("math"), "sync:w1"), type=WorkerSync)
+    assert (status.registration_id, status.version, status.latency_s) == ("r1", 1, s.latency_s)
+    assert rclient.sismember(streams.status_index, "math")
     # an older version than the one served is not loaded and not answered
     publish(rclient, streams.control, sync("math", "r1", 0, versions[0], epoch=1))
     run_burst(redis_url, streams, worker)
@@ -213,7 +217,9 @@ def _samples(group: dict) -> list[dict]:
     return [s for pg in group["groups"] for s in pg["samples"]]
 
 
-def test_known_failures_become_failed_samples(make_worker, versions, data_root) -> None:
+def test_known_failures_become_failed_samples(
+    make_worker, versions, data_root, tiny_dir, tmp_path
+) -> None:
     worker = make_worker("w1", max_prompt_tokens=32)
     # a too-long prompt (row 3) and an index out of range fail their own samples only
     group = _group(worker.on_task(task("math", "r1", versions[0], prompt_indices=(0, 3, 99))))
@@ -222,11 +228,15 @@ def test_known_failures_become_failed_samples(make_worker, versions, data_root) 
     assert all(s["failed"] and "max_prompt_tokens=32" in s["reason"] for s in long["samples"])
     assert long["prompt_ids"] == [] and len(long["samples"]) == 3
     assert all(s["failed"] and "out of range" in s["reason"] for s in missing["samples"])
-    # a dataset outside the allowed roots, an unknown reward, bad weights: the whole group fails
+    # a dataset outside the allowed roots, an unknown reward, weights that cannot be read or
+    # served (rank 16 > the engine's max rank 8), bad sampling: the whole group fails
+    too_big = write_peft_adapter(tiny_dir, tmp_path / "rank16", seed=1, rank=16)
     cases = {
         "DataError": {"dataset": DatasetSpec(kind="jsonl", path="/etc/passwd")},
         "RewardError": {"rewards": (RewardSpec(name="no_such_reward"),)},
-        "AdapterLoadError": {"weights": data_root},
+        "WeightsError": {"weights": data_root},
+        "AdapterLoadError": {"weights": too_big},
+        "SamplingParamError": {"sampling": SamplingSpec(top_p=0.0)},
     }
     for version, (reason, overrides) in enumerate(cases.items(), start=5):
         weights = overrides.pop("weights", versions[0])
@@ -234,6 +244,8 @@ def test_known_failures_become_failed_samples(make_worker, versions, data_root) 
         samples = _samples(failed)
         assert len(samples) == 9 and all(s["failed"] and reason in s["reason"] for s in samples)
         assert all(s["completion_ids"] == [] for s in samples)
+    recovered = _samples(_group(worker.on_task(task("math", "r1", versions[0]))))
+    assert not any(s["failed"] for s in recovered)  # the worker goes on serving
 
 
 def test_a_raising_reward_fails_its_samples_and_the_worker_goes_on(make_worker, versions) -> None:
@@ -253,3 +265,40 @@ def test_a_raising_reward_fails_its_samples_and_the_worker_goes_on(make_worker, 
     assert all(not s["failed"] and s["reward"] == 1.0 for s in first["samples"] + third["samples"])
     assert all(s["failed"] and "ZeroDivisionError" in s["reason"] for s in second["samples"])
     assert all(s["completion_ids"] for s in second["samples"])  # generated, just not scored
+
+
+def test_versions_in_a_remote_store_are_fetched_verified_and_reloaded_when_rewritten(
+    make_worker, versions, redis_url, streams, rclient
+) -> None:
+    """``memory://`` stands for any fsspec store; a version written again is loaded again."""
+    import fsspec
+
+    from rollout.backend import file_sha256
+
+    fs = fsspec.filesystem("memory")
+    uri = f"memory://{streams.namespace}/math/r1/v000001"
+    files = ("adapter_config.json", "adapter_model.safetensors")
+
+    def put(source) -> str:
+        for f in files:
+            fs.pipe_file(f"{uri}/{f}", (source / f).read_bytes())
+        return file_sha256(source / "adapter_model.safetensors")
+
+    worker = make_worker("w1")
+    first = put(versions[1])
+    worker.on_control(sync("math", "r1", 1, versions[1], uri=uri, sha256=first), "1-1")
+    name = served_name("math", "r1")
+    assert worker.backend.versions(name) == (1,) and worker.loaded_sha[(name, 1)] == first
+    cached = worker.weights.cache_dir / name / "v1" / "adapter_model.safetensors"
+    assert file_sha256(cached) == first
+    before = _samples(_group(worker.on_task(task("math", "r1", versions[0], version=1))))
+    second = put(versions[2])  # the trainer redid step 1 after a crash
+    effects = worker.on_control(sync("math", "r1", 1, versions[2], uri=uri, sha256=second), "1-2")
+    assert effects.commands  # answered with synced
+    assert worker.loaded_sha[(name, 1)] == second and file_sha256(cached) == second
+    after = _samples(_group(worker.on_task(task("math", "r1", versions[0], version=1))))
+    assert [s["completion_ids"] for s in before] != [s["completion_ids"] for s in after]
+    with pytest.raises(SyncError, match="cannot read"):
+        worker.on_control(sync("math", "r1", 2, versions[2], uri=uri + "-missing"), "1-3")
+    worker.on_control(Retired(adapter="math", registration_id="r1", slot=0))
+    assert not cached.exists() and worker.backend.versions(name) == ()
