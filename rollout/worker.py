@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -214,7 +215,6 @@ class RolloutWorker:
         self.history_until = history_until
         self.clock = clock
         self.registrations: dict[str, _Registration] = {}
-        self.current: dict[str, str] = {}  # adapter name -> its newest registration id
         self.syncs: dict[str, SyncRequested] = {}  # registration id -> newest sync seen
         self.loaded_sha: dict[tuple[str, int], str] = {}  # (served name, version) -> sha256
         self._sources = _Lru(cache_size)
@@ -241,7 +241,6 @@ class RolloutWorker:
             view = self.registrations.get(event.registration_id)
             if view is None or event.epoch > view.epoch:
                 self.registrations[event.registration_id] = _Registration(event.epoch)
-            self.current[event.adapter] = event.registration_id
         elif isinstance(event, SyncRequested):
             replay = bool(entry_id) and entry_at_or_before(entry_id, self.history_until)
             return self._on_sync(event, replay=replay)
@@ -249,10 +248,14 @@ class RolloutWorker:
             self._end(event.adapter, event.registration_id, event.epoch)
         return Effects()
 
-    def _end(self, adapter: str, registration_id: str, epoch: int) -> None:
-        reg = registration_id or self.current.get(adapter)
-        if reg is None:
-            return  # a cancel by name of an adapter this worker never saw: nothing to end
+    def _end(self, adapter: str, reg: str, epoch: int) -> None:
+        """The registration ``reg`` is over: unload it, drop its cached weights and tasks.
+
+        An event without a registration id names none (the trainer resolves by-name cancels to
+        a registration before they reach the control log) and changes nothing.
+        """
+        if not reg:
+            return
         view = self.registrations.setdefault(reg, _Registration(epoch))
         view.epoch, view.live = max(view.epoch, epoch), False
         self.syncs.pop(reg, None)
@@ -375,7 +378,8 @@ class RolloutWorker:
         prompts: list[tuple[PromptItem, tuple[int, ...]] | str] = [
             self._prompt(source, index, task.dataset) for index in task.prompt_indices
         ]
-        rows: list[GenerationRow] = []
+        rows_B: list[GenerationRow] = []  # B = sum over runnable prompts of group_size
+        items_B: list[PromptItem] = []
         seen: dict[int, int] = {}
         for index, prompt in zip(task.prompt_indices, prompts, strict=True):
             occurrence = seen.get(index, 0)
@@ -385,18 +389,18 @@ class RolloutWorker:
             for g in range(task.group_size):
                 seed = row_seed(task.seed, index, g, occurrence)
                 sampling = SamplingParams.from_spec(task.sampling, seed=seed)
-                rows.append(GenerationRow(prompt_ids=prompt[1], adapter=ref, sampling=sampling))
-        completions = self.backend.generate(rows)
-        items = [p[0] for p in prompts if not isinstance(p, str) for _ in range(task.group_size)]
-        scores = reward.score_batch([c.text for c in completions], items, self.remote)
-        done = iter(zip(completions, scores, strict=True))
+                rows_B.append(GenerationRow(prompt_ids=prompt[1], adapter=ref, sampling=sampling))
+                items_B.append(prompt[0])
+        completions_B = self.backend.generate(rows_B)  # ONE mixed batch for the whole task
+        scores_B = reward.score_batch([c.text for c in completions_B], items_B, self.remote)
+        done = iter(zip(completions_B, scores_B, strict=True))
         groups = []
         for index, prompt in zip(task.prompt_indices, prompts, strict=True):
             if isinstance(prompt, str):
                 groups.append(_failed_prompt(index, task.group_size, prompt))
                 continue
-            samples = tuple(_sample(*next(done)) for _ in range(task.group_size))
-            groups.append(PromptGroup(prompt_index=index, prompt_ids=prompt[1], samples=samples))
+            samples_G = tuple(_sample(*next(done)) for _ in range(task.group_size))
+            groups.append(PromptGroup(prompt_index=index, prompt_ids=prompt[1], samples=samples_G))
         return version, groups
 
     def _ensure_weights(self, task: RolloutTask) -> int:
@@ -422,7 +426,11 @@ class RolloutWorker:
     def _prompt(
         self, source: DataSource, index: int, spec: DatasetSpec
     ) -> tuple[PromptItem, tuple[int, ...]] | str:
-        """The item and its token ids, or the reason this prompt cannot run."""
+        """The item and its token ids, or the reason this prompt cannot run.
+
+        Chat-templated text already carries the model's special tokens, so the tokenizer adds
+        none then; plain text gets them (e.g. a BOS token) as the model expects.
+        """
         try:
             item = source[index]
         except IndexError as err:
@@ -558,9 +566,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         lease_ttl_ms=config.lease_ttl_ms,
         max_in_flight=config.prefetch + 1,
     )
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     consumer.install_signal_handlers()
     log.info("rollout worker %s serving %s (%s backend)", name, config.model_path, config.backend)
-    stats = consumer.run(burst=config.burst)
+    try:
+        stats = consumer.run(burst=config.burst)
+    finally:  # main() may run inside a larger program (tests, a launcher): leave it as found
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     log.info("rollout worker %s stopped: %s", name, stats)
     return 0
 

@@ -105,9 +105,10 @@ def test_fencing_drops_stale_epochs_and_ended_registrations(
     make_worker, versions, redis_url, streams, rclient
 ) -> None:
     worker = make_worker("w1")
+    cancel = DeregisterRequested(adapter="gone", registration_id="r3")
     publish(rclient, streams.control, admitted("math", "r1", epoch=2), admitted("old", "r2"),
-            Retired(adapter="old", registration_id="r2", slot=0),
-            admitted("gone", "r3"), DeregisterRequested(adapter="gone"))  # fmt: skip
+            Retired(adapter="old", registration_id="r2", slot=0), admitted("gone", "r3"),
+            cancel)  # fmt: skip
     run_burst(redis_url, streams, worker)  # the control log first: the worker learns the state
     stale = task("math", "r1", versions[0], epoch=1)
     fresh = task("math", "r1", versions[0], epoch=2)

@@ -1,0 +1,40 @@
+"""``main()`` end to end in-process: durability refusal, then a burst run from flags."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from events.connection import connect
+from events.errors import UnsafeRedisError
+from events.specs import RewardSpec
+from ops.redis_server import RedisServer
+from rollout.worker import main
+from tests.rollout_worker.helpers import admitted, publish, read_groups, task
+
+pytestmark = pytest.mark.bus
+
+
+def test_main_refuses_an_unsafe_server_then_runs_with_the_override(
+    tmp_path, tiny_dir, data_root, versions, streams
+) -> None:
+    with RedisServer(tmp_path / "r") as server:
+        client = connect(server.url)
+        client.config_set("appendonly", "no")
+        argv = ["--redis-url", server.url, "--namespace", streams.namespace, "--name", "m1",
+                "--model", str(tiny_dir), "--allowed-root", str(data_root), "--block-ms", "200",
+                "--reward", "always_one=tests.rollout_worker.plugins:always_one",
+                "--weights-cache", str(tmp_path / "cache")]  # fmt: skip
+        with pytest.raises(UnsafeRedisError, match="--unsafe-redis"):
+            main(argv)
+        publish(client, streams.control, admitted("math", "r1"))
+        t = task("math", "r1", versions[0], rewards=(RewardSpec(name="always_one"),))
+        publish(client, streams.tasks, t)
+        before = signal.getsignal(signal.SIGTERM)
+        assert main([*argv, "--unsafe-redis", "--burst"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+        (group,) = read_groups(client, streams)
+        assert group.task_id == t.id and group.worker == "m1"
+        assert all(s.reward == 1.0 and not s.failed for pg in group.groups for s in pg.samples)
+        server.kill()  # a clean shutdown would wait for the AOF rewrite the toggle started
