@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the repo's packages importable first
-    sys.path.insert(0, str(ROOT))
+# run as a script, sys.path[0] is bench/, where this file would shadow the `rollout` package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 

@@ -51,6 +51,7 @@ from events.errors import BusError, HandlerError, LeaseError, SchemaError
 from events.lease import Lease
 from events.schema import DeadLetter
 from events.streams import Streams
+from events.trim import trim_acknowledged
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ class Consumer:
         observer: Observer | None = None,
         on_idle: Callable[[], None] | None = None,
         idle_s: float = 0.5,
+        trim_interval_s: float = 30.0,
     ) -> None:
         if not subscriptions:
             raise ValueError("a consumer needs at least one subscription")
@@ -195,6 +197,7 @@ class Consumer:
         self.observer: Observer = observer or NullObserver()
         self.on_idle = on_idle
         self.idle_s = idle_s
+        self.trim_interval_s = trim_interval_s
         self.stats = RunStats()
         self._queue: queue.Queue[Delivery | BaseException | None] = queue.Queue()
         self._in_flight: dict[tuple[str, str, str], Delivery] = {}
@@ -374,6 +377,7 @@ class Consumer:
             self._reader_ids.append(int(client.client_id()))
             self._read_own_pending(sub, client)
             last_claim = 0.0
+            last_trim = time.monotonic()
             while not self._stop.is_set():
                 with self._lock:
                     while len(self._in_flight) >= self.max_in_flight and not self._stop.is_set():
@@ -385,6 +389,9 @@ class Consumer:
                     if time.monotonic() - last_claim > self.claim_idle_ms / 2000:
                         got += self._reclaim(sub, client)
                         last_claim = time.monotonic()
+                    if sub.trim and time.monotonic() - last_trim > self.trim_interval_s:
+                        trim_acknowledged(client, sub.stream)
+                        last_trim = time.monotonic()
                     resp = client.xreadgroup(
                         sub.group,
                         self.name,

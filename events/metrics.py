@@ -273,7 +273,10 @@ def instrument_consumer(
     """
     groups = [(s.stream, s.group) for s in subscriptions]
     registry.register(GroupLagCollector(client, groups, streams=[dead_stream]))
-    return BusMetrics(registry)
+    bus = BusMetrics(registry)
+    for stream, group in groups:  # export 0 from the start: rate() sees the first reclaim
+        bus.reclaimed_total.labels(stream, group)
+    return bus
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,8 @@ from trainer.step import train_step
 log = logging.getLogger(__name__)
 SOURCE = "trainer"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+GROUP_MAX_BYTES = 64 << 20
+"""Largest rollout group accepted (tokens and log-probs of every sample of a task, as JSON)."""
 
 
 @dataclass
@@ -154,7 +156,12 @@ class TrainerProcess:
     def subscriptions(self) -> list[Subscription]:
         return [
             ingress_subscription(self.streams, "trainer"),
-            Subscription(self.streams.groups, "trainer", Decoder(GroupEvent), trim=True),
+            Subscription(
+                self.streams.groups,
+                "trainer",
+                Decoder(GroupEvent, max_bytes=GROUP_MAX_BYTES),
+                trim=True,
+            ),
         ]
 
     def _publish(self, effects: Effects, event: msgspec.Struct, stream: str = "") -> None:
