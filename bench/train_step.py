@@ -14,8 +14,9 @@ untimed iterations, then the median of ``--iters``):
   ``lora_fwd_bwd_vs_frozen`` is the same ratio without the optimizer.
 * ``together_vs_peft_sequential``: the speed-up of the N=8 train step over training the same 8
   adapters (same ranks, same rows) one after another with PEFT (PEFT time ÷ ours):
-  ``set_adapter``, forward+backward on that adapter's rows, ``torch.optim.AdamW`` step (fused on CUDA). PEFT keeps its adapters in the
-  model dtype (``autocast_adapter_dtype=False``), its fastest setting.
+  ``set_adapter``, forward+backward on that adapter's rows, ``torch.optim.AdamW`` step (fused
+  on CUDA). PEFT keeps its adapters in the model dtype (``autocast_adapter_dtype=False``), its
+  fastest setting.
 * ``export_ms_per_adapter``: median wall time of :func:`trainer.peft_io.export_slot` (device to
   host copy plus safetensors write to a local temp dir) over the 8 adapters.
 * ``max_slots_r16``: how many rank-16 adapters fit with full training state. Method: the
