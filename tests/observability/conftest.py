@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -67,7 +68,7 @@ def lifecycle(
 ) -> list[Any]:
     """What the control log holds for one adapter trained to its budget and retired."""
     spec = make_spec(steps=steps)
-    env = {"adapter": name, "registration_id": rid, "time": t}
+    env: dict[str, Any] = {"adapter": name, "registration_id": rid, "time": t}
     events: list[Any] = [
         RegisterRequested(**env, spec=spec),
         Admitted(**env, epoch=1, slot=slot, spec=spec),
@@ -195,3 +196,79 @@ def prometheus(prometheus_bin: str, tmp_path: Path) -> Iterator[Any]:
     yield start
     for s in servers:
         s.close()
+
+
+# --- dashboard queries ---------------------------------------------------------------------------
+
+DASHBOARD = OPS / "grafana" / "dashboards" / "multilora.json"
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$adapter": ".*"}
+PROMQL_KEYWORDS = frozenset(
+    {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
+     "bool", "offset", "inf", "nan"}
+)  # fmt: skip
+LABEL_VALUES = re.compile(r"^label_values\(\s*([a-zA-Z_:][\w:]*)\s*,\s*\w+\s*\)$")
+
+
+def dashboard_queries(path: Path = DASHBOARD) -> list[str]:
+    """Every PromQL expression of the dashboard (panels, nested rows) with variables filled."""
+    board = json.loads(path.read_text())
+    exprs: list[str] = []
+
+    def walk(panels: list[dict[str, Any]]) -> None:
+        for panel in panels:
+            exprs.extend(t["expr"] for t in panel.get("targets", []) if t.get("expr"))
+            walk(panel.get("panels", []))
+
+    walk(board["panels"])
+    return [fill_vars(e) for e in exprs]
+
+
+def variable_queries(path: Path = DASHBOARD) -> list[str]:
+    """The metric each ``label_values(metric, label)`` template variable reads."""
+    names = []
+    for var in json.loads(path.read_text())["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+        match = LABEL_VALUES.match(query.strip())
+        if match is None:
+            raise AssertionError(f"variable {var['name']}: unsupported query {query!r}")
+        names.append(match.group(1))
+    return names
+
+
+def fill_vars(expr: str) -> str:
+    for var, val in sorted(GRAFANA_VARS.items(), key=lambda kv: -len(kv[0])):
+        expr = expr.replace(var, val)
+    if "$" in expr:
+        raise AssertionError(f"unknown Grafana variable in {expr!r}")
+    return expr
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects (not functions, keywords or label names)."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    e = re.sub(r"\{[^}]*\}", " ", e)  # label matchers
+    e = re.sub(r"\[[^\]]*\]", " ", e)  # range selectors
+    e = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    names = set()
+    for match in re.finditer(r"(?<![\w.])[a-zA-Z_:][\w:]*", e):
+        ident = match.group(0)
+        if e[match.end() :].lstrip().startswith("(") or ident.lower() in PROMQL_KEYWORDS:
+            continue  # a function or aggregation, or a keyword
+        names.add(ident)
+    return names
+
+
+def exported_names(registries: list[CollectorRegistry]) -> tuple[set[str], set[str]]:
+    """(metric names, sample names) the registries export now; a family without samples (a
+    labelled metric never used) still names its metric (``x_total``, ``x_bucket`` ...)."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    families: set[str] = set()
+    sample_names: set[str] = set()
+    for registry in registries:
+        for family in registry.collect():
+            families.add(family.name)
+            families.update(family.name + s for s in suffixes.get(family.type, ()))
+            sample_names.update(s.name for s in family.samples)
+    return families, sample_names

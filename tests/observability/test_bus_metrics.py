@@ -13,7 +13,7 @@ from redis.retry import Retry
 
 from events.codec import Decoder, encode
 from events.connection import connect
-from events.consumer import Consumer, Delivery, Subscription
+from events.consumer import Consumer, Delivery, HandlerResult, Subscription
 from events.effects import Effects
 from events.errors import ConfigError, HandlerError
 from events.metrics import (
@@ -33,9 +33,9 @@ pytestmark = pytest.mark.bus
 GROUP = "metrics-test"
 
 
-def poison(d: Delivery) -> Effects:
+def poison(delivery: Delivery) -> HandlerResult:
     """Handler: fails (HandlerError) on step 2, accepts everything else."""
-    if isinstance(d.event, StepDone) and d.event.step == 2:
+    if isinstance(delivery.event, StepDone) and delivery.event.step == 2:
         raise HandlerError("step 2 is poison")
     return Effects()
 
