@@ -47,6 +47,7 @@ from events.connection import check_durability, connect
 from events.consumer import Consumer, Delivery, Subscription
 from events.effects import Effects
 from events.errors import ConfigError, HandlerError, UnsafeRedisError
+from events.metrics import FanOut, instrument_consumer, metrics_registry, start_metrics_server
 from events.schema import (
     Admitted,
     CheckpointSaved,
@@ -65,6 +66,7 @@ from orchestrator.artifacts import (
     CheckpointStore,
     StaleSource,
 )
+from orchestrator.metrics import AdapterMetrics
 from orchestrator.status import checkpoint_effects
 
 log = logging.getLogger(__name__)
@@ -267,6 +269,8 @@ class CheckpointConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     ``lease_wait_s`` waits for the consumer name's lease (a predecessor on another host that
     died holds it until its TTL runs out).
     ``burst`` returns once the control log is drained (tests, one-shot catch-up).
+    ``metrics_port`` serves Prometheus metrics (bus and per-adapter series, see
+    ``docs/OBSERVABILITY.md``) on that port; 0 serves none.
     """
 
     redis_url: str
@@ -280,6 +284,7 @@ class CheckpointConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     lease_wait_s: float = 0.0
     unsafe_redis: bool = False
     burst: bool = False
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
 
 _ENV = {
@@ -310,6 +315,7 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> Checkpoin
     unsafe = env.get("MULTILORA_UNSAFE_REDIS", "").lower() in ("1", "true", "yes")
     parser.add_argument("--unsafe-redis", action="store_true", default=unsafe)
     parser.add_argument("--burst", action="store_true")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: none)")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:
         return msgspec.convert(args, CheckpointConfig)
@@ -342,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointStore(config.checkpoints_root),
         source=config.consumer,
     )
+    registry = metrics_registry()
+    bus = instrument_consumer(registry, client, [process.subscription()], dead_stream=streams.dead)
+    adapters = AdapterMetrics(registry)  # the checkpoint process reads the whole control log
     consumer = Consumer(
         lambda: connect(config.redis_url, max_block_ms=config.block_ms),
         streams,
@@ -352,7 +361,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         claim_idle_ms=config.claim_idle_ms,
         max_deliveries=config.max_deliveries,
         lease_wait_s=config.lease_wait_s,
+        observer=FanOut([bus, adapters.observer(streams.control)]),
     )
+    if config.metrics_port:
+        try:
+            start_metrics_server(config.metrics_port, registry)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     consumer.install_signal_handlers()
     log.info("checkpoint process %s: reading %s as group %s; checkpoints in %s",
              config.consumer, streams.control, GROUP, process.checkpoints.root)  # fmt: skip
