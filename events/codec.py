@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -58,10 +59,10 @@ class Decoder:
         self._decoder = msgspec.json.Decoder(union)
         self.max_bytes = max_bytes
 
-    def decode(self, fields: dict[bytes, bytes] | dict[str, Any], entry_id: str = "") -> Any:
-        raw = fields.get(EVENT_FIELD.encode()) if EVENT_FIELD.encode() in fields else None
+    def decode(self, fields: Mapping[Any, Any], entry_id: str = "") -> Any:
+        raw = fields.get(EVENT_FIELD.encode())
         if raw is None:
-            raw = fields.get(EVENT_FIELD)  # type: ignore[call-overload]
+            raw = fields.get(EVENT_FIELD)
         if raw is None:
             names = sorted(k.decode() if isinstance(k, bytes) else str(k) for k in fields)
             raise SchemaError(f"entry has no {EVENT_FIELD!r} field (fields: {names})")

@@ -118,8 +118,8 @@ DEFER = _Defer()
 HandlerResult = Effects | _Defer
 
 
-class Handler(Protocol):
-    def __call__(self, delivery: Delivery) -> HandlerResult: ...
+Handler = Callable[[Delivery], HandlerResult]
+"""Turns one delivery into effects to commit with its ack, or :data:`DEFER`."""
 
 
 class Observer(Protocol):

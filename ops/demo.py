@@ -14,6 +14,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from events.codec import Decoder
 from events.connection import connect
@@ -24,7 +25,7 @@ from ops.report import plot_curves, step_history
 DEMO_DIR = Path(__file__).parent / "demo"
 
 
-def report(url: str, stack: Stack, out_dir: Path, seconds: float) -> dict[str, object]:
+def report(url: str, stack: Stack, out_dir: Path, seconds: float) -> dict[str, Any]:
     client = connect(url)
     history = step_history(client, stack.streams)
     exports: dict[str, str] = {}
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         result = report(stack.url, stack, run_dir, time.monotonic() - t0)
     print(f"\ndemo finished in {result['seconds']} s")
     print(f"{'adapter':<12}{'steps':>6}{'start reward':>14}{'end reward':>12}  export")
-    for name, row in result["adapters"].items():  # type: ignore[union-attr]
+    for name, row in result["adapters"].items():
         print(f"{name:<12}{row['steps']:>6}{row['start_reward']:>14.3f}"
               f"{row['end_reward']:>12.3f}  {row['export']}")  # fmt: skip
     print(f"reward curves: {result['plot']}; summary: {run_dir / 'demo.json'}")

@@ -24,7 +24,7 @@ import redis
 from events.connection import connect
 from events.errors import ConfigError
 from events.streams import Streams
-from ops.redis_server import resolve_server
+from ops.redis_server import RedisServer, resolve_server
 from ops.specfile import load_adapter, load_schedule
 from orchestrator.client import Producer
 
@@ -57,7 +57,7 @@ class Stack:
         self.run_dir = Path(options.run_dir)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: list[IO[bytes]] = []
-        self.server = None
+        self.server: RedisServer | None = None
         self.url = ""
         self.streams = Streams(options.namespace)
 

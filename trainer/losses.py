@@ -35,7 +35,8 @@ class LossFn(Protocol):
     produce non-finite values at target positions unless the inputs there are non-finite.
     """
 
-    needs_reference: bool
+    @property
+    def needs_reference(self) -> bool: ...
 
     def __call__(
         self, logprobs_B_T: Tensor, batch: TrainBatch, ref_logprobs_B_T: Tensor | None

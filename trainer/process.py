@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import redis
@@ -191,7 +192,10 @@ class TrainerProcess:
             )
             run = self._restore(state.name, state.registration_id, state.slot, uri)
             run.epoch = state.epoch
-            unfinished = {Phase.COMPLETING: "budget", Phase.CANCELLED: "cancelled"}
+            unfinished: dict[Phase, Literal["budget", "cancelled"]] = {
+                Phase.COMPLETING: "budget",
+                Phase.CANCELLED: "cancelled",
+            }
             if state.phase in unfinished or state.phase is Phase.FAILED:
                 # crashed between the decision and the slot's release: finish it now
                 self._finish(effects, run, unfinished.get(state.phase))
@@ -351,7 +355,7 @@ class TrainerProcess:
                             adapter=run.name,
                             registration_id=run.registration_id,
                             epoch=run.epoch,
-                            reason=reason,
+                            reason=reason or "failed",
                             step=run.step,
                         ),
                     )
@@ -425,7 +429,9 @@ class TrainerProcess:
         self._announce_version(effects, run, step=run.step)
         self._issue(effects, run)
 
-    def _finish(self, effects: Effects, run: AdapterRun, reason: str | None) -> None:
+    def _finish(
+        self, effects: Effects, run: AdapterRun, reason: Literal["budget", "cancelled"] | None
+    ) -> None:
         """Complete (``budget``/``cancelled``) or, with ``reason=None``, retire a failed run."""
         for step in list(run.pending):
             effects.ack(*(d.ack_key for d, _ in run.pending.pop(step)))

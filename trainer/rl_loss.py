@@ -60,7 +60,7 @@ class PPOClipLoss:
         return cls(low, high, kl)
 
     @property
-    def needs_reference(self) -> bool:  # type: ignore[override]
+    def needs_reference(self) -> bool:
         return bool((self.kl_coef_S > 0).any())
 
     def __call__(
