@@ -62,6 +62,9 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ``max_prompt_tokens``: longer prompts are not truncated; their samples come back failed.
     ``weights_cache``: where versions published to a remote store (``s3://`` ...) are copied
     (empty: a folder per worker under the system temp dir).
+
+    ``metrics_port`` serves Prometheus metrics on that port (0: none; by convention
+    ``9410 + index``, see ``docs/OBSERVABILITY.md``).
     """
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -91,6 +94,7 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     weights_cache: str = ""
     burst: bool = False
     log_level: str = "INFO"
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if not self.model_path:
@@ -114,6 +118,8 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         for field, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{field} must be >= 1, got {value}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be 0..65535 (0: none), got {self.metrics_port}")
         if self.index < 0 or self.torch_threads < 0:
             raise ConfigError(
                 f"index and torch_threads must be >= 0, got {self.index}, {self.torch_threads}"
@@ -167,6 +173,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--weights-cache", "weights_cache", {}),
     ("--burst", "burst", {"action": "store_true"}),
     ("--log-level", "log_level", {}),
+    ("--metrics-port", "metrics_port", {"type": int, "help": "Prometheus port (0: none)"}),
 )
 
 

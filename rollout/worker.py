@@ -59,12 +59,14 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from prometheus_client import CollectorRegistry
 
 from events.codec import Decoder, stamp
 from events.connection import check_durability, connect
 from events.consumer import Consumer, Delivery, Subscription
 from events.effects import Effects
 from events.errors import HandlerError
+from events.metrics import instrument_consumer, metrics_registry, start_metrics_server
 from events.schema import (
     Admitted,
     Completed,
@@ -95,6 +97,7 @@ from rollout.backend import (
 from rollout.config import RolloutConfig, load_config
 from rollout.data import DataError, DataSource, PromptItem, open_source
 from rollout.engine import AdapterRef
+from rollout.metrics import RolloutMetrics
 from rollout.rewards import (
     RemoteScorer,
     RewardComposite,
@@ -203,6 +206,7 @@ class RolloutWorker:
         history_until: str = "0-0",
         clock: Callable[[], float] = time.time,
         cache_size: int = 16,
+        metrics: RolloutMetrics | None = None,
     ) -> None:
         self.name = name
         self.streams = streams
@@ -219,6 +223,7 @@ class RolloutWorker:
         self.loaded_sha: dict[tuple[str, int], str] = {}  # (served name, version) -> sha256
         self._sources = _Lru(cache_size)
         self._rewards = _Lru(cache_size)
+        self.metrics = metrics or RolloutMetrics(CollectorRegistry())  # default: not exported
 
     def subscriptions(self) -> list[Subscription]:
         """Control log (own group, from the start) and the task queue (shared group)."""
@@ -263,6 +268,7 @@ class RolloutWorker:
         self.backend.unload(name)
         self.weights.forget(name)
         self.loaded_sha = {k: v for k, v in self.loaded_sha.items() if k[0] != name}
+        self.metrics.adapters_loaded(len(self.loaded_sha))
 
     def _on_sync(self, event: SyncRequested, *, replay: bool) -> Effects:
         view = self.registrations.setdefault(event.registration_id, _Registration(event.epoch))
@@ -304,20 +310,22 @@ class RolloutWorker:
         A version already served with other content (a trainer that redid a step after a crash
         and published the version again) is unloaded first: versions are immutable in engines.
         """
-        path, sha256 = self.weights.fetch(uri, name, version)
-        if expect_sha256 and sha256 != expect_sha256:
-            raise WeightsError(
-                f"sha256 of {path}/adapter_model.safetensors is {sha256}, the sync event says "
-                f"{expect_sha256}; the artifact is corrupt or was overwritten"
-            )
-        if self.loaded_sha.get((name, version), sha256) != sha256:
-            self.backend.unload(name, version)
-        self.backend.load(name, version, str(path))
+        with self.metrics.load_timer():
+            path, sha256 = self.weights.fetch(uri, name, version)
+            if expect_sha256 and sha256 != expect_sha256:
+                raise WeightsError(
+                    f"sha256 of {path}/adapter_model.safetensors is {sha256}, the sync event says "
+                    f"{expect_sha256}; the artifact is corrupt or was overwritten"
+                )
+            if self.loaded_sha.get((name, version), sha256) != sha256:
+                self.backend.unload(name, version)
+            self.backend.load(name, version, str(path))
         self.loaded_sha[(name, version)] = sha256
         served = set(self.backend.versions(name))  # older versions may have been evicted
         self.loaded_sha = {
             k: v for k, v in self.loaded_sha.items() if k[0] != name or k[1] in served
         }
+        self.metrics.adapters_loaded(len(self.loaded_sha))
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -340,6 +348,7 @@ class RolloutWorker:
         why = self.fenced(task)
         if why:
             log.info("dropping task %s of %s: %s", task.id, task.adapter, why)
+            self.metrics.task_dropped()
             return Effects()
         if task.group_size < 1:
             raise HandlerError(f"task {task.id}: group_size must be >= 1, got {task.group_size}")
@@ -362,6 +371,7 @@ class RolloutWorker:
             groups=tuple(groups),
             generate_s=time.perf_counter() - start,
         )
+        self.metrics.task_done(group)
         return Effects().publish(self.streams.groups, stamp(group, source=self.name))
 
     def _run(self, task: RolloutTask) -> tuple[int, list[PromptGroup]]:
@@ -537,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(config.torch_threads)
     streams = Streams(config.namespace)
+    registry = metrics_registry()
     remote: RemoteScorer | None = None
     if config.remote_rewards:
         from rollout.reward_queue import RQRewardRunner
@@ -552,6 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         allowed_roots=[Path(r) for r in config.allowed_roots],
         max_prompt_tokens=config.max_prompt_tokens,
         history_until=last_entry_id(client, streams.control),
+        metrics=RolloutMetrics(registry),
     )
     consumer = Consumer(
         lambda: connect(config.redis_url, max_block_ms=config.max_block_ms, name=name),
@@ -565,7 +577,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_deliveries=config.max_deliveries,
         lease_ttl_ms=config.lease_ttl_ms,
         max_in_flight=config.prefetch + 1,
+        observer=instrument_consumer(
+            registry, client, worker.subscriptions(), dead_stream=streams.dead
+        ),
     )
+    if config.metrics_port:
+        start_metrics_server(config.metrics_port, registry)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     consumer.install_signal_handlers()
     log.info("rollout worker %s serving %s (%s backend)", name, config.model_path, config.backend)
