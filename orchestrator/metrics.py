@@ -53,6 +53,8 @@ name                                            kind     meaning
 ``multilora_adapter_tokens_total``              counter  target tokens trained on [tokens]
 ``multilora_adapter_sync_latency_seconds``      histo    publish → rollout worker serves it
 ``multilora_adapter_checkpoint_step``           gauge    step of the newest durable checkpoint
+``multilora_adapter_progress_timestamp_seconds`` gauge   event time of the last admission or
+                                                         step (the stalled-adapter alert)
 ==============================================  =======  =====================================
 
 Counters count what this process observed (they restart at zero with it); ``rate()`` and
@@ -63,6 +65,7 @@ duplicate (at-least-once delivery, replay) and changes nothing, so no step is co
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +175,10 @@ class AdapterMetrics:
         self.checkpoint_step = gauge(
             "multilora_adapter_checkpoint_step", "Step of the newest durable checkpoint."
         )
+        self.progress_time = gauge(
+            "multilora_adapter_progress_timestamp_seconds",
+            "Unix time (event time) of the adapter's last admission or optimizer step.",
+        )
         self.steps_total = Counter(
             "multilora_adapter_steps_total",
             "Optimizer steps observed.",
@@ -192,7 +199,7 @@ class AdapterMetrics:
         )
         self._single = [
             self.slot, self.queue_position, self.step, self.step_budget, self.version,
-            self.checkpoint_step, self.steps_total, *self.gauges.values(),
+            self.checkpoint_step, self.progress_time, self.steps_total, *self.gauges.values(),
             *self.counters.values(), self.sync_latency,
         ]  # fmt: skip
         self.tracked: dict[str, _Tracked] = {}
@@ -276,6 +283,7 @@ class AdapterMetrics:
         self.step.labels(name).set(tracked.step)
         self.step_budget.labels(name).set(tracked.budget)
         self.steps_total.labels(name)  # exported as 0 from admission on
+        self.progress_time.labels(name).set(_event_time(event))
         self._phase(name, Phase.ADMITTED)
 
     def _step_done(self, name: str, tracked: _Tracked, event: StepDone) -> None:
@@ -286,6 +294,7 @@ class AdapterMetrics:
         self.step.labels(name).set(event.step)
         self.steps_total.labels(name).inc()
         self.version.labels(name).set(event.version)
+        self.progress_time.labels(name).set(_event_time(event))
         for key, value in event.metrics.items():
             if key in self.gauges and math.isfinite(value):
                 self.gauges[key].labels(name).set(value)
@@ -311,6 +320,11 @@ class AdapterMetrics:
         self._ended[registration_id] = None
         while len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
+
+
+def _event_time(event: Any) -> float:
+    """The producer's wall-clock time of ``event``; now for a producer that left it unset."""
+    return float(event.time) if event.time > 0 else time.time()
 
 
 class _ControlObserver:
