@@ -62,6 +62,7 @@ def cmd_trainer(argv: Sequence[str]) -> int:
     p.add_argument("--lease-wait-s", type=float, default=0.0)
     p.add_argument("--claim-idle-ms", type=int, default=30_000)
     p.add_argument("--unsafe-redis", action="store_true")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics here (0: off)")
     args = p.parse_args(argv)
     roots = tuple(args.allowed_root or ["."])
     config = TrainerConfig(
@@ -71,7 +72,7 @@ def cmd_trainer(argv: Sequence[str]) -> int:
         checkpoints=args.checkpoints, allowed_roots=roots,
         max_batch_wait_s=args.max_batch_wait_s, prompts_per_task=args.prompts_per_task,
         lease_wait_s=args.lease_wait_s, claim_idle_ms=args.claim_idle_ms,
-        unsafe_redis=args.unsafe_redis,
+        unsafe_redis=args.unsafe_redis, metrics_port=args.metrics_port,
     )  # fmt: skip
     root_paths = [Path(r) for r in roots]
     known = frozenset(builtin_registry().names()) | frozenset(args.extra_reward)
@@ -213,9 +214,23 @@ def cmd_up(argv: Sequence[str]) -> int:
     p.add_argument("--run-dir", default="runs/local")
     p.add_argument("--schedule", default=None, help="run this schedule, then exit")
     p.add_argument("--namespace", default="multilora")
+    p.add_argument(
+        "--metrics-port-base",
+        type=int,
+        default=9400,
+        help="trainer /metrics port; checkpoint +1, rollout i +10+i (0: off)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="intra-op threads per process (use 1 on a small CPU host)",
+    )
     args = p.parse_args(argv)
     options = StackOptions(model=args.model, workers=args.workers, num_slots=args.num_slots,
-                           run_dir=args.run_dir, namespace=args.namespace)  # fmt: skip
+                           run_dir=args.run_dir, namespace=args.namespace,
+                           metrics_port_base=args.metrics_port_base,
+                           torch_threads=args.torch_threads)  # fmt: skip
     with Stack(options) as stack:
         if args.schedule:
             return stack.run_schedule(args.schedule)

@@ -44,6 +44,9 @@ class StackOptions:
     """> 0: intra-op threads of every child (``OMP_NUM_THREADS``). On a small CPU host use 1: the
     processes' thread pools otherwise spin against each other (tiny model, 2 cores: steps 30x
     slower with the default)."""
+    metrics_port_base: int = 0
+    """> 0: serve ``/metrics`` — trainer at the base port, checkpoint at base + 1, rollout worker
+    ``i`` at base + 10 + i (the ports ``ops/prometheus/prometheus.yml`` scrapes for base 9400)."""
     extra_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
     """Flags appended per process role (``trainer``, ``rollout``, ``checkpoint``), after the
     defaults so they override them, e.g. ``{"rollout": ["--reward", "name=pkg.mod:fn"]}``."""
@@ -68,21 +71,30 @@ class Stack:
         model = self.options.model or self._tiny_model()
         common = ["--redis-url", self.url, "--namespace", self.options.namespace]
         o = self.options
+
+        def port(offset: int) -> list[str]:
+            return (
+                ["--metrics-port", str(o.metrics_port_base + offset)] if o.metrics_port_base else []
+            )
+
         self._spawn("trainer", ["trainer", *common, "--model", model,
                                 "--num-slots", str(o.num_slots), "--max-rank", str(o.max_rank),
                                 "--artifacts", str(self.run_dir / "artifacts"),
                                 "--checkpoints", str(self.run_dir / "checkpoints"),
                                 "--allowed-root", ".", "--lease-wait-s", "15",
-                                "--max-batch-wait-s", str(o.max_batch_wait_s)])  # fmt: skip
+                                "--max-batch-wait-s", str(o.max_batch_wait_s),
+                                *port(0)])  # fmt: skip
         for i in range(o.workers):
             extra = ["--torch-threads", str(o.torch_threads)] if o.torch_threads else []
             self._spawn(f"rollout.{i}", ["rollout", *common, "--model", model, "--index", str(i),
                                          "--name", f"rollout.{i}", "--allowed-root", ".",
                                          "--max-slots", str(2 * o.num_slots),
-                                         "--max-rank", str(o.max_rank), *extra])  # fmt: skip
+                                         "--max-rank", str(o.max_rank), *extra,
+                                         *port(10 + i)])  # fmt: skip
         self._spawn("checkpoint", ["checkpoint", *common,
                                    "--artifacts", str(self.run_dir / "artifacts"),
-                                   "--checkpoints", str(self.run_dir / "checkpoints")])  # fmt: skip
+                                   "--checkpoints", str(self.run_dir / "checkpoints"),
+                                   *port(1)])  # fmt: skip
         return self
 
     def _tiny_model(self) -> str:

@@ -71,6 +71,7 @@ from orchestrator.status import fleet_status_effects
 from trainer.batching import AdapterRows, build_batch
 from trainer.config import TrainerConfig
 from trainer.inject import MultiLoraModel
+from trainer.metrics import TrainerMetrics
 from trainer.optim import SlotAdamW
 from trainer.publish import STATE_JSON, STATE_TENSORS, VersionInfo, restore_slot, version_files
 from trainer.rl_loss import PPOClipLoss
@@ -132,6 +133,7 @@ class TrainerProcess:
         prompts_per_task: int = 0,
         max_failures: int = 3,
         clock: Callable[[], float] = time.time,
+        metrics: TrainerMetrics | None = None,
     ) -> None:
         self.client = client
         self.streams = streams
@@ -146,6 +148,7 @@ class TrainerProcess:
         self.prompts_per_task = prompts_per_task
         self.max_failures = max_failures
         self.clock = clock
+        self.metrics = metrics
         self.fleet = Fleet(slots=model.num_slots)
         self.runs: dict[str, AdapterRun] = {}
         self.dataset_sizes: dict[str, int] = {}
@@ -322,12 +325,18 @@ class TrainerProcess:
         oldest = min(r.ready_since or self.clock() for r in ready)
         if waiting and self.clock() - oldest < self.max_batch_wait_s:
             return
-        effects = self.train(ready)
+        wait_s = max(0.0, self.clock() - oldest)
+        effects = self.train(ready, wait_s=wait_s)
         if self.consumer is None:
             raise MultiLoraError("TrainerProcess.consumer is not set; build it with build()")
         self.consumer.commit(effects, [])
+        if self.metrics is not None:
+            self.metrics.observe_fleet(self.fleet)
+            self.metrics.deferred(
+                sum(len(g) for r in self.runs.values() for g in r.pending.values())
+            )
 
-    def train(self, ready: list[AdapterRun]) -> Effects:
+    def train(self, ready: list[AdapterRun], *, wait_s: float = 0.0) -> Effects:
         """One mixed step over ``ready``; returns the effects (events, tasks, acks) to commit."""
         t0 = time.perf_counter()
         used = {r.name: r.pending.pop(r.next_step) for r in ready}
@@ -337,7 +346,10 @@ class TrainerProcess:
         ]
         batch, stats = build_batch(rows, self.pad_id)
         loss_fn = PPOClipLoss.from_specs({r.slot: r.spec.loss for r in ready}, self.model.num_slots)
-        metrics = train_step(self.model, self.optimizer, batch, loss_fn) if batch else {}
+        timings: dict[str, float] = {}
+        metrics = (
+            train_step(self.model, self.optimizer, batch, loss_fn, timings=timings) if batch else {}
+        )
         step_s = time.perf_counter() - t0
         effects = Effects()
         for run in ready:
@@ -389,6 +401,15 @@ class TrainerProcess:
             else:
                 self._issue(effects, run)
         self._admit_waiting(effects)
+        if self.metrics is not None:
+            self.metrics.step_phases(
+                wait_s=wait_s,
+                forward_backward_s=timings.get("forward_backward", 0.0),
+                optimizer_s=timings.get("optimizer", 0.0),
+                publish_s=max(0.0, time.perf_counter() - t0 - sum(timings.values())),
+                tokens=sum(m.tokens for m in metrics.values() if not m.skipped),
+                adapters=sum(1 for m in metrics.values() if not m.skipped),
+            )
         return effects
 
     # --- lifecycle helpers -------------------------------------------------------------------
@@ -527,6 +548,7 @@ def build(
     import torch
 
     from events.connection import check_durability, connect
+    from events.metrics import instrument_consumer, metrics_registry, start_metrics_server
 
     client = connect(config.redis_url, max_block_ms=config.block_ms, name=config.name)
     check_durability(client, allow_unsafe=config.unsafe_redis)
@@ -544,17 +566,26 @@ def build(
         probe_dataset=probe_dataset,
     )
     pad_id = int(getattr(model.hf_model.config, "pad_token_id", None) or 0)
+    registry = metrics_registry()
+    trainer_metrics = TrainerMetrics(registry)
     process = TrainerProcess(
         client=client, streams=streams, model=model, optimizer=optimizer, admission=admission,
         artifacts=ArtifactStore(config.artifacts), checkpoints=config.checkpoints,
         base_model=base_model, pad_id=pad_id, max_batch_wait_s=config.max_batch_wait_s,
         prompts_per_task=config.prompts_per_task, max_failures=config.max_failures,
+        metrics=trainer_metrics,
     )  # fmt: skip
+    observer = instrument_consumer(
+        registry, client, process.subscriptions(), dead_stream=streams.dead
+    )
+    if config.metrics_port:
+        start_metrics_server(config.metrics_port, registry)
     consumer = Consumer(
         lambda: connect(config.redis_url, max_block_ms=config.block_ms),
         streams, config.name, process.subscriptions(), process.handle,
         block_ms=config.block_ms, claim_idle_ms=config.claim_idle_ms,
         lease_wait_s=config.lease_wait_s, on_idle=process.on_idle, idle_s=0.05,
+        observer=observer,
     )  # fmt: skip
     process.consumer = consumer
     return process, consumer

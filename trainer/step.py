@@ -19,6 +19,7 @@ slice contiguous segments and the grouped GEMM kernel applies); neither changes 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -150,9 +151,19 @@ def pad_time(batch: TrainBatch, multiple: int) -> TrainBatch:
 
 
 def train_step(
-    model: MultiLoraModel, optimizer: SlotAdamW, batch: TrainBatch, loss_fn: LossFn
+    model: MultiLoraModel,
+    optimizer: SlotAdamW,
+    batch: TrainBatch,
+    loss_fn: LossFn,
+    *,
+    timings: dict[str, float] | None = None,
 ) -> dict[int, SlotMetrics]:
-    """Train every slot present in ``batch`` by one step; return metrics keyed by slot."""
+    """Train every slot present in ``batch`` by one step; return metrics keyed by slot.
+
+    ``timings``, when given, receives ``forward_backward`` and ``optimizer`` wall seconds (the
+    device is synchronised at each boundary, so the split is right on CUDA too).
+    """
+    t_start = time.perf_counter()
     device = model.store.weight_S_R_Q.device
     order_B = torch.argsort(batch.slot_ids_B.cpu(), stable=True)  # contiguous slot segments
     batch = pad_time(batch.select(order_B), TIME_MULTIPLE).to(device)
@@ -199,7 +210,11 @@ def train_step(
             # .grad views are not dense; accumulation into them is intended (see SlotStore).
             warnings.filterwarnings("ignore", message=".*gradient layout contract.*")
             total.backward()
+    t_backward = _synced_clock(device)
     stepped = optimizer.step(live)
+    if timings is not None:
+        timings["forward_backward"] = t_backward - t_start
+        timings["optimizer"] = _synced_clock(device) - t_backward
 
     metrics: dict[int, SlotMetrics] = {}
     for slot in slots:
@@ -217,3 +232,9 @@ def train_step(
             extras={k: row[slot] for k, row in zip(extras_K_S, extra_rows, strict=True)},
         )
     return metrics
+
+
+def _synced_clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
