@@ -292,6 +292,10 @@ class TrainerProcess:
         run = self.runs.get(event.adapter)
         if run is not None and run.registration_id == state.registration_id:
             self._finish(effects, run, "cancelled")
+        else:  # it never got a slot: nothing to checkpoint or retire, but say it ended
+            ended = Completed(adapter=state.name, registration_id=state.registration_id,
+                              epoch=state.epoch, step=state.step, reason="cancelled")
+            self._publish(effects, ended)  # fmt: skip
         self._admit_waiting(effects)
         return effects
 
