@@ -2,7 +2,9 @@
 
 Every sample becomes one row: ``prompt_ids + completion_ids``, right-padded. Targets are the
 completion tokens; their advantage is the sample's group-normalised advantage and their old
-log-prob is the rollout log-prob the worker returned (column ``t`` holds ``log μ(token_t)``).
+log-prob is the rollout log-prob the worker returned (column ``t`` holds ``log μ(token_t)``),
+under the adapter's sampling temperature, which the row carries so the trainer scores the same
+tempered distribution.
 
 Samples whose reward failed are left out of their group (no advantage can be computed for them);
 a group with fewer than two usable samples gives no learning signal and is dropped, as is a group
@@ -29,6 +31,7 @@ class AdapterRows:
     slot: int
     loss: LossSpec
     groups: Sequence[PromptGroup]
+    temperature: float = 1.0
 
 
 @dataclass
@@ -59,7 +62,7 @@ def build_batch(
     adapters: Sequence[AdapterRows], pad_id: int
 ) -> tuple[TrainBatch | None, dict[int, RowStats]]:
     """The mixed batch (None when no adapter has a usable group) and per-slot stats."""
-    rows: list[tuple[int, list[int], int, list[float], float]] = []
+    rows: list[tuple[int, list[int], int, list[float], float, float]] = []
     stats: dict[int, RowStats] = {}
     for item in adapters:
         st = stats.setdefault(item.slot, RowStats())
@@ -77,7 +80,7 @@ def build_batch(
             ):
                 tokens = list(group.prompt_ids) + list(sample.completion_ids)
                 old = [0.0] * len(group.prompt_ids) + list(sample.logprobs)
-                rows.append((item.slot, tokens, len(group.prompt_ids), old, adv))
+                rows.append((item.slot, tokens, len(group.prompt_ids), old, adv, item.temperature))
                 st.samples += 1
                 st.reward_sum += sample.reward
                 st.length_sum += len(sample.completion_ids)
@@ -92,7 +95,8 @@ def build_batch(
     adv_B_T = torch.zeros((b, width), dtype=torch.float32)
     old_B_T = torch.zeros((b, width), dtype=torch.float32)
     slots_B = torch.empty(b, dtype=torch.long)
-    for i, (slot, tokens, prompt_len, old, adv) in enumerate(rows):
+    temps_B = torch.tensor([r[5] for r in rows], dtype=torch.float32)
+    for i, (slot, tokens, prompt_len, old, adv, _) in enumerate(rows):
         n = len(tokens)
         slots_B[i] = slot
         tokens_B_T[i, :n] = torch.tensor(tokens)
@@ -107,5 +111,6 @@ def build_batch(
         loss_mask_B_T=loss_B_T,
         advantages_B_T=adv_B_T,
         old_logprobs_B_T=old_B_T,
+        temperature_B=temps_B,
     )
     return batch, stats

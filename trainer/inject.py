@@ -50,11 +50,22 @@ def position_ids_from_mask(attention_mask_B_T: Tensor) -> Tensor:
     return (attention_mask_B_T.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def token_logprobs(logits_B_T_V: Tensor, tokens_B_T: Tensor) -> Tensor:
-    """``log p(tokens[:, t+1] | tokens[:, :t+1])`` in float32, shape ``[B, T-1]``."""
+def token_logprobs(
+    logits_B_T_V: Tensor, tokens_B_T: Tensor, temperature_B: Tensor | None = None
+) -> Tensor:
+    """``log p(tokens[:, t+1] | tokens[:, :t+1])`` in float32, shape ``[B, T-1]``.
+
+    With ``temperature_B`` the distribution is ``softmax(logits / T_row)``: the policy a rollout
+    worker sampled from at that temperature, so importance ratios compare like with like.
+    """
     b, t, v = logits_B_T_V.shape
+    logits = logits_B_T_V[:, :-1].float()
+    if temperature_B is not None:
+        logits = (
+            logits / temperature_B.to(logits.device, torch.float32).clamp(min=1e-6)[:, None, None]
+        )
     nll = F.cross_entropy(
-        logits_B_T_V[:, :-1].float().reshape(-1, v),
+        logits.reshape(-1, v),
         tokens_B_T[:, 1:].reshape(-1),
         reduction="none",
     )
@@ -253,14 +264,18 @@ class MultiLoraModel(nn.Module):
         attention_mask_B_T: Tensor,
         slot_ids_B: Tensor,
         adapters: bool = True,
+        temperature_B: Tensor | None = None,
     ) -> Tensor:
         """Log-probs of the next tokens, ``[B, T-1]`` float32 (entry ``t`` scores token ``t+1``).
 
         ``adapters=False`` gives the base-model reference (every row on ``BASE_SLOT``, no grad):
-        the KL anchor of the RL loss. Pad positions carry meaningless values; mask them.
+        the KL anchor of the RL loss. ``temperature_B`` scales each row's logits (see
+        :func:`token_logprobs`). Pad positions carry meaningless values; mask them.
         """
         if adapters:
-            return token_logprobs(self(tokens_B_T, attention_mask_B_T, slot_ids_B), tokens_B_T)
+            logits = self(tokens_B_T, attention_mask_B_T, slot_ids_B)
+            return token_logprobs(logits, tokens_B_T, temperature_B)
         base_ids_B = torch.full((tokens_B_T.shape[0],), BASE_SLOT, dtype=torch.long)
         with torch.no_grad():
-            return token_logprobs(self(tokens_B_T, attention_mask_B_T, base_ids_B), tokens_B_T)
+            logits = self(tokens_B_T, attention_mask_B_T, base_ids_B)
+            return token_logprobs(logits, tokens_B_T, temperature_B)

@@ -293,8 +293,13 @@ class TrainerProcess:
         if run is not None and run.registration_id == state.registration_id:
             self._finish(effects, run, "cancelled")
         else:  # it never got a slot: nothing to checkpoint or retire, but say it ended
-            ended = Completed(adapter=state.name, registration_id=state.registration_id,
-                              epoch=state.epoch, step=state.step, reason="cancelled")
+            ended = Completed(
+                adapter=state.name,
+                registration_id=state.registration_id,
+                epoch=state.epoch,
+                step=state.step,
+                reason="cancelled",
+            )
             self._publish(effects, ended)  # fmt: skip
         self._admit_waiting(effects)
         return effects
@@ -345,7 +350,12 @@ class TrainerProcess:
         t0 = time.perf_counter()
         used = {r.name: r.pending.pop(r.next_step) for r in ready}
         rows = [
-            AdapterRows(r.slot, r.spec.loss, [g for _, ev in used[r.name] for g in ev.groups])
+            AdapterRows(
+                r.slot,
+                r.spec.loss,
+                [g for _, ev in used[r.name] for g in ev.groups],
+                temperature=r.spec.sampling.temperature or 1.0,
+            )
             for r in ready
         ]
         batch, stats = build_batch(rows, self.pad_id)

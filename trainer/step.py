@@ -48,6 +48,8 @@ class TrainBatch:
       column 0 and padding are never targets, whatever the mask says.
     - ``advantages_B_T`` (float): per-token weight of each target (RL advantage, or 1 for SFT).
     - ``old_logprobs_B_T`` (float, optional): rollout-time ``log p(token t)``; column 0 unused.
+    - ``temperature_B`` (float, optional): the sampling temperature of each row; log-probs are
+      then those of ``softmax(logits / T)``, the distribution the rollout sampled from.
     """
 
     slot_ids_B: Tensor
@@ -56,6 +58,7 @@ class TrainBatch:
     loss_mask_B_T: Tensor
     advantages_B_T: Tensor
     old_logprobs_B_T: Tensor | None = None
+    temperature_B: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens_B_T.dim() != 2:
@@ -92,6 +95,7 @@ class TrainBatch:
             loss_mask_B_T=self.loss_mask_B_T[rows_B],
             advantages_B_T=self.advantages_B_T[rows_B],
             old_logprobs_B_T=None if old is None else old[rows_B],
+            temperature_B=None if self.temperature_B is None else self.temperature_B[rows_B],
         )
 
     def to(self, device: torch.device | str) -> TrainBatch:
@@ -103,6 +107,7 @@ class TrainBatch:
             loss_mask_B_T=self.loss_mask_B_T.to(device),
             advantages_B_T=self.advantages_B_T.to(device),
             old_logprobs_B_T=None if old is None else old.to(device),
+            temperature_B=None if self.temperature_B is None else self.temperature_B.to(device),
         )
 
 
@@ -174,10 +179,11 @@ def train_step(
     optimizer.zero_grad()
 
     args = (batch.tokens_B_T, batch.attention_mask_B_T, batch.slot_ids_B)
-    logprobs_B_T = F.pad(model.logprobs(*args), (1, 0))
+    logprobs_B_T = F.pad(model.logprobs(*args, temperature_B=batch.temperature_B), (1, 0))
     ref_B_T = None
     if loss_fn.needs_reference:
-        ref_B_T = F.pad(model.logprobs(*args, adapters=False), (1, 0))
+        ref = model.logprobs(*args, adapters=False, temperature_B=batch.temperature_B)
+        ref_B_T = F.pad(ref, (1, 0))
     per_token_B_T, extras = loss_fn(logprobs_B_T, batch, ref_B_T)
 
     target_B_T = batch.target_mask_B_T
