@@ -65,6 +65,8 @@ class Stack:
         self.streams = Streams(options.namespace)
 
     def __enter__(self) -> Stack:
+        # SIGTERM unwinds through __exit__ like Ctrl-C, so the children are stopped too
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         self.url, self.server = resolve_server(self.run_dir / "redis")
