@@ -20,7 +20,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import redis
@@ -42,7 +42,16 @@ from orchestrator.client import Producer
 
 ROOT = Path(__file__).resolve().parents[2]
 OBSERVER = "e2e-observer"
-E = TypeVar("E")
+
+
+class Routed(Protocol):
+    """Any event: every envelope names its registration."""
+
+    @property
+    def registration_id(self) -> str: ...
+
+
+E = TypeVar("E", bound=Routed)
 
 CHAR_REWARD = "char_fraction"
 """The operator reward of :mod:`tests.e2e.rewards`, allow-listed on workers and trainer."""

@@ -1,0 +1,372 @@
+"""End-to-end service benchmark: the local stack (``multilora up``) under adapters that come and go.
+
+Runs the real processes (embedded Redis, trainer, rollout worker(s), checkpointer) and measures,
+from the events they publish:
+
+* ``register_to_first_step_s``: from a tenant's ``register_requested`` (producer time) to the
+  adapter's first ``step_done`` (trainer time), for an adapter registered while two others train
+  (median over the ``--joiners`` joiners). ``register_to_first_step_cold_s`` is the same for the
+  first adapters, registered as the stack starts (process start-up included).
+* ``step_s``: median interval between consecutive ``step_done`` of the two long-running
+  adapters (their step cadence); ``step_compute_s`` is the trainer's own ``step_s`` metric (batch
+  building, forward/backward, optimizer).
+* ``stall_steps``: how far the long-running adapters' cadence stalls when another adapter is
+  admitted or leaves (budget reached, or cancelled). For each such event at time ``t`` and each
+  long-running adapter, the interval between its two ``step_done`` around ``t`` is divided by its
+  median interval; ``stall = interval / median - 1`` steps (0 = no stall). Reported: the worst
+  (``stall_steps``) and the mean (``stall_steps_mean``) over all events and adapters.
+* ``sync_p50_ms`` / ``sync_p99_ms``: ``adapter.synced`` ``latency_s`` — from the trainer
+  publishing a version (its ``sync_requested`` time) to a worker serving it, every worker.
+* ``control_plane_share``: the trainer does not expose phase timings, so the share is estimated
+  from timestamps on one host clock. For each trainer step (the ``step_done`` events it commits
+  together), ``W = commit - ready``: ``ready`` is when the last rollout group it trained on landed
+  in Redis (the group's stream entry id) or, if later, when the trainer committed its previous
+  step (it trains one step at a time); ``commit`` is the stream entry id of its ``step_done``.
+  ``W`` covers reading the group, the handler, the forward/backward/optimizer (``step_compute_s``,
+  the trainer's own metric), writing each new version to the artifact store, and the atomic
+  commit of events + acks. ``share = sum(W - compute) / sum(W)``: time on the bus, in commits
+  and in version publishing over the step's whole critical path. The split is reported too:
+  ``commit_share`` (from the last ``step_done``'s ``time`` stamp to its entry id: the commit) and
+  the rest. ``max_batch_wait_s`` is 0 in this benchmark so no batching wait is counted.
+
+Usage::
+
+    python bench/e2e.py                                  # CPU, tiny random model (~20 s)
+    python bench/e2e.py --device cpu --small             # quicker check
+    python bench/e2e.py --device cuda --model models/smollm2-135m --out $OUT/e2e.json
+    python bench/e2e.py --device cuda --random-hidden 1024 --random-layers 8 --out $OUT/e2e.json
+
+On CPU every process runs one intra-op thread (they share the host's cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from events.codec import Decoder
+from events.connection import connect
+from events.schema import (
+    Admitted,
+    Completed,
+    ControlEvent,
+    GroupEvent,
+    RegisterRequested,
+    Retired,
+    RolloutGroup,
+    StepDone,
+    Synced,
+    SyncRequested,
+)
+from events.specs import AdapterSpec, DatasetSpec, OptimSpec, RewardSpec, SamplingSpec
+from events.streams import Streams
+from ops.launch import Stack, StackOptions
+from orchestrator.client import Producer
+
+OBSERVER = "bench-observer"  # a group that never reads: keeps every rollout group for analysis
+LONG = ("long-a", "long-b")
+
+
+def entry_s(entry_id: str) -> float:
+    """Redis stream entry id -> seconds since the epoch (the server's clock at XADD)."""
+    return int(entry_id.split("-")[0]) / 1000.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+class Bus:
+    """Reads the stack's streams back as decoded events with their entry ids."""
+
+    def __init__(self, client: redis.Redis, streams: Streams) -> None:
+        self.client = client
+        self.streams = streams
+        self._control = Decoder(ControlEvent)
+        self._groups = Decoder(GroupEvent)
+
+    def control(self) -> list[tuple[str, Any]]:
+        return [
+            (eid.decode(), self._control.decode(f, eid.decode()))
+            for eid, f in self.client.xrange(self.streams.control)
+        ]
+
+    def groups(self) -> list[tuple[str, RolloutGroup]]:
+        return [
+            (eid.decode(), self._groups.decode(f, eid.decode()))
+            for eid, f in self.client.xrange(self.streams.groups)
+        ]
+
+    def steps(self, registration_id: str) -> int:
+        done = [
+            e.step
+            for _, e in self.control()
+            if isinstance(e, StepDone) and e.registration_id == registration_id
+        ]
+        return max(done, default=0)
+
+    def retired(self, registration_id: str) -> bool:
+        return any(
+            isinstance(e, Retired) and e.registration_id == registration_id
+            for _, e in self.control()
+        )
+
+
+def wait(what: str, check: Callable[[], bool], stack: Stack, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        stack.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def make_spec(data: Path, args: argparse.Namespace, steps: int, seed: int) -> AdapterSpec:
+    return AdapterSpec(
+        rank=args.rank,
+        alpha=2.0 * args.rank,
+        dataset=DatasetSpec(kind="jsonl", path=str(data / "prompts.jsonl")),
+        rewards=(RewardSpec(name="regex", params={"pattern": "[0-9]"}),),
+        sampling=SamplingSpec(temperature=1.0, max_new_tokens=args.max_new_tokens),
+        optim=OptimSpec(lr=1e-2),
+        group_size=args.group_size,
+        prompts_per_step=args.prompts_per_step,
+        steps=steps,
+        checkpoint_interval=max(1, steps),
+        seed=seed,
+    )
+
+
+def scenario(stack: Stack, bus: Bus, data: Path, args: argparse.Namespace) -> dict[str, str]:
+    """Two long adapters train; joiners register, train to their budget and leave; one more is
+    cancelled mid-run; then the long ones are cancelled. Returns name -> registration id."""
+    producer = Producer(bus.client, bus.streams, source="bench")
+    reg: dict[str, str] = {}
+    t = args.timeout_s
+
+    def long_ones_past(step: int) -> Callable[[], bool]:
+        return lambda: all(bus.steps(reg[n]) >= step for n in LONG)
+
+    def newest_long_step() -> int:
+        return max(bus.steps(reg[n]) for n in LONG)
+
+    def gone(*names: str) -> Callable[[], bool]:
+        return lambda: all(bus.retired(reg[n]) for n in names)
+
+    for i, name in enumerate(LONG):
+        reg[name] = producer.register(name, make_spec(data, args, 100_000, i))
+    wait("warm-up steps", long_ones_past(args.warmup), stack, t)
+    for j in range(args.joiners):
+        name = f"joiner-{j}"
+        reg[name] = producer.register(name, make_spec(data, args, args.joiner_steps, 10 + j))
+        wait(f"{name} to finish", gone(name), stack, t)
+        wait("steady steps", long_ones_past(newest_long_step() + 3), stack, t)
+    reg["cancelled"] = producer.register("cancelled", make_spec(data, args, 100_000, 99))
+    wait("cancelled to train", lambda: bus.steps(reg["cancelled"]) >= 2, stack, t)
+    producer.deregister("cancelled")
+    wait("cancelled to leave", gone("cancelled"), stack, t)
+    wait("steady steps", long_ones_past(newest_long_step() + 4), stack, t)
+    for name in LONG:
+        producer.deregister(name)
+    wait("all to leave", gone(*reg), stack, t)
+    return reg
+
+
+def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
+    control = bus.control()
+    by_reg: dict[str, list[StepDone]] = {}
+    for _, e in control:
+        if isinstance(e, StepDone):
+            by_reg.setdefault(e.registration_id, []).append(e)
+    registered = {e.registration_id: e.time for _, e in control if isinstance(e, RegisterRequested)}
+
+    def first_step_s(name: str) -> float:
+        return by_reg[reg[name]][0].time - registered[reg[name]]
+
+    joiners = [n for n in reg if n.startswith("joiner-")] + ["cancelled"]
+    # cadence of the long-running adapters
+    intervals: dict[str, list[float]] = {}
+    for name in LONG:
+        times = [s.time for s in by_reg[reg[name]]]
+        intervals[name] = [b - a for a, b in itertools.pairwise(times)]
+    medians = {n: statistics.median(v) for n, v in intervals.items()}
+    # stalls around admissions and departures of other adapters
+    moments = [
+        e.time
+        for _, e in control
+        if isinstance(e, Admitted | Completed) and e.registration_id in {reg[n] for n in joiners}
+    ]
+    stalls: list[float] = []
+    for name in LONG:
+        times = [s.time for s in by_reg[reg[name]]]
+        for t in moments:
+            around = [(a, b) for a, b in itertools.pairwise(times) if a <= t < b]
+            if around:
+                a, b = around[0]
+                stalls.append(max(0.0, (b - a) / medians[name] - 1.0))
+    # sync latency
+    syncs_ms = [1000.0 * e.latency_s for _, e in control if isinstance(e, Synced)]
+    requested = sum(isinstance(e, SyncRequested) for _, e in control)
+    # control-plane share of the trainer's step critical path
+    arrivals: dict[tuple[str, int, int], float] = {}
+    for eid, g in bus.groups():
+        key = (g.registration_id, g.epoch, g.step)
+        arrivals[key] = max(arrivals.get(key, 0.0), entry_s(eid))
+    batches: dict[tuple[float, float], list[tuple[str, StepDone]]] = {}
+    for eid, e in control:
+        if isinstance(e, StepDone):
+            batches.setdefault((entry_s(eid), e.metrics["step_s"]), []).append((eid, e))
+    windows, computes, commits = [], [], []
+    previous = 0.0  # the trainer is free again once it committed its previous step
+    for (commit, compute), events in sorted(batches.items()):
+        landed = max(arrivals.get((e.registration_id, e.epoch, e.step), 0.0) for _, e in events)
+        ready, previous = max(landed, previous), commit
+        if not landed or commit <= ready:
+            continue
+        windows.append(commit - ready)
+        computes.append(compute)
+        commits.append(max(0.0, commit - max(e.time for _, e in events)))
+    total = sum(windows)
+    return {
+        "register_to_first_step_s": statistics.median(first_step_s(n) for n in joiners),
+        "register_to_first_step_cold_s": statistics.median(first_step_s(n) for n in LONG),
+        "step_s": statistics.median(medians.values()),
+        "step_compute_s": statistics.median(
+            s.metrics["step_s"] for n in LONG for s in by_reg[reg[n]]
+        ),
+        "stall_steps": max(stalls, default=0.0),
+        "stall_steps_mean": statistics.fmean(stalls) if stalls else 0.0,
+        "stall_events": len(stalls),
+        "sync_p50_ms": percentile(syncs_ms, 50),
+        "sync_p99_ms": percentile(syncs_ms, 99),
+        "syncs_answered": len(syncs_ms),
+        "syncs_requested": requested,
+        "control_plane_share": (total - sum(computes)) / total if total else float("nan"),
+        "commit_share": sum(commits) / total if total else float("nan"),
+        "trainer_steps_measured": len(windows),
+        "steps_total": sum(len(v) for v in by_reg.values()),
+    }
+
+
+def random_model(path: Path, hidden: int, layers: int) -> Path:
+    from ops.models import write_tiny_model
+
+    heads = max(4, hidden // 64)
+    return write_tiny_model(path, "qwen3", hidden_size=hidden, num_layers=layers,
+                            num_heads=heads, num_kv_heads=max(1, heads // 4),
+                            intermediate_size=3 * hidden)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/e2e.py", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--model", default="", help="local HF model dir (default: a random model)")
+    p.add_argument("--random-hidden", type=int, default=64)
+    p.add_argument("--random-layers", type=int, default=2)
+    p.add_argument("--small", action="store_true", help="fewer steps (a quick check)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--prompts-per-step", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--joiners", type=int, default=3)
+    p.add_argument("--joiner-steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--timeout-s", type=float, default=300.0)
+    p.add_argument("--run-dir", default="", help="keep the run here (default: a temp dir)")
+    p.add_argument("--out", default="bench/results/e2e.json")
+    args = p.parse_args(argv)
+    if args.small:
+        args.joiners, args.joiner_steps, args.warmup = 1, 3, 4
+
+    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="multilora-e2e-"))
+    data = run_dir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    prompts = [f"{c}:" for c in "abcdefghijklmnop"]
+    rows = [json.dumps({"prompt": q, "answer": ""}) for q in prompts]
+    (data / "prompts.jsonl").write_text("\n".join(rows) + "\n")
+    model = args.model or str(random_model(run_dir / "model", args.random_hidden,
+                                           args.random_layers))  # fmt: skip
+    device = ["--device", args.device, "--dtype", args.dtype]
+    options = StackOptions(
+        model=model, workers=args.workers, num_slots=4, max_rank=max(8, args.rank),
+        run_dir=str(run_dir / "stack"), namespace="bench", max_batch_wait_s=0.0,
+        torch_threads=1 if args.device == "cpu" else 0,
+        extra_args={"trainer": [*device, "--allowed-root", str(data)],
+                    "rollout": [*device, "--allowed-root", str(data)]},
+    )  # fmt: skip
+    t0 = time.monotonic()
+    with Stack(options) as stack:
+        client = connect(stack.url)
+        client.xgroup_create(stack.streams.groups, OBSERVER, id="0", mkstream=True)
+        bus = Bus(client, stack.streams)
+        reg = scenario(stack, bus, data, args)
+        result = analyse(bus, reg)
+    wall = time.monotonic() - t0
+    out = {
+        "device": args.device,
+        **{k: result[k] for k in ("register_to_first_step_s", "step_s", "stall_steps")},
+        **{k: result[k] for k in ("sync_p50_ms", "sync_p99_ms", "control_plane_share")},
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", *sys.argv]),
+        "model": args.model
+        or f"random qwen3 hidden={args.random_hidden} layers={args.random_layers}",
+        "workers": args.workers,
+        "dtype": args.dtype,
+        "adapter": {
+            "rank": args.rank,
+            "group_size": args.group_size,
+            "prompts_per_step": args.prompts_per_step,
+            "max_new_tokens": args.max_new_tokens,
+        },
+        "wall_s": wall,
+        **{k: v for k, v in result.items() if k not in ("step_s",)},
+    }
+    print_table(out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if not args.run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
+
+
+def print_table(out: dict[str, Any]) -> None:
+    rows = [
+        ("device", out["device"], ""),
+        ("register -> first step (warm)", f"{out['register_to_first_step_s']:.2f}", "s"),
+        ("register -> first step (cold)", f"{out['register_to_first_step_cold_s']:.2f}", "s"),
+        ("step cadence (median interval)", f"{out['step_s']:.3f}", "s"),
+        ("trainer compute per step", f"{out['step_compute_s']:.3f}", "s"),
+        ("stall on join/leave (max)", f"{out['stall_steps']:.2f}", "steps"),
+        ("stall on join/leave (mean)", f"{out['stall_steps_mean']:.2f}", "steps"),
+        ("sync latency p50", f"{out['sync_p50_ms']:.1f}", "ms"),
+        ("sync latency p99", f"{out['sync_p99_ms']:.1f}", "ms"),
+        ("control-plane share of step", f"{out['control_plane_share']:.1%}", ""),
+        ("  of which commit", f"{out['commit_share']:.1%}", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value, unit in rows:
+        print(f"{name:<{width}}  {value:>10} {unit}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

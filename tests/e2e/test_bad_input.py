@@ -1,0 +1,92 @@
+"""Bad registrations are refused with a reason the tenant can read; the service keeps running.
+
+Each bad input reaches the live stack the way a tenant would send it (the producer client, or a
+raw ``XADD`` to ingress for malformed JSON). Each must come back as ``adapter.rejected`` on the
+control log with the reason and the offending field, show in ``multilora status``
+(:func:`ops.report.status_table`), and leave every process up: a good adapter submitted after all
+of them trains to completion.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from events.schema import Admitted, Completed, DeadLetter, Rejected, StepDone
+from events.specs import RewardSpec
+from ops.report import status_table
+from tests.e2e.harness import LiveStack
+from tests.e2e.specs import adapter_spec, char_reward
+
+pytestmark = [pytest.mark.bus]
+
+
+def test_bad_specs_are_rejected_with_reasons_and_a_good_one_still_trains(
+    live_stack: Callable[..., LiveStack], data_dir: Path
+) -> None:
+    live = live_stack()
+    good = adapter_spec(data_dir, char_reward("a"), steps=5)
+    missing = msgspec.structs.replace(
+        good.dataset, path=str(data_dir / "missing.jsonl")
+    )  # a file that does not exist
+    # name -> (spec, expected field, words the reason must contain)
+    bad = {
+        "Bad Name!": (good, "adapter", "adapter name 'Bad Name!' is invalid"),
+        "unknown-reward": (
+            msgspec.structs.replace(good, rewards=(RewardSpec(name="no_such_reward"),)),
+            "spec.rewards[0].name",
+            "reward 'no_such_reward' is unknown",
+        ),
+        "missing-data": (
+            msgspec.structs.replace(good, dataset=missing),
+            "spec.dataset",
+            "dataset is not readable",
+        ),
+        "rank-too-big": (
+            msgspec.structs.replace(good, rank=9),  # the stack's max rank is 8
+            "spec.rank",
+            "rank = 9 is invalid; use 1 <= rank <= 8",
+        ),
+    }
+    registrations = {name: live.register(name, spec) for name, (spec, _, _) in bad.items()}
+    garbage = live.xadd_ingress("{this is not json")
+    wrong_field = json.dumps(
+        {"type": "adapter.register_requested", "adapter": "typo", "spec": {"rnak": 4}}
+    )
+    typo = live.xadd_ingress(wrong_field)
+    good_id = live.register("good", good)
+
+    live.wait_for("the good adapter to complete",
+                  lambda: live.events(Completed, good_id), timeout_s=90)  # fmt: skip
+    live.check()  # every process is still up
+
+    rejected = live.events(Rejected)
+    by_registration = {e.registration_id: e for e in rejected if e.registration_id}
+    table = status_table(live.client, live.streams)
+    print(table)
+    for name, (_, field, words) in bad.items():
+        event = by_registration[registrations[name]]
+        assert event.adapter == name and event.field == field, event
+        assert words in event.reason, event.reason
+        line = next(row for row in table.splitlines() if row.startswith(name))
+        assert "rejected" in line and words in line, table
+        assert not live.events(Admitted, registrations[name])
+
+    by_entry = {e.ingress_entry: e for e in rejected if e.ingress_entry}
+    assert by_entry[garbage].adapter == "" and "JSON" in by_entry[garbage].reason, by_entry
+    assert by_entry[typo].adapter == "typo" and "rnak" in by_entry[typo].reason, by_entry
+    for entry in (garbage, typo):
+        assert by_entry[entry].reason in table, table
+    letters = [
+        msgspec.json.decode(fields[b"dead"], type=DeadLetter)
+        for _, fields in live.client.xrange(live.streams.dead)
+    ]
+    assert {d.entry_id for d in letters} >= {garbage, typo}, letters
+
+    # The good adapter trained every step after all of that.
+    assert [e.step for e in live.events(StepDone, good_id)] == [1, 2, 3, 4, 5]
+    assert "good" in table and "completed" in table.split("good", 1)[1].splitlines()[0]
