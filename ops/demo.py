@@ -36,12 +36,15 @@ def report(url: str, stack: Stack, out_dir: Path, seconds: float) -> dict[str, A
             exports[event.adapter] = event.uri
     adapters: dict[str, dict[str, object]] = {}
     for name, steps in sorted(history.items()):
+        if not steps:
+            continue  # e.g. cancelled before its first step
         rewards = [m.get("reward_mean", float("nan")) for _, m in steps]
+        k = min(3, len(rewards))
         adapters[name] = {
             "steps": len(steps),
-            "start_reward": rewards[0],
-            "end_reward": rewards[-1],
-            "end_reward_last2": sum(rewards[-2:]) / len(rewards[-2:]),
+            "rewards": [round(r, 4) for r in rewards],
+            "start_reward": sum(rewards[:k]) / k,
+            "end_reward": sum(rewards[-k:]) / k,
             "export": exports.get(name, ""),
         }
     png = plot_curves(client, stack.streams, str(out_dir / "rewards.png"))
@@ -56,17 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--schedule", default=str(DEMO_DIR / "schedule.toml"))
     p.add_argument("--keep", action="store_true", help="keep the previous run directory")
+    p.add_argument("--torch-threads", type=int, default=1)
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     if run_dir.exists() and not args.keep:
         shutil.rmtree(run_dir)
+    # one intra-op thread per process: on 2 cores the trainer's and the worker's thread pools
+    # would otherwise spin against each other
     options = StackOptions(model=args.model, workers=1, num_slots=2, max_rank=16,
-                           run_dir=str(run_dir), max_batch_wait_s=3.0)  # fmt: skip
+                           run_dir=str(run_dir), max_batch_wait_s=3.0,
+                           torch_threads=args.torch_threads)  # fmt: skip
     t0 = time.monotonic()
     with Stack(options) as stack:
         stack.run_schedule(args.schedule, timeout_s=900)
         result = report(stack.url, stack, run_dir, time.monotonic() - t0)
     print(f"\ndemo finished in {result['seconds']} s")
+    print("reward = mean reward of the adapter's first / last 3 steps")
     print(f"{'adapter':<12}{'steps':>6}{'start reward':>14}{'end reward':>12}  export")
     for name, row in result["adapters"].items():
         print(f"{name:<12}{row['steps']:>6}{row['start_reward']:>14.3f}"

@@ -18,6 +18,7 @@ slice contiguous segments and the grouped GEMM kernel applies); neither changes 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -145,8 +146,8 @@ def pad_time(batch: TrainBatch, multiple: int) -> TrainBatch:
     if extra == 0:
         return batch
     old = batch.old_logprobs_B_T
-    return TrainBatch(
-        slot_ids_B=batch.slot_ids_B,
+    return dataclasses.replace(
+        batch,
         tokens_B_T=F.pad(batch.tokens_B_T, (0, extra)),
         attention_mask_B_T=F.pad(batch.attention_mask_B_T, (0, extra)),
         loss_mask_B_T=F.pad(batch.loss_mask_B_T, (0, extra)),
