@@ -12,6 +12,7 @@ within a few dozen steps.
 from __future__ import annotations
 
 import json
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,6 +63,7 @@ def live_stack(
     for key, value in child_env().items():
         monkeypatch.setenv(key, value)
     started: list[tuple[Stack, LiveStack]] = []
+    on_sigterm = signal.getsignal(signal.SIGTERM)  # entering a Stack installs its own handler
 
     def start(**overrides: Any) -> LiveStack:
         namespace = f"e2e{uuid.uuid4().hex[:8]}"
@@ -75,3 +77,4 @@ def live_stack(
     for stack, live in started:
         live.close()
         stack.__exit__(None, None, None)
+    signal.signal(signal.SIGTERM, on_sigterm)

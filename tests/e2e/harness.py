@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import msgspec
 import redis
 
 from events.codec import Decoder
@@ -135,12 +134,21 @@ class LiveStack:
             if isinstance(e, kind) and registration_id in ("", e.registration_id)
         ]
 
-    def groups(self) -> list[RolloutGroup]:
-        """Every rollout group published so far (kept by the observer group)."""
+    def groups(self, after: str = "") -> list[RolloutGroup]:
+        """Every rollout group published so far (kept by the observer group), or only those
+        after stream entry ``after``."""
+        low = f"({after}" if after else "-"
         return [
             self._groups.decode(fields, eid.decode())
-            for eid, fields in self.client.xrange(self.streams.groups)
+            for eid, fields in self.client.xrange(self.streams.groups, min=low)
         ]
+
+    def last_delivered(self, stream: str, group: str) -> str:
+        """The last entry id of ``stream`` delivered to consumer group ``group``."""
+        for info in self.client.xinfo_groups(stream):
+            if info["name"].decode() == group:
+                return str(info["last-delivered-id"].decode())
+        raise AssertionError(f"no consumer group {group!r} on {stream}")
 
     def tasks(self, entry_ids: Iterable[str]) -> list[RolloutTask]:
         out = []
@@ -164,19 +172,6 @@ class LiveStack:
     def last_step(self, registration_id: str) -> int:
         steps = [e.step for e in self.events(StepDone, registration_id)]
         return max(steps, default=0)
-
-    def ended(self, registration_id: str) -> bool:
-        """Whether the registration reached a terminal control event."""
-        from events.schema import Failed, Rejected, Retired
-
-        return bool(
-            [
-                e
-                for _, e in self.control()
-                if isinstance(e, Retired | Rejected | Failed)
-                and e.registration_id == registration_id
-            ]
-        )
 
     # --- waiting and processes -----------------------------------------------------------------
 
@@ -240,7 +235,3 @@ class LiveStack:
 
     def close(self) -> None:
         self.client.close()
-
-
-def to_dict(event: msgspec.Struct) -> dict[str, Any]:
-    return msgspec.to_builtins(event)

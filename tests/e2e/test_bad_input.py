@@ -10,6 +10,8 @@ of them trains to completion.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,20 +69,26 @@ def test_bad_specs_are_rejected_with_reasons_and_a_good_one_still_trains(
     rejected = live.events(Rejected)
     by_registration = {e.registration_id: e for e in rejected if e.registration_id}
     table = status_table(live.client, live.streams)
+    cli = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "status", "--redis-url", live.stack.url,
+         "--namespace", live.streams.namespace],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
     print(table)
     for name, (_, field, words) in bad.items():
         event = by_registration[registrations[name]]
         assert event.adapter == name and event.field == field, event
         assert words in event.reason, event.reason
-        line = next(row for row in table.splitlines() if row.startswith(name))
-        assert "rejected" in line and words in line, table
+        for shown in (table, cli.stdout):  # ops.report and `multilora status`
+            line = next(row for row in shown.splitlines() if row.startswith(name))
+            assert "rejected" in line and words in line, shown
         assert not live.events(Admitted, registrations[name])
 
     by_entry = {e.ingress_entry: e for e in rejected if e.ingress_entry}
     assert by_entry[garbage].adapter == "" and "JSON" in by_entry[garbage].reason, by_entry
     assert by_entry[typo].adapter == "typo" and "rnak" in by_entry[typo].reason, by_entry
     for entry in (garbage, typo):
-        assert by_entry[entry].reason in table, table
+        assert by_entry[entry].reason in table and by_entry[entry].reason in cli.stdout, table
     letters = [
         msgspec.json.decode(fields[b"dead"], type=DeadLetter)
         for _, fields in live.client.xrange(live.streams.dead)
