@@ -8,26 +8,30 @@ from the events they publish:
   (median over the ``--joiners`` joiners). ``register_to_first_step_cold_s`` is the same for the
   first adapters, registered as the stack starts (process start-up included).
 * ``step_s``: median interval between consecutive ``step_done`` of the two long-running
-  adapters (their step cadence); ``step_compute_s`` is the trainer's own ``step_s`` metric (batch
-  building, forward/backward, optimizer).
+  adapters (their step cadence).
 * ``stall_steps``: how far the long-running adapters' cadence stalls when another adapter is
   admitted or leaves (budget reached, or cancelled). For each such event at time ``t`` and each
   long-running adapter, the interval between its two ``step_done`` around ``t`` is divided by its
   median interval; ``stall = interval / median - 1`` steps (0 = no stall). Reported: the worst
   (``stall_steps``) and the mean (``stall_steps_mean``) over all events and adapters.
 * ``sync_p50_ms`` / ``sync_p99_ms``: ``adapter.synced`` ``latency_s`` — from the trainer
-  publishing a version (its ``sync_requested`` time) to a worker serving it, every worker.
-* ``control_plane_share``: the trainer does not expose phase timings, so the share is estimated
-  from timestamps on one host clock. For each trainer step (the ``step_done`` events it commits
-  together), ``W = commit - ready``: ``ready`` is when the last rollout group it trained on landed
-  in Redis (the group's stream entry id) or, if later, when the trainer committed its previous
-  step (it trains one step at a time); ``commit`` is the stream entry id of its ``step_done``.
-  ``W`` covers reading the group, the handler, the forward/backward/optimizer (``step_compute_s``,
-  the trainer's own metric), writing each new version to the artifact store, and the atomic
-  commit of events + acks. ``share = sum(W - compute) / sum(W)``: time on the bus, in commits
-  and in version publishing over the step's whole critical path. The split is reported too:
-  ``commit_share`` (from the last ``step_done``'s ``time`` stamp to its entry id: the commit) and
-  the rest. ``max_batch_wait_s`` is 0 in this benchmark so no batching wait is counted.
+  publishing a version (its ``sync_requested`` time) to a worker serving it, every worker. A
+  worker answers only syncs it has not already overtaken (a task may have loaded a newer version
+  first); ``syncs_answered`` / ``syncs_requested`` say how many.
+* ``control_plane_share``: the share of a trainer step's critical path that is not forward,
+  backward or optimizer. The critical path of one trainer step (the ``step_done`` events it
+  commits together) is ``W = commit - ready``: ``ready`` is when the last rollout group it trains
+  on landed in Redis (that group's stream entry id) or, if later, when the trainer committed its
+  previous step (it trains one step at a time); ``commit`` is the stream entry id of its
+  ``step_done`` (Redis and the trainer share the host clock). The trainer's own phase timings
+  (Prometheus ``multilora_trainer_step_phase_seconds``: ``wait``, ``forward_backward``,
+  ``optimizer``, ``publish`` = batch assembly + writing each new version to the artifact store)
+  give the compute; ``share = (mean W - mean compute) / mean W``. ``share`` breaks ``W`` down:
+  ``compute``, ``publish`` and ``batch_wait`` (trainer phases), ``commit`` (from the last
+  ``step_done``'s ``time`` stamp to its entry id: the atomic commit of events and acks), and
+  ``bus_read_and_dispatch`` (the rest: reading the group, its handler, the loop picking the step
+  up; clipped at 0, the estimate's error is a few ms). ``max_batch_wait_s`` is 0 here, so
+  adapters are not held back to share a step.
 
 Usage::
 
@@ -47,6 +51,7 @@ import itertools
 import json
 import shlex
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -224,33 +229,10 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
     # sync latency
     syncs_ms = [1000.0 * e.latency_s for _, e in control if isinstance(e, Synced)]
     requested = sum(isinstance(e, SyncRequested) for _, e in control)
-    # control-plane share of the trainer's step critical path
-    arrivals: dict[tuple[str, int, int], float] = {}
-    for eid, g in bus.groups():
-        key = (g.registration_id, g.epoch, g.step)
-        arrivals[key] = max(arrivals.get(key, 0.0), entry_s(eid))
-    batches: dict[tuple[float, float], list[tuple[str, StepDone]]] = {}
-    for eid, e in control:
-        if isinstance(e, StepDone):
-            batches.setdefault((entry_s(eid), e.metrics["step_s"]), []).append((eid, e))
-    windows, computes, commits = [], [], []
-    previous = 0.0  # the trainer is free again once it committed its previous step
-    for (commit, compute), events in sorted(batches.items()):
-        landed = max(arrivals.get((e.registration_id, e.epoch, e.step), 0.0) for _, e in events)
-        ready, previous = max(landed, previous), commit
-        if not landed or commit <= ready:
-            continue
-        windows.append(commit - ready)
-        computes.append(compute)
-        commits.append(max(0.0, commit - max(e.time for _, e in events)))
-    total = sum(windows)
     return {
         "register_to_first_step_s": statistics.median(first_step_s(n) for n in joiners),
         "register_to_first_step_cold_s": statistics.median(first_step_s(n) for n in LONG),
         "step_s": statistics.median(medians.values()),
-        "step_compute_s": statistics.median(
-            s.metrics["step_s"] for n in LONG for s in by_reg[reg[n]]
-        ),
         "stall_steps": max(stalls, default=0.0),
         "stall_steps_mean": statistics.fmean(stalls) if stalls else 0.0,
         "stall_events": len(stalls),
@@ -258,11 +240,88 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
         "sync_p99_ms": percentile(syncs_ms, 99),
         "syncs_answered": len(syncs_ms),
         "syncs_requested": requested,
-        "control_plane_share": (total - sum(computes)) / total if total else float("nan"),
-        "commit_share": sum(commits) / total if total else float("nan"),
-        "trainer_steps_measured": len(windows),
         "steps_total": sum(len(v) for v in by_reg.values()),
     }
+
+
+def step_windows(bus: Bus, control: list[tuple[str, Any]]) -> tuple[list[float], list[float]]:
+    """Per trainer step: its critical path ``W`` (seconds) and its commit time (see the module
+    doc). A trainer step is the set of ``step_done`` it committed together (same entry time and
+    ``step_s``)."""
+    arrivals: dict[tuple[str, int, int], float] = {}
+    for eid, g in bus.groups():
+        key = (g.registration_id, g.epoch, g.step)
+        arrivals[key] = max(arrivals.get(key, 0.0), entry_s(eid))
+    batches: dict[tuple[float, float], list[StepDone]] = {}
+    for eid, e in control:
+        if isinstance(e, StepDone):
+            batches.setdefault((entry_s(eid), e.metrics["step_s"]), []).append(e)
+    windows, commits = [], []
+    previous = 0.0  # the trainer is free again once it committed its previous step
+    for (commit, _), events in sorted(batches.items()):
+        landed = max(arrivals.get((e.registration_id, e.epoch, e.step), 0.0) for e in events)
+        ready, previous = max(landed, previous), commit
+        if landed and commit > ready:
+            windows.append(commit - ready)
+            commits.append(max(0.0, commit - max(e.time for e in events)))
+    return windows, commits
+
+
+def control_plane(
+    bus: Bus, control: list[tuple[str, Any]], phases: dict[str, tuple[float, int]]
+) -> dict[str, Any]:
+    """The control-plane share of the step critical path, and its parts (module doc)."""
+    windows, commits = step_windows(bus, control)
+    steps = phases["forward_backward"][1]
+    mean = {phase: total / steps for phase, (total, _) in phases.items()}
+    window, commit = statistics.fmean(windows), statistics.fmean(commits)
+    compute = mean["forward_backward"] + mean["optimizer"]
+    publish, batch_wait = mean["publish"], mean["wait"]
+    return {
+        "control_plane_share": (window - compute) / window,
+        "share": {
+            "compute": compute / window,
+            "publish": publish / window,
+            "commit": commit / window,
+            "batch_wait": batch_wait / window,
+            "bus_read_and_dispatch": max(0.0, window - compute - publish - commit - batch_wait)
+            / window,
+        },
+        "step_window_s": window,
+        "step_compute_s": compute,
+        "trainer_steps": steps,
+        "trainer_steps_timed": len(windows),
+    }
+
+
+def trainer_phases(port: int) -> dict[str, tuple[float, int]]:
+    """``{phase: (seconds summed, steps)}`` from the trainer's ``/metrics``."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "multilora_trainer_step_phase_seconds":
+            continue
+        for sample in family.samples:
+            phase = sample.labels.get("phase", "")
+            if sample.name.endswith("_sum"):
+                sums[phase] = sample.value
+            elif sample.name.endswith("_count"):
+                counts[phase] = int(sample.value)
+    if not counts or not counts.get("forward_backward"):
+        raise RuntimeError(f"the trainer at :{port} exported no step phase timings")
+    return {phase: (sums[phase], counts[phase]) for phase in sums}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def random_model(path: Path, hidden: int, layers: int) -> Path:
@@ -306,11 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or str(random_model(run_dir / "model", args.random_hidden,
                                            args.random_layers))  # fmt: skip
     device = ["--device", args.device, "--dtype", args.dtype]
+    metrics_port = free_port()
     options = StackOptions(
         model=model, workers=args.workers, num_slots=4, max_rank=max(8, args.rank),
         run_dir=str(run_dir / "stack"), namespace="bench", max_batch_wait_s=0.0,
         torch_threads=1 if args.device == "cpu" else 0,
-        extra_args={"trainer": [*device, "--allowed-root", str(data)],
+        extra_args={"trainer": [*device, "--allowed-root", str(data),
+                                "--metrics-port", str(metrics_port)],
                     "rollout": [*device, "--allowed-root", str(data)]},
     )  # fmt: skip
     t0 = time.monotonic()
@@ -320,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         bus = Bus(client, stack.streams)
         reg = scenario(stack, bus, data, args)
         result = analyse(bus, reg)
+        result.update(control_plane(bus, bus.control(), trainer_phases(metrics_port)))
     wall = time.monotonic() - t0
     out = {
         "device": args.device,
@@ -355,13 +417,14 @@ def print_table(out: dict[str, Any]) -> None:
         ("register -> first step (warm)", f"{out['register_to_first_step_s']:.2f}", "s"),
         ("register -> first step (cold)", f"{out['register_to_first_step_cold_s']:.2f}", "s"),
         ("step cadence (median interval)", f"{out['step_s']:.3f}", "s"),
-        ("trainer compute per step", f"{out['step_compute_s']:.3f}", "s"),
+        ("trainer step critical path", f"{out['step_window_s']:.3f}", "s"),
+        ("  forward/backward + optimizer", f"{out['step_compute_s']:.3f}", "s"),
         ("stall on join/leave (max)", f"{out['stall_steps']:.2f}", "steps"),
         ("stall on join/leave (mean)", f"{out['stall_steps_mean']:.2f}", "steps"),
         ("sync latency p50", f"{out['sync_p50_ms']:.1f}", "ms"),
         ("sync latency p99", f"{out['sync_p99_ms']:.1f}", "ms"),
         ("control-plane share of step", f"{out['control_plane_share']:.1%}", ""),
-        ("  of which commit", f"{out['commit_share']:.1%}", ""),
+        *[(f"  {part}", f"{share:.1%}", "") for part, share in out["share"].items()],
     ]
     width = max(len(r[0]) for r in rows)
     for name, value, unit in rows:

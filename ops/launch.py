@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -240,5 +240,24 @@ def run_schedule_against(
         return all(now.get(r, ("", 0))[0] in TERMINAL for r in registrations.values())
 
     wait_until(all_done)
-    time.sleep(1.0)  # let the checkpoint process take the final checkpoints
+    wait_until(lambda: not awaiting_final_checkpoint(client, streams, registrations.values()))
     return 0
+
+
+def awaiting_final_checkpoint(
+    client: redis.Redis, streams: Streams, registration_ids: Iterable[str]
+) -> set[str]:
+    """Registrations that completed after holding a slot (epoch >= 1) and have no final
+    checkpoint yet: the schedule is not done until the checkpoint process took them."""
+    from events.codec import Decoder
+    from events.schema import CheckpointSaved, Completed, ControlEvent
+
+    decoder = Decoder(ControlEvent)
+    completed, saved = set(), set()
+    for entry_id, fields in client.xrange(streams.control):
+        event = decoder.decode(fields, entry_id.decode())
+        if isinstance(event, Completed) and event.epoch >= 1:
+            completed.add(event.registration_id)
+        elif isinstance(event, CheckpointSaved) and event.final:
+            saved.add(event.registration_id)
+    return (completed & set(registration_ids)) - saved
