@@ -527,7 +527,7 @@ def plot_curves(client: redis.Redis, streams: Streams, out_path: str | Path) -> 
         ax_reward.set_ylabel("reward_mean")
         ax_loss.set_ylabel("loss")
         ax_loss.set_xlabel("step")
-        ax_reward.set_title(f"multilora {streams.namespace}")
+        ax_reward.set_title(f"reward and loss per adapter (namespace {streams.namespace})")
         if any(history.values()):
             ax_reward.legend(loc="best", fontsize="small")
         else:
