@@ -1,9 +1,10 @@
 """kill -9 of every process of a live run: the run completes, nothing is lost or applied twice.
 
-Trainer: it is frozen (SIGSTOP) at a moment when it holds deferred groups of the current epoch,
-so the set of groups it held is read exactly, then killed (SIGKILL) and started again with the
-same command line. The new process takes the consumer name's lease (the old pid is dead),
-replays the control log and resumes every adapter from its latest version under epoch + 1.
+Trainer (two adapters train, a third waits for a slot): it is frozen (SIGSTOP) at a moment when
+it holds deferred groups of the current epoch, so the set of groups it held is read exactly, then
+killed (SIGKILL) and started again with the same command line. The new process takes the consumer
+name's lease (the old pid is dead), replays the control log, resumes every adapter from its latest
+version under epoch + 1 and admits the waiting one when a slot frees.
 
 Rollout worker and checkpointer: killed while the run goes on (the worker while it holds a task,
 the checkpointer across checkpoint-due steps), then restarted; the held task is redone and every
@@ -23,6 +24,7 @@ from events.schema import (
     Admitted,
     CheckpointSaved,
     Completed,
+    Queued,
     RolloutGroup,
     StepDone,
     SyncRequested,
@@ -64,13 +66,15 @@ def freeze_holding_groups(live: LiveStack, timeout_s: float = 30.0) -> list[Roll
 def test_trainer_kill9_resumes_every_adapter_without_applying_a_step_twice(
     live_stack: Callable[..., LiveStack], data_dir: Path
 ) -> None:
-    live = live_stack()
+    live = live_stack(num_slots=2)
     reg = {
         name: live.register(name, adapter_spec(data_dir, char_reward(c), steps=STEPS, seed=i))
         for i, (name, c) in enumerate((("alpha", "a"), ("beta", "b")))
     }
+    waiting = live.register("gamma", adapter_spec(data_dir, char_reward("c"), steps=6, seed=2))
     live.wait_for("both adapters at step 5",
                   lambda: all(live.last_step(r) >= 5 for r in reg.values()))  # fmt: skip
+    assert live.events(Queued, waiting) and not live.events(Admitted, waiting)
     old_pid = live.pid("trainer")
     held = freeze_holding_groups(live)
     delivered = live.last_delivered(live.streams.groups, "trainer")  # frozen: stable
@@ -81,8 +85,8 @@ def test_trainer_kill9_resumes_every_adapter_without_applying_a_step_twice(
     log_at_restart = len(live.log("trainer"))
 
     live.restart("trainer")
-    live.wait_for("both adapters to complete after the restart",
-                  lambda: len(live.events(Completed)) == 2, timeout_s=120)  # fmt: skip
+    live.wait_for("all three adapters to complete after the restart",
+                  lambda: len(live.events(Completed)) == 3, timeout_s=120)  # fmt: skip
 
     holder = live.lease_holder("trainer")
     assert holder.get("pid") not in (None, old_pid), holder
@@ -102,9 +106,14 @@ def test_trainer_kill9_resumes_every_adapter_without_applying_a_step_twice(
         assert after[0].version == last.version + 1
         assert {d.epoch for d in done if d.step <= last.step} == {1}
         assert {d.epoch for d in after} == {2}, "a step after the restart kept the old epoch"
+    # The registration that waited for a slot across the crash got one and trained once.
+    assert [a.epoch for a in live.events(Admitted, waiting)] == [1]
+    assert_steps_once(live, waiting, 6)
     # Every old-epoch group the dead trainer had not trained (the ones it held, and those it had
     # not read yet) reached the new trainer, which dropped each of them.
-    untrained = held + [g for g in live.groups(after=delivered) if g.epoch == 1]
+    resumed_ids = set(reg.values())
+    later = live.groups(after=delivered)
+    untrained = held + [g for g in later if g.epoch == 1 and g.registration_id in resumed_ids]
     new_log = live.log("trainer")[log_at_restart:]
     for group in untrained:
         assert f"dropping group {group.task_id} of {group.adapter}" in new_log, group.task_id
