@@ -110,10 +110,12 @@ def test_three_adapters_learn_their_own_behaviour(
         for name in adapters
     }
     assert all(len(g) >= 5 for g in last.values()), {n: len(g) for n, g in last.items()}
-    assert char_share(last["alpha"], "a") >= 0.6 and char_share(last["alpha"], "b") <= 0.1
-    assert char_share(last["beta"], "b") >= 0.6 and char_share(last["beta"], "a") <= 0.1
-    assert digit_share(last["digits"]) >= 0.8
-    assert char_share(last["digits"], "ab") <= 0.2
+    shares = {n: (char_share(g, "a"), char_share(g, "b"), digit_share(g)) for n, g in last.items()}
+    print("a-share, b-share, digit-share of the last samples:", shares)
+    assert char_share(last["alpha"], "a") >= 0.85 and char_share(last["alpha"], "b") <= 0.05
+    assert char_share(last["beta"], "b") >= 0.85 and char_share(last["beta"], "a") <= 0.05
+    assert digit_share(last["digits"]) >= 0.85
+    assert char_share(last["digits"], "ab") <= 0.1
 
     # The exported adapters carry the behaviour outside the service (plain PEFT + transformers).
     exports = {e.adapter: e.uri for e in live.events(Exported)}
@@ -121,4 +123,5 @@ def test_three_adapters_learn_their_own_behaviour(
     for name, char, other in (("alpha", "a", "b"), ("beta", "b", "a")):
         texts = greedy(e2e_model, exports[name], prompts)
         joined = "".join(texts)
-        assert joined.count(char) >= 0.6 * len(joined) and other not in joined, (name, texts)
+        print(f"{name} greedy: {texts}")
+        assert joined.count(char) >= 0.8 * len(joined) and other not in joined, (name, texts)
