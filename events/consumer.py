@@ -33,6 +33,7 @@ Delivery contract (at-least-once delivery, effectively-once effects):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import signal
@@ -89,6 +90,9 @@ class Subscription:
     start_id: str = "0"
     trim: bool = False
     on_invalid: Callable[[str, dict[str, str], str], Effects] | None = None
+    priority: int = 0
+    """Deliveries of lower ``priority`` are handled first (a worker's control events before its
+    queued tasks, so a weight sync never waits behind read-ahead work)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,13 @@ class Delivery:
     @property
     def ack_key(self) -> tuple[str, str, str]:
         return (self.subscription.stream, self.subscription.group, self.entry_id)
+
+
+@dataclass(order=True, frozen=True)
+class _Item:
+    priority: int
+    seq: int
+    item: Any = field(compare=False)
 
 
 class _Defer:
@@ -199,7 +210,8 @@ class Consumer:
         self.idle_s = idle_s
         self.trim_interval_s = trim_interval_s
         self.stats = RunStats()
-        self._queue: queue.Queue[Delivery | BaseException | None] = queue.Queue()
+        self._queue: queue.PriorityQueue[_Item] = queue.PriorityQueue()
+        self._seq = itertools.count()
         self._in_flight: dict[tuple[str, str, str], Delivery] = {}
         self._lock = threading.Condition()
         self._stop = threading.Event()
@@ -223,7 +235,7 @@ class Consumer:
     def request_stop(self) -> None:
         """Warm stop: finish the current handler, commit, read nothing new, return from run()."""
         self._stop.set()
-        self._queue.put(None)
+        self._put(None)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: first is a warm stop, second raises :class:`ColdShutdown`."""
@@ -262,7 +274,7 @@ class Consumer:
                 if self.on_idle is not None and self._queue.empty():
                     self.on_idle()
                 try:
-                    item = self._queue.get(timeout=self.idle_s)
+                    item = self._queue.get(timeout=self.idle_s).item
                 except queue.Empty:
                     continue
                 if item is None:
@@ -281,12 +293,21 @@ class Consumer:
             self.lease.release()
         return self.stats
 
+    def _in_flight_for(self, sub: Subscription) -> int:
+        """Entries of ``sub`` read but not yet committed (each subscription has its own cap, so a
+        busy work queue never stops the control log from being read)."""
+        return sum(1 for k in self._in_flight if k[0] == sub.stream and k[1] == sub.group)
+
     def _unblock_readers(self) -> None:
         """Wake readers parked in a blocking XREADGROUP so shutdown need not wait ``block_ms``."""
         for client_id in list(self._reader_ids):
             # a reader whose connection is gone already is covered by its join timeout
             with contextlib.suppress(redis.RedisError):
                 self.client.client_unblock(client_id)
+
+    def _put(self, item: Delivery | BaseException | None) -> None:
+        priority = item.subscription.priority if isinstance(item, Delivery) else -(1 << 30)
+        self._queue.put(_Item(priority, next(self._seq), item))
 
     def _all_drained(self) -> bool:
         with self._lock:
@@ -380,7 +401,9 @@ class Consumer:
             last_trim = time.monotonic()
             while not self._stop.is_set():
                 with self._lock:
-                    while len(self._in_flight) >= self.max_in_flight and not self._stop.is_set():
+                    while (
+                        self._in_flight_for(sub) >= self.max_in_flight and not self._stop.is_set()
+                    ):
                         self._lock.wait()
                 if self._stop.is_set():
                     return
@@ -416,10 +439,10 @@ class Consumer:
                     if self._reclaim(sub, client) == 0 and not self._has_new(client, sub):
                         with self._lock:
                             self._drained.add(index)
-                        self._queue.put(None)  # wake the handler thread to notice
+                        self._put(None)  # wake the handler thread to notice
                         return
         except Exception as exc:  # surfaced in the handler thread, which re-raises it
-            self._queue.put(exc)
+            self._put(exc)
         finally:
             client.close()
 
@@ -478,7 +501,7 @@ class Consumer:
         d = Delivery(sub, entry_id, event, deliveries, fields, error)
         with self._lock:
             self._in_flight[d.ack_key] = d
-        self._queue.put(d)
+        self._put(d)
 
     def _keeper_loop(self) -> None:
         """Renew the lease and keep in-flight entries owned (refresh their idle time)."""
@@ -491,9 +514,7 @@ class Consumer:
             while not self._stop.wait(period):
                 try:
                     if not lease.renew() and not lease.retake():
-                        self._queue.put(
-                            LeaseError(f"lost the lease on consumer name {self.name!r}")
-                        )
+                        self._put(LeaseError(f"lost the lease on consumer name {self.name!r}"))
                         return
                     with self._lock:
                         keys = list(self._in_flight)

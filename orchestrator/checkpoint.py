@@ -134,6 +134,8 @@ class CheckpointProcess:
         if isinstance(event, StepDone):
             return self._on_step_done(event)
         if isinstance(event, Completed):
+            if event.epoch == 0:  # cancelled while waiting for a slot: it never trained
+                return Effects()
             source = self._version_dir(event.adapter, event.registration_id, event.version)
             return self._promote(event, event.step, event.version, source, final=True)
         if isinstance(event, Retired):

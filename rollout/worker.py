@@ -228,7 +228,9 @@ class RolloutWorker:
     def subscriptions(self) -> list[Subscription]:
         """Control log (own group, from the start) and the task queue (shared group)."""
         return [
-            Subscription(self.streams.control, f"rollout.{self.name}", Decoder(ControlEvent)),
+            Subscription(
+                self.streams.control, f"rollout.{self.name}", Decoder(ControlEvent), priority=-1
+            ),
             Subscription(self.streams.tasks, TASK_GROUP, Decoder(TaskEvent)),
         ]
 

@@ -205,3 +205,29 @@ def test_ingress_union_decodes_register(redis_url, streams, rclient) -> None:
         burst=True
     )
     assert isinstance(got[0], RegisterRequested)
+
+
+def test_lower_priority_subscription_is_handled_first(redis_url, streams, rclient) -> None:
+    """A worker's control events jump the queue of read-ahead tasks, and each subscription has
+    its own in-flight cap, so a full work queue never stops the control log from being read."""
+    for i in range(6):
+        event = stamp(Failed(adapter="a", registration_id=f"t{i}", reason="x"), source="t")
+        rclient.xadd(streams.tasks, encode(event))
+    for i in range(6):
+        event = stamp(Failed(adapter="a", registration_id=f"c{i}", reason="x"), source="t")
+        rclient.xadd(streams.control, encode(event))
+    order: list[str] = []
+
+    def handle(d: Delivery) -> Effects:
+        order.append(d.event.registration_id)
+        time.sleep(0.05)
+        return Effects()
+
+    subs = [
+        Subscription(streams.tasks, "w", Decoder(ControlEvent)),
+        Subscription(streams.control, "w", Decoder(ControlEvent), priority=-1),
+    ]
+    make_consumer(redis_url, streams, handle, subs=subs, max_in_flight=2).run(max_events=12)
+    last_control = max(i for i, n in enumerate(order) if n.startswith("c"))
+    tasks_before = sum(1 for n in order[:last_control] if n.startswith("t"))
+    assert tasks_before <= 3, order  # with one shared cap of 2 the controls would wait for tasks
