@@ -86,7 +86,8 @@ def test_interval_and_final_checkpoints_published_once(
 
     write_fake_version(artifacts, "ad", "r1", 7)
     publish(rclient, streams,
-            Completed(adapter="ad", registration_id="r1", step=7, version=7, reason="cancelled"),
+            Completed(adapter="ad", registration_id="r1", epoch=1, step=7, version=7,
+                      reason="cancelled"),
             Retired(adapter="ad", registration_id="r1", slot=0))  # fmt: skip
     run(redis_url, streams, artifacts, ckpts)
     final = outputs(rclient, streams, CheckpointSaved)[-1]
