@@ -107,6 +107,14 @@ class SlotAdamW:
         self._total_steps[slot] = total_steps
         self.reset(slot)
 
+    def update_settings(self, slot: int, spec: OptimSpec, total_steps: int) -> None:
+        """Change ``slot``'s settings and step budget but keep its moments and step count (a
+        resumed adapter whose new registration asks for more steps or another rate)."""
+        self.table.check_slot(slot)
+        validate_optim_spec(spec, total_steps)
+        self._specs[slot] = spec
+        self._total_steps[slot] = total_steps
+
     def reset(self, slot: int) -> None:
         """Zero ``slot``'s moments, step counter and gradients (settings are kept)."""
         self.table.check_slot(slot)

@@ -444,7 +444,8 @@ class TrainerProcess:
         if checkpoint is not None:
             run = self._restore(name, registration_id, slot, checkpoint.uri)
             run.registration_id, run.spec, run.epoch = registration_id, spec, epoch
-            self.optimizer.configure(slot, spec.optim, spec.steps)
+            run.issued_through = run.step
+            self.optimizer.update_settings(slot, spec.optim, spec.steps)  # keeps Adam state
             resumed = checkpoint.uri
         else:
             self.model.configure_slot(slot, spec.rank, spec.alpha, seed=spec.seed)
@@ -462,6 +463,9 @@ class TrainerProcess:
                                         resumed_from=resumed))  # fmt: skip
         run.uri = self._publish_version(run)
         self._announce_version(effects, run, step=run.step)
+        if run.step >= spec.steps:  # resumed at or past its new budget: nothing left to train
+            self._finish(effects, run, "budget")
+            return
         self._issue(effects, run)
 
     def _finish(
