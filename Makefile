@@ -26,8 +26,8 @@ model: $(MODEL)/config.json
 demo: setup model
 	$(VENV)/bin/multilora demo --model $(MODEL)
 
-test: setup
-	$(VENV)/bin/pytest -q
+test: setup  # pytest's exit 5 ("no tests collected") is not a failure
+	$(VENV)/bin/pytest -q || [ $$? -eq 5 ]
 
 test-bus: setup
 	$(VENV)/bin/pytest -q -m bus tests/bus
