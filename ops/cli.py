@@ -40,7 +40,7 @@ def cmd_trainer(argv: Sequence[str]) -> int:
     from rollout.data import open_source
     from rollout.rewards import builtin_registry
     from trainer.config import TrainerConfig
-    from trainer.process import build, run
+    from trainer.main import build, run
 
     p = argparse.ArgumentParser(prog="multilora trainer")
     p.add_argument("--redis-url", default=None)

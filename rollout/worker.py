@@ -44,6 +44,9 @@ The worker never publishes ``adapter.failed``: whether an adapter has failed is 
 decision, and one worker's view (a file missing on its host) must not kill an adapter. An
 unreachable engine raises :class:`HandlerError` (retried later by any replica). Anything else is
 a bug and crashes the process; at-least-once delivery makes that safe.
+
+The module passes 600 lines on purpose: the worker's whole state machine (control log,
+tasks, fencing, weight fetching) reads as one algorithm; its pure pieces live in backend.py.
 """
 
 from __future__ import annotations
