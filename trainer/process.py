@@ -336,7 +336,10 @@ class TrainerProcess:
         effects = self.train(ready, wait_s=wait_s)
         if self.consumer is None:
             raise MultiLoraError("TrainerProcess.consumer is not set; build it with build()")
-        self.consumer.commit(effects, [])
+        if not self.consumer.commit(effects, []):
+            # another consumer took the groups this step trained on: memory is now ahead of the
+            # log, so stop; a restart rebuilds from the log and the last acknowledged version
+            raise MultiLoraError("a trained step's groups are no longer ours; restart to recover")
         if self.metrics is not None:
             self.metrics.observe_fleet(self.fleet)
             self.metrics.deferred(
