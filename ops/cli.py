@@ -215,6 +215,12 @@ def cmd_up(argv: Sequence[str]) -> int:
     p.add_argument("--schedule", default=None, help="run this schedule, then exit")
     p.add_argument("--namespace", default="multilora")
     p.add_argument(
+        "--redis-port",
+        type=int,
+        default=6379,
+        help="embedded Redis port (0: any free one); REDIS_URL overrides",
+    )
+    p.add_argument(
         "--metrics-port-base",
         type=int,
         default=9400,
@@ -230,6 +236,7 @@ def cmd_up(argv: Sequence[str]) -> int:
     options = StackOptions(model=args.model, workers=args.workers, num_slots=args.num_slots,
                            run_dir=args.run_dir, namespace=args.namespace,
                            metrics_port_base=args.metrics_port_base,
+        redis_port=args.redis_port,
                            torch_threads=args.torch_threads)  # fmt: skip
     with Stack(options) as stack:
         if args.schedule:

