@@ -1,12 +1,13 @@
 """The CI learning run: three adapters with three rewards train at once on one tiny random model.
 
-``alpha`` is rewarded for emitting ``a``, ``beta`` for ``b`` (the operator reward
-:func:`tests.e2e.rewards.char_fraction`), ``digits`` for any digit (the built-in ``regex``).
+``alpha`` and ``beta`` are rewarded for emitting one letter each — the two letters the random
+model already emits most often, see :func:`likely_letters` — through the operator reward
+:func:`tests.e2e.rewards.char_fraction`; ``digits`` for any digit (the built-in ``regex``).
 All three share the slots of one trainer, one rollout worker and the same prompts. Each must
 reach its target within 90 s of its registration (process start-up included), and each must learn
-*its own* behaviour: after training, alpha's samples are mostly ``a`` and hardly ``b``, beta's
-the reverse, digits' hold digits; greedy decoding with each exported PEFT adapter (loaded by PEFT
-itself, outside the service) shows the same.
+*its own* behaviour: after training, alpha's samples are mostly its letter and hardly beta's,
+beta's the reverse, digits' hold digits; greedy decoding with each exported PEFT adapter (loaded
+by PEFT itself, outside the service) shows the same.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ pytestmark = [pytest.mark.bus]
 
 TARGET_S = 90.0
 WINDOW = 3  # steps averaged when deciding that a target is reached
+STEPS = 60
+LR = 1e-2  # 3e-2 learned faster but sometimes collapsed a policy onto empty completions
 
 
 def reached_at(steps: list[StepDone], target: float) -> StepDone | None:
@@ -71,17 +74,43 @@ def greedy(model_dir: Path, adapter_dir: str, prompts: list[str], new_tokens: in
     return out
 
 
+def likely_letters(model_dir: Path, k: int) -> list[str]:
+    """The ``k`` lowercase letters the random model already emits most often after the prompts.
+
+    The test is about learning and isolation, not about exploring a token the model samples
+    once in 500 draws: targets the policy can find in its first steps make it deterministic
+    enough for CI (with ``a``/``b`` at ~0.2 % a run occasionally never found its letter).
+    """
+    import string
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.e2e.conftest import PROMPTS
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    probs_V = torch.zeros(len(tokenizer))
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = torch.tensor([tokenizer(prompt).input_ids])
+            probs_V += model(ids).logits[0, -1].softmax(-1)
+    ids = {c: tokenizer.convert_tokens_to_ids(c) for c in string.ascii_lowercase}
+    return sorted(ids, key=lambda c: -float(probs_V[ids[c]]))[:k]
+
+
 def test_three_adapters_learn_their_own_behaviour(
     live_stack: Callable[..., LiveStack], data_dir: Path, e2e_model: Path
 ) -> None:
     live = live_stack()
+    a, b = likely_letters(e2e_model, 2)
     adapters = {
-        "alpha": (char_reward("a"), 0.7),
-        "beta": (char_reward("b"), 0.7),
+        "alpha": (char_reward(a), 0.7),
+        "beta": (char_reward(b), 0.7),
         "digits": (digit_reward(), 0.9),
     }
     reg = {
-        name: live.register(name, adapter_spec(data_dir, reward, steps=40, seed=i))
+        name: live.register(name, adapter_spec(data_dir, reward, steps=STEPS, lr=LR, seed=i))
         for i, (name, (reward, _)) in enumerate(adapters.items())
     }
     live.wait_for(
@@ -92,9 +121,9 @@ def test_three_adapters_learn_their_own_behaviour(
 
     for name, (_, target) in adapters.items():
         (completed,) = live.events(Completed, reg[name])
-        assert completed.reason == "budget" and completed.step == 40, completed
+        assert completed.reason == "budget" and completed.step == STEPS, completed
         steps = live.events(StepDone, reg[name])
-        assert [s.step for s in steps] == list(range(1, 41)), name
+        assert [s.step for s in steps] == list(range(1, STEPS + 1)), name
         (registered,) = live.events(RegisterRequested, reg[name])
         hit = reached_at(steps, target)
         curve = [round(s.metrics["reward_mean"], 2) for s in steps]
@@ -106,21 +135,21 @@ def test_three_adapters_learn_their_own_behaviour(
     # Behaviour, from the samples each adapter's own policy generated in its last 5 steps.
     groups = live.groups()
     last = {
-        name: [g for g in groups if g.registration_id == reg[name] and g.step > 35]
+        name: [g for g in groups if g.registration_id == reg[name] and g.step > STEPS - 5]
         for name in adapters
     }
     assert all(len(g) >= 5 for g in last.values()), {n: len(g) for n, g in last.items()}
-    shares = {n: (char_share(g, "a"), char_share(g, "b"), digit_share(g)) for n, g in last.items()}
-    print("a-share, b-share, digit-share of the last samples:", shares)
-    assert char_share(last["alpha"], "a") >= 0.85 and char_share(last["alpha"], "b") <= 0.05
-    assert char_share(last["beta"], "b") >= 0.85 and char_share(last["beta"], "a") <= 0.05
+    shares = {n: (char_share(g, a), char_share(g, b), digit_share(g)) for n, g in last.items()}
+    print(f"{a}-share, {b}-share, digit-share of the last samples:", shares)
+    assert char_share(last["alpha"], a) >= 0.85 and char_share(last["alpha"], b) <= 0.05
+    assert char_share(last["beta"], b) >= 0.85 and char_share(last["beta"], a) <= 0.05
     assert digit_share(last["digits"]) >= 0.85
-    assert char_share(last["digits"], "ab") <= 0.1
+    assert char_share(last["digits"], a + b) <= 0.1
 
     # The exported adapters carry the behaviour outside the service (plain PEFT + transformers).
     exports = {e.adapter: e.uri for e in live.events(Exported)}
     prompts = ["x:", "y:", "z:", "w:"]
-    for name, char, other in (("alpha", "a", "b"), ("beta", "b", "a")):
+    for name, char, other in (("alpha", a, b), ("beta", b, a)):
         texts = greedy(e2e_model, exports[name], prompts)
         joined = "".join(texts)
         print(f"{name} greedy: {texts}")
