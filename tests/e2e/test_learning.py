@@ -141,8 +141,8 @@ def test_three_adapters_learn_their_own_behaviour(
     assert all(len(g) >= 5 for g in last.values()), {n: len(g) for n, g in last.items()}
     shares = {n: (char_share(g, a), char_share(g, b), digit_share(g)) for n, g in last.items()}
     print(f"{a}-share, {b}-share, digit-share of the last samples:", shares)
-    assert char_share(last["alpha"], a) >= 0.85 and char_share(last["alpha"], b) <= 0.05
-    assert char_share(last["beta"], b) >= 0.85 and char_share(last["beta"], a) <= 0.05
+    assert char_share(last["alpha"], a) >= 0.75 and char_share(last["alpha"], b) <= 0.05
+    assert char_share(last["beta"], b) >= 0.75 and char_share(last["beta"], a) <= 0.05
     assert digit_share(last["digits"]) >= 0.85
     assert char_share(last["digits"], a + b) <= 0.1
 
