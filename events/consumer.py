@@ -245,7 +245,10 @@ class Consumer:
             if self._signals > 1:
                 raise ColdShutdown(f"second signal {signum}: cold shutdown")
             log.info("signal %s: warm shutdown (again for cold)", signum)
-            self.request_stop()
+            # only the flag: the handler runs on the main thread, which may be inside the
+            # queue's lock right now (queue.put here could deadlock); run() sees the flag within
+            # ``idle_s``
+            self._stop.set()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
