@@ -257,7 +257,8 @@ class Consumer:
         """Process entries until stopped, ``max_events`` handled, or (``burst``) all drained."""
         self.lease.acquire(wait_s=self.lease_wait_s)
         self.ensure_groups()
-        self._stop.clear()
+        if not self._signals:  # a SIGTERM that came before run() still stops it
+            self._stop.clear()
         self._drained.clear()
         threads = [
             threading.Thread(target=self._read_loop, args=(i, burst), daemon=True,
