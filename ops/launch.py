@@ -21,14 +21,15 @@ from typing import IO
 
 import redis
 
+from events.codec import Decoder
 from events.connection import connect
 from events.errors import ConfigError
+from events.schema import CheckpointSaved, Completed, ControlEvent
 from events.streams import Streams
 from ops.redis_server import RedisServer, resolve_server
 from ops.specfile import load_adapter, load_schedule
 from orchestrator.client import Producer
-
-TERMINAL = ("completed", "retired", "rejected", "failed", "cancelled")
+from orchestrator.lifecycle import AdapterState, is_ended, registration_key, transition
 
 
 @dataclass(frozen=True)
@@ -154,48 +155,18 @@ class Stack:
             self.server.close()
 
 
-def phases(client: redis.Redis, streams: Streams) -> dict[str, tuple[str, int]]:
-    """(phase, step) of every registration (by registration id), folded from the control log."""
-    from events.codec import Decoder
-    from events.schema import (
-        Admitted,
-        Completed,
-        ControlEvent,
-        Failed,
-        Queued,
-        RegisterRequested,
-        Rejected,
-        Retired,
-        StepDone,
-    )
-
+def registrations_view(client: redis.Redis, streams: Streams) -> dict[str, AdapterState]:
+    """Every registration's lifecycle state, replayed from the control log with the trainer's own
+    state machine (:func:`orchestrator.lifecycle.transition`), keyed by registration id."""
     decoder = Decoder(ControlEvent)
-    out: dict[str, tuple[str, int]] = {}
+    states: dict[str, AdapterState] = {}
     for entry_id, fields in client.xrange(streams.control):
         event = decoder.decode(fields, entry_id.decode())
-        key = event.registration_id
-        phase, step = out.get(key, ("registered", 0))
-        match event:
-            case RegisterRequested():
-                phase, step = "registered", 0
-            case Queued():
-                phase = "queued"
-            case Admitted():
-                phase, step = "running", event.start_step
-            case StepDone():
-                step = max(step, event.step)
-            case Completed():
-                phase = "completed" if event.reason == "budget" else "cancelled"
-            case Retired():
-                phase = phase if phase in ("completed", "cancelled", "failed") else "retired"
-            case Rejected():
-                phase = "rejected"
-            case Failed():
-                phase = "failed"
-            case _:
-                continue
-        out[key] = (phase, step)
-    return out
+        key = registration_key(event)
+        state = transition(states.get(key), event)
+        if state is not None:
+            states[key] = state
+    return states
 
 
 def run_schedule_against(
@@ -229,9 +200,8 @@ def run_schedule_against(
                 print(f"[schedule] waiting for {w.adapter} to reach step {w.step}", flush=True)
 
                 def reached(w=w) -> bool:
-                    key = registrations.get(w.adapter, "")
-                    phase, at = phases(client, streams).get(key, ("", 0))
-                    return at >= w.step or phase in TERMINAL
+                    state = registrations_view(client, streams).get(registrations[w.adapter])
+                    return state is not None and (state.step >= w.step or is_ended(state))
 
                 wait_until(reached)
             else:
@@ -239,8 +209,8 @@ def run_schedule_against(
                 wait_until(lambda end=end: time.monotonic() >= end)
 
     def all_done() -> bool:
-        now = phases(client, streams)
-        return all(now.get(r, ("", 0))[0] in TERMINAL for r in registrations.values())
+        now = registrations_view(client, streams)
+        return all(r in now and is_ended(now[r]) for r in registrations.values())
 
     wait_until(all_done)
     wait_until(lambda: not awaiting_final_checkpoint(client, streams, registrations.values()))
@@ -252,9 +222,6 @@ def awaiting_final_checkpoint(
 ) -> set[str]:
     """Registrations that completed after holding a slot (epoch >= 1) and have no final
     checkpoint yet: the schedule is not done until the checkpoint process took them."""
-    from events.codec import Decoder
-    from events.schema import CheckpointSaved, Completed, ControlEvent
-
     decoder = Decoder(ControlEvent)
     completed, saved = set(), set()
     for entry_id, fields in client.xrange(streams.control):
