@@ -213,6 +213,21 @@ class MultiLoraModel(nn.Module):
         layer = self._layers[name]
         return layer.lora_A.data[slot, :rank], layer.lora_Bt.data[slot, :rank]
 
+    def split_layers(self, weight_r_Q: Tensor) -> Iterator[tuple[str, Tensor, Tensor]]:
+        """``(name, A [r, in], Bt [r, out])`` views of one slot's ``[r, Q]`` weight block.
+
+        The block may be a copy (e.g. on the CPU): a slot's weights are one contiguous block of
+        the store, so one device-to-host copy serves every layer.
+        """
+        offsets, widths = self.store.offsets, self.store.widths
+        for i, name in enumerate(self._layers):
+            a_lo, bt_lo = offsets[2 * i], offsets[2 * i + 1]
+            yield (
+                name,
+                weight_r_Q[:, a_lo : a_lo + widths[2 * i]],
+                weight_r_Q[:, bt_lo : bt_lo + widths[2 * i + 1]],
+            )
+
     # --------------------------------------------------------------------- slot lifecycle
     def configure_slot(self, slot: int, rank: int, alpha: float, seed: int = 0) -> None:
         """Give ``slot`` a rank and alpha and fresh weights (:meth:`reset_slot` with ``seed``)."""

@@ -5,9 +5,10 @@ Export writes ``adapter_config.json`` and ``adapter_model.safetensors`` exactly 
 ``base_model.model.<module>.lora_A.weight`` (``[r, in]``) and ``...lora_B.weight``
 (``[out, r]``) sliced to the slot's true rank, ``r``, ``lora_alpha`` (scale ``alpha / r``),
 ``target_modules``, ``base_model_name_or_path`` and ``task_type="CAUSAL_LM"``. PEFT, vLLM and
-SGLang load it unchanged. Only the slot's own ``[r, in]``/``[out, r]`` slices are copied (to
-CPU, in the slot dtype unless ``dtype`` says otherwise); each file is written to a temporary
-name and renamed, so a reader never sees a half-written file.
+SGLang load it unchanged. The slot's ``[r, Q]`` weight block is copied to the CPU once and sliced
+per layer (in the slot dtype unless ``dtype`` says otherwise); :func:`peft_files` builds both
+files in memory, and :func:`export_slot` writes each to a temporary name and renames it, so a
+reader never sees a half-written file.
 
 Import accepts what a plain LoRA needs and refuses, naming the key, what slot layers cannot
 express: DoRA, ``modules_to_save``, biases, per-module rank/alpha patterns, ``fan_in_fan_out``
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from events.errors import ConfigError
@@ -53,24 +54,34 @@ _UNSUPPORTED: dict[str, object] = {
 """Config keys whose non-default values an import refuses (default shown)."""
 
 
-def export_slot(
+def peft_files(
     model: MultiLoraModel,
     slot: int,
-    out_dir: str | Path,
     base_model_path: str | Path,
     *,
     dtype: torch.dtype | None = None,
-) -> Path:
-    """Write ``slot`` as a PEFT LoRA adapter into ``out_dir`` (created); return ``out_dir``."""
+    weight_r_Q: Tensor | None = None,
+) -> dict[str, bytes]:
+    """``slot`` as the two files of a PEFT LoRA adapter (name → content), built in memory.
+
+    ``weight_r_Q`` is the slot's ``[r, Q]`` weight block when the caller already copied it to
+    the CPU; otherwise it is copied here, in one device-to-host transfer.
+    """
     rank = model.table.rank(slot)
     if rank == 0:
         raise ConfigError(f"slot {slot} is not configured; nothing to export")
+    if weight_r_Q is None:
+        weight_r_Q = model.store.weight_S_R_Q[slot, :rank].to("cpu", copy=True)
+    if tuple(weight_r_Q.shape) != (rank, model.store.width):
+        raise ConfigError(
+            f"weight block is {tuple(weight_r_Q.shape)}; slot {slot} needs "
+            f"{(rank, model.store.width)}"
+        )
     tensors: dict[str, Tensor] = {}
-    for name, _ in model.slot_layers():
-        a_r_I, bt_r_O = model.layer_weights(slot, name)
+    for name, a_r_I, bt_r_O in model.split_layers(weight_r_Q.cpu()):
         out_dtype = dtype or a_r_I.dtype
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a_r_I.to("cpu", out_dtype).contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = bt_r_O.T.to("cpu", out_dtype).contiguous()
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a_r_I.to(out_dtype).contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = bt_r_O.T.to(out_dtype).contiguous()
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -92,14 +103,28 @@ def export_slot(
         "inference_mode": True,
         "revision": None,
     }
+    return {
+        WEIGHTS_NAME: save_safetensors(tensors, metadata={"format": "pt"}),
+        CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+    }
+
+
+def export_slot(
+    model: MultiLoraModel,
+    slot: int,
+    out_dir: str | Path,
+    base_model_path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``slot`` as a PEFT LoRA adapter into ``out_dir`` (created); return ``out_dir``."""
+    files = peft_files(model, slot, base_model_path, dtype=dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp_weights = out / f".{WEIGHTS_NAME}.tmp"
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-    os.replace(tmp_weights, out / WEIGHTS_NAME)
-    tmp_config = out / f".{CONFIG_NAME}.tmp"
-    tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_config, out / CONFIG_NAME)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):  # the config last: its presence marks completion
+        tmp = out / f".{name}.tmp"
+        tmp.write_bytes(files[name])
+        os.replace(tmp, out / name)
     return out
 
 

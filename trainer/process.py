@@ -32,6 +32,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -61,7 +62,7 @@ from events.schema import (
 from events.specs import AdapterSpec
 from events.streams import Streams
 from orchestrator.admission import Admission, Reject
-from orchestrator.artifacts import ArtifactStore, load_latest
+from orchestrator.artifacts import ArtifactStore, PublishedVersion, load_latest
 from orchestrator.cursor import CursorState, DataCursor
 from orchestrator.fleet import Fleet
 from orchestrator.ingress import ingress_subscription
@@ -152,6 +153,7 @@ class TrainerProcess:
         self.dataset_sizes: dict[str, int] = {}
         self.consumer: Consumer | None = None
         self.steps_trained = 0
+        self._writers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish")
 
     # --- wiring ------------------------------------------------------------------------------
 
@@ -367,6 +369,7 @@ class TrainerProcess:
         )
         step_s = time.perf_counter() - t0
         effects = Effects()
+        trained: list[tuple[AdapterRun, dict[str, float]]] = []
         for run in ready:
             run.ready_since = None
             effects.ack(*(d.ack_key for d, _ in used[run.name]))
@@ -406,7 +409,9 @@ class TrainerProcess:
                 "step_s": step_s,
                 **m.extras,
             }
-            uri = self._publish_version(run)
+            trained.append((run, step_metrics))
+        uris = self._publish_versions([run for run, _ in trained])
+        for (run, step_metrics), uri in zip(trained, uris, strict=True):
             self._publish(effects, StepDone(adapter=run.name, registration_id=run.registration_id,
                                            epoch=run.epoch, step=run.step, version=run.version,
                                            metrics=step_metrics, state_uri=uri))  # fmt: skip
@@ -494,6 +499,30 @@ class TrainerProcess:
         del self.runs[run.name]
 
     def _publish_version(self, run: AdapterRun) -> str:
+        return self._publish_versions([run])[0]
+
+    def _publish_versions(self, runs: list[AdapterRun]) -> list[str]:
+        """Write the current version of each run; returns their URIs (in order).
+
+        The files are built one after another (each a few device-to-host copies), then written
+        concurrently: each write ends in fsyncs, which wait on the disk, not on Python.
+        """
+        files = [self._version_files(run) for run in runs]
+
+        def write(i: int) -> PublishedVersion:
+            r = runs[i]
+            return self.artifacts.write_version(r.name, r.registration_id, r.version, files[i])
+
+        if len(runs) > 1:
+            published = list(self._writers.map(write, range(len(runs))))
+        else:
+            published = [write(i) for i in range(len(runs))]
+        for run, version in zip(runs, published, strict=True):
+            run.uri = version.uri
+            run.published = (version.sha256, version.bytes)
+        return [version.uri for version in published]
+
+    def _version_files(self, run: AdapterRun) -> dict[str, bytes]:
         cursor = run.cursor_before.get(run.next_step, run.cursor.state())
         info = VersionInfo(
             adapter=run.name,
@@ -504,11 +533,7 @@ class TrainerProcess:
             cursor=cursor,
             spec=run.spec,
         )
-        files = version_files(self.model, self.optimizer, run.slot, info, self.base_model)
-        published = self.artifacts.write_version(run.name, run.registration_id, run.version, files)
-        run.uri = published.uri
-        run.published = (published.sha256, published.bytes)
-        return published.uri
+        return version_files(self.model, self.optimizer, run.slot, info, self.base_model)
 
     def _announce_version(self, effects: Effects, run: AdapterRun, *, step: int) -> None:
         if run.published is None:  # restored: hash what is on the store

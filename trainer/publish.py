@@ -17,9 +17,7 @@ has to copy a version to make a durable checkpoint.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -31,7 +29,7 @@ from events.specs import AdapterSpec
 from orchestrator.cursor import CursorState
 from trainer.inject import MultiLoraModel
 from trainer.optim import SlotAdamW
-from trainer.peft_io import export_slot
+from trainer.peft_io import peft_files
 from trainer.slot_state import load_slot_state, slot_state_dict
 
 STATE_TENSORS = "training_state.safetensors"
@@ -68,9 +66,9 @@ def version_files(
         "spec": msgspec.to_builtins(info.spec),
         "optimizer": scalars,
     }
-    with tempfile.TemporaryDirectory(prefix="multilora-export-") as tmp:
-        export_slot(model, slot, tmp, base_model)
-        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if not p.name.startswith(".")}
+    weight = state["weight_r_Q"]
+    assert isinstance(weight, torch.Tensor)
+    files = peft_files(model, slot, base_model, weight_r_Q=weight)  # the same host copy
     files[STATE_TENSORS] = save_safetensors(tensors)
     files[STATE_JSON] = (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()
     return files

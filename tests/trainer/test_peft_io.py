@@ -16,7 +16,7 @@ from events.specs import OptimSpec
 from tests.trainer.helpers import build, random_batch, randomize_b
 from trainer.lora import BASE_SLOT
 from trainer.losses import weighted_nll
-from trainer.peft_io import export_slot, import_peft
+from trainer.peft_io import export_slot, import_peft, peft_files
 from trainer.step import train_step
 
 SPEC = OptimSpec(lr=2e-2)
@@ -143,3 +143,17 @@ def test_export_of_a_free_slot_is_refused(tiny_model_dir, tmp_path):
     model, _ = build(tiny_model_dir("llama"), {})
     with pytest.raises(ConfigError, match="slot 1 is not configured"):
         export_slot(model, 1, tmp_path / "x", base_model_path="m")
+
+
+def test_split_layers_of_a_host_copy_are_the_slot_layer_weights(tiny_model_dir):
+    model, opt = build(tiny_model_dir("qwen3"), {1: (4, 8.0, SPEC), 3: (8, 16.0, SPEC)})
+    train_step(model, opt, random_batch([1, 3, 3], 10, seed=0), weighted_nll)
+    for slot, rank in ((1, 4), (3, 8)):
+        block_r_Q = model.store.weight_S_R_Q[slot, :rank].clone()
+        split = list(model.split_layers(block_r_Q))
+        assert [name for name, _, _ in split] == [name for name, _ in model.slot_layers()]
+        for name, a_r_I, bt_r_O in split:
+            want_a, want_bt = model.layer_weights(slot, name)
+            assert torch.equal(a_r_I, want_a) and torch.equal(bt_r_O, want_bt), name
+    with pytest.raises(ConfigError, match="weight block"):
+        peft_files(model, 1, "m", weight_r_Q=torch.zeros(4, 3))
