@@ -88,6 +88,8 @@ class LossSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     ``advantage="grpo"`` normalises rewards by the group's mean and std; ``"drgrpo"`` only
     subtracts the mean. ``clip_low``/``clip_high`` are DAPO's asymmetric PPO clip range.
+    ``clip_ratio_c`` is dual-clip PPO's bound for negative advantages: a token whose ratio is
+    above it contributes ``clip_ratio_c · A`` and no gradient (0 turns the bound off).
     ``kl_coef > 0`` adds a KL penalty to the base model (the same forward with the adapter off).
     ``filter_zero_variance`` drops groups whose rewards are all equal (no learning signal).
     """
@@ -95,6 +97,7 @@ class LossSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     advantage: Literal["grpo", "drgrpo"] = "grpo"
     clip_low: float = 0.2
     clip_high: float = 0.28
+    clip_ratio_c: float = 3.0
     kl_coef: float = 0.0
     filter_zero_variance: bool = False
 

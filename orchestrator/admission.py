@@ -187,6 +187,8 @@ class Admission:
             ("optim.max_grad_norm", _pos(o.max_grad_norm), "use a finite max_grad_norm > 0"),
             ("loss.clip_low", 0.0 <= loss.clip_low < 1.0, "use clip_low in [0, 1)"),
             ("loss.clip_high", _nonneg(loss.clip_high), "use a finite clip_high >= 0"),
+            ("loss.clip_ratio_c", loss.clip_ratio_c == 0.0 or 1.0 < loss.clip_ratio_c < math.inf,
+             "use a finite clip_ratio_c > 1, or 0 for no dual clip"),
             ("loss.kl_coef", _nonneg(loss.kl_coef), "use a finite kl_coef >= 0"),
             ("sampling.temperature", _nonneg(s.temperature), "use a finite temperature >= 0"),
             ("sampling.top_p", 0.0 < s.top_p <= 1.0, "use top_p in (0, 1]"),

@@ -10,8 +10,13 @@ Per completion token ``t`` of a row routed to slot ``s``, with ``ρ_t = exp(log 
 the importance ratio against the *rollout* log-probs ``μ`` (the behaviour policy that sampled the
 token, possibly ``max_staleness`` versions old)::
 
-    loss_t = -min(ρ_t · A, clip(ρ_t, 1 - ε_low[s], 1 + ε_high[s]) · A)
-             + β[s] · (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)       (k3 KL estimator)
+    pg_t   = -min(ρ_t · A, clip(ρ_t, 1 - ε_low[s], 1 + ε_high[s]) · A)
+    pg_t   = min(pg_t, -c[s] · A)          when A < 0 and c[s] > 0   (dual clip, Ye et al. 2020)
+    loss_t = pg_t + β[s] · (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)     (k3 KL estimator)
+
+The dual clip bounds what one token with a negative advantage can do when the current policy
+already makes it far likelier than the (possibly stale) behaviour policy did: without it such a
+token's loss grows with ``ρ`` without limit and a single stale sample can dominate a step.
 
 ``ref_t`` is the base model's log-prob (the same forward with the adapter switched off); it is
 computed only when some slot has ``β > 0``. The train step normalises per adapter by that adapter's
@@ -50,14 +55,17 @@ class PPOClipLoss:
     clip_low_S: Tensor
     clip_high_S: Tensor
     kl_coef_S: Tensor
+    clip_ratio_c_S: Tensor | None = None
 
     @classmethod
     def from_specs(cls, specs: dict[int, LossSpec], num_slots: int) -> PPOClipLoss:
         """Build from each present slot's LossSpec (absent slots get harmless defaults)."""
         low, high, kl = torch.zeros(num_slots), torch.zeros(num_slots), torch.zeros(num_slots)
+        dual = torch.zeros(num_slots)
         for slot, spec in specs.items():
             low[slot], high[slot], kl[slot] = spec.clip_low, spec.clip_high, spec.kl_coef
-        return cls(low, high, kl)
+            dual[slot] = spec.clip_ratio_c
+        return cls(low, high, kl, dual)
 
     @property
     def needs_reference(self) -> bool:
@@ -82,8 +90,14 @@ class PPOClipLoss:
         clipped_B_T = torch.minimum(torch.maximum(ratio_B_T, 1.0 - low_B), 1.0 + high_B)
         surrogate_B_T = torch.minimum(ratio_B_T * adv_B_T, clipped_B_T * adv_B_T)
         loss_B_T = -surrogate_B_T
+        clip_mask_B_T = (ratio_B_T < 1.0 - low_B) | (ratio_B_T > 1.0 + high_B)
+        if self.clip_ratio_c_S is not None and bool((self.clip_ratio_c_S > 0).any()):
+            c_B = self.clip_ratio_c_S.to(device)[slot_B][:, None]
+            dual_B_T = (adv_B_T < 0) & (c_B > 0) & (ratio_B_T > c_B)
+            loss_B_T = torch.where(dual_B_T, -c_B * adv_B_T, loss_B_T)
+            clip_mask_B_T = clip_mask_B_T | dual_B_T
         metrics = {
-            "clip_frac": ((ratio_B_T < 1.0 - low_B) | (ratio_B_T > 1.0 + high_B)).float().detach(),
+            "clip_frac": clip_mask_B_T.float().detach(),
             "ratio": ratio_B_T.detach(),
             "neg_logprob": -logprobs_B_T.detach(),
         }

@@ -10,7 +10,7 @@ import pytest
 from events.codec import encode
 from events.errors import ConfigError
 from events.schema import RegisterRequested
-from events.specs import DatasetSpec, OptimSpec, RewardSpec, SamplingSpec
+from events.specs import DatasetSpec, LossSpec, OptimSpec, RewardSpec, SamplingSpec
 from orchestrator.admission import Admission, Admit, Reject
 from orchestrator.fleet import Fleet
 from tests.orchestrator import builders as b
@@ -59,6 +59,7 @@ SPEC_CASES = [
     ({"optim": OptimSpec(lr=0.0)}, "spec.optim.lr", ["optim.lr = 0.0", "lr > 0"]),
     ({"optim": OptimSpec(lr=float("inf"))}, "spec.optim.lr", ["inf", "finite"]),
     ({"optim": OptimSpec(betas=(0.9, 1.0))}, "spec.optim.betas", ["(0.9, 1.0)"]),
+    ({"loss": LossSpec(clip_ratio_c=0.5)}, "spec.loss.clip_ratio_c", ["0.5", "> 1, or 0"]),
     ({"sampling": SamplingSpec(top_p=0.0)}, "spec.sampling.top_p", ["top_p in (0, 1]"]),
     ({"sampling": SamplingSpec(top_k=0)}, "spec.sampling.top_k", ["top_k = 0"]),
     ({"sampling": SamplingSpec(max_new_tokens=0)}, "spec.sampling.max_new_tokens", ["= 0"]),

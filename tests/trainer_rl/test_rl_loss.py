@@ -87,3 +87,27 @@ def test_kl_term_only_for_slots_with_a_coefficient() -> None:
     expected_kl = math.exp(-1.0) + 1.0 - 1.0
     assert m2["kl"][0, 1].item() == pytest.approx(expected_kl)
     assert (far - same)[0, 1].item() == pytest.approx(0.5 * expected_kl)
+
+
+def test_dual_clip_bounds_negative_advantage_tokens_far_above_the_behaviour_policy() -> None:
+    batch = _batch(adv=1.0, old=math.log(0.1))  # row 1 has advantage -1
+    # ratio 0.9 / 0.1 = 9 > c = 3: the negative-advantage token's loss is c·|A|, no gradient
+    logp = torch.full(batch.tokens_B_T.shape, math.log(0.9), requires_grad=True)
+    dual = PPOClipLoss.from_specs({0: LossSpec(clip_ratio_c=3.0)}, num_slots=1)
+    loss, metrics = dual(logp, batch, None)
+    assert loss[1, 1].item() == pytest.approx(3.0)
+    assert metrics["clip_frac"][1, 1].item() == 1.0
+    loss[1, 1].backward()
+    assert logp.grad[1, 1].item() == 0.0
+    # without the dual clip the same token costs ρ·|A| = 9 and keeps its gradient
+    plain = PPOClipLoss.from_specs({0: LossSpec(clip_ratio_c=0.0)}, num_slots=1)
+    logp0 = logp.detach().clone().requires_grad_(True)
+    loss0, _ = plain(logp0, batch, None)
+    assert loss0[1, 1].item() == pytest.approx(9.0)
+    loss0[1, 1].backward()
+    assert logp0.grad[1, 1].item() == pytest.approx(9.0)
+    # positive advantages are untouched by it (PPO's upper clip already applies there)
+    assert loss[0, 1].item() == pytest.approx(loss0[0, 1].item())
+    # below c the dual clip changes nothing
+    near = torch.full(batch.tokens_B_T.shape, math.log(0.25))
+    assert dual(near, batch, None)[0][1, 1].item() == pytest.approx(2.5)
