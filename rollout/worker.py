@@ -13,11 +13,13 @@ learns the registrations, epochs and versions before it serves).
 - ``adapter.admitted`` — remember ``(registration_id, epoch)``; the registration is live.
 - ``adapter.sync_requested`` — verify the sha256 of ``adapter_model.safetensors`` against the
   event (mismatch: :class:`SyncError`, so the entry is retried, then dead-lettered), load the
-  version unless a newer one is served, and publish ``adapter.synced`` (``latency_s = now -
-  event.time``) plus ``sync:<worker> = <version>`` in the adapter's status hash, in the same
-  commit as the ack. Events already in the log when the worker started (``history_until``) are
-  only *recorded*: a replica replaying history loads lazily, from the next task, rather than
-  every version ever published, and does not answer syncs addressed to the past.
+  version unless a newer one is served, and publish ``adapter.synced`` (``latency_s`` = when it
+  began serving the version − ``event.time``: a task that needed the version may have loaded it
+  before the sync event was handled) plus ``sync:<worker> = <version>`` in the adapter's status
+  hash, in the same commit as the ack. Events already in the log when the worker started
+  (``history_until``) are only *recorded*: a replica replaying history loads lazily, from the
+  next task, rather than every version ever published, and does not answer syncs addressed to
+  the past.
 - ``adapter.retired`` / ``.completed`` / ``.failed`` / ``.deregister_requested`` (a cancel)
   — the registration is dead: unload its versions and drop its future tasks. A later
   ``adapter.admitted`` under a higher epoch (a resume) makes it live again.
@@ -224,6 +226,7 @@ class RolloutWorker:
         self.registrations: dict[str, _Registration] = {}
         self.syncs: dict[str, SyncRequested] = {}  # registration id -> newest sync seen
         self.loaded_sha: dict[tuple[str, int], str] = {}  # (served name, version) -> sha256
+        self.serving_since: dict[tuple[str, int], float] = {}  # same keys -> clock() at load
         self._sources = _Lru(cache_size)
         self._rewards = _Lru(cache_size)
         self.metrics = metrics or RolloutMetrics(CollectorRegistry())  # default: not exported
@@ -272,8 +275,7 @@ class RolloutWorker:
         name = served_name(adapter, reg)
         self.backend.unload(name)
         self.weights.forget(name)
-        self.loaded_sha = {k: v for k, v in self.loaded_sha.items() if k[0] != name}
-        self.metrics.adapters_loaded(len(self.loaded_sha))
+        self._forget_unserved(name)
 
     def _on_sync(self, event: SyncRequested, *, replay: bool) -> Effects:
         view = self.registrations.setdefault(event.registration_id, _Registration(event.epoch))
@@ -297,13 +299,16 @@ class RolloutWorker:
                 self._load(name, event.version, event.uri, expect_sha256=event.sha256)
             except (WeightsError, AdapterLoadError, BackendUnavailableError) as err:
                 raise SyncError(f"sync of {name}@{event.version} failed: {err}") from err
+        # A task may have loaded this version before its sync event got here: the worker has
+        # served it since then, not since now.
+        since = self.serving_since.get((name, event.version), self.clock())
         synced = Synced(
             adapter=event.adapter,
             registration_id=event.registration_id,
             epoch=event.epoch,
             worker=self.name,
             version=event.version,
-            latency_s=max(0.0, self.clock() - event.time),
+            latency_s=max(0.0, since - event.time),
         )
         synced = stamp(synced, source=self.name)
         effects = Effects().publish(self.streams.control, synced)
@@ -326,9 +331,17 @@ class RolloutWorker:
                 self.backend.unload(name, version)
             self.backend.load(name, version, str(path))
         self.loaded_sha[(name, version)] = sha256
+        self.serving_since[(name, version)] = self.clock()
+        self._forget_unserved(name)
+
+    def _forget_unserved(self, name: str) -> None:
+        """Drop the records of ``name``'s versions the backend no longer serves."""
         served = set(self.backend.versions(name))  # older versions may have been evicted
         self.loaded_sha = {
             k: v for k, v in self.loaded_sha.items() if k[0] != name or k[1] in served
+        }
+        self.serving_since = {
+            k: v for k, v in self.serving_since.items() if k[0] != name or k[1] in served
         }
         self.metrics.adapters_loaded(len(self.loaded_sha))
 

@@ -8,9 +8,12 @@ import time
 import msgspec
 import pytest
 
+from events.codec import Decoder
+from events.effects import Effects
 from events.errors import HandlerError
 from events.schema import (
     Completed,
+    ControlEvent,
     DeadLetter,
     DeregisterRequested,
     Retired,
@@ -33,6 +36,17 @@ from tests.rollout_worker.helpers import (
 )
 
 pytestmark = pytest.mark.bus
+
+
+def effects_events(effects: Effects) -> list[object]:
+    """The control events an :class:`Effects` would ``XADD``."""
+    decoder = Decoder(ControlEvent)
+    out = []
+    for cmd in effects.commands:
+        if cmd[0] == "XADD":
+            fields = cmd[cmd.index("*") + 1 :]
+            out.append(decoder.decode(dict(zip(fields[::2], fields[1::2], strict=True))))
+    return out
 
 
 def test_tasks_become_one_group_each_with_right_fields(
@@ -166,6 +180,24 @@ def test_sync_loads_the_version_and_publishes_synced(
     run_burst(redis_url, streams, worker)
     assert len([e for e in read_control(rclient, streams) if isinstance(e, Synced)]) == 1
     assert worker.backend.versions(served_name("math", "r1")) == (1,)
+
+
+def test_sync_of_a_version_a_task_loaded_reports_when_serving_began(make_worker, versions) -> None:
+    """The task for step k can reach a worker before the sync of version k: the worker loads
+    the version for the task, and the sync's latency is measured to that load, not to now."""
+    now = [1000.0]
+    worker = make_worker("w1", clock=lambda: now[0])
+    worker.on_control(admitted("math", "r1"))
+    now[0] = 1000.2  # the task arrives and loads version 1
+    worker.on_task(task("math", "r1", versions[1], version=1))
+    now[0] = 1003.0  # the sync event is handled after the task's generation
+    effects = worker.on_control(sync("math", "r1", 1, versions[1], time=1000.0), "9-0")
+    (synced,) = [e for e in effects_events(effects) if isinstance(e, Synced)]
+    assert synced.latency_s == pytest.approx(0.2)
+    # a version loaded by the sync itself is served from the time of that load
+    effects = worker.on_control(sync("math", "r1", 2, versions[2], time=1002.0), "9-1")
+    (synced,) = [e for e in effects_events(effects) if isinstance(e, Synced)]
+    assert synced.latency_s == pytest.approx(1.0)
 
 
 def test_sync_with_wrong_sha256_is_rejected_and_dead_lettered(
