@@ -12,11 +12,15 @@ token, possibly ``max_staleness`` versions old)::
 
     pg_t   = -min(ρ_t · A, clip(ρ_t, 1 - ε_low[s], 1 + ε_high[s]) · A)
     pg_t   = min(pg_t, -c[s] · A)          when A < 0 and c[s] > 0   (dual clip, Ye et al. 2020)
-    loss_t = pg_t + β[s] · (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)     (k3 KL estimator)
+    kl_t   = min(exp(ref_t - logp_t) - (ref_t - logp_t) - 1, KL_MAX)         (k3 estimator)
+    loss_t = pg_t + β[s] · kl_t
 
 The dual clip bounds what one token with a negative advantage can do when the current policy
 already makes it far likelier than the (possibly stale) behaviour policy did: without it such a
 token's loss grows with ``ρ`` without limit and a single stale sample can dominate a step.
+The k3 estimator is clamped at :data:`KL_MAX` for the same reason: a sampled token the policy
+has since made far less likely than the base model does gives ``exp(ref - logp)`` in the
+thousands, and one such token's gradient would outweigh the whole step's.
 
 ``ref_t`` is the base model's log-prob (the same forward with the adapter switched off); it is
 computed only when some slot has ``β > 0``. The train step normalises per adapter by that adapter's
@@ -36,6 +40,9 @@ from events.specs import LossSpec
 from trainer.lora import BASE_SLOT
 from trainer.losses import LossOutput
 from trainer.step import TrainBatch
+
+KL_MAX = 10.0
+"""Upper bound of one token's k3 KL term (beyond it the token adds no KL gradient)."""
 
 
 def group_advantages(rewards_G: Sequence[float], kind: str, eps: float = 1e-6) -> list[float]:
@@ -103,7 +110,7 @@ class PPOClipLoss:
         }
         if ref_logprobs_B_T is not None:
             delta_B_T = ref_logprobs_B_T.to(logprobs_B_T.dtype) - logprobs_B_T
-            kl_B_T = torch.exp(delta_B_T) - delta_B_T - 1.0
+            kl_B_T = (torch.exp(delta_B_T) - delta_B_T - 1.0).clamp(max=KL_MAX)
             loss_B_T = loss_B_T + kl_B * kl_B_T
             metrics["kl"] = kl_B_T.detach()
         return loss_B_T, metrics

@@ -10,7 +10,7 @@ import torch
 from events.schema import PromptGroup, Sample
 from events.specs import LossSpec
 from trainer.batching import AdapterRows, build_batch
-from trainer.rl_loss import PPOClipLoss, group_advantages
+from trainer.rl_loss import KL_MAX, PPOClipLoss, group_advantages
 
 
 def sample(ids, reward, *, failed=False, lp=-0.5) -> Sample:
@@ -111,3 +111,13 @@ def test_dual_clip_bounds_negative_advantage_tokens_far_above_the_behaviour_poli
     # below c the dual clip changes nothing
     near = torch.full(batch.tokens_B_T.shape, math.log(0.25))
     assert dual(near, batch, None)[0][1, 1].item() == pytest.approx(2.5)
+
+
+def test_kl_term_is_bounded_for_tokens_the_policy_has_made_unlikely() -> None:
+    loss_fn = PPOClipLoss.from_specs({0: LossSpec(kl_coef=1.0)}, num_slots=1)
+    batch = _batch(adv=0.0, old=-1.0)
+    logp = torch.full(batch.tokens_B_T.shape, -15.0, requires_grad=True)
+    loss, metrics = loss_fn(logp, batch, torch.full_like(logp, -1.0))  # exp(14) ≈ 1.2e6
+    assert metrics["kl"][0, 1].item() == KL_MAX
+    loss[0, 1].backward()
+    assert logp.grad[0, 1].item() == 0.0
