@@ -93,6 +93,10 @@ class Subscription:
     priority: int = 0
     """Deliveries of lower ``priority`` are handled first (a worker's control events before its
     queued tasks, so a weight sync never waits behind read-ahead work)."""
+    max_in_flight: int | None = None
+    """This subscription's cap on entries read but not yet committed (None: the consumer's)."""
+    count: int | None = None
+    """Entries per read (None: the consumer's ``count``)."""
 
 
 @dataclass(frozen=True)
@@ -302,6 +306,12 @@ class Consumer:
         busy work queue never stops the control log from being read)."""
         return sum(1 for k in self._in_flight if k[0] == sub.stream and k[1] == sub.group)
 
+    def _cap(self, sub: Subscription) -> int:
+        return self.max_in_flight if sub.max_in_flight is None else sub.max_in_flight
+
+    def _count(self, sub: Subscription) -> int:
+        return self.count if sub.count is None else sub.count
+
     def _unblock_readers(self) -> None:
         """Wake readers parked in a blocking XREADGROUP so shutdown need not wait ``block_ms``."""
         for client_id in list(self._reader_ids):
@@ -405,10 +415,9 @@ class Consumer:
             last_trim = time.monotonic()
             while not self._stop.is_set():
                 with self._lock:
-                    while (
-                        self._in_flight_for(sub) >= self.max_in_flight and not self._stop.is_set()
-                    ):
+                    while self._in_flight_for(sub) >= self._cap(sub) and not self._stop.is_set():
                         self._lock.wait()
+                    room = max(1, self._cap(sub) - self._in_flight_for(sub))
                 if self._stop.is_set():
                     return
                 got = 0
@@ -423,7 +432,7 @@ class Consumer:
                         sub.group,
                         self.name,
                         {sub.stream: ">"},
-                        count=self.count,
+                        count=min(self._count(sub), room),
                         block=None if burst else self.block_ms,
                     )
                 except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
@@ -453,7 +462,9 @@ class Consumer:
     def _read_own_pending(self, sub: Subscription, client: redis.Redis) -> None:
         last = "0"
         while not self._stop.is_set():
-            resp = client.xreadgroup(sub.group, self.name, {sub.stream: last}, count=self.count)
+            resp = client.xreadgroup(
+                sub.group, self.name, {sub.stream: last}, count=self._count(sub)
+            )
             entries = resp[0][1] if resp else []
             if not entries:
                 return
@@ -466,7 +477,7 @@ class Consumer:
         start = "0-0"
         while True:
             resp = client.xautoclaim(
-                sub.stream, sub.group, self.name, self.claim_idle_ms, start, count=self.count
+                sub.stream, sub.group, self.name, self.claim_idle_ms, start, count=self._count(sub)
             )
             start, entries = _s(resp[0]), resp[1]
             for entry_id, fields in entries:

@@ -126,6 +126,11 @@ KNOWN_TASK_FAILURES = (DataError, RewardError, SamplingParamError, AdapterLoadEr
 """Task failures that become failed samples in the group instead of crashing the worker."""
 
 
+CONTROL_READ_AHEAD = 256
+"""Control events a worker reads ahead (in bulk) while it generates: all of them are handled
+before its next task, so a weight sync never waits behind a backlog of other control events."""
+
+
 def row_seed(task_seed: int, prompt_index: int, sample_index: int, occurrence: int = 0) -> int:
     """The sampling seed of one row: a hash of the task seed, prompt index and sample index.
 
@@ -235,7 +240,12 @@ class RolloutWorker:
         """Control log (own group, from the start) and the task queue (shared group)."""
         return [
             Subscription(
-                self.streams.control, f"rollout.{self.name}", Decoder(ControlEvent), priority=-1
+                self.streams.control,
+                f"rollout.{self.name}",
+                Decoder(ControlEvent),
+                priority=-1,
+                max_in_flight=CONTROL_READ_AHEAD,
+                count=CONTROL_READ_AHEAD,
             ),
             Subscription(self.streams.tasks, TASK_GROUP, Decoder(TaskEvent)),
         ]

@@ -231,3 +231,31 @@ def test_lower_priority_subscription_is_handled_first(redis_url, streams, rclien
     last_control = max(i for i, n in enumerate(order) if n.startswith("c"))
     tasks_before = sum(1 for n in order[:last_control] if n.startswith("t"))
     assert tasks_before <= 3, order  # with one shared cap of 2 the controls would wait for tasks
+
+
+def test_a_subscription_may_read_further_ahead_than_the_consumer_default(
+    redis_url, streams, rclient
+) -> None:
+    """The control log of a worker is read in bulk (its own cap and count) while its work queue
+    keeps the consumer's cap of one: every queued control event is handled before the second
+    task, even though each handler call is slow."""
+    for i in range(3):
+        event = stamp(Failed(adapter="a", registration_id=f"t{i}", reason="x"), source="t")
+        rclient.xadd(streams.tasks, encode(event))
+    order: list[str] = []
+
+    def handle(d: Delivery) -> Effects:
+        order.append(d.event.registration_id)
+        if d.event.registration_id == "t0":  # 20 control events land while the first task runs
+            for i in range(20):
+                event = stamp(Failed(adapter="a", registration_id=f"c{i}", reason="x"), source="t")
+                rclient.xadd(streams.control, encode(event))
+            time.sleep(0.5)
+        return Effects()
+
+    bulk = Subscription(
+        streams.control, "w", Decoder(ControlEvent), priority=-1, max_in_flight=64, count=64
+    )
+    subs = [Subscription(streams.tasks, "w", Decoder(ControlEvent)), bulk]
+    make_consumer(redis_url, streams, handle, subs=subs, max_in_flight=1).run(max_events=23)
+    assert order[0] == "t0" and order[1:21] == [f"c{i}" for i in range(20)], order
