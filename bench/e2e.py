@@ -17,7 +17,9 @@ from the events they publish:
 * ``sync_p50_ms`` / ``sync_p99_ms``: ``adapter.synced`` ``latency_s`` — from the trainer
   publishing a version (its ``sync_requested`` time) to a worker serving it, every worker. A
   worker answers only syncs it has not already overtaken (a task may have loaded a newer version
-  first); ``syncs_answered`` / ``syncs_requested`` say how many.
+  first); ``syncs_answered`` / ``syncs_requested`` say how many. A worker handles a sync between
+  two tasks, so the time one task takes (``task_s_p50``/``task_s_p99``: ``generate_s`` of the
+  ``rollout.group`` events, generation plus scoring) bounds how long a sync can wait.
 * ``control_plane_share``: the share of a trainer step's critical path that is not forward,
   backward or optimizer. The critical path of one trainer step (the ``step_done`` events it
   commits together) is ``W = commit - ready``: ``ready`` is when the last rollout group it trains
@@ -229,6 +231,7 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
     # sync latency
     syncs_ms = [1000.0 * e.latency_s for _, e in control if isinstance(e, Synced)]
     requested = sum(isinstance(e, SyncRequested) for _, e in control)
+    generate_s = [g.generate_s for _, g in bus.groups()]
     return {
         "register_to_first_step_s": statistics.median(first_step_s(n) for n in joiners),
         "register_to_first_step_cold_s": statistics.median(first_step_s(n) for n in LONG),
@@ -240,6 +243,8 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
         "sync_p99_ms": percentile(syncs_ms, 99),
         "syncs_answered": len(syncs_ms),
         "syncs_requested": requested,
+        "task_s_p50": percentile(generate_s, 50),
+        "task_s_p99": percentile(generate_s, 99),
         "steps_total": sum(len(v) for v in by_reg.values()),
     }
 
@@ -423,6 +428,8 @@ def print_table(out: dict[str, Any]) -> None:
         ("stall on join/leave (mean)", f"{out['stall_steps_mean']:.2f}", "steps"),
         ("sync latency p50", f"{out['sync_p50_ms']:.1f}", "ms"),
         ("sync latency p99", f"{out['sync_p99_ms']:.1f}", "ms"),
+        ("syncs answered / requested", f"{out['syncs_answered']}/{out['syncs_requested']}", ""),
+        ("rollout task p50 / p99", f"{out['task_s_p50']:.3f}/{out['task_s_p99']:.3f}", "s"),
         ("control-plane share of step", f"{out['control_plane_share']:.1%}", ""),
         *[(f"  {part}", f"{share:.1%}", "") for part, share in out["share"].items()],
     ]

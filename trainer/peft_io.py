@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from events.errors import ConfigError
 from trainer.inject import MultiLoraModel
+from trainer.safetensors_buf import to_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -104,7 +104,7 @@ def peft_files(
         "revision": None,
     }
     return {
-        WEIGHTS_NAME: save_safetensors(tensors, metadata={"format": "pt"}),
+        WEIGHTS_NAME: to_safetensors(tensors, metadata={"format": "pt"}),
         CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
     }
 

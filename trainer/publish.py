@@ -23,13 +23,13 @@ from typing import Any
 import msgspec
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from events.specs import AdapterSpec
 from orchestrator.cursor import CursorState
 from trainer.inject import MultiLoraModel
 from trainer.optim import SlotAdamW
 from trainer.peft_io import peft_files
+from trainer.safetensors_buf import to_safetensors
 from trainer.slot_state import load_slot_state, slot_state_dict
 
 STATE_TENSORS = "training_state.safetensors"
@@ -69,7 +69,7 @@ def version_files(
     weight = state["weight_r_Q"]
     assert isinstance(weight, torch.Tensor)
     files = peft_files(model, slot, base_model, weight_r_Q=weight)  # the same host copy
-    files[STATE_TENSORS] = save_safetensors(tensors)
+    files[STATE_TENSORS] = to_safetensors(tensors)
     files[STATE_JSON] = (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()
     return files
 

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from events.specs import AdapterSpec, DatasetSpec, OptimSpec, RewardSpec, SamplingSpec
+from events.specs import (
+    AdapterSpec,
+    DatasetSpec,
+    LossSpec,
+    OptimSpec,
+    RewardSpec,
+    SamplingSpec,
+)
 from tests.e2e.harness import CHAR_REWARD
 
 
@@ -28,6 +36,8 @@ def adapter_spec(
     keep_checkpoints: int = 3,
     seed: int = 0,
     max_staleness: int = 1,
+    kl_coef: float = 0.0,
+    schedule: Literal["constant", "cosine"] = "constant",
 ) -> AdapterSpec:
     """Rank 8, 4 prompts x 8 samples of at most 5 tokens at temperature 1 per step."""
     return AdapterSpec(
@@ -36,7 +46,8 @@ def adapter_spec(
         dataset=DatasetSpec(kind="jsonl", path=str(data_dir / "prompts.jsonl")),
         rewards=(reward,),
         sampling=SamplingSpec(temperature=1.0, max_new_tokens=5),
-        optim=OptimSpec(lr=lr),
+        optim=OptimSpec(lr=lr, schedule=schedule),
+        loss=LossSpec(kl_coef=kl_coef),
         group_size=8,
         prompts_per_step=4,
         steps=steps,

@@ -8,6 +8,16 @@ reach its target within 90 s of its registration (process start-up included), an
 *its own* behaviour: after training, alpha's samples are mostly its letter and hardly beta's,
 beta's the reverse, digits' hold digits; greedy decoding with each exported PEFT adapter (loaded
 by PEFT itself, outside the service) shows the same.
+
+Every adapter has a small KL penalty to the base model (``kl_coef`` 0.05) and a cosine learning
+rate schedule. With neither, about one run in ten failed, in two ways: GRPO gets no signal from a
+prompt whose samples all score 0, so the policy on such a prompt drifted freely (to ``"....."``,
+say) while the adapter learned its letter on the others; and a near-deterministic policy at a
+constant learning rate sometimes collapsed within a step or two, long after reaching its target.
+The penalty keeps every prompt's distribution near the base model's, where the rewarded letter
+still has mass; the schedule lets the policy settle once it has learned. Targets are reached a few
+steps later (well inside the budget); 16 of 16 runs passed with both, against 3 failures in 27
+without.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ TARGET_S = 90.0
 WINDOW = 3  # steps averaged when deciding that a target is reached
 STEPS = 60
 LR = 1e-2  # 3e-2 learned faster but sometimes collapsed a policy onto empty completions
+KL = 0.05  # see the module docstring
 
 
 def reached_at(steps: list[StepDone], target: float) -> StepDone | None:
@@ -110,7 +121,12 @@ def test_three_adapters_learn_their_own_behaviour(
         "digits": (digit_reward(), 0.9),
     }
     reg = {
-        name: live.register(name, adapter_spec(data_dir, reward, steps=STEPS, lr=LR, seed=i))
+        name: live.register(
+            name,
+            adapter_spec(
+                data_dir, reward, steps=STEPS, lr=LR, seed=i, kl_coef=KL, schedule="cosine"
+            ),
+        )
         for i, (name, (reward, _)) in enumerate(adapters.items())
     }
     live.wait_for(
@@ -143,7 +159,7 @@ def test_three_adapters_learn_their_own_behaviour(
     print(f"{a}-share, {b}-share, digit-share of the last samples:", shares)
     assert char_share(last["alpha"], a) >= 0.75 and char_share(last["alpha"], b) <= 0.05
     assert char_share(last["beta"], b) >= 0.75 and char_share(last["beta"], a) <= 0.05
-    assert digit_share(last["digits"]) >= 0.85
+    assert digit_share(last["digits"]) >= 0.8  # the KL penalty holds it a little below 1
     assert char_share(last["digits"], a + b) <= 0.1
 
     # The exported adapters carry the behaviour outside the service (plain PEFT + transformers).
