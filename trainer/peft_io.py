@@ -37,7 +37,7 @@ from trainer.safetensors_buf import to_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
 
 _UNSUPPORTED: dict[str, object] = {
     "use_dora": False,
@@ -80,8 +80,8 @@ def peft_files(
     tensors: dict[str, Tensor] = {}
     for name, a_r_I, bt_r_O in model.split_layers(weight_r_Q.cpu()):
         out_dtype = dtype or a_r_I.dtype
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a_r_I.to(out_dtype).contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = bt_r_O.T.to(out_dtype).contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a_r_I.to(out_dtype).contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = bt_r_O.T.to(out_dtype).contiguous()
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -201,7 +201,7 @@ def _check_config(config: dict, adapter: Path, max_rank: int) -> tuple[int, floa
 def _parse_key(key: str) -> tuple[str, str]:
     """``base_model.model.<module>.lora_A[.<adapter>].weight`` → ``(module, "lora_A")``."""
     parts = key.split(".")
-    if not key.startswith(_PREFIX) or parts[-1] != "weight":
+    if not key.startswith(PEFT_PREFIX) or parts[-1] != "weight":
         raise ConfigError(f"unexpected tensor {key!r} in a PEFT LoRA file")
     body = parts[2:-1]
     for kind in ("lora_A", "lora_B"):

@@ -223,6 +223,7 @@ class TrainerProcess:
             slot,
             self.artifacts.read_file(uri, STATE_TENSORS),
             self.artifacts.read_file(uri, STATE_JSON),
+            self.artifacts.read_file(uri, ADAPTER_WEIGHTS),
         )
         run = AdapterRun(
             name=name,

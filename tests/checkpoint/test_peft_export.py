@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save
 from transformers import AutoModelForCausalLM
 
+from events.errors import ConfigError
 from ops.models import write_tiny_model
 from orchestrator.artifacts import ArtifactStore, CheckpointStore, verify
 
@@ -77,9 +80,17 @@ def test_trainer_version_round_trips_through_a_checkpoint(tmp_path) -> None:
     other = MultiLoraModel.from_pretrained(base_dir, 2, 8)
     restored = restore_slot(other, SlotAdamW(other.store, other.table), 0,
                             artifacts.read_file(ref.uri, "training_state.safetensors"),
-                            artifacts.read_file(ref.uri, "training_state.json"))  # fmt: skip
+                            artifacts.read_file(ref.uri, "training_state.json"),
+                            artifacts.read_file(ref.uri, "adapter_model.safetensors"))  # fmt: skip
     assert restored == info
-    torch.testing.assert_close(other.store.weight_S_R_Q[0, :4], model.store.weight_S_R_Q[1, :4])
+    assert torch.equal(other.store.weight_S_R_Q[0, :4], model.store.weight_S_R_Q[1, :4])
+    assert not other.store.weight_S_R_Q[0, 4:].any()
+    state = load_safetensors(artifacts.read_file(ref.uri, "training_state.safetensors"))
+    assert "weight_r_Q" not in state  # the weights travel once, in the PEFT file
+    with pytest.raises(ConfigError, match="adapter_weights"):
+        restore_slot(other, SlotAdamW(other.store, other.table), 1,
+                     artifacts.read_file(ref.uri, "training_state.safetensors"),
+                     artifacts.read_file(ref.uri, "training_state.json"))  # fmt: skip
     ids_B_T = torch.tensor([[1, 10, 20, 30, 40]])
     with torch.no_grad():
         hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
