@@ -217,11 +217,11 @@ class _Fs:
             f.flush()
             os.fsync(f.fileno())
 
-    def write(self, path: str, data: bytes) -> None:
+    def write(self, path: str, data: bytes | bytearray) -> None:
         with self.open_write(path) as f:
             f.write(data)
 
-    def write_atomic(self, path: str, data: bytes) -> None:
+    def write_atomic(self, path: str, data: bytes | bytearray) -> None:
         """Replace ``path`` so readers see the old or the new content, never a mix."""
         if not self.local:
             self.fs.pipe_file(path, data)  # one object PUT: atomic on object stores
@@ -299,7 +299,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _digest(data: bytes) -> FileDigest:
+def _digest(data: bytes | bytearray) -> FileDigest:
     return FileDigest(hashlib.sha256(data).hexdigest(), len(data))
 
 
@@ -328,7 +328,11 @@ class ArtifactStore:
         return self._fs.uri(f"{self._fs.reg_dir(adapter, registration_id)}/v{version:06d}")
 
     def write_version(
-        self, adapter: str, registration_id: str, version: int, files: Mapping[str, bytes]
+        self,
+        adapter: str,
+        registration_id: str,
+        version: int,
+        files: Mapping[str, bytes | bytearray],
     ) -> PublishedVersion:
         """Write ``files`` (name → content) as the version's directory, atomically.
 

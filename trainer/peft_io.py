@@ -61,7 +61,7 @@ def peft_files(
     *,
     dtype: torch.dtype | None = None,
     weight_r_Q: Tensor | None = None,
-) -> dict[str, bytes]:
+) -> dict[str, bytes | bytearray]:
     """``slot`` as the two files of a PEFT LoRA adapter (name → content), built in memory.
 
     ``weight_r_Q`` is the slot's ``[r, Q]`` weight block when the caller already copied it to
@@ -80,8 +80,9 @@ def peft_files(
     tensors: dict[str, Tensor] = {}
     for name, a_r_I, bt_r_O in model.split_layers(weight_r_Q.cpu()):
         out_dtype = dtype or a_r_I.dtype
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a_r_I.to(out_dtype).contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = bt_r_O.T.to(out_dtype).contiguous()
+        # strided views of the host copy: to_safetensors copies each once, into the file bytes
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a_r_I.to(out_dtype)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = bt_r_O.T.to(out_dtype)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

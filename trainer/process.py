@@ -523,7 +523,7 @@ class TrainerProcess:
             run.published = (version.sha256, version.bytes)
         return [version.uri for version in published]
 
-    def _version_files(self, run: AdapterRun) -> dict[str, bytes]:
+    def _version_files(self, run: AdapterRun) -> dict[str, bytes | bytearray]:
         cursor = run.cursor_before.get(run.next_step, run.cursor.state())
         info = VersionInfo(
             adapter=run.name,

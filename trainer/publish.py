@@ -53,15 +53,11 @@ class VersionInfo:
 
 def version_files(
     model: MultiLoraModel, optimizer: SlotAdamW, slot: int, info: VersionInfo, base_model: str
-) -> dict[str, bytes]:
+) -> dict[str, bytes | bytearray]:
     """The four files of ``slot``'s current version, as bytes."""
     state = slot_state_dict(model, optimizer, slot)
     # the weights travel once, in the PEFT file; the training state holds the moments
-    tensors = {
-        k: v.contiguous()
-        for k, v in state.items()
-        if isinstance(v, torch.Tensor) and k != "weight_r_Q"
-    }
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and k != "weight_r_Q"}
     scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
     meta = {
         "adapter": info.adapter,
