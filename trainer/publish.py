@@ -102,9 +102,9 @@ def restore_slot(
 ) -> VersionInfo:
     """Load a published version's weights and optimizer state into ``slot`` exactly.
 
-    ``adapter_weights`` (the version's ``adapter_model.safetensors``) supplies the weights when
-    the training state does not hold them, as versions written since the PEFT file carries
-    them do.
+    ``adapter_weights`` is the version's ``adapter_model.safetensors``: the training state of a
+    version holds only the moments, the weights are in the PEFT file. (A training state that
+    holds ``weight_r_Q`` itself, as versions of earlier releases do, restores without it.)
     """
     info, scalars = read_version_info(state_json)
     state: dict[str, Any] = {**scalars, **load_safetensors(state_tensors)}
