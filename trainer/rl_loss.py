@@ -62,7 +62,7 @@ class PPOClipLoss:
     clip_low_S: Tensor
     clip_high_S: Tensor
     kl_coef_S: Tensor
-    clip_ratio_c_S: Tensor | None = None
+    clip_ratio_c_S: Tensor
 
     @classmethod
     def from_specs(cls, specs: dict[int, LossSpec], num_slots: int) -> PPOClipLoss:
@@ -98,7 +98,7 @@ class PPOClipLoss:
         surrogate_B_T = torch.minimum(ratio_B_T * adv_B_T, clipped_B_T * adv_B_T)
         loss_B_T = -surrogate_B_T
         clip_mask_B_T = (ratio_B_T < 1.0 - low_B) | (ratio_B_T > 1.0 + high_B)
-        if self.clip_ratio_c_S is not None and bool((self.clip_ratio_c_S > 0).any()):
+        if bool((self.clip_ratio_c_S > 0).any()):
             c_B = self.clip_ratio_c_S.to(device)[slot_B][:, None]
             dual_B_T = (adv_B_T < 0) & (c_B > 0) & (ratio_B_T > c_B)
             loss_B_T = torch.where(dual_B_T, -c_B * adv_B_T, loss_B_T)
