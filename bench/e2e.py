@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     options = StackOptions(
         model=model, workers=args.workers, num_slots=4, max_rank=max(8, args.rank),
         run_dir=str(run_dir / "stack"), namespace="bench", max_batch_wait_s=0.0,
-        torch_threads=1 if args.device == "cpu" else 0,
+        torch_threads=1 if args.device == "cpu" else 0, redis_port=0, metrics_port_base=0,
         extra_args={"trainer": [*device, "--allowed-root", str(data),
                                 "--metrics-port", str(metrics_port)],
                     "rollout": [*device, "--allowed-root", str(data)]},

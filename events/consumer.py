@@ -26,6 +26,8 @@ Delivery contract (at-least-once delivery, effectively-once effects):
 - Shutdown: :meth:`request_stop` (first SIGTERM/SIGINT) is warm — the current handler finishes
   and commits, no new entries are read; a second signal is cold (:class:`ColdShutdown`).
 - Tests use ``burst=True`` (return once every stream is drained) or ``max_events``.
+- ``on_start`` runs once the lease is held and the groups exist, before anything is read; its
+  effects are committed (the trainer's recovery from the control log).
 - ``on_idle`` runs in the handler thread whenever no delivery is waiting (at least every
   ``idle_s``): the trainer trains there, once the groups it deferred make full batches.
 """
@@ -41,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 import redis
@@ -99,13 +101,21 @@ class Subscription:
     """Entries per read (None: the consumer's ``count``)."""
 
 
+E = TypeVar("E")
+
+
 @dataclass(frozen=True)
-class Delivery:
-    """One entry handed to the handler. ``event`` is None when decoding failed (``error``)."""
+class Delivery(Generic[E]):
+    """One entry handed to the handler, ``event`` decoded into its stream's union type ``E``.
+
+    Handlers dispatch with ``match delivery.event:`` over the union's members. An entry that
+    could not be decoded carries ``error`` (and ``event=None``); it is dead-lettered by the
+    runtime and never reaches a handler.
+    """
 
     subscription: Subscription
     entry_id: str
-    event: Any
+    event: E
     deliveries: int
     fields: dict[str, str] = field(default_factory=dict)
     error: str = ""
@@ -133,7 +143,7 @@ DEFER = _Defer()
 HandlerResult = Effects | _Defer
 
 
-Handler = Callable[[Delivery], HandlerResult]
+Handler = Callable[[Delivery[Any]], HandlerResult]
 """Turns one delivery into effects to commit with its ack, or :data:`DEFER`."""
 
 
@@ -190,6 +200,7 @@ class Consumer:
         lease_wait_s: float = 0.0,
         max_in_flight: int = 256,
         observer: Observer | None = None,
+        on_start: Callable[[], Effects] | None = None,
         on_idle: Callable[[], None] | None = None,
         idle_s: float = 0.5,
         trim_interval_s: float = 30.0,
@@ -210,6 +221,7 @@ class Consumer:
         self.lease_wait_s = lease_wait_s
         self.max_in_flight = max_in_flight
         self.observer: Observer = observer or NullObserver()
+        self.on_start = on_start
         self.on_idle = on_idle
         self.idle_s = idle_s
         self.trim_interval_s = trim_interval_s
@@ -261,14 +273,22 @@ class Consumer:
         """Process entries until stopped, ``max_events`` handled, or (``burst``) all drained."""
         self.lease.acquire(wait_s=self.lease_wait_s)
         self.ensure_groups()
+        if self.on_start is not None:
+            try:
+                self.commit(self.on_start(), [])
+            except BaseException:
+                self.lease.release()
+                raise
+            self.on_start = None  # once per consumer, not once per run() call
         if not self._signals:  # a SIGTERM that came before run() still stops it
             self._stop.clear()
         self._drained.clear()
         threads = [
-            threading.Thread(target=self._read_loop, args=(i, burst), daemon=True,
-                             name=f"reader-{sub.stream}")
+            threading.Thread(
+                target=self._read_loop, args=(i, burst), daemon=True, name=f"reader-{sub.stream}"
+            )
             for i, sub in enumerate(self.subscriptions)
-        ]  # fmt: skip
+        ]
         threads.append(threading.Thread(target=self._keeper_loop, daemon=True, name="keeper"))
         for t in threads:
             t.start()

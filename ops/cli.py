@@ -24,69 +24,28 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Annotated
 
+import msgspec
+
+from events.config import BusConfig
 from events.errors import MultiLoraError
-
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
-
-
-def _url(args: argparse.Namespace) -> str:
-    return args.redis_url or os.environ.get("REDIS_URL") or DEFAULT_URL
 
 
 def cmd_trainer(argv: Sequence[str]) -> int:
     from rollout.data import open_source
     from rollout.rewards import builtin_registry
-    from trainer.config import TrainerConfig
-    from trainer.main import build, run
+    from trainer.main import main
 
-    p = argparse.ArgumentParser(prog="multilora trainer")
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--namespace", default="multilora")
-    p.add_argument("--name", default="trainer")
-    p.add_argument("--model", required=True, help="local HF model directory")
-    p.add_argument("--base-model", default="", help="name registrations must match")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--num-slots", type=int, default=4)
-    p.add_argument("--max-rank", type=int, default=64)
-    p.add_argument("--artifacts", default="runs/artifacts")
-    p.add_argument("--checkpoints", default="runs/checkpoints")
-    p.add_argument("--allowed-root", action="append", default=None)
-    p.add_argument("--extra-reward", action="append", default=[],
-                   help="reward name the rollout workers' operators registered")  # fmt: skip
-    p.add_argument("--max-batch-wait-s", type=float, default=2.0)
-    p.add_argument("--prompts-per-task", type=int, default=0)
-    p.add_argument("--lease-wait-s", type=float, default=0.0)
-    p.add_argument("--claim-idle-ms", type=int, default=30_000)
-    p.add_argument("--unsafe-redis", action="store_true")
-    p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics here (0: off)")
-    args = p.parse_args(argv)
-    roots = tuple(args.allowed_root or ["."])
-    config = TrainerConfig(
-        redis_url=_url(args), namespace=args.namespace, name=args.name, model_path=args.model,
-        base_model=args.base_model, device=args.device, dtype=args.dtype,
-        num_slots=args.num_slots, max_rank=args.max_rank, artifacts=args.artifacts,
-        checkpoints=args.checkpoints, allowed_roots=roots,
-        max_batch_wait_s=args.max_batch_wait_s, prompts_per_task=args.prompts_per_task,
-        lease_wait_s=args.lease_wait_s, claim_idle_ms=args.claim_idle_ms,
-        unsafe_redis=args.unsafe_redis, metrics_port=args.metrics_port,
-    )  # fmt: skip
-    root_paths = [Path(r) for r in roots]
-    known = frozenset(builtin_registry().names()) | frozenset(args.extra_reward)
-    process, consumer = build(
-        config,
-        probe_dataset=lambda spec: len(open_source(spec, allowed_roots=root_paths)),
-        known_rewards=known,
-    )
-    run(process, consumer)
-    return 0
+    def dataset_size(spec, roots) -> int:  # admission's probe: the same reader the workers use
+        return len(open_source(spec, allowed_roots=list(roots)))
+
+    return main(argv, dataset_size=dataset_size, rewards=frozenset(builtin_registry().names()))
 
 
 def cmd_rollout(argv: Sequence[str]) -> int:
-    from rollout.worker import main
+    from rollout.main import main
 
     return main(list(argv))
 
@@ -97,39 +56,64 @@ def cmd_checkpoint(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+class RewardsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``multilora rewards``: an RQ worker for the queues ``<namespace>:rewards:<reward>``."""
+
+    bus: BusConfig = BusConfig()
+    rewards: Annotated[
+        tuple[str, ...],
+        msgspec.Meta(
+            min_length=1, description="reward names to serve", extra={"flags": ("--reward",)}
+        ),
+    ]
+
+
 def cmd_rewards(argv: Sequence[str]) -> int:
-    from events.connection import connect
+    from events.bootstrap import configure_logging, open_bus
+    from events.config import load
     from rollout.reward_queue import make_worker
 
-    p = argparse.ArgumentParser(prog="multilora rewards", description="an RQ reward worker")
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--queue-prefix", default="multilora:rewards")
-    p.add_argument("--reward", action="append", required=True, help="reward names to serve")
-    p.add_argument("--burst", action="store_true")
-    args = p.parse_args(argv)
-    worker = make_worker(connect(_url(args), max_block_ms=60_000), args.queue_prefix, args.reward)
-    worker.work(burst=args.burst)
+    config = load(
+        RewardsConfig,
+        role="rewards",
+        argv=argv,
+        prog="multilora rewards",
+        description="An RQ worker scoring slow reward terms.",
+    )
+    configure_logging(config.bus.log_level)
+    bus = open_bus(config.bus, config.bus.name or "rewards", max_block_ms=60_000)
+    worker = make_worker(bus.client, bus.streams.key("rewards"), config.rewards)
+    worker.work(burst=config.bus.burst)
     return 0
 
 
-def _client(args: argparse.Namespace):  # -> tuple[redis.Redis, Streams]
+def _tenant(prog: str, argv: Sequence[str], declare: Callable[[argparse.ArgumentParser], object]):
+    """Parse a tenant or operator command: its own arguments plus the bus target
+    (``--redis-url``, ``--namespace``), with the same environment and defaults as every process.
+    Returns ``(args, client, streams)``."""
+    from events.config import add_flags, load
     from events.connection import connect
     from events.streams import Streams
 
-    return connect(_url(args)), Streams(args.namespace)
+    p = argparse.ArgumentParser(prog=prog)
+    declare(p)
+    add_flags(p, BusConfig, only=("redis_url", "namespace"))
+    p.set_defaults(redis_url=None, namespace=None)
+    args = p.parse_args(argv)
+    given = {k: getattr(args, k) for k in ("redis_url", "namespace") if getattr(args, k)}
+    bus = load(BusConfig, role="client", argv=[], overrides=given)
+    return args, connect(bus.redis_url), Streams(bus.namespace)
 
 
 def cmd_submit(argv: Sequence[str]) -> int:
     from ops.specfile import load_adapter
     from orchestrator.client import Producer
 
-    p = argparse.ArgumentParser(prog="multilora submit")
-    p.add_argument("file", help="adapter spec (TOML, YAML or JSON)")
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--namespace", default="multilora")
-    args = p.parse_args(argv)
+    def declare(p: argparse.ArgumentParser) -> None:
+        p.add_argument("file", help="adapter spec (TOML, YAML or JSON)")
+
+    args, client, streams = _tenant("multilora submit", argv, declare)
     name, spec = load_adapter(args.file)
-    client, streams = _client(args)
     registration_id = Producer(client, streams, source="cli").register(name, spec)
     print(f"submitted {name} (registration {registration_id})")
     return 0
@@ -138,12 +122,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
 def cmd_cancel(argv: Sequence[str]) -> int:
     from orchestrator.client import Producer
 
-    p = argparse.ArgumentParser(prog="multilora cancel")
-    p.add_argument("name")
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--namespace", default="multilora")
-    args = p.parse_args(argv)
-    client, streams = _client(args)
+    args, client, streams = _tenant("multilora cancel", argv, lambda p: p.add_argument("name"))
     Producer(client, streams, source="cli").deregister(args.name)
     print(f"cancel requested for {args.name}")
     return 0
@@ -152,11 +131,7 @@ def cmd_cancel(argv: Sequence[str]) -> int:
 def cmd_status(argv: Sequence[str]) -> int:
     from ops.report import status_table
 
-    p = argparse.ArgumentParser(prog="multilora status")
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--namespace", default="multilora")
-    args = p.parse_args(argv)
-    client, streams = _client(args)
+    _, client, streams = _tenant("multilora status", argv, lambda p: None)
     print(status_table(client, streams))
     return 0
 
@@ -164,12 +139,10 @@ def cmd_status(argv: Sequence[str]) -> int:
 def cmd_watch(argv: Sequence[str]) -> int:
     from ops.report import watch
 
-    p = argparse.ArgumentParser(prog="multilora watch")
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--namespace", default="multilora")
-    p.add_argument("--interval", type=float, default=1.0)
-    args = p.parse_args(argv)
-    client, streams = _client(args)
+    def declare(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--interval", type=float, default=1.0)
+
+    args, client, streams = _tenant("multilora watch", argv, declare)
     watch(client, streams, interval_s=args.interval)
     return 0
 
@@ -177,16 +150,14 @@ def cmd_watch(argv: Sequence[str]) -> int:
 def cmd_events(argv: Sequence[str]) -> int:
     from ops.report import tail_events
 
-    p = argparse.ArgumentParser(prog="multilora events")
-    p.add_argument("what", choices=("tail",))
-    p.add_argument("--stream", default="control",
-                   choices=("control", "ingress", "tasks", "groups", "dead"))  # fmt: skip
-    p.add_argument("--count", type=int, default=20)
-    p.add_argument("--follow", "-f", action="store_true")
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--namespace", default="multilora")
-    args = p.parse_args(argv)
-    client, streams = _client(args)
+    def declare(p: argparse.ArgumentParser) -> None:
+        p.add_argument("what", choices=("tail",))
+        choices = ("control", "ingress", "tasks", "groups", "dead")
+        p.add_argument("--stream", default="control", choices=choices)
+        p.add_argument("--count", type=int, default=20)
+        p.add_argument("--follow", "-f", action="store_true")
+
+    args, client, streams = _tenant("multilora events", argv, declare)
     tail_events(client, streams, args.stream, count=args.count, follow=args.follow)
     return 0
 
@@ -194,53 +165,28 @@ def cmd_events(argv: Sequence[str]) -> int:
 def cmd_plot(argv: Sequence[str]) -> int:
     from ops.report import plot_curves
 
-    p = argparse.ArgumentParser(prog="multilora plot")
-    p.add_argument("--out", default="runs/curves.png")
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--namespace", default="multilora")
-    args = p.parse_args(argv)
-    client, streams = _client(args)
+    def declare(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", default="runs/curves.png")
+
+    args, client, streams = _tenant("multilora plot", argv, declare)
     print(plot_curves(client, streams, args.out))
     return 0
 
 
 def cmd_up(argv: Sequence[str]) -> int:
+    from events.config import load
     from ops.launch import Stack, StackOptions
 
-    p = argparse.ArgumentParser(prog="multilora up")
-    p.add_argument("--model", default="", help="local HF model dir (default: a tiny random one)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--num-slots", type=int, default=4)
-    p.add_argument("--run-dir", default="runs/local")
-    p.add_argument("--schedule", default=None, help="run this schedule, then exit")
-    p.add_argument("--namespace", default="multilora")
-    p.add_argument(
-        "--redis-port",
-        type=int,
-        default=6379,
-        help="embedded Redis port (0: any free one); REDIS_URL overrides",
+    options = load(
+        StackOptions,
+        role="up",
+        argv=argv,
+        prog="multilora up",
+        description="Embedded Redis plus every process, locally.",
     )
-    p.add_argument(
-        "--metrics-port-base",
-        type=int,
-        default=9400,
-        help="trainer /metrics port; checkpoint +1, rollout i +10+i (0: off)",
-    )
-    p.add_argument(
-        "--torch-threads",
-        type=int,
-        default=0,
-        help="intra-op threads per process (use 1 on a small CPU host)",
-    )
-    args = p.parse_args(argv)
-    options = StackOptions(model=args.model, workers=args.workers, num_slots=args.num_slots,
-                           run_dir=args.run_dir, namespace=args.namespace,
-                           metrics_port_base=args.metrics_port_base,
-        redis_port=args.redis_port,
-                           torch_threads=args.torch_threads)  # fmt: skip
     with Stack(options) as stack:
-        if args.schedule:
-            return stack.run_schedule(args.schedule)
+        if options.schedule:
+            return stack.run_schedule(options.schedule)
         stack.serve()
     return 0
 
@@ -248,13 +194,11 @@ def cmd_up(argv: Sequence[str]) -> int:
 def cmd_run(argv: Sequence[str]) -> int:
     from ops.launch import run_schedule_against
 
-    p = argparse.ArgumentParser(prog="multilora run")
-    p.add_argument("schedule")
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--namespace", default="multilora")
-    p.add_argument("--timeout-s", type=float, default=3600)
-    args = p.parse_args(argv)
-    client, streams = _client(args)
+    def declare(p: argparse.ArgumentParser) -> None:
+        p.add_argument("schedule")
+        p.add_argument("--timeout-s", type=float, default=3600)
+
+    args, client, streams = _tenant("multilora run", argv, declare)
     return run_schedule_against(client, streams, args.schedule, timeout_s=args.timeout_s)
 
 

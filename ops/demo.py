@@ -66,9 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir)
     # one intra-op thread per process: on 2 cores the trainer's and the worker's thread pools
     # would otherwise spin against each other
-    options = StackOptions(model=args.model, workers=1, num_slots=2, max_rank=16,
-                           run_dir=str(run_dir), max_batch_wait_s=3.0,
-                           torch_threads=args.torch_threads)  # fmt: skip
+    options = StackOptions(
+        model=args.model,
+        workers=1,
+        num_slots=2,
+        max_rank=16,
+        run_dir=str(run_dir),
+        max_batch_wait_s=3.0,
+        torch_threads=args.torch_threads,
+        redis_port=0,
+        metrics_port_base=0,
+    )
     t0 = time.monotonic()
     with Stack(options) as stack:
         stack.run_schedule(args.schedule, timeout_s=900)

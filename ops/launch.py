@@ -14,14 +14,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Annotated
 
+import msgspec
 import redis
 
 from events.codec import Decoder
+from events.config import DEFAULT_NAMESPACE, Namespace, NonNegative, Port, Positive
 from events.connection import connect
 from events.errors import ConfigError
 from events.schema import CheckpointSaved, Completed, ControlEvent
@@ -32,27 +33,35 @@ from orchestrator.client import Producer
 from orchestrator.lifecycle import AdapterState, is_ended, registration_key, transition
 
 
-@dataclass(frozen=True)
-class StackOptions:
-    model: str = ""
-    workers: int = 1
-    num_slots: int = 4
-    max_rank: int = 64
-    run_dir: str = "runs/local"
-    namespace: str = "multilora"
-    max_batch_wait_s: float = 2.0
-    torch_threads: int = 0
-    """> 0: intra-op threads of every child (``OMP_NUM_THREADS``). On a small CPU host use 1: the
-    processes' thread pools otherwise spin against each other (tiny model, 2 cores: steps 30x
-    slower with the default)."""
-    redis_port: int = 0
-    """Port of the embedded Redis (0: any free port); ignored when ``REDIS_URL`` is set."""
-    metrics_port_base: int = 0
-    """> 0: serve ``/metrics`` — trainer at the base port, checkpoint at base + 1, rollout worker
-    ``i`` at base + 10 + i (the ports ``ops/prometheus/prometheus.yml`` scrapes for base 9400)."""
-    extra_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
-    """Flags appended per process role (``trainer``, ``rollout``, ``checkpoint``), after the
-    defaults so they override them, e.g. ``{"rollout": ["--reward", "name=pkg.mod:fn"]}``."""
+def _doc(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+class StackOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What ``multilora up`` starts (loaded like every process config: file < env < flags).
+
+    ``torch_threads`` > 0 sets every child's intra-op threads (``OMP_NUM_THREADS``). On a small
+    CPU host use 1: the processes' thread pools otherwise spin against each other (tiny model,
+    2 cores: steps 30x slower with the default). ``redis_port`` is the embedded Redis's port
+    (0: any free one; ignored when ``REDIS_URL`` is set). ``metrics_port_base`` > 0 serves
+    ``/metrics`` — trainer at the base port, checkpoint at base + 1, rollout worker ``i`` at base +
+    10 + i (the ports ``ops/prometheus/prometheus.yml`` scrapes for base 9400). ``extra_args``
+    are flags appended per process role (``trainer``, ``rollout``, ``checkpoint``), after the
+    defaults so they override them, e.g. ``{"rollout": ["--reward", "name=pkg.mod:fn"]}``.
+    """
+
+    model: Annotated[str, _doc("local HF model dir (empty: a tiny random one)")] = ""
+    workers: Annotated[Positive, _doc("rollout workers")] = 1
+    num_slots: Annotated[Positive, _doc("trainer slots")] = 4
+    max_rank: Annotated[Positive, _doc("largest LoRA rank")] = 64
+    run_dir: Annotated[str, _doc("logs, Redis data, artifacts, checkpoints")] = "runs/local"
+    namespace: Annotated[Namespace, _doc("key prefix of the deployment")] = DEFAULT_NAMESPACE
+    max_batch_wait_s: Annotated[NonNegative, _doc("the trainer's wait to share a step")] = 2.0
+    torch_threads: Annotated[int, msgspec.Meta(ge=0, description="threads per process")] = 0
+    redis_port: Annotated[Port, _doc("embedded Redis port (0: any free one)")] = 6379
+    metrics_port_base: Annotated[Port, _doc("trainer /metrics port (0: off)")] = 9400
+    schedule: Annotated[str, _doc("run this schedule, then exit")] = ""
+    extra_args: dict[str, tuple[str, ...]] = msgspec.field(default_factory=dict)
 
 
 class Stack:

@@ -31,9 +31,7 @@ the source's ``training_state.json``.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -42,12 +40,12 @@ from typing import Annotated
 import msgspec
 import redis
 
+from events.bootstrap import EXIT_CONFIG, Bus, run_process
 from events.codec import Decoder, stamp
-from events.connection import check_durability, connect
+from events.config import BusConfig, load
 from events.consumer import Consumer, Delivery, Subscription
 from events.effects import Effects
-from events.errors import ConfigError, HandlerError, UnsafeRedisError
-from events.metrics import FanOut, instrument_consumer, metrics_registry, start_metrics_server
+from events.errors import ConfigError, HandlerError
 from events.schema import (
     Admitted,
     CheckpointSaved,
@@ -261,122 +259,67 @@ class CheckpointProcess:
 
 # --- process entry point ---------------------------------------------------------------------
 
-Positive = Annotated[int, msgspec.Meta(gt=0)]
-
 
 class CheckpointConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Configuration of ``python -m orchestrator.checkpoint`` (flags, else environment).
+    """Configuration of ``multilora checkpoint``: the bus plus the two stores.
 
-    ``unsafe_redis`` runs against a Redis that can lose acknowledged events (throwaway use).
-    ``lease_wait_s`` waits for the consumer name's lease (a predecessor on another host that
-    died holds it until its TTL runs out).
-    ``burst`` returns once the control log is drained (tests, one-shot catch-up).
-    ``metrics_port`` serves Prometheus metrics (bus and per-adapter series, see
-    ``docs/OBSERVABILITY.md``) on that port; 0 serves none.
+    ``artifacts`` is the trainer's version store (read), ``checkpoints`` where durable checkpoints
+    and PEFT exports are written (local directories or fsspec URLs). Both are required: they must
+    be the trainer's, so a deployment names them once for both, in ``MULTILORA_ARTIFACTS`` /
+    ``MULTILORA_CHECKPOINTS`` (or the same flags as the trainer's). With
+    ``bus.metrics_port`` it serves the bus and per-adapter series (``docs/OBSERVABILITY.md``).
     """
 
-    redis_url: str
-    artifacts_root: str
-    checkpoints_root: str
-    namespace: str = "multilora"
-    consumer: str = "checkpoint"
-    block_ms: Positive = 2_000
-    claim_idle_ms: Positive = 30_000
-    max_deliveries: Positive = 5
-    lease_wait_s: float = 0.0
-    unsafe_redis: bool = False
-    burst: bool = False
-    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    bus: BusConfig = BusConfig()
+    artifacts: Annotated[
+        str,
+        msgspec.Meta(description="version store to read", extra={"flags": ("--artifacts-root",)}),
+    ]
+    checkpoints: Annotated[
+        str,
+        msgspec.Meta(description="where checkpoints go", extra={"flags": ("--checkpoints-root",)}),
+    ]
 
 
-_ENV = {
-    "redis_url": "REDIS_URL",
-    "namespace": "MULTILORA_NAMESPACE",
-    "artifacts_root": "MULTILORA_ARTIFACTS",
-    "checkpoints_root": "MULTILORA_CHECKPOINTS",
-    "consumer": "MULTILORA_CHECKPOINT_CONSUMER",
-}
-
-
-def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> CheckpointConfig:
-    """Flags override the environment variables in ``_ENV``; a missing root is an error."""
-    parser = argparse.ArgumentParser(
-        prog="python -m orchestrator.checkpoint",
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> CheckpointConfig:
+    """File < environment < flags (see :mod:`events.config`)."""
+    return load(
+        CheckpointConfig,
+        role="checkpoint",
+        argv=argv,
+        environ=environ,
+        prog="multilora checkpoint",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for field, var in _ENV.items():
-        flags = ["--" + field.replace("_", "-")]
-        if field.endswith("_root"):
-            flags.append("--" + field.removesuffix("_root"))  # the trainer's flag names
-        parser.add_argument(*flags, dest=field, default=env.get(var), help=f"(env {var})")
-    parser.add_argument("--block-ms", type=int, default=2_000)
-    parser.add_argument("--claim-idle-ms", type=int, default=30_000)
-    parser.add_argument("--max-deliveries", type=int, default=5)
-    parser.add_argument("--lease-wait-s", type=float, default=0.0)
-    unsafe = env.get("MULTILORA_UNSAFE_REDIS", "").lower() in ("1", "true", "yes")
-    parser.add_argument("--unsafe-redis", action="store_true", default=unsafe)
-    parser.add_argument("--burst", action="store_true")
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: none)")
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    try:
-        return msgspec.convert(args, CheckpointConfig)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(
-            f"checkpoint process configuration: {exc} (flags: --redis-url, --artifacts-root, "
-            "--checkpoints-root; or env REDIS_URL, MULTILORA_ARTIFACTS, MULTILORA_CHECKPOINTS)"
-        ) from None
+
+
+def build(config: CheckpointConfig, bus: Bus) -> Consumer:
+    """The checkpoint process's consumer; it also hosts the per-adapter metrics (it reads the
+    whole control log)."""
+    process = CheckpointProcess(
+        bus.client,
+        bus.streams,
+        ArtifactStore(config.artifacts),
+        CheckpointStore(config.checkpoints),
+        source=bus.name,
+    )
+    adapters = AdapterMetrics(bus.registry)
+    subscriptions = [process.subscription()]
+    return bus.consumer(
+        subscriptions, process.handle, observers=[adapters.observer(bus.streams.control)]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one checkpoint process until SIGTERM (warm shutdown) or, with ``--burst``, drained."""
     try:
-        config = load_config(argv, os.environ)
+        config = load_config(argv)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    client = connect(config.redis_url, max_block_ms=config.block_ms, name=config.consumer)
-    try:
-        check_durability(client, allow_unsafe=config.unsafe_redis)
-    except UnsafeRedisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    streams = Streams(config.namespace)
-    process = CheckpointProcess(
-        client,
-        streams,
-        ArtifactStore(config.artifacts_root),
-        CheckpointStore(config.checkpoints_root),
-        source=config.consumer,
-    )
-    registry = metrics_registry()
-    bus = instrument_consumer(registry, client, [process.subscription()], dead_stream=streams.dead)
-    adapters = AdapterMetrics(registry)  # the checkpoint process reads the whole control log
-    consumer = Consumer(
-        lambda: connect(config.redis_url, max_block_ms=config.block_ms),
-        streams,
-        config.consumer,
-        [process.subscription()],
-        process.handle,
-        block_ms=config.block_ms,
-        claim_idle_ms=config.claim_idle_ms,
-        max_deliveries=config.max_deliveries,
-        lease_wait_s=config.lease_wait_s,
-        observer=FanOut([bus, adapters.observer(streams.control)]),
-    )
-    if config.metrics_port:
-        try:
-            start_metrics_server(config.metrics_port, registry)
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    consumer.install_signal_handlers()
-    log.info("checkpoint process %s: reading %s as group %s; checkpoints in %s",
-             config.consumer, streams.control, GROUP, process.checkpoints.root)  # fmt: skip
-    stats = consumer.run(burst=config.burst)
-    log.info("checkpoint process %s stopped: %s", config.consumer, stats)
-    return 0
+        print(f"multilora checkpoint: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_process("checkpoint", config.bus, lambda bus: build(config, bus))
 
 
 if __name__ == "__main__":

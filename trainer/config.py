@@ -1,39 +1,55 @@
-"""The trainer process's one frozen config, built at the edge (CLI flags / env / TOML)."""
+"""The trainer process's one frozen config: the shared bus config plus the trainer's own fields.
+
+Loaded like every process's (:func:`events.config.load`: file < ``MULTILORA_TRAINER_<FIELD>`` /
+``MULTILORA_<FIELD>`` < flags); only :func:`trainer.main.main` reads it.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
+from events.config import DEFAULT_ARTIFACTS, DEFAULT_CHECKPOINTS, BusConfig, Positive
+
+
+def _doc(text: str, *flags: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text, extra={"flags": flags} if flags else {})
+
 
 class TrainerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Everything the trainer process needs; only :func:`trainer.process.main` reads it.
+    """Everything the trainer process needs.
 
     ``base_model`` is the name registrations must match (default: the model folder's name).
     ``num_slots`` adapters train at once, each at rank ≤ ``max_rank``. ``max_batch_wait_s`` is how
     long a ready adapter waits for others to fill their batch so they share one forward/backward.
     ``max_failures`` consecutive skipped steps (non-finite loss) fail an adapter.
+    ``extra_rewards`` are reward names the rollout workers' operators registered as entry points
+    (admission accepts them besides the built-ins). The bus consumer name defaults to ``trainer``.
     """
 
-    redis_url: str
-    namespace: str = "multilora"
-    name: str = "trainer"
-    model_path: str
-    base_model: str = ""
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    num_slots: int = 4
-    max_rank: int = 64
-    artifacts: str = "runs/artifacts"
-    checkpoints: str = "runs/checkpoints"
-    allowed_roots: tuple[str, ...] = (".",)
-    max_batch_wait_s: float = 2.0
-    prompts_per_task: int = 0
-    max_failures: int = 3
-    keep_versions: int = 4
-    block_ms: int = 1_000
-    claim_idle_ms: int = 30_000
-    lease_wait_s: float = 0.0
-    unsafe_redis: bool = False
-    metrics_port: int = 0
+    bus: BusConfig = BusConfig()
+    model_path: Annotated[str, _doc("local Hugging Face model directory", "--model")]
+    base_model: Annotated[str, _doc("name registrations must match (default: folder name)")] = ""
+    device: Annotated[str, _doc("torch device")] = "cpu"
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], _doc("base dtype")] = "float32"
+    num_slots: Annotated[Positive, _doc("adapters trained at once")] = 4
+    max_rank: Annotated[Positive, _doc("largest LoRA rank a slot holds")] = 64
+    artifacts: Annotated[str, _doc("version store (dir or fsspec URL)")] = DEFAULT_ARTIFACTS
+    checkpoints: Annotated[str, _doc("checkpoint store, for resume")] = DEFAULT_CHECKPOINTS
+    allowed_roots: Annotated[
+        tuple[str, ...], _doc("directories dataset files may live under", "--allowed-root")
+    ] = (".",)
+    extra_rewards: Annotated[
+        tuple[str, ...], _doc("reward names the workers' operators registered", "--extra-reward")
+    ] = ()
+    max_batch_wait_s: Annotated[
+        float, msgspec.Meta(ge=0, description="wait for other adapters to share a step, s")
+    ] = 2.0
+    prompts_per_task: Annotated[
+        int, msgspec.Meta(ge=0, description="prompts per rollout task (0: a step's all)")
+    ] = 0
+    max_failures: Annotated[Positive, _doc("skipped steps in a row that fail an adapter")] = 3
+    torch_threads: Annotated[
+        int, msgspec.Meta(ge=0, description="intra-op threads (0: torch's default)")
+    ] = 0

@@ -1,91 +1,119 @@
-"""The trainer process's entry point: build it from its config, recover, run.
+"""The trainer process's entry point: its config, its wiring, the shared bootstrap.
 
-Kept apart from :mod:`trainer.process` (the state machine) so that module holds only the logic;
-``multilora trainer`` (in ``ops``) parses flags into a :class:`~trainer.config.TrainerConfig` and
-calls :func:`build` and :func:`run`.
+Kept apart from :mod:`trainer.process` (the state machine) so that module holds only the logic.
+``multilora trainer`` (in ``ops``, which may import both trainer and rollout) calls :func:`main`
+with the two things admission needs from the rollout side — how to measure a dataset and which
+reward names exist — so the trainer never imports rollout code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from events.bootstrap import EXIT_CONFIG, Bus, run_process
+from events.config import load
 from events.consumer import Consumer
+from events.errors import ConfigError
 from events.specs import DatasetSpec
-from events.streams import Streams
 from orchestrator.admission import Admission
 from orchestrator.artifacts import ArtifactStore
 from trainer.config import TrainerConfig
-from trainer.inject import MultiLoraModel
 from trainer.metrics import TrainerMetrics
-from trainer.optim import SlotAdamW
-from trainer.process import TrainerProcess
+
+log = logging.getLogger(__name__)
+
+DatasetSizer = Callable[[DatasetSpec, Sequence[Path]], int]
+"""``(spec, allowed_roots) -> number of prompts``; raises a ConfigError subclass if unreadable."""
+
+
+def load_config(argv: Sequence[str] | None = None, environ=None) -> TrainerConfig:
+    """File < environment < flags (see :mod:`events.config`)."""
+    return load(
+        TrainerConfig,
+        role="trainer",
+        argv=argv,
+        environ=environ,
+        prog="multilora trainer",
+        description="The trainer: admits adapters into slots and trains them in mixed steps.",
+    )
 
 
 def build(
-    config: TrainerConfig,
-    *,
-    probe_dataset: Callable[[DatasetSpec], int],
-    known_rewards: frozenset[str],
-) -> tuple[TrainerProcess, Consumer]:
-    """Construct the trainer process and its consumer from ``config`` (no I/O on the bus yet).
-
-    ``probe_dataset`` and ``known_rewards`` come from the rollout package; the entry point in
-    ``ops`` passes them in, so the trainer never imports rollout code.
-    """
+    config: TrainerConfig, bus: Bus, *, dataset_size: DatasetSizer, rewards: frozenset[str]
+) -> Consumer:
+    """The trainer process and its consumer (recovery runs as the consumer's ``on_start``)."""
     import torch
 
-    from events.connection import check_durability, connect
-    from events.metrics import instrument_consumer, metrics_registry, start_metrics_server
+    from trainer.inject import MultiLoraModel
+    from trainer.optim import SlotAdamW
+    from trainer.process import TrainerProcess
 
-    client = connect(config.redis_url, max_block_ms=config.block_ms, name=config.name)
-    check_durability(client, allow_unsafe=config.unsafe_redis)
-    streams = Streams(config.namespace)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     model = MultiLoraModel.from_pretrained(
-        config.model_path, config.num_slots, config.max_rank,
-        dtype=getattr(torch, config.dtype), device=config.device,
-    )  # fmt: skip
-    optimizer = SlotAdamW(model.store, model.table)
+        config.model_path,
+        config.num_slots,
+        config.max_rank,
+        dtype=getattr(torch, config.dtype),
+        device=config.device,
+    )
     base_model = config.base_model or Path(config.model_path).name
+    roots = [Path(r) for r in config.allowed_roots]
     admission = Admission(
         base_model=base_model,
         max_rank=config.max_rank,
-        known_rewards=known_rewards,
-        probe_dataset=probe_dataset,
+        known_rewards=rewards | frozenset(config.extra_rewards),
+        probe_dataset=lambda spec: dataset_size(spec, roots),
     )
-    pad_id = int(getattr(model.hf_model.config, "pad_token_id", None) or 0)
-    registry = metrics_registry()
-    trainer_metrics = TrainerMetrics(registry)
     process = TrainerProcess(
-        client=client, streams=streams, model=model, optimizer=optimizer, admission=admission,
-        artifacts=ArtifactStore(config.artifacts), checkpoints=config.checkpoints,
-        base_model=base_model, pad_id=pad_id, max_batch_wait_s=config.max_batch_wait_s,
-        prompts_per_task=config.prompts_per_task, max_failures=config.max_failures,
-        metrics=trainer_metrics,
-    )  # fmt: skip
-    observer = instrument_consumer(
-        registry, client, process.subscriptions(), dead_stream=streams.dead
+        client=bus.client,
+        streams=bus.streams,
+        model=model,
+        optimizer=SlotAdamW(model.store, model.table),
+        admission=admission,
+        artifacts=ArtifactStore(config.artifacts),
+        checkpoints=config.checkpoints,
+        base_model=base_model,
+        pad_id=int(getattr(model.hf_model.config, "pad_token_id", None) or 0),
+        max_batch_wait_s=config.max_batch_wait_s,
+        prompts_per_task=config.prompts_per_task,
+        max_failures=config.max_failures,
+        metrics=TrainerMetrics(bus.registry),
     )
-    if config.metrics_port:
-        start_metrics_server(config.metrics_port, registry)
-    consumer = Consumer(
-        lambda: connect(config.redis_url, max_block_ms=config.block_ms),
-        streams, config.name, process.subscriptions(), process.handle,
-        block_ms=config.block_ms, claim_idle_ms=config.claim_idle_ms,
-        lease_wait_s=config.lease_wait_s, on_idle=process.on_idle, idle_s=0.05,
-        observer=observer,
-    )  # fmt: skip
+    consumer = bus.consumer(
+        process.subscriptions(),
+        process.handle,
+        on_start=process.recover,
+        on_idle=process.on_idle,
+        idle_s=0.05,
+    )
     process.consumer = consumer
-    return process, consumer
+    log.info(
+        "trainer: %s on %s/%s, %d slots up to rank %d; versions in %s",
+        config.model_path,
+        config.device,
+        config.dtype,
+        config.num_slots,
+        config.max_rank,
+        config.artifacts,
+    )
+    return consumer
 
 
-def run(process: TrainerProcess, consumer: Consumer, *, max_events: int | None = None) -> None:
-    """Recover from the control log, then process events until stopped."""
-    consumer.lease.acquire(wait_s=consumer.lease_wait_s)
+def main(
+    argv: Sequence[str] | None = None, *, dataset_size: DatasetSizer, rewards: frozenset[str]
+) -> int:
+    """Run the trainer until SIGTERM (warm shutdown: the step in progress commits first)."""
     try:
-        consumer.ensure_groups()
-        consumer.commit(process.recover(), [])
-    finally:
-        consumer.lease.release()
-    consumer.install_signal_handlers()
-    consumer.run(max_events=max_events)
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"multilora trainer: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_process(
+        "trainer",
+        config.bus,
+        lambda bus: build(config, bus, dataset_size=dataset_size, rewards=rewards),
+    )

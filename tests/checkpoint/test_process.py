@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from events.codec import Decoder, encode, stamp
+from events.config import BusConfig
 from events.connection import connect
 from events.consumer import Consumer
 from events.errors import ConfigError
@@ -175,17 +176,18 @@ def test_config_from_flags_and_environment(tmp_path, capsys) -> None:
     env = {"REDIS_URL": "redis://h:1/0", "MULTILORA_ARTIFACTS": "/a", "MULTILORA_CHECKPOINTS": "/c"}
     config = load_config(["--namespace", "ns", "--checkpoints-root", "memory://c"], env)
     assert config == CheckpointConfig(
-        redis_url="redis://h:1/0", artifacts_root="/a", checkpoints_root="memory://c",
-        namespace="ns",
-    )  # fmt: skip
-    with pytest.raises(ConfigError, match="checkpoints_root"):
+        bus=BusConfig(redis_url="redis://h:1/0", namespace="ns"),
+        artifacts="/a",
+        checkpoints="memory://c",
+    )
+    with pytest.raises(ConfigError, match="checkpoints"):
         load_config([], {"REDIS_URL": "redis://h:1/0", "MULTILORA_ARTIFACTS": "/a"})
     with pytest.raises(ConfigError, match="block_ms"):
         load_config(["--block-ms", "0"], env)
     with pytest.raises(msgspec.ValidationError, match="unknown"):
         msgspec.convert({**msgspec.to_builtins(config), "unknown": 1}, CheckpointConfig)
     assert main(["--redis-url", "redis://h:1/0"]) == 2
-    assert "artifacts_root" in capsys.readouterr().err
+    assert "artifacts" in capsys.readouterr().err
 
 
 def test_main_refuses_an_unsafe_redis_unless_told(tmp_path, capsys) -> None:

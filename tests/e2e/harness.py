@@ -81,6 +81,8 @@ def stack_options(
         "namespace": namespace,
         "max_batch_wait_s": 0.3,
         "torch_threads": 1,
+        "redis_port": 0,
+        "metrics_port_base": 0,
         "extra_args": extra,
     }
     base.update(overrides)

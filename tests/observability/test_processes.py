@@ -2,7 +2,7 @@
 
 A real checkpoint process (``python -m orchestrator.checkpoint``) reads control events and
 serves per-adapter series, which disappear when the adapter retires; a real rollout worker
-(``python -m rollout.worker``, tiny model, real PEFT adapter) loads a version, runs a task and
+(``python -m rollout.main``, tiny model, real PEFT adapter) loads a version, runs a task and
 serves its rollout and bus metrics. Both are scraped over HTTP like Prometheus does.
 """
 
@@ -134,7 +134,7 @@ def test_rollout_worker_process_serves_rollout_metrics(
     (data / "arith.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     port = free_port()
     unsafe = ["--unsafe-redis"] if durability_problems(rclient) else []
-    proc = spawn("rollout.worker", "--redis-url", redis_url, "--namespace", streams.namespace,
+    proc = spawn("rollout.main", "--redis-url", redis_url, "--namespace", streams.namespace,
                  "--name", "w0", "--model", str(tiny), "--allowed-root", str(data),
                  "--block-ms", "200", "--torch-threads", "1", "--metrics-port", str(port),
                  *unsafe, name="rollout")  # fmt: skip

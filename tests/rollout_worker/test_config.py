@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from events.config import BusConfig
 from events.errors import ConfigError
 from rollout.config import RolloutConfig, load_config
 
@@ -20,7 +21,7 @@ def test_flags_override_env_override_file(tmp_path) -> None:
             "--allowed-root", "/b", "--reward", "mine=pkg.mod:fn", "--name", "w1"]  # fmt: skip
     config = load_config(argv, env)
     assert config.model_path == "/m" and config.keep_versions == 4  # file
-    assert config.namespace == "from-env" and config.unsafe_redis is True  # env
+    assert config.bus.namespace == "from-env" and config.bus.unsafe_redis is True  # env
     assert config.remote_rewards == ("math", "reasoning_gym")
     assert config.max_slots == 7 and config.allowed_roots == ("/a", "/b")  # flags
     assert config.reward_entry_points == {"mine": "pkg.mod:fn"}
@@ -29,8 +30,8 @@ def test_flags_override_env_override_file(tmp_path) -> None:
 
 def test_default_name_is_stable_per_host_and_index() -> None:
     config = load_config(["--model", "/m", "--index", "2"], {})
-    assert config.name == f"rollout.{socket.gethostname()}.2"
-    assert load_config(["--model", "/m", "--index", "2"], {}).name == config.name
+    assert config.bus.name == f"rollout.{socket.gethostname()}.2"
+    assert load_config(["--model", "/m", "--index", "2"], {}).bus.name == config.bus.name
 
 
 @pytest.mark.parametrize(
@@ -38,11 +39,11 @@ def test_default_name_is_stable_per_host_and_index() -> None:
     [
         ([], {}, "model_path"),
         (["--model", "/m", "--backend", "http"], {}, "engine_url"),
-        (["--model", "/m", "--max-slots", "0"], {}, "max_slots must be >= 1"),
-        (["--model", "/m", "--reward", "x=not an entry point"], {}, "package.module:fn"),
-        (["--model", "/m", "--reward", "no-equals"], {}, "NAME=module:function"),
+        (["--model", "/m", "--max-slots", "0"], {}, r">= 1 - at `\$.max_slots` \(given: 0\)"),
+        (["--model", "/m", "--reward", "x=not an entry point"], {}, "reward_entry_points"),
+        (["--model", "/m", "--reward", "no-equals"], {}, "NAME=VALUE"),
         (["--model", "/m"], {"MULTILORA_ROLLOUT_BLOCK_MS": "soon"}, "block_ms"),
-        (["--model", "/m", "--name", "bad name"], {}, "worker name"),
+        (["--model", "/m", "--name", "bad name"], {}, r"\$.bus.name"),
     ],
 )
 def test_bad_values_are_named(argv, env, message) -> None:
@@ -60,5 +61,5 @@ def test_unknown_file_keys_are_errors(tmp_path) -> None:
 
 
 def test_socket_timeout_covers_the_reward_deadline() -> None:
-    config = RolloutConfig(model_path="/m", block_ms=2000, reward_timeout_s=30)
+    config = RolloutConfig(model_path="/m", bus=BusConfig(block_ms=2000), reward_timeout_s=30)
     assert config.max_block_ms == 30_000

@@ -6,18 +6,18 @@ import signal
 
 import pytest
 
+from events.bootstrap import EXIT_CONFIG
 from events.connection import connect
-from events.errors import UnsafeRedisError
 from events.specs import RewardSpec
 from ops.redis_server import RedisServer
-from rollout.worker import main
+from rollout.main import main
 from tests.rollout_worker.helpers import admitted, publish, read_groups, task
 
 pytestmark = pytest.mark.bus
 
 
 def test_main_refuses_an_unsafe_server_then_runs_with_the_override(
-    tmp_path, tiny_dir, data_root, versions, streams
+    tmp_path, tiny_dir, data_root, versions, streams, capsys
 ) -> None:
     with RedisServer(tmp_path / "r") as server:
         client = connect(server.url)
@@ -26,8 +26,8 @@ def test_main_refuses_an_unsafe_server_then_runs_with_the_override(
                 "--model", str(tiny_dir), "--allowed-root", str(data_root), "--block-ms", "200",
                 "--reward", "always_one=tests.rollout_worker.plugins:always_one",
                 "--weights-cache", str(tmp_path / "cache")]  # fmt: skip
-        with pytest.raises(UnsafeRedisError, match="--unsafe-redis"):
-            main(argv)
+        assert main(argv) == EXIT_CONFIG  # refused at boot, the fix named
+        assert "--unsafe-redis" in capsys.readouterr().err
         publish(client, streams.control, admitted("math", "r1"))
         t = task("math", "r1", versions[0], rewards=(RewardSpec(name="always_one"),))
         publish(client, streams.tasks, t)

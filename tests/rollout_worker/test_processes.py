@@ -1,4 +1,4 @@
-"""THE crash test: three ``python -m rollout.worker`` processes on one task stream.
+"""THE crash test: three ``python -m rollout.main`` processes on one task stream.
 
 One worker is killed with SIGKILL while it holds a task; another is frozen (SIGSTOP) while it
 holds one until a live worker has taken its entries over, then thawed, so it finishes the
@@ -35,7 +35,7 @@ SLOW = SamplingSpec(temperature=1.0, max_new_tokens=96)
 
 
 def start_worker(url: str, streams: Streams, name: str, tiny: Path, data: Path, unsafe: bool):
-    cmd = [sys.executable, "-m", "rollout.worker", "--redis-url", url,
+    cmd = [sys.executable, "-m", "rollout.main", "--redis-url", url,
            "--namespace", streams.namespace, "--name", name, "--model", str(tiny),
            "--allowed-root", str(data), "--claim-idle-ms", "1500", "--block-ms", "300",
            "--torch-threads", "1", "--max-prompt-tokens", "64"]  # fmt: skip
