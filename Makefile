@@ -6,15 +6,30 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MODEL  ?= models/smollm2-135m
 
-.PHONY: setup demo test test-bus lint typecheck bench-bus model clean
+.PHONY: setup lock demo test test-bus lint typecheck bench-bus model clean
 
-$(VENV)/.installed: pyproject.toml
+# Setup installs the exact versions of requirements.lock (what CI tested), then this package
+# without resolving anything again. `make lock` re-resolves pyproject.toml's ranges in a scratch
+# virtualenv and rewrites the lock file (review the diff, run `make test`, commit both).
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch, pinned: a bare `torch` would pull multi-GB CUDA builds
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
+
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q torch==2.13.0
+	.lock-venv/bin/python -m pip install -q '.[dev]'
+	{ echo "# Exact versions CI tested (Python 3.11, CPU). Install: make setup. Refresh: make lock."; \
+	  echo "# torch is the CPU build pinned in the Makefile (a bare torch pulls multi-GB CUDA builds)."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^multilora'; } > requirements.lock
+	rm -rf .lock-venv
 
 setup: $(VENV)/.installed
 
