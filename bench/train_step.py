@@ -54,12 +54,13 @@ from pathlib import Path
 import torch
 
 from events.specs import OptimSpec
+from trainer.batch import TrainBatch
 from trainer.inject import MultiLoraModel, token_logprobs
 from trainer.lora import grouped_mm_supported
 from trainer.losses import weighted_nll
 from trainer.optim import SlotAdamW
 from trainer.peft_io import export_slot
-from trainer.step import TrainBatch, train_step
+from trainer.step import train_step
 
 
 def qwen3_dims(
@@ -73,9 +74,16 @@ def qwen3_dims(
     head_dim: int = 128,
 ) -> dict[str, int | bool]:
     """Qwen3Config keyword arguments for a model of this shape."""
-    return {"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": inter,
-            "vocab_size": vocab, "tie_word_embeddings": tie, "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads, "head_dim": head_dim}  # fmt: skip
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": inter,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tie,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+    }
 
 
 SHAPES = {
@@ -161,8 +169,9 @@ def peft_sequential(hf: torch.nn.Module, batch: TrainBatch, device: torch.device
 
     def config(i: int) -> LoraConfig:
         rank = RANKS[i % 3]
-        return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PEFT_TARGETS,
-                          task_type="CAUSAL_LM")  # fmt: skip
+        return LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=PEFT_TARGETS, task_type="CAUSAL_LM"
+        )
 
     peft_model = get_peft_model(hf, config(0), adapter_name=names[0], autocast_adapter_dtype=False)
     for i, name in enumerate(names[1:], start=1):
@@ -376,14 +385,18 @@ def main(argv: list[str] | None = None) -> int:
         ("PEFT 8 adapters sequential", f"{peft_ms:.1f} ms"),
         *[(f"train step, N={n}", f"{step_ms[n]:.1f} ms  {tps[n]:,.0f} tok/s") for n in step_ms],
         ("n8_vs_n1 / n32_vs_n1", f"{result['n8_vs_n1']:.3f} / {result['n32_vs_n1']:.3f}"),
-        ("lora_vs_frozen (fwd+bwd only)",
-         f"{result['lora_vs_frozen']:.3f} ({result['lora_fwd_bwd_vs_frozen']:.3f})"),
+        (
+            "lora_vs_frozen (fwd+bwd only)",
+            f"{result['lora_vs_frozen']:.3f} ({result['lora_fwd_bwd_vs_frozen']:.3f})",
+        ),
         ("together_vs_peft_sequential", f"{result['together_vs_peft_sequential']:.3f}"),
         ("export_ms_per_adapter", f"{result['export_ms_per_adapter']:.1f}"),
         ("max_slots_r16", str(result["max_slots_r16"])),
-        ("adapter dtype / grouped_mm",
-         f"{result['adapter_dtype']} / {result['grouped_mm_kernel']}"),
-    ]  # fmt: skip
+        (
+            "adapter dtype / grouped_mm",
+            f"{result['adapter_dtype']} / {result['grouped_mm_kernel']}",
+        ),
+    ]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")

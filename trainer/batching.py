@@ -1,4 +1,4 @@
-"""Turn scored sample groups into one mixed :class:`~trainer.step.TrainBatch`.
+"""Turn scored sample groups into one mixed :class:`~trainer.batch.TrainBatch`.
 
 Every sample becomes one row: ``prompt_ids + completion_ids``, right-padded. Targets are the
 completion tokens; their advantage is the sample's group-normalised advantage and their old
@@ -20,8 +20,8 @@ import torch
 
 from events.schema import PromptGroup
 from events.specs import LossSpec
+from trainer.batch import TrainBatch
 from trainer.rl_loss import group_advantages
-from trainer.step import TrainBatch
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,11 @@ it passes ``None``. Rollout-time log-probs (for importance ratios) are ``batch.o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from trainer.step import TrainBatch
+from trainer.batch import TrainBatch
 
 LossOutput = tuple[Tensor, dict[str, Tensor]]
 """``(per_token_loss_B_T, {metric name: per-token values [B, T]})``."""

@@ -37,9 +37,9 @@ import torch
 from torch import Tensor
 
 from events.specs import LossSpec
+from trainer.batch import TrainBatch
 from trainer.lora import BASE_SLOT
 from trainer.losses import LossOutput
-from trainer.step import TrainBatch
 
 KL_MAX = 10.0
 """Upper bound of one token's k3 KL term (beyond it the token adds no KL gradient)."""

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from events.specs import OptimSpec
+from trainer.batch import TrainBatch
 from trainer.inject import MultiLoraModel
 from trainer.optim import SlotAdamW
-from trainer.step import TrainBatch
 
 VOCAB_LOW, VOCAB_HIGH = 4, 104  # char-tokenizer ids that are not special tokens
 

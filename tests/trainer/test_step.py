@@ -11,9 +11,10 @@ from torch import Tensor
 
 from events.specs import OptimSpec
 from tests.trainer.helpers import build, random_batch, rel_diff, slot_weights
+from trainer.batch import BatchError, TrainBatch
 from trainer.lora import BASE_SLOT
 from trainer.losses import LossOutput, weighted_nll
-from trainer.step import BatchError, TrainBatch, train_step
+from trainer.step import train_step
 
 ADAPTERS = {
     0: (2, 4.0, OptimSpec(lr=2e-2, max_grad_norm=0.05, weight_decay=0.05)),
