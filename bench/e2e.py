@@ -333,9 +333,15 @@ def random_model(path: Path, hidden: int, layers: int) -> Path:
     from ops.models import write_tiny_model
 
     heads = max(4, hidden // 64)
-    return write_tiny_model(path, "qwen3", hidden_size=hidden, num_layers=layers,
-                            num_heads=heads, num_kv_heads=max(1, heads // 4),
-                            intermediate_size=3 * hidden)  # fmt: skip
+    return write_tiny_model(
+        path,
+        "qwen3",
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 4),
+        intermediate_size=3 * hidden,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,18 +373,27 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [f"{c}:" for c in "abcdefghijklmnop"]
     rows = [json.dumps({"prompt": q, "answer": ""}) for q in prompts]
     (data / "prompts.jsonl").write_text("\n".join(rows) + "\n")
-    model = args.model or str(random_model(run_dir / "model", args.random_hidden,
-                                           args.random_layers))  # fmt: skip
+    model = args.model or str(
+        random_model(run_dir / "model", args.random_hidden, args.random_layers)
+    )
     device = ["--device", args.device, "--dtype", args.dtype]
     metrics_port = free_port()
     options = StackOptions(
-        model=model, workers=args.workers, num_slots=4, max_rank=max(8, args.rank),
-        run_dir=str(run_dir / "stack"), namespace="bench", max_batch_wait_s=0.0,
-        torch_threads=1 if args.device == "cpu" else 0, redis_port=0, metrics_port_base=0,
-        extra_args={"trainer": [*device, "--allowed-root", str(data),
-                                "--metrics-port", str(metrics_port)],
-                    "rollout": [*device, "--allowed-root", str(data)]},
-    )  # fmt: skip
+        model=model,
+        workers=args.workers,
+        num_slots=4,
+        max_rank=max(8, args.rank),
+        run_dir=str(run_dir / "stack"),
+        namespace="bench",
+        max_batch_wait_s=0.0,
+        torch_threads=1 if args.device == "cpu" else 0,
+        redis_port=0,
+        metrics_port_base=0,
+        extra_args={
+            "trainer": [*device, "--allowed-root", str(data), "--metrics-port", str(metrics_port)],
+            "rollout": [*device, "--allowed-root", str(data)],
+        },
+    )
     t0 = time.monotonic()
     with Stack(options) as stack:
         client = connect(stack.url)

@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     print("reward = mean reward of the adapter's first / last 3 steps")
     print(f"{'adapter':<12}{'steps':>6}{'start reward':>14}{'end reward':>12}  export")
     for name, row in result["adapters"].items():
-        print(f"{name:<12}{row['steps']:>6}{row['start_reward']:>14.3f}"
-              f"{row['end_reward']:>12.3f}  {row['export']}")  # fmt: skip
+        print(
+            f"{name:<12}{row['steps']:>6}{row['start_reward']:>14.3f}"
+            f"{row['end_reward']:>12.3f}  {row['export']}"
+        )
     print(f"reward curves: {result['plot']}; summary: {run_dir / 'demo.json'}")
     return 0

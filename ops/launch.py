@@ -91,32 +91,73 @@ class Stack:
                 ["--metrics-port", str(o.metrics_port_base + offset)] if o.metrics_port_base else []
             )
 
-        self._spawn("trainer", ["trainer", *common, "--model", model,
-                                "--num-slots", str(o.num_slots), "--max-rank", str(o.max_rank),
-                                "--artifacts", str(self.run_dir / "artifacts"),
-                                "--checkpoints", str(self.run_dir / "checkpoints"),
-                                "--allowed-root", ".", "--lease-wait-s", "15",
-                                "--max-batch-wait-s", str(o.max_batch_wait_s),
-                                *port(0)])  # fmt: skip
+        self._spawn(
+            "trainer",
+            [
+                "trainer",
+                *common,
+                "--model",
+                model,
+                "--num-slots",
+                str(o.num_slots),
+                "--max-rank",
+                str(o.max_rank),
+                "--artifacts",
+                str(self.run_dir / "artifacts"),
+                "--checkpoints",
+                str(self.run_dir / "checkpoints"),
+                "--allowed-root",
+                ".",
+                "--lease-wait-s",
+                "15",
+                "--max-batch-wait-s",
+                str(o.max_batch_wait_s),
+                *port(0),
+            ],
+        )
         for i in range(o.workers):
             extra = ["--torch-threads", str(o.torch_threads)] if o.torch_threads else []
-            self._spawn(f"rollout.{i}", ["rollout", *common, "--model", model, "--index", str(i),
-                                         "--name", f"rollout.{i}", "--allowed-root", ".",
-                                         "--max-slots", str(2 * o.num_slots),
-                                         "--max-rank", str(o.max_rank), *extra,
-                                         *port(10 + i)])  # fmt: skip
-        self._spawn("checkpoint", ["checkpoint", *common,
-                                   "--artifacts", str(self.run_dir / "artifacts"),
-                                   "--checkpoints", str(self.run_dir / "checkpoints"),
-                                   *port(1)])  # fmt: skip
+            self._spawn(
+                f"rollout.{i}",
+                [
+                    "rollout",
+                    *common,
+                    "--model",
+                    model,
+                    "--index",
+                    str(i),
+                    "--name",
+                    f"rollout.{i}",
+                    "--allowed-root",
+                    ".",
+                    "--max-slots",
+                    str(2 * o.num_slots),
+                    "--max-rank",
+                    str(o.max_rank),
+                    *extra,
+                    *port(10 + i),
+                ],
+            )
+        self._spawn(
+            "checkpoint",
+            [
+                "checkpoint",
+                *common,
+                "--artifacts",
+                str(self.run_dir / "artifacts"),
+                "--checkpoints",
+                str(self.run_dir / "checkpoints"),
+                *port(1),
+            ],
+        )
         return self
 
     def _tiny_model(self) -> str:
-        from ops.models import write_tiny_model
+        from ops.models import LEARNABLE_HEAD_SCALE, write_tiny_model
 
         path = self.run_dir / "tiny-model"
         if not (path / "config.json").exists():
-            write_tiny_model(path)
+            write_tiny_model(path, head_scale=LEARNABLE_HEAD_SCALE)
         return str(path)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
@@ -145,8 +186,9 @@ class Stack:
             pass
 
     def run_schedule(self, path: str, timeout_s: float = 3600) -> int:
-        return run_schedule_against(connect(self.url), self.streams, path, timeout_s=timeout_s,
-                                    health=self.check)  # fmt: skip
+        return run_schedule_against(
+            connect(self.url), self.streams, path, timeout_s=timeout_s, health=self.check
+        )
 
     def __exit__(self, *exc: object) -> None:
         for proc in self.procs.values():

@@ -57,6 +57,10 @@ def char_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     )
 
 
+LEARNABLE_HEAD_SCALE = 8.0
+"""The output-head scale of the tiny model ``multilora up`` and the e2e tests train."""
+
+
 def write_tiny_model(
     path: str | Path,
     family: Family = "llama",
@@ -67,11 +71,19 @@ def write_tiny_model(
     num_kv_heads: int = 2,
     intermediate_size: int = 128,
     seed: int = 0,
+    head_scale: float = 1.0,
 ) -> Path:
     """Write a randomly initialised causal LM of ``family`` plus a char tokenizer to ``path``.
 
     The result loads with ``AutoModelForCausalLM.from_pretrained(path)`` like any local model.
     Same arguments and seed give bit-identical weights.
+
+    ``head_scale`` multiplies the output head. With the default init (std 0.02) a logit is at
+    most ``|w_token| * |h| ~ 0.02 * sqrt(64) * sqrt(64) ~ 1.3`` for the RMS-normalised last
+    hidden state, so no adapter on the attention/MLP layers can make one character likelier than
+    a few per cent: nothing can be learned. :data:`LEARNABLE_HEAD_SCALE` widens the reachable
+    logit range to ~10 while the initial distribution stays broad, so a rewarded behaviour
+    (emit digits, emit one letter) becomes dominant within a few dozen RL steps.
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
@@ -96,6 +108,9 @@ def write_tiny_model(
     config = config_cls(**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(head_scale)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

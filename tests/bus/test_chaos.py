@@ -30,8 +30,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_worker(url: str, streams: Streams, name: str, mode: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "tests.bus.worker", "--url", url, "--namespace",
-           streams.namespace, "--name", name, "--mode", mode, "--lease-wait-s", "10"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.bus.worker",
+        "--url",
+        url,
+        "--namespace",
+        streams.namespace,
+        "--name",
+        name,
+        "--mode",
+        mode,
+        "--lease-wait-s",
+        "10",
+    ]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -147,8 +160,17 @@ def test_second_process_with_same_name_refuses_quickly(redis_url, streams) -> No
         assert first.stdout.readline().strip() == b"ready"
         time.sleep(0.5)  # the first holds the lease by now
         t0 = time.monotonic()
-        cmd = [sys.executable, "-m", "tests.bus.worker", "--url", redis_url, "--namespace",
-               streams.namespace, "--name", "same"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.bus.worker",
+            "--url",
+            redis_url,
+            "--namespace",
+            streams.namespace,
+            "--name",
+            "same",
+        ]
         second = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=30)
         elapsed = time.monotonic() - t0
         assert second.returncode != 0

@@ -140,8 +140,13 @@ def test_deferred_entries_stay_owned_until_committed(redis_url, streams, rclient
 
     keeper = threading.Thread(target=c1._keeper_loop, daemon=True)
     keeper.start()
-    thief = make_consumer(redis_url, streams, lambda d: thief_seen.append(d) or Effects(),
-                          name="thief", claim_idle_ms=300)  # fmt: skip
+    thief = make_consumer(
+        redis_url,
+        streams,
+        lambda d: thief_seen.append(d) or Effects(),
+        name="thief",
+        claim_idle_ms=300,
+    )
     thief.run(burst=True)
     assert thief_seen == []
     key = streams.key("effects")
@@ -154,13 +159,19 @@ def test_deferred_entries_stay_owned_until_committed(redis_url, streams, rclient
 def test_commit_refused_after_another_consumer_reclaimed(redis_url, streams, rclient) -> None:
     publish_failed(rclient, streams, 1)
     slow_seen: list[Delivery] = []
-    slow = make_consumer(redis_url, streams, lambda d: slow_seen.append(d) or DEFER,
-                         claim_idle_ms=100)  # fmt: skip
+    slow = make_consumer(
+        redis_url, streams, lambda d: slow_seen.append(d) or DEFER, claim_idle_ms=100
+    )
     slow.run(max_events=1)
     time.sleep(0.2)  # slow consumer stalls; its entry goes idle
     key = streams.key("effects")
-    fast = make_consumer(redis_url, streams, lambda d: Effects().command("INCRBY", key, 1),
-                         name="fast", claim_idle_ms=100)  # fmt: skip
+    fast = make_consumer(
+        redis_url,
+        streams,
+        lambda d: Effects().command("INCRBY", key, 1),
+        name="fast",
+        claim_idle_ms=100,
+    )
     assert fast.run(burst=True).handled == 1
     assert not slow.commit(Effects().command("INCRBY", key, 1), slow_seen)
     assert rclient.get(key) == b"1"

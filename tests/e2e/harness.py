@@ -187,8 +187,9 @@ class LiveStack:
                 return value
             self.check()
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n"
-                                     + self.log_tails())  # fmt: skip
+                raise AssertionError(
+                    f"timed out after {timeout_s:.0f} s waiting for {what}\n" + self.log_tails()
+                )
             time.sleep(0.1)
 
     def check(self) -> None:
