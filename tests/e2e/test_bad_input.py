@@ -62,18 +62,30 @@ def test_bad_specs_are_rejected_with_reasons_and_a_good_one_still_trains(
     typo = live.xadd_ingress(wrong_field)
     good_id = live.register("good", good)
 
-    live.wait_for("the good adapter to complete",
-                  lambda: live.events(Completed, good_id), timeout_s=90)  # fmt: skip
+    live.wait_for(
+        "the good adapter to complete", lambda: live.events(Completed, good_id), timeout_s=90
+    )
     live.check()  # every process is still up
 
     rejected = live.events(Rejected)
     by_registration = {e.registration_id: e for e in rejected if e.registration_id}
     table = status_table(live.client, live.streams)
     cli = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "status", "--redis-url", live.stack.url,
-         "--namespace", live.streams.namespace],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "ops.cli",
+            "status",
+            "--redis-url",
+            live.stack.url,
+            "--namespace",
+            live.streams.namespace,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     print(table)
     for name, (_, field, words) in bad.items():
         event = by_registration[registrations[name]]
