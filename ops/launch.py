@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Annotated
 
@@ -25,7 +25,7 @@ from events.codec import Decoder
 from events.config import DEFAULT_NAMESPACE, Namespace, NonNegative, Port, Positive
 from events.connection import connect
 from events.errors import ConfigError
-from events.schema import CheckpointSaved, Completed, ControlEvent
+from events.schema import CheckpointSaved, ControlEvent
 from events.streams import Streams
 from ops.redis_server import RedisServer, resolve_server
 from ops.specfile import load_adapter, load_schedule
@@ -206,35 +206,86 @@ class Stack:
             self.server.close()
 
 
+class LogFollower:
+    """The lifecycle state of every registration, kept current by folding new control-log
+    entries through :func:`orchestrator.lifecycle.transition` (the one view of the log), plus
+    which registrations have their final checkpoint (``checkpoint_saved(final)``, not lifecycle).
+    """
+
+    def __init__(self, client: redis.Redis, streams: Streams) -> None:
+        self.client = client
+        self.streams = streams
+        self.states: dict[str, AdapterState] = {}
+        self.final_checkpoints: set[str] = set()
+        self._last = "-"
+        self._decoder = Decoder(ControlEvent)
+
+    def refresh(self) -> dict[str, AdapterState]:
+        """Fold the entries added since the last call; returns the states by registration id."""
+        while True:
+            entries = self.client.xrange(self.streams.control, min=self._last, count=1000)
+            entries = [(i, f) for i, f in entries if i.decode() != self._last]
+            if not entries:
+                return self.states
+            for entry_id, fields in entries:
+                self._last = entry_id.decode()
+                event = self._decoder.decode(fields, self._last)
+                if isinstance(event, CheckpointSaved) and event.final:
+                    self.final_checkpoints.add(event.registration_id)
+                key = registration_key(event)
+                state = transition(self.states.get(key), event)
+                if state is not None:
+                    self.states[key] = state
+
+
 def registrations_view(client: redis.Redis, streams: Streams) -> dict[str, AdapterState]:
-    """Every registration's lifecycle state, replayed from the control log with the trainer's own
-    state machine (:func:`orchestrator.lifecycle.transition`), keyed by registration id."""
-    decoder = Decoder(ControlEvent)
-    states: dict[str, AdapterState] = {}
-    for entry_id, fields in client.xrange(streams.control):
-        event = decoder.decode(fields, entry_id.decode())
-        key = registration_key(event)
-        state = transition(states.get(key), event)
-        if state is not None:
-            states[key] = state
-    return states
+    """Every registration's lifecycle state, replayed from the control log, by registration id."""
+    return LogFollower(client, streams).refresh()
+
+
+def progress_line(states: Iterable[AdapterState]) -> str:
+    """``sums running 5/20 reward 0.41 | late queued 0/12`` over the given registrations."""
+    cells = []
+    for st in states:
+        reward = f" reward {st.reward_mean:.2f}" if st.reward_mean is not None else ""
+        cells.append(f"{st.name} {st.phase} {st.step}/{st.steps_total or '?'}{reward}")
+    return " | ".join(cells)
 
 
 def run_schedule_against(
-    client: redis.Redis, streams: Streams, path: str, *, timeout_s: float = 3600, health=None
+    client: redis.Redis,
+    streams: Streams,
+    path: str,
+    *,
+    timeout_s: float = 3600,
+    health: Callable[[], None] | None = None,
+    progress: bool = True,
 ) -> int:
-    """Run a schedule (register / cancel / wait) and wait until every adapter is terminal."""
+    """Run a schedule (register / cancel / wait) and wait until every adapter is terminal and
+    every one that trained has its final checkpoint. With ``progress``, a line of per-adapter
+    state, step/total and reward is printed whenever one of them changes."""
     steps, base = load_schedule(path)
     producer = Producer(client, streams, source="schedule")
     registrations: dict[str, str] = {}  # name -> registration id of this schedule's latest
+    follower = LogFollower(client, streams)
     deadline = time.monotonic() + timeout_s
+    shown = ""
 
-    def wait_until(predicate) -> None:
+    def mine() -> list[AdapterState]:
+        states = follower.refresh()
+        return [states[r] for r in registrations.values() if r in states]
+
+    def wait_until(predicate: Callable[[], bool]) -> None:
+        nonlocal shown
         while not predicate():
             if health is not None:
                 health()
             if time.monotonic() > deadline:
                 raise ConfigError(f"schedule {path} timed out after {timeout_s:.0f} s")
+            line = progress_line(mine())
+            if progress and line != shown:
+                print(f"[progress] {line}", flush=True)
+                shown = line
             time.sleep(0.5)
 
     for step in steps:
@@ -251,34 +302,30 @@ def run_schedule_against(
                 print(f"[schedule] waiting for {w.adapter} to reach step {w.step}", flush=True)
 
                 def reached(w=w) -> bool:
-                    state = registrations_view(client, streams).get(registrations[w.adapter])
+                    state = follower.refresh().get(registrations[w.adapter])
                     return state is not None and (state.step >= w.step or is_ended(state))
 
                 wait_until(reached)
             else:
                 end = time.monotonic() + w.seconds
-                wait_until(lambda end=end: time.monotonic() >= end)
+
+                def elapsed(end: float = end) -> bool:
+                    return time.monotonic() >= end
+
+                wait_until(elapsed)
 
     def all_done() -> bool:
-        now = registrations_view(client, streams)
-        return all(r in now and is_ended(now[r]) for r in registrations.values())
+        states = follower.refresh()
+        ended = [states.get(r) for r in registrations.values()]
+        if not all(s is not None and is_ended(s) for s in ended):
+            return False
+        # a registration that held a slot (epoch >= 1) and completed has a final checkpoint
+        trained = {
+            s.registration_id for s in ended if s and s.epoch >= 1 and s.final_step is not None
+        }
+        return trained <= follower.final_checkpoints
 
     wait_until(all_done)
-    wait_until(lambda: not awaiting_final_checkpoint(client, streams, registrations.values()))
+    if progress:
+        print(f"[progress] {progress_line(mine())}", flush=True)
     return 0
-
-
-def awaiting_final_checkpoint(
-    client: redis.Redis, streams: Streams, registration_ids: Iterable[str]
-) -> set[str]:
-    """Registrations that completed after holding a slot (epoch >= 1) and have no final
-    checkpoint yet: the schedule is not done until the checkpoint process took them."""
-    decoder = Decoder(ControlEvent)
-    completed, saved = set(), set()
-    for entry_id, fields in client.xrange(streams.control):
-        event = decoder.decode(fields, entry_id.decode())
-        if isinstance(event, Completed) and event.epoch >= 1:
-            completed.add(event.registration_id)
-        elif isinstance(event, CheckpointSaved) and event.final:
-            saved.add(event.registration_id)
-    return (completed & set(registration_ids)) - saved
