@@ -72,8 +72,9 @@ def test_trainer_kill9_resumes_every_adapter_without_applying_a_step_twice(
         for i, (name, c) in enumerate((("alpha", "a"), ("beta", "b")))
     }
     waiting = live.register("gamma", adapter_spec(data_dir, char_reward("c"), steps=6, seed=2))
-    live.wait_for("both adapters at step 5",
-                  lambda: all(live.last_step(r) >= 5 for r in reg.values()))  # fmt: skip
+    live.wait_for(
+        "both adapters at step 5", lambda: all(live.last_step(r) >= 5 for r in reg.values())
+    )
     assert live.events(Queued, waiting) and not live.events(Admitted, waiting)
     old_pid = live.pid("trainer")
     held = freeze_holding_groups(live)
@@ -85,8 +86,11 @@ def test_trainer_kill9_resumes_every_adapter_without_applying_a_step_twice(
     log_at_restart = len(live.log("trainer"))
 
     live.restart("trainer")
-    live.wait_for("all three adapters to complete after the restart",
-                  lambda: len(live.events(Completed)) == 3, timeout_s=120)  # fmt: skip
+    live.wait_for(
+        "all three adapters to complete after the restart",
+        lambda: len(live.events(Completed)) == 3,
+        timeout_s=120,
+    )
 
     holder = live.lease_holder("trainer")
     assert holder.get("pid") not in (None, old_pid), holder
@@ -137,8 +141,9 @@ def test_rollout_worker_and_checkpointer_kill9_lose_nothing(
         for i, (name, c) in enumerate((("alpha", "a"), ("beta", "b")))
     }
     reg = {name: live.register(name, spec) for name, spec in specs.items()}
-    live.wait_for("both adapters at step 3",
-                  lambda: all(live.last_step(r) >= 3 for r in reg.values()))  # fmt: skip
+    live.wait_for(
+        "both adapters at step 3", lambda: all(live.last_step(r) >= 3 for r in reg.values())
+    )
 
     # The checkpointer dies; at least two due steps pass while it is dead.
     live.kill("checkpoint")
@@ -157,8 +162,9 @@ def test_rollout_worker_and_checkpointer_kill9_lose_nothing(
     )
     assert len(live.events(CheckpointSaved)) == saved_at_kill, "saved by a dead checkpointer?"
     live.restart("checkpoint")
-    live.wait_for("both adapters to complete",
-                  lambda: len(live.events(Completed)) == 2, timeout_s=120)  # fmt: skip
+    live.wait_for(
+        "both adapters to complete", lambda: len(live.events(Completed)) == 2, timeout_s=120
+    )
     live.wait_for(
         "the final checkpoints",
         lambda: len([e for e in live.events(CheckpointSaved) if e.final]) == 2,

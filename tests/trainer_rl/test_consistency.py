@@ -31,11 +31,15 @@ def test_engine_logprobs_equal_trainer_logprobs(tmp_path, temperature: float) ->
     engine.load_adapter("a", 1, tmp_path / "adapter")
     prompt = (5, 6, 7, 8)
     requests = [
-        GenerateRequest(input_ids=prompt, adapter=AdapterRef("a", 1),
-                        sampling=SamplingParams(temperature=temperature, max_new_tokens=6,
-                                                ignore_eos=True, seed=s))
+        GenerateRequest(
+            input_ids=prompt,
+            adapter=AdapterRef("a", 1),
+            sampling=SamplingParams(
+                temperature=temperature, max_new_tokens=6, ignore_eos=True, seed=s
+            ),
+        )
         for s in range(4)
-    ]  # fmt: skip
+    ]
     results = engine.generate(requests)
     for result in results:
         tokens_B_T = torch.tensor([list(prompt) + list(result.output_ids)])
@@ -72,16 +76,23 @@ def test_fresh_samples_train_at_ratio_one(tmp_path) -> None:
     for prompt in ((5, 6, 7), (9, 10, 11, 12, 13)):  # odd lengths: T is padded to 8
         sampling = SamplingParams(temperature=0.6, max_new_tokens=5, stop_token_ids=(40, 41))
         reqs = [
-            GenerateRequest(input_ids=prompt, adapter=AdapterRef("a", 1),
-                            sampling=msgspec_replace(sampling, seed=s))
+            GenerateRequest(
+                input_ids=prompt,
+                adapter=AdapterRef("a", 1),
+                sampling=msgspec_replace(sampling, seed=s),
+            )
             for s in range(4)
-        ]  # fmt: skip
+        ]
         results = engine.generate(reqs)
         samples = tuple(
-            Sample(completion_ids=tuple(r.output_ids), logprobs=tuple(r.logprobs), text="",
-                   reward=float(i % 2))
+            Sample(
+                completion_ids=tuple(r.output_ids),
+                logprobs=tuple(r.logprobs),
+                text="",
+                reward=float(i % 2),
+            )
             for i, r in enumerate(results)
-        )  # fmt: skip
+        )
         groups.append(PromptGroup(prompt_index=0, prompt_ids=prompt, samples=samples))
     batch, _ = build_batch([AdapterRows(0, LossSpec(), groups, temperature=0.6)], pad_id=0)
     assert batch is not None

@@ -14,8 +14,13 @@ from trainer.rl_loss import KL_MAX, PPOClipLoss, group_advantages
 
 
 def sample(ids, reward, *, failed=False, lp=-0.5) -> Sample:
-    return Sample(completion_ids=tuple(ids), logprobs=tuple(lp for _ in ids), text="",
-                  reward=reward, failed=failed)  # fmt: skip
+    return Sample(
+        completion_ids=tuple(ids),
+        logprobs=tuple(lp for _ in ids),
+        text="",
+        reward=reward,
+        failed=failed,
+    )
 
 
 def test_group_advantages() -> None:
