@@ -8,9 +8,12 @@ Artifact store (written by the trainer, read by rollout workers and the checkpoi
 
     {root}/{adapter}/{registration_id}/v{version:06d}/
         adapter_config.json  adapter_model.safetensors    PEFT LoRA at the adapter's true rank
-        training_state.safetensors                        Adam moments, RNG states (uint8) ...
-        training_state.json                               step, version, epoch, cursor
-                                                          {n, seed, epoch, position}, spec, ...
+        training_state.safetensors                        Adam moments
+        training_state.json                               TrainingState: step, version, epoch,
+                                                          cursor, spec, slot scalars
+
+The files and their readers and writers are :mod:`events.adapter_format`'s; this module moves
+them as opaque bytes and reads only the training state's step, version, epoch and cursor.
 
 Checkpoints (written by the checkpoint process, read by the trainer on resume)::
 
@@ -55,15 +58,20 @@ import msgspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from events.adapter_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    STATE_JSON,
+    STATE_TENSORS,
+    AdapterFormatError,
+    CursorState,
+    TrainingState,
+    decode_training_state,
+)
 from events.errors import ConfigError, MultiLoraError
-from orchestrator.cursor import CursorState
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-STATE_TENSORS = "training_state.safetensors"
-STATE_JSON = "training_state.json"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 CHECKPOINT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATE_TENSORS, STATE_JSON)
@@ -103,15 +111,6 @@ class PublishedVersion(msgspec.Struct, frozen=True, kw_only=True):
     version: int
     sha256: str
     bytes: int
-
-
-class TrainingStateHeader(msgspec.Struct, frozen=True, kw_only=True):
-    """The fields of ``training_state.json`` this layer reads (the trainer may write more)."""
-
-    step: int
-    version: int
-    epoch: int = 0
-    cursor: CursorState | None = None
 
 
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
@@ -366,8 +365,12 @@ class ArtifactStore:
         if match is None:
             raise ArtifactError(f"{uri} is not a version directory (…/v000123)")
         digest = loc.digest(f"{loc.root}/{ADAPTER_WEIGHTS}")
-        return PublishedVersion(uri=loc.uri(loc.root), version=int(match.group(1)),
-                                sha256=digest.sha256, bytes=digest.bytes)  # fmt: skip
+        return PublishedVersion(
+            uri=loc.uri(loc.root),
+            version=int(match.group(1)),
+            sha256=digest.sha256,
+            bytes=digest.bytes,
+        )
 
     def read_file(self, uri: str, name: str) -> bytes:
         """The bytes of file ``name`` in the directory ``uri`` (:class:`ArtifactNotFound`)."""
@@ -565,8 +568,12 @@ class CheckpointStore:
         path = f"{directory}/{name}"
         manifest = self._valid_manifest(path)
         if manifest is None or manifest.adapter != adapter:
-            log.warning("pointer %s/%s names %r, which is not a valid checkpoint",
-                        self._fs.uri(directory), LATEST, name)  # fmt: skip
+            log.warning(
+                "pointer %s/%s names %r, which is not a valid checkpoint",
+                self._fs.uri(directory),
+                LATEST,
+                name,
+            )
             return None
         return CheckpointRef(uri=self._fs.uri(path), manifest=manifest)
 
@@ -636,11 +643,11 @@ def _decode_manifest(data: bytes, uri: str) -> Manifest:
 
 def _check_header(
     data: bytes, source_uri: str, step: int, version: int, epoch: int
-) -> TrainingStateHeader:
+) -> TrainingState:
     try:
-        header = msgspec.json.decode(data, type=TrainingStateHeader)
-    except msgspec.DecodeError as exc:
-        raise ArtifactError(f"{source_uri}/{STATE_JSON} is not a training state: {exc}") from None
+        header = decode_training_state(data, where=f"{source_uri}/{STATE_JSON}")
+    except AdapterFormatError as exc:
+        raise ArtifactError(str(exc)) from None
     if header.epoch > epoch:
         raise StaleSource(
             f"{source_uri} was rewritten under epoch {header.epoch}; the request is epoch {epoch}"

@@ -40,6 +40,7 @@ from typing import Annotated
 import msgspec
 import redis
 
+from events.adapter_format import STATE_JSON, AdapterFormatError, decode_training_state
 from events.bootstrap import EXIT_CONFIG, Bus, run_process
 from events.codec import Decoder, stamp
 from events.config import BusConfig, load
@@ -57,7 +58,6 @@ from events.schema import (
 )
 from events.streams import Streams
 from orchestrator.artifacts import (
-    STATE_JSON,
     ArtifactError,
     ArtifactStore,
     CheckpointRef,
@@ -84,19 +84,6 @@ class Registration(msgspec.Struct, frozen=True, kw_only=True):
     def due(self, step: int) -> bool:
         """Whether ``step`` is a checkpoint step (never when ``interval <= 0``)."""
         return self.interval > 0 and step > 0 and step % self.interval == 0
-
-
-class _SpecPolicy(msgspec.Struct, frozen=True):
-    """The two :class:`~events.specs.AdapterSpec` fields this process needs (others ignored)."""
-
-    checkpoint_interval: int
-    keep_checkpoints: int
-
-
-class _StateSpec(msgspec.Struct, frozen=True):
-    """The part of ``training_state.json`` that tells the policy: its embedded ``spec``."""
-
-    spec: _SpecPolicy | None = None
 
 
 class CheckpointProcess:
@@ -172,17 +159,12 @@ class CheckpointProcess:
             return reg
         try:
             raw = self.artifacts.read_file(source, STATE_JSON)
-            spec = msgspec.json.decode(raw, type=_StateSpec).spec
-        except (ArtifactError, msgspec.DecodeError) as exc:
+            spec = decode_training_state(raw, where=f"{source}/{STATE_JSON}").spec
+        except (ArtifactError, AdapterFormatError) as exc:
             raise HandlerError(
                 f"no adapter.admitted seen for {event.adapter}/{event.registration_id} and its "
                 f"policy cannot be read from {source}/{STATE_JSON}: {exc}"
             ) from exc
-        if spec is None:
-            raise HandlerError(
-                f"no adapter.admitted seen for {event.adapter}/{event.registration_id} and "
-                f"{source}/{STATE_JSON} has no 'spec'; the trainer must write the spec there"
-            )
         reg = Registration(
             interval=spec.checkpoint_interval,
             keep=spec.keep_checkpoints,

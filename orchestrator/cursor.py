@@ -18,25 +18,11 @@ Lemire's multiply-shift ``j = (x * (i + 1)) >> 64``; its bias is below ``n / 2**
 
 from __future__ import annotations
 
-import msgspec
-
+from events.adapter_format import CursorState
 from events.errors import ConfigError
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
-
-
-class CursorState(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A cursor's full state: dataset size, shuffle seed, current epoch, position in the epoch.
-
-    Invariant: ``n > 0``, ``epoch >= 0`` and ``0 <= position < n`` (a finished epoch is stored as
-    the next epoch at position 0).
-    """
-
-    n: int
-    seed: int
-    epoch: int = 0
-    position: int = 0
 
 
 def _mix64(z: int) -> int:

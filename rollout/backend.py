@@ -39,6 +39,7 @@ from urllib.parse import urlparse
 import msgspec
 from safetensors import SafetensorError
 
+from events.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from events.errors import MultiLoraError
 from rollout.client import SGLangClient, SGLangError, SGLangUnavailableError
 from rollout.engine import (
@@ -48,7 +49,7 @@ from rollout.engine import (
     EngineError,
     GenerateRequest,
 )
-from rollout.lora import CONFIG_FILE, WEIGHTS_FILE, LoraError
+from rollout.lora import LoraError
 from rollout.sampling import SamplingParams
 
 
@@ -269,7 +270,7 @@ class WeightsFetcher:
         parsed = urlparse(uri)
         if parsed.scheme in ("", "file"):
             local = Path(parsed.path if parsed.scheme else uri)
-            weights = local / WEIGHTS_FILE
+            weights = local / ADAPTER_WEIGHTS
             if not weights.is_file():
                 raise WeightsError(f"{weights} not found; the published version is incomplete")
             return local, file_sha256(weights)
@@ -282,7 +283,7 @@ class WeightsFetcher:
             fs, root = url_to_fs(uri)
             files = {
                 f: bytes(fs.cat_file(f"{root.rstrip('/')}/{f}"))
-                for f in (CONFIG_FILE, WEIGHTS_FILE)
+                for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
             }
         except (OSError, ValueError, ImportError) as err:  # missing file, bad URL, no driver
             raise WeightsError(f"cannot read the version at {uri!r}: {err}") from err
@@ -294,7 +295,7 @@ class WeightsFetcher:
         if final.exists():
             shutil.rmtree(final)  # a version written again by a trainer redoing a step
         os.replace(tmp, final)
-        return final, hashlib.sha256(files[WEIGHTS_FILE]).hexdigest()
+        return final, hashlib.sha256(files[ADAPTER_WEIGHTS]).hexdigest()
 
     def forget(self, name: str) -> None:
         """Delete the cached copies of every version of ``name`` (its registration ended)."""

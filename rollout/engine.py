@@ -35,8 +35,9 @@ from typing import Any, Literal
 import msgspec
 import torch
 
+from events.adapter_format import read_peft_adapter
 from events.errors import MultiLoraError
-from rollout.lora import BASE_SLOT, LoraBackend, MultiLoraModel, read_peft_adapter
+from rollout.lora import BASE_SLOT, LoraBackend, MultiLoraModel
 from rollout.sampling import SamplingParams, find_stop, sample_tokens_B, trim_at_stop
 
 

@@ -6,8 +6,9 @@ at a common maximum rank ``R``::
     y_b = W x_b + scale[s_b] * B[s_b] (A[s_b] x_b)        s_b = slot of row b
     y_b = W x_b                                            s_b = BASE_SLOT (no adapter)
 
-with ``A_S_R_I`` (``R x in``), ``B_S_O_R`` (``out x R``) and ``scale_S = alpha / r`` (or
-``alpha / sqrt(r)`` for rsLoRA). An adapter of rank ``r < R`` fills the first ``r`` rows of ``A``
+with ``A_S_R_I`` (``R x in``), ``B_S_O_R`` (``out x R``) and ``scale_S`` the adapter's PEFT
+scale (:attr:`~events.adapter_format.PeftAdapter.scale`: ``alpha / r``, or ``alpha / sqrt(r)``
+for rsLoRA). An adapter of rank ``r < R`` fills the first ``r`` rows of ``A``
 and columns of ``B``; the zero padding contributes nothing. A layer an adapter does not target
 keeps that slot zero. The layers know nothing of adapter names: the per-row slot ids are an
 explicit input, set for one forward with :meth:`MultiLoraModel.route`; an id outside
@@ -24,47 +25,31 @@ Two ways to compute the adapter term (same result to rounding, tested against ea
 ``"auto"`` (default) picks ``grouped`` where available, else ``gather``. The routing plan (which
 rows, sort order, segment offsets) is computed once per forward and shared by all layers.
 
-Adapters load from PEFT directories (``adapter_config.json`` + ``adapter_model.safetensors``) as
-written by ``PeftModel.save_pretrained``; tensor names ``base_model.model.<module>.lora_A.weight``
-map to the module ``<module>`` of the causal LM.
+Adapters are PEFT directories (``adapter_config.json`` + ``adapter_model.safetensors``) as
+written by ``PeftModel.save_pretrained``, read and validated by
+:func:`events.adapter_format.read_peft_adapter` (the format's one reader and one list of supported
+PEFT features); tensor names ``base_model.model.<module>.lora_A.weight`` map to the module
+``<module>`` of the causal LM. This module checks an adapter against the model and fills slots.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
+from events.adapter_format import ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterFormatError, PeftAdapter
 from events.errors import MultiLoraError
 
 BASE_SLOT = -1
 """Slot id of a row that runs the base model only."""
 
 LoraBackend = Literal["auto", "gather", "grouped"]
-PEFT_PREFIX = "base_model.model."
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-# adapter_config.json fields whose non-default values change the math we implement.
-_UNSUPPORTED_CONFIG = {
-    "use_dora": "DoRA",
-    "lora_bias": "LoRA bias terms",
-    "modules_to_save": "fully trained extra modules",
-    "rank_pattern": "per-module ranks",
-    "alpha_pattern": "per-module alphas",
-    "fan_in_fan_out": "Conv1D (fan_in_fan_out) layers",
-    "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable token embeddings",
-    "target_parameters": "parameter targeting",
-    "alora_invocation_tokens": "activated LoRA",
-}
 
 
 class LoraError(MultiLoraError):
@@ -75,94 +60,8 @@ class SlotRoutingError(LoraError, ValueError):
     """A slot id is outside ``[BASE_SLOT, num_slots)`` or routing was not set for a forward."""
 
 
-class AdapterFormatError(LoraError, ValueError):
-    """A PEFT adapter directory does not match the model or uses unsupported features."""
-
-
 class AdapterRankError(AdapterFormatError):
     """An adapter's rank exceeds the layer's maximum rank."""
-
-
-@dataclass(frozen=True)
-class PeftAdapter:
-    """One PEFT adapter read from disk: rank, scale and ``module -> (A_r_I, B_O_r)`` on CPU."""
-
-    path: str
-    rank: int
-    alpha: float
-    scale: float
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def modules(self) -> tuple[str, ...]:
-        return tuple(sorted(self.weights))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
-
-
-def read_peft_adapter(path: str | Path) -> PeftAdapter:
-    """Read and validate a PEFT LoRA directory; tensors stay on CPU.
-
-    Raises :class:`AdapterFormatError` naming the file and field/tensor when the directory is
-    incomplete, uses a feature this layer does not implement, or holds tensors other than
-    ``lora_A``/``lora_B`` weights of rank ``r``.
-    """
-    from safetensors.torch import load_file
-
-    root = Path(path)
-    config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
-    for need in (config_path, weights_path):
-        if not need.is_file():
-            raise AdapterFormatError(
-                f"{need} not found; a PEFT adapter dir needs {CONFIG_FILE} "
-                f"and {WEIGHTS_FILE} (PeftModel.save_pretrained writes both)"
-            )
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"{config_path}: peft_type={config.get('peft_type')!r}; only LORA")
-    for field, what in _UNSUPPORTED_CONFIG.items():
-        if config.get(field):
-            raise AdapterFormatError(
-                f"{config_path}: {field}={config[field]!r} ({what}) is not "
-                "supported by the rollout engine; export a plain LoRA"
-            )
-    if config.get("bias", "none") != "none":
-        raise AdapterFormatError(f"{config_path}: bias={config['bias']!r}; only 'none'")
-    rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    if rank < 1:
-        raise AdapterFormatError(f"{config_path}: r={rank} must be >= 1")
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in load_file(str(weights_path)).items():
-        if not name.startswith(PEFT_PREFIX) or not name.endswith(
-            (".lora_A.weight", ".lora_B.weight")
-        ):
-            raise AdapterFormatError(
-                f"{weights_path}: tensor {name!r} is not a PEFT LoRA weight "
-                f"('{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight')"
-            )
-        module, kind = name[len(PEFT_PREFIX) :].rsplit(".", 2)[0], name.rsplit(".", 2)[1]
-        pairs.setdefault(module, {})[kind] = tensor
-    if not pairs:
-        raise AdapterFormatError(f"{weights_path}: holds no LoRA tensors")
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, pair in pairs.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise AdapterFormatError(
-                f"{weights_path}: module {module!r} has only {sorted(pair)}; "
-                "every module needs both lora_A and lora_B"
-            )
-        a, b = pair["lora_A"], pair["lora_B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise AdapterFormatError(
-                f"{weights_path}: {module} lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do "
-                f"not have rank r={rank} from {CONFIG_FILE}"
-            )
-        weights[module] = (a, b)
-    return PeftAdapter(path=str(root), rank=rank, alpha=alpha, scale=scale, weights=weights)
 
 
 @dataclass(frozen=True)
@@ -418,7 +317,9 @@ class MultiLoraModel:
             )
         missing = []
         for module in adapter.modules:
-            where = f"{adapter.path}/{WEIGHTS_FILE}: tensor '{PEFT_PREFIX}{module}.lora_A.weight'"
+            where = (
+                f"{adapter.path}/{ADAPTER_WEIGHTS}: tensor '{PEFT_PREFIX}{module}.lora_A.weight'"
+            )
             layer = self.layers.get(module)
             if layer is not None:
                 linear = layer.base
@@ -468,7 +369,9 @@ class MultiLoraModel:
                     adapter.scale,
                 )
             except AdapterFormatError as err:
-                raise AdapterFormatError(f"{adapter.path}/{WEIGHTS_FILE}: {name}: {err}") from err
+                raise AdapterFormatError(
+                    f"{adapter.path}/{ADAPTER_WEIGHTS}: {name}: {err}"
+                ) from err
 
     def clear(self, slot: int) -> None:
         """Zero ``slot`` in every wrapped layer (rows routed to it then run the base model)."""

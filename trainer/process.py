@@ -39,6 +39,7 @@ from typing import Literal
 import msgspec
 import redis
 
+from events.adapter_format import ADAPTER_WEIGHTS, STATE_JSON, STATE_TENSORS
 from events.codec import Decoder, new_id, stamp
 from events.consumer import DEFER, Consumer, Delivery, HandlerResult, Subscription
 from events.effects import Effects
@@ -72,13 +73,12 @@ from trainer.batching import AdapterRows, build_batch
 from trainer.inject import MultiLoraModel
 from trainer.metrics import TrainerMetrics
 from trainer.optim import SlotAdamW
-from trainer.publish import STATE_JSON, STATE_TENSORS, VersionInfo, restore_slot, version_files
+from trainer.publish import VersionInfo, restore_slot, version_files
 from trainer.rl_loss import PPOClipLoss
 from trainer.step import train_step
 
 log = logging.getLogger(__name__)
 SOURCE = "trainer"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 GROUP_MAX_BYTES = 64 << 20
 """Largest rollout group accepted (tokens and log-probs of every sample of a task, as JSON)."""
 

@@ -246,9 +246,9 @@ def test_repromotion_is_idempotent_and_marks_final(tmp_path, artifacts) -> None:
     final = promote(artifacts, ckpts, 6, final=True)
     assert final.manifest == msgspec.structs.replace(first.manifest, final=True)
     assert verify(first.uri).final
-    assert {p.name: p.stat().st_mtime_ns for p in Path(first.uri).iterdir()
-            if p.name != "manifest.json"} == {k: v for k, v in mtimes.items()
-                                              if k != "manifest.json"}  # fmt: skip
+    assert {
+        p.name: p.stat().st_mtime_ns for p in Path(first.uri).iterdir() if p.name != "manifest.json"
+    } == {k: v for k, v in mtimes.items() if k != "manifest.json"}
     # even a deleted source does not matter once the checkpoint exists
     write_fake_version(artifacts, "ad", REG, 7)
     artifacts.gc("ad", REG, keep_last=1)
@@ -302,8 +302,9 @@ def test_adapter_latest_orders_registrations_by_admission(tmp_path, artifacts) -
     write_fake_version(artifacts, "ad", "new", 10)
     new = promote(artifacts, ckpts, 10, reg="new", registration_id="new", registered_at=2.0)
     assert ckpts.set_latest(new)
-    old = promote(artifacts, ckpts, 100, reg="old", registration_id="old", registered_at=1.0,
-                  final=True)  # fmt: skip
+    old = promote(
+        artifacts, ckpts, 100, reg="old", registration_id="old", registered_at=1.0, final=True
+    )
     assert not ckpts.set_latest(old)  # a late final of the previous registration
     assert load_latest(ckpts.root, "ad") == new
     assert load_latest(ckpts.root, "ad", "old") == old

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,23 +11,41 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save
 from transformers import AutoModelForCausalLM
 
+from events.adapter_format import CursorState, SlotScalars, TrainingState, encode_training_state
 from events.errors import ConfigError
 from ops.models import write_tiny_model
 from orchestrator.artifacts import ArtifactStore, CheckpointStore, verify
+from tests.checkpoint.conftest import make_spec
 
 
 def test_checkpoint_of_a_real_adapter_loads_in_peft(tmp_path) -> None:
     base_dir = write_tiny_model(tmp_path / "base", "qwen2")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                        init_lora_weights=False, task_type="CAUSAL_LM")  # fmt: skip
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(0)
     trained = get_peft_model(base, config).eval()
     export = tmp_path / "export"
     trained.save_pretrained(export)
     files = {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()}
     files["training_state.safetensors"] = save({"exp_avg_r_Q": torch.zeros(4, 8)})
-    files["training_state.json"] = json.dumps({"step": 5, "version": 5, "epoch": 0}).encode()
+    files["training_state.json"] = encode_training_state(
+        TrainingState(
+            adapter="ad",
+            registration_id="r1",
+            step=5,
+            version=5,
+            epoch=0,
+            cursor=CursorState(n=10, seed=0),
+            spec=make_spec(),
+            slot=SlotScalars(rank=4, alpha=8.0, step=5, layout_width=8),
+        )
+    )
     artifacts = ArtifactStore(str(tmp_path / "artifacts"))
     source = artifacts.write_version("ad", "r1", 5, files).uri
     ckpts = CheckpointStore(str(tmp_path / "checkpoints"))
@@ -51,10 +68,7 @@ def test_checkpoint_of_a_real_adapter_loads_in_peft(tmp_path) -> None:
 def test_trainer_version_round_trips_through_a_checkpoint(tmp_path) -> None:
     """Contract with the trainer: its serialised version becomes a checkpoint that verifies,
     names the cursor, restores the slot exactly and loads in PEFT with the same outputs."""
-    from events.specs import OptimSpec
     from orchestrator.artifacts import load_latest
-    from orchestrator.cursor import CursorState
-    from tests.checkpoint.conftest import make_spec
     from trainer.inject import MultiLoraModel
     from trainer.optim import SlotAdamW
     from trainer.publish import VersionInfo, restore_slot, version_files
@@ -63,12 +77,14 @@ def test_trainer_version_round_trips_through_a_checkpoint(tmp_path) -> None:
     model = MultiLoraModel.from_pretrained(base_dir, 2, 8)
     optimizer = SlotAdamW(model.store, model.table)
     model.configure_slot(1, 4, 8.0, seed=3)
-    optimizer.configure(1, OptimSpec(), 10)
+    spec = make_spec(interval=4)
+    optimizer.configure(1, spec.optim, spec.steps)  # the settings the training state stores
     for name, _ in model.slot_layers():  # a trained-looking, non-zero B
         model.layer_weights(1, name)[1].normal_(0, 0.05)
     cursor = CursorState(n=50, seed=9, epoch=1, position=12)
-    info = VersionInfo(adapter="ad", registration_id="r1", step=8, version=8, epoch=0,
-                       cursor=cursor, spec=make_spec(interval=4))  # fmt: skip
+    info = VersionInfo(
+        adapter="ad", registration_id="r1", step=8, version=8, epoch=0, cursor=cursor, spec=spec
+    )
     files = version_files(model, optimizer, 1, info, str(base_dir))
     artifacts = ArtifactStore(str(tmp_path / "artifacts"))
     source = artifacts.write_version("ad", "r1", 8, files).uri
@@ -78,19 +94,27 @@ def test_trainer_version_round_trips_through_a_checkpoint(tmp_path) -> None:
     ref = load_latest(ckpts.root, "ad")
     assert ref is not None and verify(ref.uri).cursor == cursor
     other = MultiLoraModel.from_pretrained(base_dir, 2, 8)
-    restored = restore_slot(other, SlotAdamW(other.store, other.table), 0,
-                            artifacts.read_file(ref.uri, "training_state.safetensors"),
-                            artifacts.read_file(ref.uri, "training_state.json"),
-                            artifacts.read_file(ref.uri, "adapter_model.safetensors"))  # fmt: skip
+    restored = restore_slot(
+        other,
+        SlotAdamW(other.store, other.table),
+        0,
+        artifacts.read_file(ref.uri, "training_state.safetensors"),
+        artifacts.read_file(ref.uri, "training_state.json"),
+        artifacts.read_file(ref.uri, "adapter_model.safetensors"),
+    )
     assert restored == info
     assert torch.equal(other.store.weight_S_R_Q[0, :4], model.store.weight_S_R_Q[1, :4])
     assert not other.store.weight_S_R_Q[0, 4:].any()
     state = load_safetensors(artifacts.read_file(ref.uri, "training_state.safetensors"))
     assert "weight_r_Q" not in state  # the weights travel once, in the PEFT file
     with pytest.raises(ConfigError, match="adapter_weights"):
-        restore_slot(other, SlotAdamW(other.store, other.table), 1,
-                     artifacts.read_file(ref.uri, "training_state.safetensors"),
-                     artifacts.read_file(ref.uri, "training_state.json"))  # fmt: skip
+        restore_slot(
+            other,
+            SlotAdamW(other.store, other.table),
+            1,
+            artifacts.read_file(ref.uri, "training_state.safetensors"),
+            artifacts.read_file(ref.uri, "training_state.json"),
+        )
     ids_B_T = torch.tensor([[1, 10, 20, 30, 40]])
     with torch.no_grad():
         hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 from safetensors.torch import load as load_safetensors
 
+from events.adapter_format import STATE_JSON, STATE_TENSORS, decode_training_state
 from events.codec import Decoder
 from events.schema import (
     Admitted,
@@ -22,7 +23,6 @@ from orchestrator.artifacts import ArtifactStore
 from orchestrator.cursor import DataCursor
 from tests.e2e.harness import LiveStack
 from tests.e2e.specs import adapter_spec, char_reward
-from trainer.publish import STATE_JSON, STATE_TENSORS, read_version_info
 
 pytestmark = [pytest.mark.bus]
 
@@ -55,10 +55,10 @@ def test_resume_continues_the_latest_checkpoint(
     assert saved.keys() == restored.keys()
     for key in saved:
         assert saved[key].equal(restored[key]), key
-    info, optimizer = read_version_info(store.read_file(sync.uri, STATE_JSON))
-    assert optimizer["step"] == 4  # Adam's step counter carried over, not restarted
+    info = decode_training_state(store.read_file(sync.uri, STATE_JSON))
+    assert info.slot.step == 4  # Adam's step counter carried over, not restarted
     # data: the next prompts are the saved cursor's next prompts
-    saved_info, _ = read_version_info(store.read_file(final.uri, STATE_JSON))
+    saved_info = decode_training_state(store.read_file(final.uri, STATE_JSON))
     expected = DataCursor.restore(saved_info.cursor).take(first_spec.prompts_per_step)
     tasks = [t for t in all_tasks(live) if t.registration_id == second and t.step == 5]
     assert [list(t.prompt_indices) for t in tasks] == [expected]

@@ -11,16 +11,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from events.adapter_format import AdapterFormatError, read_peft_adapter
 from rollout.lora import (
     BASE_SLOT,
-    AdapterFormatError,
     AdapterRankError,
     MultiLoraLinear,
     MultiLoraModel,
     SlotRouting,
     SlotRoutingError,
     grouped_mm_supported,
-    read_peft_adapter,
 )
 
 BACKENDS = ["gather"] + (

@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from events.adapter_format import AdapterFormatError
 from events.errors import ConfigError
 from events.specs import OptimSpec
 from tests.trainer.helpers import build, random_batch, randomize_b
@@ -114,7 +115,7 @@ def test_import_refuses_what_slots_cannot_express(tiny_model_dir, tmp_path):
     _peft_adapter(
         path, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True
     )
-    with pytest.raises(ConfigError, match="use_dora=True"):
+    with pytest.raises(AdapterFormatError, match="use_dora=True"):
         import_peft(model, 1, tmp_path / "dora")
     _peft_adapter(
         path,
@@ -124,7 +125,7 @@ def test_import_refuses_what_slots_cannot_express(tiny_model_dir, tmp_path):
         target_modules=["q_proj"],
         modules_to_save=["lm_head"],
     )
-    with pytest.raises(ConfigError, match="modules_to_save"):
+    with pytest.raises(AdapterFormatError, match="modules_to_save"):
         import_peft(model, 1, tmp_path / "mts")
     _peft_adapter(
         path,
@@ -134,7 +135,7 @@ def test_import_refuses_what_slots_cannot_express(tiny_model_dir, tmp_path):
         target_modules=["q_proj", "v_proj"],
         rank_pattern={"v_proj": 2},
     )
-    with pytest.raises(ConfigError, match="rank_pattern"):
+    with pytest.raises(AdapterFormatError, match="rank_pattern"):
         import_peft(model, 1, tmp_path / "pattern")
     assert not model.table.is_configured(1)  # a refused import leaves the slot untouched
 

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load, save
 
-from trainer.safetensors_buf import to_safetensors
+from events.safetensors_io import to_safetensors
 
 
 def test_the_library_reads_back_every_dtype_shape_and_the_metadata(tmp_path) -> None:

@@ -9,7 +9,7 @@ layout is the format's own: an 8-byte little-endian header length, the JSON head
 ``shape``, ``data_offsets`` per tensor, optional ``__metadata__``) padded with spaces to a
 multiple of 8, then the tensors' bytes back to back, larger dtypes first and by name within a
 dtype (as safetensors orders them). ``safetensors.torch.load`` and every reader of the format
-read it.
+read it. It encodes the adapter's on-disk files (:mod:`events.adapter_format`), hence ``events/``.
 """
 
 from __future__ import annotations
