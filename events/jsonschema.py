@@ -2,14 +2,21 @@
 
 ``python -m events.jsonschema`` rewrites ``events/schema/ingress.schema.json`` from the msgspec
 types; a test fails when the committed file is out of date. ``--check`` exits 1 if it differs.
+
+Every ``description`` is normalised (:func:`normalise_description`) so the file depends only on
+our docstrings, not on how a msgspec version renders them (0.22 kept the docstring indentation,
+0.23 dedents it).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -18,9 +25,45 @@ from events.schema import IngressEvent
 SCHEMA_PATH = Path(__file__).parent / "schema" / "ingress.schema.json"
 
 
+_VALUE_KEYS = frozenset({"default", "const", "enum", "examples"})
+"""Keywords whose values are instance data, not schema: left exactly as they are."""
+_NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "dependentSchemas"})
+"""Keywords whose values map names (a property named ``description``, say) to schemas."""
+
+
+def normalise_description(text: str) -> str:
+    """``text`` dedented (:func:`inspect.cleandoc`), each paragraph joined onto one line.
+
+    Paragraphs are separated by one blank line; runs of whitespace inside one become a single
+    space, so neither the source indentation nor where a docstring wraps reaches the schema.
+    """
+    paragraphs = re.split(r"\n\s*\n", inspect.cleandoc(text))
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
+
+
+def normalise_descriptions(node: Any, *, names: bool = False) -> Any:
+    """A copy of the schema ``node`` with every ``description`` normalised, at any depth
+    (``names``: ``node`` is a name -> schema map, whose keys are not keywords)."""
+    if isinstance(node, list):
+        return [normalise_descriptions(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if names:
+        return {name: normalise_descriptions(schema) for name, schema in node.items()}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "description" and isinstance(value, str):
+            out[key] = normalise_description(value)
+        elif key in _VALUE_KEYS:
+            out[key] = value
+        else:
+            out[key] = normalise_descriptions(value, names=key in _NAME_MAPS)
+    return out
+
+
 def ingress_schema() -> dict[str, object]:
     """JSON Schema (2020-12) of the ingress union, with a title and an id."""
-    schema = msgspec.json.schema(IngressEvent)
+    schema = normalise_descriptions(msgspec.json.schema(IngressEvent))
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://multilora.dev/schema/ingress.schema.json",
@@ -31,6 +74,7 @@ def ingress_schema() -> dict[str, object]:
 
 
 def render() -> str:
+    """The committed file's text: sorted keys, two-space indent, a final newline."""
     return json.dumps(ingress_schema(), indent=2, sort_keys=True) + "\n"
 
 

@@ -35,7 +35,14 @@ from typing import Literal
 
 import msgspec
 
-from events.specs import AdapterSpec, DatasetSpec, RewardSpec, SamplingSpec
+from events.specs import (
+    AdapterName,
+    AdapterSpec,
+    DatasetSpec,
+    RegistrationId,
+    RewardSpec,
+    SamplingSpec,
+)
 
 
 class _Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -63,9 +70,12 @@ class RegisterRequested(
     one). Admission (in the trainer process) validates it and republishes it on ``control`` with
     ``registration_id`` set, followed by ``adapter.admitted`` or ``adapter.queued``, or answers
     ``adapter.rejected``. Idempotency key: ``registration_id`` when given by the producer (a
-    retried XADD registers once), else the event ``id``.
+    retried XADD registers once), else the event ``id``. ``adapter`` and ``registration_id`` are
+    constrained here (patterns in :mod:`events.specs`), so the decoder rejects a bad one.
     """
 
+    adapter: AdapterName
+    registration_id: RegistrationId = ""
     spec: AdapterSpec
 
 

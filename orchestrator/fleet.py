@@ -30,7 +30,7 @@ How the trainer drives it (every publish: ``new = fleet.apply(event)``, then com
 
     ingress register_requested e, key = registration_key(e):
         fleet.get(key) is not None      -> a retried registration: drop it
-        Admission.check(e, fleet, n)    -> Reject: publish Rejected(registration_id=key, ...)
+        Admission.check(e, fleet)       -> Reject: publish Rejected(registration_id=key, ...)
                                            Admit:  publish e with registration_id=key
     after any change:
         for state, slot in fleet.next_admissions():

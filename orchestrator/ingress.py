@@ -1,37 +1,51 @@
-"""Reading the ingress stream: a bad entry becomes a dead letter *and* an ``adapter.rejected``.
+"""Reading the ingress stream: every bad entry becomes a dead letter *and* an ``adapter.rejected``.
 
-Tenants write to ingress from any language, so malformed input is expected there. The consumer
-runtime dead-letters any entry it cannot decode; for ingress we also tell the tenant why, with an
-``adapter.rejected`` event on the control log naming the adapter when the JSON still reveals it.
+Tenants write to ingress from any language, so malformed input is expected there. The ingress
+decoder is where a registration is validated: JSON syntax, the 64 KiB payload limit
+(``max_bytes``), the event and spec structs with every constraint on them (:mod:`events.specs`).
+The consumer runtime dead-letters an entry it cannot decode; for ingress we also tell the tenant
+why, with an ``adapter.rejected`` on the control log (:func:`invalid_rejection`). A registration
+that decodes but that admission refuses gets the same pair: the trainer publishes the rejection
+and commits :func:`dead_letter_effects` with it. So every bad registration leaves a dead letter
+an operator can fix and re-publish, and a rejection the tenant can read in ``multilora status``.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from typing import Any
+
+import msgspec
 
 from events.codec import Decoder, stamp
-from events.consumer import Subscription
+from events.consumer import Delivery, Subscription
 from events.effects import Effects
-from events.schema import IngressEvent, Rejected
+from events.schema import DeadLetter, IngressEvent, Rejected
+from events.specs import ADAPTER_NAME_RULE, REGISTRATION_ID_RULE
 from events.streams import EVENT_FIELD, Streams
+from orchestrator.status import has_status, invalid_entry_name
+
+MAX_BYTES = 1 << 16
+"""Largest ingress entry (64 KiB); the decoder refuses bigger ones (the only size check)."""
+
+_AT_PATH = re.compile(r"^(?P<message>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
+"""msgspec's validation message: ``<message> - at `$.spec.rewards[1].name```."""
+_NAMED_FIELD = re.compile(r"^(?:invalid event: )?(?P<field>[a-z_][a-z0-9_.]*) = ")
+"""A ``__post_init__`` message names its field first (see :mod:`events.specs`)."""
+_FIXES = {"adapter": ADAPTER_NAME_RULE, "registration_id": REGISTRATION_ID_RULE}
+"""How to fix a value whose pattern msgspec names only as a regex."""
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_MAX_SHOWN = 80
 
 
-def _adapter_name(fields: dict[str, str]) -> str:
-    try:
-        data = json.loads(fields.get(EVENT_FIELD, ""))
-    except ValueError:
-        return ""
-    name = data.get("adapter") if isinstance(data, dict) else None
-    return name if isinstance(name, str) else ""
-
-
-def ingress_subscription(streams: Streams, group: str, *, max_bytes: int = 1 << 16) -> Subscription:
+def ingress_subscription(
+    streams: Streams, group: str, *, max_bytes: int = MAX_BYTES
+) -> Subscription:
     """The ingress subscription of admission (64 KiB payload limit by default)."""
 
     def on_invalid(entry_id: str, fields: dict[str, str], reason: str) -> Effects:
-        rejected = Rejected(
-            adapter=_adapter_name(fields), reason=reason, ingress_entry=entry_id, id=entry_id
-        )
+        rejected = invalid_rejection(entry_id, fields, reason)
         return Effects().publish(streams.control, stamp(rejected, source="admission"))
 
     return Subscription(
@@ -42,3 +56,76 @@ def ingress_subscription(streams: Streams, group: str, *, max_bytes: int = 1 << 
         trim=True,
         on_invalid=on_invalid,
     )
+
+
+def invalid_rejection(entry_id: str, fields: dict[str, str], reason: str) -> Rejected:
+    """The ``adapter.rejected`` of ingress entry ``entry_id`` that did not decode for ``reason``.
+
+    ``adapter`` is the name the raw JSON gives (when it is a string that can be a status key),
+    else ``<invalid:ENTRY_ID>`` (:func:`~orchestrator.status.invalid_entry_name`), so each bad
+    entry shows on its own. ``field`` is the JSON path msgspec named (``spec.sampling.top_k``),
+    and the reason ends with the value found there when it is a scalar (and, for the name and the
+    registration id, how to fix it).
+    """
+    data = _raw_json(fields)
+    name = data.get("adapter") if isinstance(data, dict) else None
+    adapter = name if isinstance(name, str) and has_status(name) else invalid_entry_name(entry_id)
+    field, value = _located(reason, data)
+    if value is not None:
+        reason = f"{reason}; got {value}"
+    if field in _FIXES:
+        reason = f"{reason}; {_FIXES[field]}"
+    return Rejected(
+        adapter=adapter, reason=reason, field=field, ingress_entry=entry_id, id=entry_id
+    )
+
+
+def dead_letter_effects(
+    streams: Streams, d: Delivery, reason: str, *, consumer: str, now: float
+) -> Effects:
+    """The dead letter of ingress delivery ``d``, which decoded but was refused for ``reason``.
+
+    The same :class:`~events.schema.DeadLetter` record the consumer runtime writes for an
+    undecodable entry (original fields verbatim under ``payload``), to be committed with the
+    ``adapter.rejected`` and the ack of ``d``.
+    """
+    letter = DeadLetter(
+        stream=d.subscription.stream,
+        group=d.subscription.group,
+        entry_id=d.entry_id,
+        reason=reason,
+        deliveries=d.deliveries,
+        consumer=consumer,
+        time=now,
+        payload=d.fields,
+    )
+    return Effects().command("XADD", streams.dead, "*", "dead", msgspec.json.encode(letter))
+
+
+def _raw_json(fields: dict[str, str]) -> Any:
+    try:
+        return json.loads(fields.get(EVENT_FIELD, ""))
+    except ValueError:
+        return None
+
+
+def _located(reason: str, data: Any) -> tuple[str, str | None]:
+    """The field path ``reason`` names (``""`` if none) and the scalar found there, shown."""
+    match = _AT_PATH.match(reason)
+    if match is None:
+        return "", None
+    path = match["path"]
+    field = path.removeprefix(".")
+    named = _NAMED_FIELD.match(match["message"])
+    if named is not None:  # a __post_init__ rule: its message already shows the value
+        return ".".join(p for p in (field, named["field"]) if p), None
+    value: Any = data
+    for key, index in _PATH_PART.findall(path):
+        try:
+            value = value[key] if key else value[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return field, None
+    if isinstance(value, dict | list):
+        return field, None
+    shown = repr(value) if len(repr(value)) <= _MAX_SHOWN else repr(value)[:_MAX_SHOWN] + "..."
+    return field, shown

@@ -34,6 +34,10 @@ Every function here returns :class:`~events.effects.Effects` that the caller com
 with the acknowledgement of the event that caused them, so a redelivered event rewrites the same
 values. Names that cannot be a status key (empty, or longer than :data:`MAX_STATUS_NAME`
 characters: a rejected junk name) get no hash.
+
+An ingress entry that did not decode is reported under the adapter name its JSON gives, when it
+gives a usable one, else under :func:`invalid_entry_name` (``<invalid:ENTRY_ID>``): one key per
+entry, so one bad entry never hides another, and never a valid adapter name.
 """
 
 from __future__ import annotations
@@ -120,6 +124,14 @@ class StatusRow(msgspec.Struct, frozen=True, kw_only=True):
 def has_status(name: str) -> bool:
     """Whether ``name`` gets a status hash (see the module docstring)."""
     return 0 < len(name) <= MAX_STATUS_NAME
+
+
+def invalid_entry_name(entry_id: str) -> str:
+    """The name an undecodable ingress entry naming no usable adapter is reported under.
+
+    ``<`` and ``:`` are not allowed in adapter names, so it never collides with a real one.
+    """
+    return f"<invalid:{entry_id}>"
 
 
 def status_effects(

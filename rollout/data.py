@@ -171,7 +171,10 @@ def create_reasoning_gym(name: str, *, size: int, seed: int, config: Mapping[str
 
     if name not in DATASETS:
         known = sorted(DATASETS)
-        close = difflib.get_close_matches(name, known, n=5) or known[:8]
+        # the close matches; when none passes difflib's cutoff, still the nearest few, by ratio
+        close = difflib.get_close_matches(name, known, n=5) or difflib.get_close_matches(
+            name, known, n=5, cutoff=0.0
+        )
         raise DataError(
             f"unknown reasoning-gym dataset {name!r}; did you mean one of {close}? "
             f"({len(known)} datasets exist, e.g. chain_sum, basic_arithmetic, leg_counting)"

@@ -10,7 +10,11 @@ for greedy requests (temperature 0) it reports ``log softmax(logits)``. We retur
 the embedded engine and an SGLang server produce the same numbers and the trainer can recompute
 the behaviour-policy log-prob from the same logits with one formula::
 
-    logprob_t = log_softmax(logits_t / T)[token_t]      (T := 1 when T == 0, i.e. greedy)
+    logprob_t = log_softmax(logits_t / T)[token_t]      (T := 1 when greedy, T < 1e-6)
+
+The greedy rule (``T < GREEDY_TEMPERATURE``, log-probs at ``T := 1``) has one home,
+:data:`events.specs.GREEDY_TEMPERATURE` / :attr:`events.specs.SamplingSpec.logprob_temperature`,
+which the trainer uses too; the tensor functions here apply that rule row-wise.
 
 The truncated sampling distribution differs from it only when ``top_k`` / ``top_p`` actually
 remove tokens; RL recipes that train on these log-probs run with ``top_k=-1, top_p=1``.
@@ -31,10 +35,7 @@ import msgspec
 import torch
 
 from events.errors import ConfigError
-from events.specs import SamplingSpec
-
-GREEDY_TEMPERATURE = 1e-6
-"""Temperatures below this are greedy (argmax), as in SGLang."""
+from events.specs import GREEDY_TEMPERATURE, SamplingSpec
 
 
 class SamplingParamError(ConfigError):

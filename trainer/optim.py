@@ -18,7 +18,11 @@ Schedule (``lr_at``): linear warmup over ``warmup_steps`` (``lr · (k+1)/warmup`
 ``constant`` keeps ``lr`` and ``cosine`` decays to ``lr · min_lr_ratio`` at ``total_steps``:
 ``lr · (m + (1-m) · ½(1 + cos(π · p)))`` with ``p = (k - warmup) / max(1, total - warmup)``
 clamped to [0, 1], where ``k`` is the number of updates already applied to the slot.
-``max_grad_norm <= 0`` disables clipping.
+
+Clipping: ``max_grad_norm > 0`` clips the slot's gradient to that norm; exactly ``0`` means no
+clipping; a negative value is an error. That is the rule of :class:`events.specs.OptimSpec`,
+which the decoder enforces; :meth:`SlotAdamW.configure` refuses a negative value in a spec that
+was built in code or read from a slot state.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ def validate_optim_spec(spec: OptimSpec, total_steps: int) -> None:
         (spec.weight_decay >= 0, f"weight_decay={spec.weight_decay} must be >= 0"),
         (spec.warmup_steps >= 0, f"warmup_steps={spec.warmup_steps} must be >= 0"),
         (0 <= spec.min_lr_ratio <= 1, f"min_lr_ratio={spec.min_lr_ratio} must be in [0, 1]"),
+        (
+            spec.max_grad_norm >= 0,
+            f"max_grad_norm={spec.max_grad_norm} must be >= 0 (0: no clipping)",
+        ),
         (total_steps >= 1, f"total_steps={total_steps} must be >= 1"),
     ]
     for ok, message in checks:

@@ -66,7 +66,7 @@ from orchestrator.admission import Admission, Reject
 from orchestrator.artifacts import ArtifactStore, PublishedVersion, load_latest
 from orchestrator.cursor import CursorState, DataCursor
 from orchestrator.fleet import Fleet
-from orchestrator.ingress import ingress_subscription
+from orchestrator.ingress import dead_letter_effects, ingress_subscription
 from orchestrator.lifecycle import Phase
 from orchestrator.status import fleet_status_effects
 from trainer.batching import AdapterRows, build_batch
@@ -245,30 +245,35 @@ class TrainerProcess:
     def handle(self, d: Delivery) -> HandlerResult:
         event = d.event
         if isinstance(event, RegisterRequested):
-            return self.on_register(event, len(d.fields.get("event", "")), d.entry_id)
+            return self.on_register(event, d)
         if isinstance(event, DeregisterRequested):
             return self.on_deregister(event)
         if isinstance(event, RolloutGroup):
             return self.on_group(event, d)
         return Effects()
 
-    def on_register(self, event: RegisterRequested, payload_bytes: int, entry: str) -> Effects:
+    def on_register(self, event: RegisterRequested, d: Delivery) -> Effects:
         effects = Effects()
         registration_id = event.registration_id or event.id
         if self.fleet.get(registration_id) is not None:
             return effects  # a retried registration: already handled
         event = msgspec.structs.replace(event, registration_id=registration_id)
-        verdict = self.admission.check(event, self.fleet, payload_bytes)
+        verdict = self.admission.check(event, self.fleet)
         if isinstance(verdict, Reject):
             rejected = Rejected(
                 adapter=event.adapter,
                 registration_id=registration_id,
                 reason=verdict.reason,
                 field=verdict.field,
-                ingress_entry=entry,
+                ingress_entry=d.entry_id,
             )
-            self._publish(effects, rejected)  # fmt: skip
-            return effects
+            self._publish(effects, rejected)
+            consumer = self.consumer.name if self.consumer is not None else SOURCE
+            reason = f"rejected by admission ({verdict.field}): {verdict.reason}"
+            letter = dead_letter_effects(
+                self.streams, d, reason, consumer=consumer, now=self.clock()
+            )
+            return effects.extend(letter)
         self.dataset_sizes[registration_id] = verdict.dataset_size
         self._publish(effects, event)
         self._admit_waiting(effects)
@@ -358,7 +363,7 @@ class TrainerProcess:
                 r.slot,
                 r.spec.loss,
                 [g for _, ev in used[r.name] for g in ev.groups],
-                temperature=r.spec.sampling.temperature or 1.0,
+                temperature=r.spec.sampling.logprob_temperature,
             )
             for r in ready
         ]

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 from events.codec import Decoder, encode, stamp
 from events.errors import SchemaError
-from events.jsonschema import SCHEMA_PATH, ingress_schema, render
+from events.jsonschema import (
+    SCHEMA_PATH,
+    ingress_schema,
+    normalise_description,
+    normalise_descriptions,
+    render,
+)
 from events.schema import (
     ALL_EVENT_TYPES,
     Admitted,
@@ -63,15 +69,31 @@ EXAMPLES = [
     Retired(**ENV, slot=3),
     Failed(**ENV, reason="nan"),
     RolloutTask(
-        **ENV, step=1, version=1, weights_uri="/a/v1", prompt_indices=(3, 1), group_size=2,
-        dataset=SPEC.dataset, rewards=SPEC.rewards, sampling=SamplingSpec(),
+        **ENV,
+        step=1,
+        version=1,
+        weights_uri="/a/v1",
+        prompt_indices=(3, 1),
+        group_size=2,
+        dataset=SPEC.dataset,
+        rewards=SPEC.rewards,
+        sampling=SamplingSpec(),
     ),
     RolloutGroup(
-        **ENV, task_id="t1", step=1, version=1, worker="w1",
-        groups=(PromptGroup(prompt_index=3, prompt_ids=(1, 2), samples=(
-            Sample(completion_ids=(5,), logprobs=(-0.5,), text="7", reward=1.0),)),),
+        **ENV,
+        task_id="t1",
+        step=1,
+        version=1,
+        worker="w1",
+        groups=(
+            PromptGroup(
+                prompt_index=3,
+                prompt_ids=(1, 2),
+                samples=(Sample(completion_ids=(5,), logprobs=(-0.5,), text="7", reward=1.0),),
+            ),
+        ),
     ),
-]  # fmt: skip
+]
 
 
 def test_every_event_type_has_an_example() -> None:
@@ -92,6 +114,46 @@ def test_round_trip(event: msgspec.Struct) -> None:
 
 def test_committed_json_schema_is_up_to_date() -> None:
     assert SCHEMA_PATH.read_text() == render(), "run: python -m events.jsonschema"
+
+
+def _as_msgspec_022_renders(node: object) -> object:
+    """``node`` with every description as msgspec 0.22 rendered docstrings: not dedented."""
+    if isinstance(node, list):
+        return [_as_msgspec_022_renders(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    return {
+        key: value.replace("\n", "\n    ")
+        if key == "description" and isinstance(value, str)
+        else _as_msgspec_022_renders(value)
+        for key, value in node.items()
+    }
+
+
+def test_descriptions_do_not_depend_on_how_msgspec_renders_docstrings() -> None:
+    raw = msgspec.json.schema(IngressEvent)
+    assert normalise_descriptions(_as_msgspec_022_renders(raw)) == normalise_descriptions(raw)
+    text = render()
+    assert "\\n " not in text  # no indentation left after a newline in any description
+    wrapped = """First line,
+        wrapped here.
+
+        Second   paragraph
+        with ``code``.
+    """
+    assert (
+        normalise_description(wrapped)
+        == "First line, wrapped here.\n\nSecond paragraph with ``code``."
+    )
+    assert normalise_description("  one line  ") == "one line"
+    described = {
+        "properties": {"description": {"type": "string", "description": "a\n    b"}},
+        "default": {"description": "data\n  kept"},
+    }
+    assert normalise_descriptions(described) == {
+        "properties": {"description": {"type": "string", "description": "a b"}},
+        "default": {"description": "data\n  kept"},
+    }
 
 
 def test_json_schema_validates_what_the_decoder_accepts_and_rejects() -> None:

@@ -60,5 +60,4 @@ def admission(probe: FileProbe) -> Admission:
         known_rewards=KNOWN_REWARDS,
         probe_dataset=probe,
         max_rank=32,
-        max_payload_bytes=4096,
     )

@@ -1,4 +1,4 @@
-"""Admission: every rejection reason names the bad value and the fix; probes run last."""
+"""Admission: checks that need the trainer, its fleet or I/O; reasons name the value and the fix."""
 
 from __future__ import annotations
 
@@ -7,22 +7,17 @@ from typing import Any
 import msgspec
 import pytest
 
-from events.codec import encode
 from events.errors import ConfigError
 from events.schema import RegisterRequested
-from events.specs import DatasetSpec, LossSpec, OptimSpec, RewardSpec, SamplingSpec
+from events.specs import DatasetSpec, RewardSpec
 from orchestrator.admission import Admission, Admit, Reject
 from orchestrator.fleet import Fleet
 from tests.orchestrator import builders as b
 from tests.orchestrator.conftest import FileProbe
 
 
-def size_of(event: RegisterRequested) -> int:
-    return len(encode(event)["event"])
-
-
 def check(admission: Admission, event: RegisterRequested, fleet: Fleet | None = None) -> Any:
-    return admission.check(event, fleet or Fleet(2), size_of(event))
+    return admission.check(event, fleet or Fleet(2))
 
 
 def test_a_valid_registration_is_admitted_with_its_dataset_size(
@@ -36,46 +31,17 @@ def test_a_valid_registration_is_admitted_with_its_dataset_size(
     assert check(admission, b.register("x" * 63, "r3")) == Admit(5)
 
 
-@pytest.mark.parametrize(
-    "name", ["", "Math", "-a", ".a", "a b", "a/b", "a:b", "x" * 64, "é", "a\n"]
-)
-def test_bad_names(admission: Admission, probe: FileProbe, name: str) -> None:
-    verdict = check(admission, b.register(name, "r1"))
-    assert isinstance(verdict, Reject) and verdict.field == "adapter"
-    assert repr(name) in verdict.reason and "lowercase letters" in verdict.reason
-    assert probe.calls == 0  # cheap checks first
-
-
+# What a registration can get wrong on its own (names, ranges, the payload size) is refused by
+# the ingress decoder before admission sees it: tests/orchestrator/test_ingress.py. Admission
+# checks only what needs this trainer, its fleet or I/O.
 SPEC_CASES = [
     ({"base_model": "qwen3-8b"}, "spec.base_model", ["'qwen3-8b'", "'smollm2-135m'"]),
     ({"rank": 64}, "spec.rank", ["64", "1 <= rank <= 32"]),
-    ({"rank": 0}, "spec.rank", ["0", "1 <= rank <= 32"]),
-    ({"alpha": 0.0}, "spec.alpha", ["alpha = 0.0", "alpha > 0"]),
-    ({"alpha": float("nan")}, "spec.alpha", ["nan"]),
-    ({"group_size": 1}, "spec.group_size", ["group_size = 1", "2 <= group_size"]),
-    ({"prompts_per_step": 0}, "spec.prompts_per_step", ["prompts_per_step = 0"]),
-    ({"steps": 0}, "spec.steps", ["steps = 0", "steps >= 1"]),
-    ({"max_staleness": -1}, "spec.max_staleness", ["-1"]),
-    ({"optim": OptimSpec(lr=0.0)}, "spec.optim.lr", ["optim.lr = 0.0", "lr > 0"]),
-    ({"optim": OptimSpec(lr=float("inf"))}, "spec.optim.lr", ["inf", "finite"]),
-    ({"optim": OptimSpec(betas=(0.9, 1.0))}, "spec.optim.betas", ["(0.9, 1.0)"]),
-    ({"loss": LossSpec(clip_ratio_c=0.5)}, "spec.loss.clip_ratio_c", ["0.5", "> 1, or 0"]),
-    ({"sampling": SamplingSpec(top_p=0.0)}, "spec.sampling.top_p", ["top_p in (0, 1]"]),
-    ({"sampling": SamplingSpec(top_k=0)}, "spec.sampling.top_k", ["top_k = 0"]),
-    ({"sampling": SamplingSpec(max_new_tokens=0)}, "spec.sampling.max_new_tokens", ["= 0"]),
-    ({"rewards": ()}, "spec.rewards", ["at least one reward"]),
     (
         {"rewards": (RewardSpec(name="math"), RewardSpec(name="os.system"))},
         "spec.rewards[1].name",
         ["'os.system'", "'exact_match'", "'length_penalty'", "'math'"],
     ),
-    (
-        {"rewards": (RewardSpec(name="math", weight=float("inf")),)},
-        "spec.rewards[0].weight",
-        ["inf", "finite"],
-    ),
-    ({"dataset": DatasetSpec(kind="jsonl")}, "spec.dataset.path", ["needs a path"]),
-    ({"dataset": DatasetSpec(kind="reasoning_gym")}, "spec.dataset.name", ["reasoning-gym"]),
 ]
 
 
@@ -92,6 +58,15 @@ def test_bad_spec_fields(
     assert verdict.field == field
     for part in parts:
         assert part in verdict.reason
+    assert probe.calls == 0
+
+
+def test_the_spec_is_checked_before_the_fleet_and_the_probe(
+    admission: Admission, probe: FileProbe
+) -> None:
+    fleet = Fleet(1).apply(b.register("a", "r1"))
+    verdict = check(admission, b.register("a", "r2", rank=33), fleet)
+    assert isinstance(verdict, Reject) and verdict.field == "spec.rank"
     assert probe.calls == 0
 
 
@@ -129,18 +104,6 @@ def test_a_probe_bug_propagates() -> None:
         Admission(base_model="m", known_rewards=frozenset(), probe_dataset=broken, max_rank=0)
 
 
-def test_oversize_payload(admission: Admission, probe: FileProbe) -> None:
-    event = b.register(
-        "a",
-        "r1",
-        dataset=DatasetSpec(kind="jsonl", path="prompts.jsonl", prompt_template="x" * 5000),
-    )
-    verdict = check(admission, event)
-    assert isinstance(verdict, Reject) and verdict.field == "spec"
-    assert f"{size_of(event)} bytes" in verdict.reason and "4096" in verdict.reason
-    assert probe.calls == 0
-
-
 def test_duplicate_active_name_until_it_retires(admission: Admission) -> None:
     fleet = Fleet(1).apply(b.register("a", "r1"))
     verdict = check(admission, b.register("a", "r2"), fleet)
@@ -158,8 +121,6 @@ def test_registration_ids(admission: Admission) -> None:
     reused = check(admission, b.register("b", "r1"), fleet)
     assert isinstance(reused, Reject) and reused.field == "registration_id"
     assert "'r1' is already used by adapter 'a'" in reused.reason
-    for bad in ("has space", "r1\n", "x" * 129):
-        verdict = check(admission, b.register("b", bad), fleet)
-        assert isinstance(verdict, Reject) and verdict.field == "registration_id"
+    # malformed ids ("has space", ...) are refused by the decoder: test_ingress.py
     unnamed = msgspec.structs.replace(b.register("b", ""), id="e1")
     assert check(admission, unnamed, fleet) == Admit(5)

@@ -12,6 +12,7 @@ from events.errors import SchemaError
 from events.schema import CheckpointSaved, Exported, Rejected, Synced
 from events.streams import Streams
 from orchestrator.fleet import Fleet
+from orchestrator.ingress import invalid_rejection
 from orchestrator.lifecycle import Phase
 from orchestrator.status import (
     MAX_STATUS_NAME,
@@ -19,6 +20,8 @@ from orchestrator.status import (
     StatusRow,
     checkpoint_effects,
     fleet_status_effects,
+    has_status,
+    invalid_entry_name,
     read_status,
     status_effects,
     sync_effects,
@@ -162,3 +165,20 @@ def test_malformed_status_value_is_a_loud_error(rclient: redis.Redis, streams: S
     rclient.hset(streams.status("a"), mapping={"slot": "2", "sync:w1": "{not json"})
     with pytest.raises(SchemaError, match="'sync:w1'"):
         read_status(rclient, streams)
+
+
+@pytest.mark.bus
+def test_undecodable_entries_each_get_a_status_of_their_own(
+    rclient: redis.Redis, streams: Streams
+) -> None:
+    """Two entries without a usable adapter name used to share the name ``""`` (the second
+    hid the first, and neither had a status); now each has its own key."""
+    p = Projector(rclient, streams, slots=1)
+    entries = {"1-0": "{not json", "2-0": "[]", "3-0": '{"adapter": "typo", "spec": 1}'}
+    for entry, raw in entries.items():
+        p.apply(invalid_rejection(entry, {"event": raw}, f"malformed entry {entry}"))
+    rows = p.rows()
+    assert list(rows) == ["<invalid:1-0>", "<invalid:2-0>", "typo"]
+    for entry, name in zip(entries, rows, strict=True):
+        assert (rows[name].phase, rows[name].reason) == ("rejected", f"malformed entry {entry}")
+    assert invalid_entry_name("1-0") == "<invalid:1-0>" and has_status(invalid_entry_name("1-0"))

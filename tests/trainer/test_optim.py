@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import pytest
 import torch
 
@@ -164,3 +165,23 @@ def test_bad_settings_and_unconfigured_slots_raise():
     optimizer.configure(0, OptimSpec(), 5)
     with pytest.raises(SlotError, match="not configured in the model"):
         optimizer.step([0])
+
+
+def test_max_grad_norm_zero_means_no_clipping_and_a_negative_one_is_refused():
+    """The rule of OptimSpec's docstring: ``> 0`` clips, ``0`` does not, ``< 0`` is an error
+    (refused by the decoder, and by ``configure`` for a spec built in code)."""
+    table, store, _ = _store()
+    optimizer = SlotAdamW(store, table)
+    for slot, max_norm in ((0, 0.0), (1, 1e30), (2, 1.0)):
+        table.configure(slot, 4, 4.0)
+        optimizer.configure(slot, OptimSpec(lr=0.1, max_grad_norm=max_norm), 10)
+    store.weight_S_R_Q.zero_()
+    store.grad_S_R_Q.fill_(100.0)
+    optimizer.step([0, 1, 2])
+    assert torch.equal(store.weight_S_R_Q[0], store.weight_S_R_Q[1])  # 0: as if never clipped
+    assert optimizer.exp_avg_S_R_Q[2].abs().max() < optimizer.exp_avg_S_R_Q[0].abs().max()
+    with pytest.raises(ConfigError, match=r"max_grad_norm=-1.0 must be >= 0 \(0: no clipping\)"):
+        optimizer.configure(0, OptimSpec(max_grad_norm=-1.0), 10)
+    with pytest.raises(msgspec.ValidationError, match=r">= 0.0 - at `\$.max_grad_norm`"):
+        msgspec.json.decode(b'{"max_grad_norm": -1.0}', type=OptimSpec)
+    assert msgspec.json.decode(b'{"max_grad_norm": 0}', type=OptimSpec).max_grad_norm == 0
