@@ -57,15 +57,11 @@ from events.schema import (
     StepDone,
 )
 from events.streams import Streams
-from orchestrator.artifacts import (
-    ArtifactError,
-    ArtifactStore,
-    CheckpointRef,
-    CheckpointStore,
-    StaleSource,
-)
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.checkpoint_store import CheckpointRef, CheckpointStore
 from orchestrator.metrics import AdapterMetrics
 from orchestrator.status import checkpoint_effects
+from orchestrator.storage import ArtifactError, StaleSource
 
 log = logging.getLogger(__name__)
 

@@ -63,7 +63,8 @@ from events.schema import (
 from events.specs import AdapterSpec
 from events.streams import Streams
 from orchestrator.admission import Admission, Reject
-from orchestrator.artifacts import ArtifactStore, PublishedVersion, load_latest
+from orchestrator.artifacts import ArtifactStore, PublishedVersion
+from orchestrator.checkpoint_store import load_latest
 from orchestrator.cursor import CursorState, DataCursor
 from orchestrator.fleet import Fleet
 from orchestrator.ingress import dead_letter_effects, ingress_subscription

@@ -12,18 +12,17 @@ import msgspec
 import pytest
 
 from events.errors import ConfigError
-from orchestrator import artifacts as art
-from orchestrator.artifacts import (
-    ArtifactError,
-    ArtifactNotFound,
-    ArtifactStore,
+from orchestrator import storage
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.checkpoint_store import (
+    CHECKPOINT_FILES,
+    CheckpointRef,
     CheckpointStore,
-    ChecksumError,
-    StaleSource,
     load_latest,
     verify,
 )
 from orchestrator.cursor import CursorState
+from orchestrator.storage import ArtifactError, ArtifactNotFound, ChecksumError, StaleSource
 from tests.checkpoint.conftest import version_files, write_fake_version
 
 REG = "r1"
@@ -48,7 +47,7 @@ def stores(request, tmp_path) -> tuple[ArtifactStore, CheckpointStore]:
     return ArtifactStore(a), CheckpointStore(c)
 
 
-def promote(arts: ArtifactStore, ckpts: CheckpointStore, step: int, **kw) -> art.CheckpointRef:
+def promote(arts: ArtifactStore, ckpts: CheckpointStore, step: int, **kw) -> CheckpointRef:
     epoch = kw.pop("epoch", 0)
     source = arts.version_dir("ad", kw.pop("reg", REG), step)
     reg = kw.pop("registration_id", REG)
@@ -116,8 +115,8 @@ def test_promote_writes_a_verified_checkpoint(stores) -> None:
     assert m == ref.manifest
     assert (m.step, m.version, m.epoch, m.final, m.source_uri) == (4, 4, 0, False, source)
     assert m.cursor == CursorState(n=100, seed=7, epoch=0, position=16)
-    assert sorted(m.files) == sorted(art.CHECKPOINT_FILES)
-    for name in art.CHECKPOINT_FILES:
+    assert sorted(m.files) == sorted(CHECKPOINT_FILES)
+    for name in CHECKPOINT_FILES:
         data = arts.read_file(ref.uri, name)
         assert data == arts.read_file(source, name)
         assert m.files[name].sha256 == hashlib.sha256(data).hexdigest()
@@ -131,11 +130,11 @@ def test_crashed_writer_leaves_only_a_swept_temporary(stores, monkeypatch) -> No
     arts, ckpts = stores
     write_fake_version(arts, "ad", REG, 2)
     with monkeypatch.context() as m:
-        m.setattr(art._Fs, "publish_dir", _crash)
+        m.setattr(storage.Fs, "publish_dir", _crash)
         with pytest.raises(SimulatedCrash):
             promote(arts, ckpts, 2)
     assert ckpts.list_steps("ad", REG) == [] and load_latest(ckpts.root, "ad") is None
-    loc = art._Fs(ckpts.root)
+    loc = storage.Fs(ckpts.root)
     assert [n for n in loc.names(loc.reg_dir("ad", REG)) if n.startswith(".tmp-step_000002")]
     ckpts.retain("ad", REG, keep=1)  # younger than stale_temp_s: kept (may be in progress)
     assert loc.names(loc.reg_dir("ad", REG))
@@ -183,7 +182,7 @@ def test_crash_between_temp_write_and_rename_leaves_nothing_visible(
         raise SimulatedCrash
 
     with monkeypatch.context() as m:
-        m.setattr(art._Fs, "publish_dir", crash)
+        m.setattr(storage.Fs, "publish_dir", crash)
         with pytest.raises(SimulatedCrash):
             promote(artifacts, ckpts, 4)
     reg_dir = tmp_path / "ckpt" / "ad" / REG
@@ -195,7 +194,7 @@ def test_crash_between_temp_write_and_rename_leaves_nothing_visible(
     # a crash while replacing a pointer keeps the old pointer
     second = promote(artifacts, ckpts, 4)
     with monkeypatch.context() as m:
-        m.setattr(art.os, "replace", crash)
+        m.setattr(storage.os, "replace", crash)
         with pytest.raises(SimulatedCrash):
             ckpts.set_latest(second)
     assert (reg_dir / "latest").read_text() == "step_000002"

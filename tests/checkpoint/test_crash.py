@@ -18,7 +18,8 @@ import pytest
 from events.codec import Decoder, encode, stamp
 from events.connection import connect
 from events.schema import Admitted, CheckpointSaved, ControlEvent, Exported, StepDone
-from orchestrator.artifacts import ArtifactStore, CheckpointStore, verify
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.checkpoint_store import CheckpointStore, verify
 from tests.checkpoint.conftest import make_spec, write_fake_version
 
 pytestmark = pytest.mark.bus

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from events.adapter_format import CursorState, SlotScalars, TrainingState, encode_training_state
 from events.errors import ConfigError
 from ops.models import write_tiny_model
-from orchestrator.artifacts import ArtifactStore, CheckpointStore, verify
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.checkpoint_store import CheckpointStore, verify
 from tests.checkpoint.conftest import make_spec
 
 
@@ -68,7 +69,7 @@ def test_checkpoint_of_a_real_adapter_loads_in_peft(tmp_path) -> None:
 def test_trainer_version_round_trips_through_a_checkpoint(tmp_path) -> None:
     """Contract with the trainer: its serialised version becomes a checkpoint that verifies,
     names the cursor, restores the slot exactly and loads in PEFT with the same outputs."""
-    from orchestrator.artifacts import load_latest
+    from orchestrator.checkpoint_store import load_latest
     from trainer.inject import MultiLoraModel
     from trainer.optim import SlotAdamW
     from trainer.publish import VersionInfo, restore_slot, version_files

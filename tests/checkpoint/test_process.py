@@ -23,8 +23,8 @@ from events.schema import (
     StepDone,
 )
 from ops.redis_server import RedisServer
-from orchestrator.artifacts import CheckpointStore, verify
 from orchestrator.checkpoint import CheckpointConfig, CheckpointProcess, load_config, main
+from orchestrator.checkpoint_store import CheckpointStore, verify
 from orchestrator.status import read_status
 from tests.checkpoint.conftest import make_spec, write_fake_version
 

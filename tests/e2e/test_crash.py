@@ -29,7 +29,7 @@ from events.schema import (
     StepDone,
     SyncRequested,
 )
-from orchestrator.artifacts import verify
+from orchestrator.checkpoint_store import verify
 from rollout.worker import TASK_GROUP
 from tests.e2e.harness import LiveStack
 from tests.e2e.specs import adapter_spec, char_reward

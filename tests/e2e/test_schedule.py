@@ -19,7 +19,7 @@ import msgspec
 import pytest
 
 from events.schema import Admitted, CheckpointSaved, Completed, DeregisterRequested, Queued
-from orchestrator.artifacts import verify
+from orchestrator.checkpoint_store import verify
 from tests.e2e.harness import LiveStack
 from tests.e2e.specs import adapter_spec, char_reward
 
