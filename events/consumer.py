@@ -403,19 +403,7 @@ class Consumer:
             self._lock.notify_all()
 
     def _dead_letter(self, d: Delivery, reason: str) -> None:
-        letter = DeadLetter(
-            stream=d.subscription.stream,
-            group=d.subscription.group,
-            entry_id=d.entry_id,
-            reason=reason,
-            deliveries=d.deliveries,
-            consumer=self.name,
-            time=time.time(),
-            payload=d.fields,
-        )
-        effects = Effects().command(
-            "XADD", self.streams.dead, "*", "dead", msgspec.json.encode(letter)
-        )
+        effects = dead_letter_effects(self.streams, d, reason, consumer=self.name, now=time.time())
         if d.subscription.on_invalid is not None:
             effects.extend(d.subscription.on_invalid(d.entry_id, d.fields, reason))
         self.commit(effects, [d])
@@ -560,6 +548,29 @@ class Consumer:
                     log.warning("keeper lost Redis (%s); retrying", exc)
         finally:
             client.close()
+
+
+def dead_letter_effects(
+    streams: Streams, d: Delivery[Any], reason: str, *, consumer: str, now: float
+) -> Effects:
+    """The write that moves delivery ``d`` to the dead-letter stream with ``reason``.
+
+    One :class:`~events.schema.DeadLetter` record (original fields verbatim under ``payload``,
+    so an operator can fix the cause and re-publish) for every dead letter: the runtime's own
+    (undecodable, or failed ``max_deliveries`` times) and a handler's that refuses an entry it
+    decoded (admission's rejections), committed with the entry's ack.
+    """
+    letter = DeadLetter(
+        stream=d.subscription.stream,
+        group=d.subscription.group,
+        entry_id=d.entry_id,
+        reason=reason,
+        deliveries=d.deliveries,
+        consumer=consumer,
+        time=now,
+        payload=d.fields,
+    )
+    return Effects().command("XADD", streams.dead, "*", "dead", msgspec.json.encode(letter))
 
 
 def _retrying(call: Callable[[], Any], stop: threading.Event, timeout_s: float = 120.0) -> Any:

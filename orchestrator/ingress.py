@@ -6,8 +6,9 @@ decoder is where a registration is validated: JSON syntax, the 64 KiB payload li
 The consumer runtime dead-letters an entry it cannot decode; for ingress we also tell the tenant
 why, with an ``adapter.rejected`` on the control log (:func:`invalid_rejection`). A registration
 that decodes but that admission refuses gets the same pair: the trainer publishes the rejection
-and commits :func:`dead_letter_effects` with it. So every bad registration leaves a dead letter
-an operator can fix and re-publish, and a rejection the tenant can read in ``multilora status``.
+and commits :func:`events.consumer.dead_letter_effects` (the runtime's own record) with it. So
+every bad registration leaves a dead letter an operator can fix and re-publish, and a rejection
+the tenant can read in ``multilora status``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ import json
 import re
 from typing import Any
 
-import msgspec
-
 from events.codec import Decoder, stamp
-from events.consumer import Delivery, Subscription
+from events.consumer import Subscription, dead_letter_effects
 from events.effects import Effects
-from events.schema import DeadLetter, IngressEvent, Rejected
+from events.schema import IngressEvent, Rejected
 from events.specs import ADAPTER_NAME_RULE, REGISTRATION_ID_RULE
 from events.streams import EVENT_FIELD, Streams
 from orchestrator.status import has_status, invalid_entry_name
@@ -35,6 +34,7 @@ _NAMED_FIELD = re.compile(r"^(?:invalid event: )?(?P<field>[a-z_][a-z0-9_.]*) = 
 """A ``__post_init__`` message names its field first (see :mod:`events.specs`)."""
 _FIXES = {"adapter": ADAPTER_NAME_RULE, "registration_id": REGISTRATION_ID_RULE}
 """How to fix a value whose pattern msgspec names only as a regex."""
+__all__ = ["MAX_BYTES", "dead_letter_effects", "ingress_subscription", "invalid_rejection"]
 _PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 _MAX_SHOWN = 80
 
@@ -78,28 +78,6 @@ def invalid_rejection(entry_id: str, fields: dict[str, str], reason: str) -> Rej
     return Rejected(
         adapter=adapter, reason=reason, field=field, ingress_entry=entry_id, id=entry_id
     )
-
-
-def dead_letter_effects(
-    streams: Streams, d: Delivery, reason: str, *, consumer: str, now: float
-) -> Effects:
-    """The dead letter of ingress delivery ``d``, which decoded but was refused for ``reason``.
-
-    The same :class:`~events.schema.DeadLetter` record the consumer runtime writes for an
-    undecodable entry (original fields verbatim under ``payload``), to be committed with the
-    ``adapter.rejected`` and the ack of ``d``.
-    """
-    letter = DeadLetter(
-        stream=d.subscription.stream,
-        group=d.subscription.group,
-        entry_id=d.entry_id,
-        reason=reason,
-        deliveries=d.deliveries,
-        consumer=consumer,
-        time=now,
-        payload=d.fields,
-    )
-    return Effects().command("XADD", streams.dead, "*", "dead", msgspec.json.encode(letter))
 
 
 def _raw_json(fields: dict[str, str]) -> Any:

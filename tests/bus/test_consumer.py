@@ -19,6 +19,7 @@ from events.errors import HandlerError
 from events.schema import ControlEvent, Failed, IngressEvent, RegisterRequested, Rejected
 from events.streams import Streams
 from orchestrator.ingress import ingress_subscription
+from orchestrator.status import invalid_entry_name
 from tests.bus.test_schema import EXAMPLES
 
 pytestmark = pytest.mark.bus
@@ -85,7 +86,9 @@ def test_raw_resp_producer_is_accepted_and_garbage_is_rejected(redis_url, stream
     assert "$.spec.rank" in dead[1]["reason"]
     rejected = [Decoder(ControlEvent).decode(f) for _, f in rclient.xrange(streams.control)]
     assert all(isinstance(r, Rejected) for r in rejected)
-    assert [r.adapter for r in rejected] == ["", "bad-one"]
+    # an entry naming no usable adapter is reported under its own key, never under ""
+    garbage_entry = dead[0]["entry_id"]
+    assert [r.adapter for r in rejected] == [invalid_entry_name(garbage_entry), "bad-one"]
     assert "$.spec.rank" in rejected[1].reason
 
 
