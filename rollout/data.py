@@ -239,9 +239,7 @@ def open_source(
         raise DataError("chat_template=True needs the model tokenizer; none was given")
     formatter = PromptFormatter(spec.prompt_template, tokenizer if spec.chat_template else None)
     source: DataSource
-    if spec.kind == "reasoning_gym":
-        if not spec.name:
-            raise DataError("kind='reasoning_gym' needs DatasetSpec.name, e.g. 'chain_sum'")
+    if spec.kind == "reasoning_gym":  # a decoded spec has a name (DatasetSpec.__post_init__)
         source = ReasoningGymSource(
             spec.name, size=spec.size, seed=spec.seed, config=spec.config, formatter=formatter
         )
