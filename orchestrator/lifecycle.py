@@ -471,3 +471,17 @@ def render_table() -> str:
     rows = [("phase", "kind", "-> phase"), ("-" * 11, "-" * 20, "-" * 11)]
     rows += [(p.value if p else "-", k.value, t.value) for (p, k), t in TRANSITIONS.items()]
     return "\n".join(f"{a:<11}  {b:<20}  {c}".rstrip() for a, b, c in rows)
+
+
+def accepts_work(state: AdapterState | None, registration_id: str, epoch: int) -> bool:
+    """Fencing of rollout work: whether work of ``registration_id`` under ``epoch`` is wanted now.
+
+    True only when ``state`` is that registration, in a training phase (:data:`TRAINING`), at its
+    current epoch; the same rule the trainer applies to groups (:meth:`Fleet.accepts_group`).
+    """
+    return (
+        state is not None
+        and state.registration_id == registration_id
+        and state.phase in TRAINING
+        and state.epoch == epoch
+    )

@@ -1,4 +1,5 @@
-"""Fixtures for the rollout worker tests: a tiny random Llama, real PEFT versions, small datasets.
+"""Fixtures for the rollout worker tests: a tiny random Llama, real PEFT versions, small datasets,
+and the same worker on a hand-written fake backend (:mod:`tests.rollout_worker.fakes`).
 
 The Redis-protocol server is the session's shared one (``tests/conftest.py``); every test gets its
 own namespace (``streams``), so nothing needs flushing.
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ops.models import write_tiny_model
+from tests.rollout_worker.fakes import FakeBackend, write_fake_version
 from tests.rollout_worker.helpers import write_peft_adapter
 
 # one JSONL dataset: arithmetic questions with numeric answers; row 3 is very long
@@ -68,6 +70,35 @@ def make_worker(tiny_dir: Path, data_root: Path, streams, tmp_path) -> Callable[
             name=name,
             streams=streams,
             backend=EmbeddedBackend(engine),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def fake_versions(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Versions 0..2 of one adapter for :class:`FakeBackend` (different weight bytes each)."""
+    root = tmp_path_factory.mktemp("fake-artifacts")
+    return {v: write_fake_version(root / "math" / f"v{v}", seed=10 + v) for v in range(3)}
+
+
+@pytest.fixture
+def make_fake_worker(data_root: Path, streams, tmp_path) -> Callable[..., object]:
+    """Build a :class:`RolloutWorker` on a fresh :class:`FakeBackend` (no model, milliseconds)."""
+    from rollout.backend import WeightsFetcher
+    from rollout.rewards import builtin_registry
+    from rollout.worker import RolloutWorker
+
+    def build(name: str = "w1", **kwargs: object) -> RolloutWorker:
+        kwargs.setdefault("registry", builtin_registry())
+        kwargs.setdefault("allowed_roots", [data_root])
+        kwargs.setdefault("max_prompt_tokens", 256)
+        kwargs.setdefault("weights", WeightsFetcher(tmp_path / "weights" / name))
+        return RolloutWorker(
+            name=name,
+            streams=streams,
+            backend=FakeBackend(),
             **kwargs,  # type: ignore[arg-type]
         )
 

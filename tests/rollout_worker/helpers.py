@@ -16,6 +16,7 @@ from events.schema import (
     Admitted,
     ControlEvent,
     GroupEvent,
+    RegisterRequested,
     RolloutGroup,
     RolloutTask,
     SyncRequested,
@@ -26,8 +27,10 @@ from events.streams import Streams
 JSONL = DatasetSpec(kind="jsonl", path="arith.jsonl")
 CHAIN_SUM = DatasetSpec(kind="reasoning_gym", name="chain_sum", size=20, seed=3)
 MATH = (RewardSpec(name="math"),)
-GYM = (RewardSpec(name="reasoning_gym"), RewardSpec(name="length_penalty", weight=0.1,
-                                                     params={"max_chars": 40}))  # fmt: skip
+GYM = (
+    RewardSpec(name="reasoning_gym"),
+    RewardSpec(name="length_penalty", weight=0.1, params={"max_chars": 40}),
+)
 SAMPLING = SamplingSpec(temperature=1.0, max_new_tokens=8)
 
 
@@ -52,17 +55,31 @@ def sha256_of(adapter_dir: Path) -> str:
     return hashlib.sha256((adapter_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
-def admitted(adapter: str, registration_id: str, epoch: int = 0) -> Admitted:
-    spec = AdapterSpec(dataset=JSONL, rewards=MATH)
-    return Admitted(adapter=adapter, registration_id=registration_id, epoch=epoch, slot=0,
-                    spec=spec)  # fmt: skip
+SPEC = AdapterSpec(dataset=JSONL, rewards=MATH, steps=2)
+
+
+def registered(adapter: str, registration_id: str, spec: AdapterSpec = SPEC) -> RegisterRequested:
+    """A registration as admission republishes it on the control log (``steps=2`` by default)."""
+    return RegisterRequested(adapter=adapter, registration_id=registration_id, spec=spec)
+
+
+def admitted(adapter: str, registration_id: str, epoch: int = 1, slot: int = 0) -> Admitted:
+    return Admitted(
+        adapter=adapter, registration_id=registration_id, epoch=epoch, slot=slot, spec=SPEC
+    )
 
 
 def sync(adapter: str, registration_id: str, version: int, path: Path, **kw: Any) -> SyncRequested:
     kw.setdefault("sha256", sha256_of(path))
     kw.setdefault("uri", str(path))
-    return SyncRequested(adapter=adapter, registration_id=registration_id, version=version,
-                         step=version, bytes=1, **kw)  # fmt: skip
+    return SyncRequested(
+        adapter=adapter,
+        registration_id=registration_id,
+        version=version,
+        step=version,
+        bytes=1,
+        **kw,
+    )
 
 
 def task(adapter: str, registration_id: str, weights: Path, *, version: int = 0, **kw: Any):
@@ -73,8 +90,14 @@ def task(adapter: str, registration_id: str, weights: Path, *, version: int = 0,
     kw.setdefault("sampling", SAMPLING)
     kw.setdefault("seed", 7)
     kw.setdefault("id", new_id())
-    return RolloutTask(adapter=adapter, registration_id=registration_id, step=version,
-                       version=version, weights_uri=str(weights), **kw)  # fmt: skip
+    return RolloutTask(
+        adapter=adapter,
+        registration_id=registration_id,
+        step=version,
+        version=version,
+        weights_uri=str(weights),
+        **kw,
+    )
 
 
 def publish(client: redis.Redis, stream: str, *events: Any) -> None:
@@ -95,7 +118,14 @@ def read_control(client: redis.Redis, streams: Streams) -> list[Any]:
 def run_burst(redis_url: str, streams: Streams, worker: Any, **kw: Any) -> Consumer:
     """Run ``worker`` through a real consumer until every stream is drained."""
     kw.setdefault("block_ms", 200)
-    consumer = Consumer(lambda: connect(redis_url), streams, worker.name, worker.subscriptions(),
-                        worker.handle, count=1, **kw)  # fmt: skip
+    consumer = Consumer(
+        lambda: connect(redis_url),
+        streams,
+        worker.name,
+        worker.subscriptions(),
+        worker.handle,
+        count=1,
+        **kw,
+    )
     consumer.run(burst=True)
     return consumer
