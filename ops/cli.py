@@ -35,7 +35,7 @@ from events.errors import MultiLoraError
 
 def cmd_trainer(argv: Sequence[str]) -> int:
     from rollout.data import open_source
-    from rollout.rewards import builtin_registry
+    from rollout.reward_builtins import builtin_registry
     from trainer.main import main
 
     def dataset_size(spec, roots) -> int:  # admission's probe: the same reader the workers use

@@ -19,7 +19,8 @@ from events.errors import ConfigError
 from rollout.backend import GenerationBackend, WeightsFetcher
 from rollout.config import RolloutConfig, load_config
 from rollout.metrics import RolloutMetrics
-from rollout.rewards import RemoteScorer, RewardRegistry, builtin_registry
+from rollout.reward_builtins import builtin_registry
+from rollout.rewards import RemoteScorer, RewardRegistry
 from rollout.worker import RolloutWorker, last_entry_id
 
 

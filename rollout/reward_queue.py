@@ -10,8 +10,8 @@ reason ``"timeout after Xs"``; a job that raised comes back failed with the exce
 line. Failures confine to their sample; the runner never raises for them.
 
 Security: workers run :func:`score_term_job`, a fixed function of this module, which looks the
-reward up in a fresh :func:`rollout.rewards.builtin_registry` by name; nothing named in a job
-or an event is imported. (Operator entry-point rewards therefore run in-process only.)
+reward up in a fresh :func:`rollout.reward_builtins.builtin_registry` by name; nothing named in
+a job or an event is imported. (Operator entry-point rewards therefore run in-process only.)
 
 Wire format: job arguments and results are JSON (``rq.serializers.JSONSerializer``), so payloads
 are inspectable and no pickle crosses Redis. Workers must use the same serializer; build them with
@@ -37,7 +37,8 @@ from rq.serializers import JSONSerializer
 from rq.worker.base import BaseWorker
 
 from events.errors import ConfigError
-from rollout.rewards import TermRequest, TermValue, builtin_registry, evaluate_term
+from rollout.reward_builtins import builtin_registry
+from rollout.rewards import TermRequest, TermValue, evaluate_term
 
 
 def score_term_job(request: dict[str, Any]) -> dict[str, Any]:

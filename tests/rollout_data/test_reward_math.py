@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rollout.data import PromptItem
+from rollout.reward_builtins import builtin_registry
 from rollout.reward_math import answers_match, extract_answer, last_boxed, parse_number
-from rollout.rewards import builtin_registry
 from tests.rollout_data.conftest import GSM8K_LABEL
 
 GSM8K_RIGHT = (

@@ -13,8 +13,9 @@ from rq import SimpleWorker
 from events.errors import ConfigError
 from events.specs import DatasetSpec, RewardSpec
 from rollout.data import PromptItem, open_source
+from rollout.reward_builtins import builtin_registry
 from rollout.reward_queue import RQRewardRunner, make_worker, queue_name
-from rollout.rewards import RewardComposite, TermRequest, TermValue, builtin_registry
+from rollout.rewards import RewardComposite, TermRequest, TermValue
 
 pytestmark = pytest.mark.bus
 

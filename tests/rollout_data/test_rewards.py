@@ -11,13 +11,8 @@ from hypothesis import strategies as st
 
 from events.specs import DatasetSpec, RewardSpec
 from rollout.data import PromptItem, open_source
-from rollout.rewards import (
-    RewardComposite,
-    RewardError,
-    RewardRegistry,
-    builtin_registry,
-    extract_gym_answer,
-)
+from rollout.reward_builtins import builtin_registry, extract_gym_answer
+from rollout.rewards import RewardComposite, RewardError, RewardRegistry
 from tests.rollout_data.conftest import GSM8K_LABEL
 
 REASONING_GYM = DatasetSpec(kind="reasoning_gym", name="chain_sum", size=8, seed=3)

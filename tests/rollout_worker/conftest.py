@@ -57,7 +57,7 @@ def make_worker(tiny_dir: Path, data_root: Path, streams, tmp_path) -> Callable[
     """Build a :class:`RolloutWorker` on the embedded engine (fresh engine per call)."""
     from rollout.backend import EmbeddedBackend, WeightsFetcher
     from rollout.engine import Engine
-    from rollout.rewards import builtin_registry
+    from rollout.reward_builtins import builtin_registry
     from rollout.worker import RolloutWorker
 
     def build(name: str = "w1", **kwargs: object) -> RolloutWorker:
@@ -87,7 +87,7 @@ def fake_versions(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 def make_fake_worker(data_root: Path, streams, tmp_path) -> Callable[..., object]:
     """Build a :class:`RolloutWorker` on a fresh :class:`FakeBackend` (no model, milliseconds)."""
     from rollout.backend import WeightsFetcher
-    from rollout.rewards import builtin_registry
+    from rollout.reward_builtins import builtin_registry
     from rollout.worker import RolloutWorker
 
     def build(name: str = "w1", **kwargs: object) -> RolloutWorker:

@@ -153,7 +153,7 @@ def test_known_failures_become_failed_samples(
 
 
 def test_a_raising_reward_fails_its_samples_and_the_worker_goes_on(make_worker, versions) -> None:
-    from rollout.rewards import builtin_registry
+    from rollout.reward_builtins import builtin_registry
 
     def picky(completion: str, item) -> float:
         if item.index == 1:
