@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from rollout.engine import AdapterRef, Engine, GenerateRequest  # noqa: E402
+from rollout.adapter_slots import AdapterRef  # noqa: E402
+from rollout.engine import Engine, GenerateRequest  # noqa: E402
 from rollout.sampling import SamplingParams  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -8,10 +8,10 @@ version, sampling parameters and seed. Two implementations:
 * :class:`HttpBackend` — an SGLang-compatible server through :class:`rollout.client.SGLangClient`:
   ``python -m rollout.server`` or a real SGLang launched with ``--enable-lora``.
 
-Adapter versions are named as :class:`rollout.engine.AdapterRef` names them: ``"name@version"``
-(``lora_name`` on ``/load_lora_adapter``, ``lora_path`` on ``/generate``). On a real SGLang
-server each version is simply a distinct adapter; :class:`HttpBackend` unloads versions beyond
-the newest ``keep_versions`` itself, as the embedded engine does.
+Adapter versions are named as :class:`rollout.adapter_slots.AdapterRef` names them:
+``"name@version"`` (``lora_name`` on ``/load_lora_adapter``, ``lora_path`` on ``/generate``). On
+a real SGLang server each version is simply a distinct adapter; :class:`HttpBackend` unloads
+versions beyond the newest ``keep_versions`` itself, as the embedded engine does.
 
 Weights reach a backend as a local PEFT directory. :class:`WeightsFetcher` turns the URI the
 trainer published (a local path, ``file://``, or any fsspec URL such as ``s3://`` or
@@ -41,14 +41,9 @@ from safetensors import SafetensorError
 
 from events.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from events.errors import MultiLoraError
+from rollout.adapter_slots import AdapterNotLoadedError, AdapterRef, EngineError
 from rollout.client import SGLangClient, SGLangError, SGLangUnavailableError
-from rollout.engine import (
-    AdapterNotLoadedError,
-    AdapterRef,
-    Engine,
-    EngineError,
-    GenerateRequest,
-)
+from rollout.engine import Engine, GenerateRequest
 from rollout.lora import LoraError
 from rollout.sampling import SamplingParams
 
@@ -150,7 +145,7 @@ class EmbeddedBackend:
             raise BackendUnavailableError(str(err)) from err
         return [
             Completion(
-                completion_ids=r.output_ids,
+                completion_ids=r.completion_ids,
                 logprobs=r.logprobs,
                 text=r.text,
                 finish_reason=r.finish_reason,
@@ -230,14 +225,14 @@ class HttpBackend:
         completions = []
         for out in outputs:
             logprobs = out.output_token_logprobs or ()
-            if len(logprobs) != len(out.output_ids):
+            if len(logprobs) != len(out.completion_ids):
                 raise BackendError(
-                    f"server returned {len(logprobs)} logprobs for {len(out.output_ids)} tokens; "
-                    "it must honour return_logprob=True"
+                    f"server returned {len(logprobs)} logprobs for {len(out.completion_ids)} "
+                    "tokens; it must honour return_logprob=True"
                 )
             completions.append(
                 Completion(
-                    completion_ids=out.output_ids,
+                    completion_ids=out.completion_ids,
                     logprobs=logprobs,
                     text=out.text,
                     finish_reason=out.finish_reason,

@@ -5,7 +5,7 @@ launched with ``--enable-lora`` (see ``docs/SGLANG.md``). It sends only field na
 documented request types (``GenerateReqInput``, ``SamplingParams``, ``LoadLoRAAdapterReqInput``),
 and decodes responses at the edge into frozen records.
 
-Adapter names are ``"name@version"`` (see :class:`rollout.engine.AdapterRef`).
+Adapter names are ``"name@version"`` (see :class:`rollout.adapter_slots.AdapterRef`).
 """
 
 from __future__ import annotations
@@ -39,13 +39,15 @@ class SGLangUnavailableError(MultiLoraError):
 class GenerateOutput(msgspec.Struct, frozen=True, kw_only=True):
     """One generated completion.
 
-    ``output_token_logprobs`` (present when requested) is aligned with ``output_ids``.
-    ``finish_reason`` is ``"stop"`` (``matched``: stop token id or string) or ``"length"``.
+    ``completion_ids`` are the generated tokens (SGLang's JSON field ``output_ids``; renamed at
+    this edge to the name the rest of the pipeline uses). ``output_token_logprobs`` (present
+    when requested) is aligned with them. ``finish_reason`` is ``"stop"`` (``matched``: stop
+    token id or string) or ``"length"``.
     """
 
     id: str
     text: str
-    output_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
     finish_reason: str
     matched: int | str | None
     prompt_tokens: int
@@ -85,7 +87,7 @@ def decode_output(raw: Mapping[str, Any]) -> GenerateOutput:
     return GenerateOutput(
         id=str(meta.get("id", "")),
         text=raw.get("text", ""),
-        output_ids=tuple(ids),
+        completion_ids=tuple(ids),
         finish_reason=finish.get("type", ""),
         matched=finish.get("matched"),
         prompt_tokens=int(meta.get("prompt_tokens", 0)),

@@ -10,16 +10,16 @@ finish are dropped from the batch (cache rows included) once a quarter of the ba
 so a long row does not make the whole batch pay for its length. Each row samples with its own
 seeded generator (:mod:`rollout.sampling`), so its tokens do not depend on its batch-mates.
 
-**Versions and slots.** Each loaded ``(name, version)`` occupies one LoRA slot
-(:class:`SlotTable`). Loading version ``v`` retires the versions of that adapter older than the
-newest ``keep_versions`` (set it to max staleness + 1, so every task still allowed to run finds
-its policy). A version used by a batch in flight is never evicted: its retirement waits for the
-batch to finish. When a load finds no free slot it evicts the least recently used version that no
-batch in flight uses, or raises :class:`AdapterCapacityError` if every slot is in use.
-Versions are immutable: loading a ``(name, version)`` already loaded is a no-op.
+**Versions and slots.** Each loaded ``(name, version)`` occupies one LoRA slot; the bookkeeping
+(retirement beyond ``keep_versions``, LRU eviction, pins of batches in flight) is
+:class:`~rollout.adapter_slots.AdapterSlots`. The engine holds its lock around every change of
+it and pins a batch's versions from the start of :meth:`Engine.generate` to its end, so a batch
+keeps its versions even when a load retires them meanwhile. Versions are immutable: loading a
+``(name, version)`` already loaded is a no-op.
 
-The module passes 600 lines on purpose: version bookkeeping, batched decoding and the
-per-row sampling contract are one unit whose invariants (a batch keeps its versions) span them.
+A row's tokens are its ``completion_ids`` (the name the rollout group and the trainer use);
+SGLang's HTTP field ``output_ids`` appears only at the HTTP edge (:mod:`rollout.sglang_api`,
+:mod:`rollout.client`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,62 +36,9 @@ import msgspec
 import torch
 
 from events.adapter_format import read_peft_adapter
-from events.errors import MultiLoraError
+from rollout.adapter_slots import AdapterRef, AdapterSlots, EngineError, RequestError
 from rollout.lora import BASE_SLOT, LoraBackend, MultiLoraModel
 from rollout.sampling import SamplingParams, find_stop, sample_tokens_B, trim_at_stop
-
-
-class EngineError(MultiLoraError):
-    """Root of the engine's errors (all are the caller's to fix; none leave the engine broken)."""
-
-
-class RequestError(EngineError, ValueError):
-    """A generate request is invalid; ``field`` names the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-class AdapterNotLoadedError(EngineError, LookupError):
-    """A request names an adapter version that is not (or no longer) loaded."""
-
-
-class AdapterCapacityError(EngineError):
-    """No slot can be freed: every slot holds a version used by a batch in flight."""
-
-
-class StaleAdapterError(EngineError, ValueError):
-    """A load asks for a version older than the ``keep_versions`` newest already loaded."""
-
-
-class AdapterRef(msgspec.Struct, frozen=True):
-    """One adapter version. Text form ``"name@version"`` (plain ``"name"`` means version 0)."""
-
-    name: str
-    version: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.name or "@" in self.name or self.name != self.name.strip():
-            raise RequestError(
-                "adapter",
-                f"bad adapter name {self.name!r}: non-empty, no '@', no surrounding spaces",
-            )
-        if self.version < 0:
-            raise RequestError("adapter", f"version must be >= 0, got {self.version}")
-
-    def __str__(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    @classmethod
-    def parse(cls, text: str) -> AdapterRef:
-        """``"math@3"`` -> ``AdapterRef("math", 3)``; ``"math"`` -> version 0."""
-        name, sep, version = text.rpartition("@")
-        if not sep:
-            return cls(text, 0)
-        if not version.isdigit():
-            raise RequestError("lora_path", f"{text!r}: version after '@' must be an integer")
-        return cls(name, int(version))
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,13 +52,14 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
 class GenerateResult(msgspec.Struct, frozen=True, kw_only=True):
     """One row's output.
 
-    ``output_ids`` include the token that ended the row (EOS / stop token / the token completing
-    a stop string), and ``logprobs[t]`` is its policy log-prob (:mod:`rollout.sampling`).
+    ``completion_ids`` include the token that ended the row (EOS / stop token / the token
+    completing a stop string), and ``logprobs[t]`` is the policy log-prob of
+    ``completion_ids[t]`` (:mod:`rollout.sampling`).
     ``finish_reason`` is ``"stop"`` (``matched`` = stop token id or stop string) or ``"length"``.
     ``text`` is the decoded output, cut before a matched stop string.
     """
 
-    output_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     finish_reason: Literal["stop", "length"]
     matched: int | str | None
@@ -136,144 +84,6 @@ class LoadedAdapter(msgspec.Struct, frozen=True, kw_only=True):
 
 
 @dataclass
-class _Entry:
-    ref: AdapterRef
-    slot: int
-    path: str
-    last_used: int
-    pins: int = 0
-    retired: bool = False
-
-
-class SlotTable:
-    """Bookkeeping of which adapter version occupies which slot (no tensors; unit tested alone).
-
-    ``pins`` count batches in flight using an entry. A retired entry accepts no new batches and
-    frees its slot when its last pin is released.
-    """
-
-    def __init__(self, num_slots: int, keep_versions: int) -> None:
-        if keep_versions < 1:
-            raise EngineError(f"keep_versions={keep_versions} must be >= 1 (max staleness + 1)")
-        self.num_slots = num_slots
-        self.keep_versions = keep_versions
-        self._entries: dict[AdapterRef, _Entry] = {}
-        self._clock = 0
-
-    def _tick(self) -> int:
-        self._clock += 1
-        return self._clock
-
-    def live(self) -> list[AdapterRef]:
-        """Loaded versions that new batches may use, by name then version."""
-        refs = [e.ref for e in self._entries.values() if not e.retired]
-        return sorted(refs, key=lambda r: (r.name, r.version))
-
-    def path_of(self, ref: AdapterRef) -> str:
-        return self._entries[ref].path
-
-    def get(self, ref: AdapterRef) -> _Entry | None:
-        entry = self._entries.get(ref)
-        return None if entry is None or entry.retired else entry
-
-    def acquire(self, refs: Iterable[AdapterRef]) -> dict[AdapterRef, int]:
-        """Pin each distinct ref for one batch; return its slot. All or nothing."""
-        wanted = set(refs)
-        missing = [ref for ref in wanted if self.get(ref) is None]
-        if missing:
-            loaded = ", ".join(str(r) for r in self.live()) or "none"
-            raise AdapterNotLoadedError(
-                f"adapter {sorted(map(str, missing))} not loaded (loaded: "
-                f"{loaded}); load it first (/load_lora_adapter)"
-            )
-        now = self._tick()
-        slots = {}
-        for ref in wanted:
-            entry = self._entries[ref]
-            entry.pins += 1
-            entry.last_used = now
-            slots[ref] = entry.slot
-        return slots
-
-    def release(self, refs: Iterable[AdapterRef]) -> list[int]:
-        """Unpin one batch's refs; return slots freed by retirements that were waiting."""
-        freed = []
-        for ref in set(refs):
-            entry = self._entries[ref]
-            entry.pins -= 1
-            if entry.retired and entry.pins == 0:
-                del self._entries[ref]
-                freed.append(entry.slot)
-        return freed
-
-    def place(self) -> tuple[int, AdapterRef | None]:
-        """A slot for a new version: a free one, else evict the least recently used unpinned."""
-        used = {e.slot for e in self._entries.values()}
-        free = [s for s in range(self.num_slots) if s not in used]
-        if free:
-            return free[0], None
-        idle = [e for e in self._entries.values() if e.pins == 0]
-        if not idle:
-            busy = ", ".join(str(e.ref) for e in self._entries.values())
-            raise AdapterCapacityError(
-                f"all {self.num_slots} LoRA slots hold versions used by "
-                f"batches in flight ({busy}); raise max_loras or retry"
-            )
-        victim = min(idle, key=lambda e: e.last_used)
-        del self._entries[victim.ref]
-        return victim.slot, victim.ref
-
-    def check_fresh(self, ref: AdapterRef) -> None:
-        """Raise :class:`StaleAdapterError` if ``ref`` would be retired at once by newer ones."""
-        newer = {
-            e.ref.version
-            for e in self._entries.values()
-            if e.ref.name == ref.name and e.ref.version > ref.version
-        }
-        if len(newer) >= self.keep_versions:
-            raise StaleAdapterError(
-                f"{ref}: {len(newer)} newer versions of {ref.name!r} are "
-                f"loaded and keep_versions={self.keep_versions}"
-            )
-
-    def commit(self, ref: AdapterRef, slot: int, path: str) -> tuple[list[int], list[AdapterRef]]:
-        """Record ``ref`` in ``slot``; retire versions beyond the newest ``keep_versions``.
-
-        Returns ``(freed_slots, retired_refs)``; pinned retirees free their slot on release.
-        """
-        self._entries[ref] = _Entry(ref=ref, slot=slot, path=path, last_used=self._tick())
-        versions = sorted(
-            (e for e in self._entries.values() if e.ref.name == ref.name and not e.retired),
-            key=lambda e: e.ref.version,
-            reverse=True,
-        )
-        return self._retire(versions[self.keep_versions :])
-
-    def retire(self, name: str, version: int | None = None) -> tuple[list[int], list[AdapterRef]]:
-        """Retire one version, or every version of ``name`` when ``version`` is None."""
-        doomed = [
-            e
-            for e in self._entries.values()
-            if not e.retired
-            and e.ref.name == name
-            and (version is None or e.ref.version == version)
-        ]
-        if not doomed:
-            what = name if version is None else f"{name}@{version}"
-            raise AdapterNotLoadedError(f"adapter {what!r} is not loaded; nothing to unload")
-        return self._retire(doomed)
-
-    def _retire(self, entries: list[_Entry]) -> tuple[list[int], list[AdapterRef]]:
-        freed = []
-        for entry in entries:
-            entry.retired = True
-            if entry.pins == 0:
-                del self._entries[entry.ref]
-                freed.append(entry.slot)
-        return freed, [e.ref for e in entries]
-
-
-@dataclass
 class _Row:
     """Mutable decoding state of one request (private to one :meth:`Engine.generate` call)."""
 
@@ -282,7 +92,7 @@ class _Row:
     seed: int
     generator: torch.Generator
     stop_ids: frozenset[int]
-    out_ids: list[int] = field(default_factory=list)
+    completion_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: Literal["stop", "length"] | None = None
     matched: int | str | None = None
@@ -321,7 +131,7 @@ class Engine:
         self.fixed_targets = target_modules is not None
         if target_modules is not None:
             self.lora.wrap(self.lora.linear_names(target_modules))
-        self.slots = SlotTable(max_loras, keep_versions)
+        self.slots = AdapterSlots(max_loras, keep_versions)
         self.max_batch_size = max_batch_size
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
@@ -534,30 +344,32 @@ class Engine:
 
     def _append(self, row: _Row, token: int, logprob: float) -> None:
         sp = row.request.sampling
-        row.out_ids.append(token)
+        row.completion_ids.append(token)
         row.logprobs.append(logprob)
         if token in row.stop_ids:
             row.finish, row.matched = "stop", token
         elif sp.stop and self.tokenizer is not None:  # _validate rejects stop without one
             window = max(len(s) for s in sp.stop) + 4
-            tail = self.tokenizer.decode(row.out_ids[-window:], skip_special_tokens=True)
+            tail = self.tokenizer.decode(row.completion_ids[-window:], skip_special_tokens=True)
             hit = find_stop(tail, sp.stop)
             if hit is not None:
                 row.finish, row.matched = "stop", hit[1]
-        if row.finish is None and len(row.out_ids) >= sp.max_new_tokens:
+        if row.finish is None and len(row.completion_ids) >= sp.max_new_tokens:
             row.finish = "length"
 
     def _result(self, row: _Row) -> GenerateResult:
         sp = row.request.sampling
         text = ""
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(row.out_ids, skip_special_tokens=sp.skip_special_tokens)
+            text = self.tokenizer.decode(
+                row.completion_ids, skip_special_tokens=sp.skip_special_tokens
+            )
             if isinstance(row.matched, str):
                 text = trim_at_stop(text, row.matched)
         if row.finish is None:
             raise EngineError("internal: a row left decoding unfinished")
         return GenerateResult(
-            output_ids=tuple(row.out_ids),
+            completion_ids=tuple(row.completion_ids),
             logprobs=tuple(row.logprobs),
             finish_reason=row.finish,
             matched=row.matched,

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from events.schema import PromptGroup, RolloutTask, Sample
+from rollout.adapter_slots import AdapterRef
 from rollout.backend import Completion, GenerationRow
 from rollout.data import DataSource, PromptItem
-from rollout.engine import AdapterRef
 from rollout.rewards import RewardResult
 from rollout.sampling import SamplingParams
 

@@ -2,373 +2,46 @@
 
 Endpoints, with SGLang's request and response shapes (the subset is listed in
 ``docs/SGLANG.md``): ``GET /health``, ``GET /health_generate``, ``GET /get_model_info``,
-``POST /generate``, ``POST /load_lora_adapter``, ``POST /unload_lora_adapter``.
+``POST /generate``, ``POST /load_lora_adapter``, ``POST /unload_lora_adapter``. Bodies are parsed
+and rendered by :mod:`rollout.sglang_api`; concurrent ``/generate`` calls are merged into engine
+batches by :class:`~rollout.batcher.Batcher`.
 
-Adapter names carry the version: ``lora_name``/``lora_path`` ``"math@7"`` is version 7 of adapter
-``math`` (plain ``"math"`` is version 0); the same names work on a real SGLang server, where each
-version is simply a distinct adapter. ``lora_path`` of ``/load_lora_adapter`` must lie under one
-of the server's allowed roots.
+Adapter names carry the version (``"math@7"``); the same names work on a real SGLang server,
+where each version is simply a distinct adapter. ``lora_path`` of ``/load_lora_adapter`` must lie
+under one of the server's allowed roots.
 
 Errors are 400 with ``{"error": {"message": ..., "param": <field>}}`` naming the bad field
 (SGLang's error body plus ``param``; load/unload answers also carry SGLang's ``success: false``
 and ``error_message``); an unexpected failure is a 500 with the message.
 
-Requests from concurrent HTTP clients are merged by :class:`Batcher`: the first waiting request
-opens a batch, which closes after ``max_wait_s`` or at ``max_batch_rows`` rows, and runs as one
-:meth:`Engine.generate` call.
-
-The module passes 600 lines on purpose: it keeps the whole HTTP contract (body parsing, output
-rendering, batching, routes, CLI) side by side, so a reader checks it against SGLang's types in
-one place. The parsing half is pure and is the part to move out if it grows.
+Run ``python -m rollout.server --model models/smollm2-135m --allowed-root runs/artifacts``; its
+:class:`ServerConfig` loads like every process config (:func:`events.config.load`: defaults <
+``--config`` file < ``MULTILORA_SERVER_<FIELD>`` < flags).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import queue
+import sys
 import threading
-import time
-import uuid
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
-from events.errors import MultiLoraError
-from rollout.engine import AdapterRef, Engine, GenerateRequest, GenerateResult, RequestError
+from events.bootstrap import EXIT_CONFIG
+from events.config import Port, Positive, load
+from events.errors import ConfigError, MultiLoraError
+from rollout.adapter_slots import AdapterRef, RequestError
+from rollout.batcher import Batcher
+from rollout.engine import Engine, GenerateRequest
 from rollout.sampling import SamplingParamError, SamplingParams
+from rollout.sglang_api import BadRequest, parse_generate, render_result
 
 logger = logging.getLogger(__name__)
-
-GENERATE_FIELDS = frozenset(
-    {
-        "text",
-        "input_ids",
-        "sampling_params",
-        "lora_path",
-        "return_logprob",
-        "return_text_in_logprobs",
-        "rid",
-        "stream",
-        "logprob_start_len",
-        "top_logprobs_num",
-    }
-)
-# SGLang sampling fields we implement (-> SamplingParams field), and those accepted only at their
-# neutral value (any other value is a 400: the engine would silently sample differently).
-SAMPLING_FIELDS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "max_new_tokens": "max_new_tokens",
-    "stop": "stop",
-    "stop_token_ids": "stop_token_ids",
-    "ignore_eos": "ignore_eos",
-    "skip_special_tokens": "skip_special_tokens",
-    "sampling_seed": "seed",
-}
-NEUTRAL_SAMPLING = {
-    "n": 1,
-    "min_p": 0.0,
-    "frequency_penalty": 0.0,
-    "presence_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "min_new_tokens": 0,
-    "no_stop_trim": False,
-    "spaces_between_special_tokens": True,
-    "regex": None,
-    "json_schema": None,
-    "ebnf": None,
-    "logit_bias": None,
-    "custom_params": None,
-    "stream_interval": None,
-}
-
-
-class BadRequest(MultiLoraError, ValueError):
-    """An HTTP request body is invalid; ``field`` names the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-@dataclass(frozen=True)
-class ParsedGenerate:
-    """A ``/generate`` body decoded into engine rows (one per prompt)."""
-
-    single: bool
-    rids: list[str]
-    requests: list[GenerateRequest]
-    return_logprob: list[bool]
-    text_in_logprobs: bool
-
-
-def _per_row(body: dict[str, Any], name: str, n: int, single: bool) -> list[Any]:
-    """SGLang's broadcast rule: one value for every prompt, or a list of one per prompt."""
-    value = body.get(name)
-    if isinstance(value, list) and not (single and name == "sampling_params" and len(value) != 1):
-        if len(value) != n:
-            raise BadRequest(name, f"has {len(value)} entries for {n} prompts")
-        return value
-    return [value] * n
-
-
-def _int(value: Any, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(field, f"must be an integer, got {value!r}")
-    return value
-
-
-def parse_sampling(raw: Any, field: str) -> SamplingParams:
-    """One SGLang ``sampling_params`` dict -> :class:`SamplingParams` (``null`` = defaults)."""
-    if raw is None:
-        return SamplingParams()
-    if not isinstance(raw, dict):
-        raise BadRequest(field, f"must be an object, got {type(raw).__name__}")
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in NEUTRAL_SAMPLING:
-            if value is not None and value != NEUTRAL_SAMPLING[key]:
-                raise BadRequest(
-                    f"{field}.{key}",
-                    f"only {NEUTRAL_SAMPLING[key]!r} is supported "
-                    f"by the embedded engine, got {value!r}",
-                )
-            continue
-        if key not in SAMPLING_FIELDS:
-            raise BadRequest(
-                f"{field}.{key}",
-                f"unknown sampling parameter; supported: {sorted(SAMPLING_FIELDS)}",
-            )
-        if value is None:
-            continue
-        if key == "stop":
-            value = [value] if isinstance(value, str) else value
-            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-                raise BadRequest(f"{field}.stop", f"must be a string or list of strings: {value!r}")
-            value = tuple(value)
-        elif key == "stop_token_ids":
-            if not isinstance(value, list):
-                raise BadRequest(f"{field}.stop_token_ids", f"must be a list, got {value!r}")
-            value = tuple(_int(v, f"{field}.stop_token_ids") for v in value)
-        elif key in ("top_k", "max_new_tokens", "sampling_seed"):
-            value = _int(value, f"{field}.{key}")
-        elif key in ("ignore_eos", "skip_special_tokens"):
-            if not isinstance(value, bool):
-                raise BadRequest(f"{field}.{key}", f"must be a boolean, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BadRequest(f"{field}.{key}", f"must be a number, got {value!r}")
-        kwargs[SAMPLING_FIELDS[key]] = value
-    try:
-        return SamplingParams(**kwargs)
-    except SamplingParamError as err:
-        raise BadRequest(f"{field}.{err.field}", str(err).split(": ", 1)[-1]) from err
-
-
-def parse_generate(body: Any, tokenizer: Any | None) -> ParsedGenerate:
-    """Validate a ``/generate`` body and turn it into engine rows; raises :class:`BadRequest`."""
-    if not isinstance(body, dict):
-        raise BadRequest("body", "must be a JSON object")
-    unknown = sorted(set(body) - GENERATE_FIELDS)
-    if unknown:
-        raise BadRequest(unknown[0], f"unknown field; supported: {sorted(GENERATE_FIELDS)}")
-    if body.get("stream"):
-        raise BadRequest("stream", "streaming is not supported by the embedded engine")
-    if body.get("logprob_start_len") not in (None, -1):
-        raise BadRequest("logprob_start_len", "only output-token log-probs (-1) are supported")
-    if body.get("top_logprobs_num") not in (None, 0):
-        raise BadRequest("top_logprobs_num", "top log-probs are not supported")
-    text, input_ids = body.get("text"), body.get("input_ids")
-    if (text is None) == (input_ids is None):
-        raise BadRequest("text", "give exactly one of text and input_ids")
-    if text is not None:
-        if tokenizer is None:
-            raise BadRequest("text", "this server has no tokenizer; send input_ids")
-        single = isinstance(text, str)
-        texts = [text] if single else text
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise BadRequest("text", "must be a string or a non-empty list of strings")
-        prompts = [list(tokenizer.encode(t)) for t in texts]
-    else:
-        if not isinstance(input_ids, list) or not input_ids:
-            raise BadRequest("input_ids", "must be a non-empty list of token ids (or of lists)")
-        single = not isinstance(input_ids[0], list)
-        prompts = [input_ids] if single else input_ids
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, list) or not prompt:
-                raise BadRequest(f"input_ids[{i}]", "must be a non-empty list of token ids")
-            for tok in prompt:
-                _int(tok, f"input_ids[{i}]")
-    n = len(prompts)
-    samplings = _per_row(body, "sampling_params", n, single)
-    loras = _per_row(body, "lora_path", n, single)
-    logprob_flags = _per_row(body, "return_logprob", n, single)
-    requests = []
-    for i in range(n):
-        field = "sampling_params" if single else f"sampling_params[{i}]"
-        sampling = parse_sampling(samplings[i], field)
-        lora = loras[i]
-        if lora is not None and not isinstance(lora, str):
-            raise BadRequest("lora_path", f"entries must be adapter names or null, got {lora!r}")
-        try:
-            adapter = None if lora is None else AdapterRef.parse(lora)
-        except RequestError as err:
-            raise BadRequest("lora_path", str(err)) from err
-        requests.append(
-            GenerateRequest(input_ids=tuple(prompts[i]), adapter=adapter, sampling=sampling)
-        )
-    for flag in logprob_flags:
-        if flag is not None and not isinstance(flag, bool):
-            raise BadRequest("return_logprob", f"must be a boolean (or list), got {flag!r}")
-    rid = body.get("rid")
-    if rid is None:
-        rids = [uuid.uuid4().hex for _ in range(n)]
-    elif isinstance(rid, str):
-        rids = [rid] if single else [f"{rid}_{i}" for i in range(n)]
-    elif isinstance(rid, list) and len(rid) == n and all(isinstance(r, str) for r in rid):
-        rids = rid
-    else:
-        raise BadRequest("rid", "must be a string or a list of one string per prompt")
-    return ParsedGenerate(
-        single=single,
-        rids=rids,
-        requests=requests,
-        return_logprob=[bool(f) for f in logprob_flags],
-        text_in_logprobs=bool(body.get("return_text_in_logprobs")),
-    )
-
-
-def render_result(
-    result: GenerateResult,
-    rid: str,
-    *,
-    return_logprob: bool,
-    text_in_logprobs: bool,
-    tokenizer: Any | None,
-) -> dict[str, Any]:
-    """One engine row -> SGLang's ``/generate`` output object."""
-    if result.finish_reason == "length":
-        finish: dict[str, Any] = {"type": "length", "length": len(result.output_ids)}
-    else:
-        finish = {"type": "stop", "matched": result.matched}
-    meta: dict[str, Any] = {
-        "id": rid,
-        "finish_reason": finish,
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": len(result.output_ids),
-        "cached_tokens": 0,
-    }
-    if return_logprob:
-        texts: list[str | None] = [None] * len(result.output_ids)
-        if text_in_logprobs and tokenizer is not None:
-            texts = [tokenizer.decode([t]) for t in result.output_ids]
-        meta["output_token_logprobs"] = [
-            [lp, tok, txt]
-            for lp, tok, txt in zip(result.logprobs, result.output_ids, texts, strict=True)
-        ]
-    return {"text": result.text, "output_ids": list(result.output_ids), "meta_info": meta}
-
-
-@dataclass
-class _Job:
-    requests: list[GenerateRequest]
-    done: threading.Event
-    results: list[GenerateResult] | None = None
-    error: BaseException | None = None
-
-
-class Batcher:
-    """Merges concurrent ``submit`` calls into engine batches (one batching thread)."""
-
-    def __init__(
-        self, engine: Engine, *, max_batch_rows: int = 256, max_wait_s: float = 0.005
-    ) -> None:
-        self.engine = engine
-        self.max_batch_rows = max_batch_rows
-        self.max_wait_s = max_wait_s
-        self.history: deque[tuple[int, int]] = deque(maxlen=1024)  # (jobs, rows) per batch
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="rollout-batcher", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=60)
-
-    def submit(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        """Queue ``requests`` as one job; block until its batch ran; re-raise its error."""
-        job = _Job(requests=requests, done=threading.Event())
-        self._queue.put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        if job.results is None:
-            raise MultiLoraError("internal: batch finished without results")
-        return job.results
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            jobs, rows = [first], len(first.requests)
-            deadline = time.monotonic() + self.max_wait_s
-            stopping = False
-            while rows < self.max_batch_rows:
-                try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                    break
-                jobs.append(job)
-                rows += len(job.requests)
-            self._run_jobs(jobs)
-            if stopping:
-                return
-
-    def _run_jobs(self, jobs: list[_Job]) -> None:
-        """Run jobs as one batch; if it fails for a caller's reason, run them one by one so
-        only the offending job gets the error."""
-        try:
-            results = self.engine.generate([r for job in jobs for r in job.requests])
-        except MultiLoraError as err:
-            if len(jobs) == 1:
-                self._finish(jobs[0], error=err)
-                return
-            for job in jobs:
-                self._run_jobs([job])
-            return
-        except Exception as err:  # a bug: fail these calls loudly (HTTP 500), keep serving
-            logger.exception("engine.generate failed")
-            for job in jobs:
-                self._finish(job, error=err)
-            return
-        self.history.append((len(jobs), len(results)))
-        offset = 0
-        for job in jobs:
-            self._finish(job, results=results[offset : offset + len(job.requests)])
-            offset += len(job.requests)
-
-    @staticmethod
-    def _finish(
-        job: _Job,
-        *,
-        results: list[GenerateResult] | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        job.results, job.error = results, error
-        job.done.set()
 
 
 Response = tuple[int, Any]  # (HTTP status, JSON payload or None for an empty body)
@@ -587,40 +260,61 @@ def _handler_class(app: RolloutServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def _doc(text: str, *flags: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text, extra={"flags": flags} if flags else {})
+
+
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Command-line configuration of ``python -m rollout.server``."""
+    """Configuration of ``python -m rollout.server`` (flag names follow SGLang's where it has one:
+    ``--max-loras`` is SGLang's ``--max-loras-per-batch``, see ``docs/SGLANG.md``)."""
 
-    model: str
-    host: str = "127.0.0.1"
-    port: int = 30000
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_loras: int = 8
-    max_lora_rank: int = 64
-    keep_versions: int = 2
-    lora_target_modules: tuple[str, ...] = ()
-    allowed_roots: tuple[str, ...] = ()
-    max_wait_ms: float = 5.0
+    model_path: Annotated[str, _doc("local Hugging Face model directory", "--model")] = ""
+    host: Annotated[str, _doc("address to listen on")] = "127.0.0.1"
+    port: Annotated[Port, _doc("port to listen on (0: an ephemeral one)")] = 30000
+    dtype: Annotated[str, _doc("model dtype")] = "float32"
+    device: Annotated[str, _doc("torch device")] = "cpu"
+    max_loras: Annotated[Positive, _doc("LoRA slots (adapter versions resident at once)")] = 8
+    max_lora_rank: Annotated[Positive, _doc("largest LoRA rank a slot holds")] = 64
+    keep_versions: Annotated[Positive, _doc("versions kept per adapter")] = 2
+    lora_target_modules: Annotated[
+        tuple[str, ...], _doc("modules to wrap up front (repeat the flag; none: on demand)")
+    ] = ()
+    allowed_roots: Annotated[
+        tuple[str, ...], _doc("directories adapters may be loaded from", "--allowed-root")
+    ] = ()
+    max_wait_ms: Annotated[
+        float, msgspec.Meta(ge=0, description="longest wait for a batch to fill, ms")
+    ] = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            raise ConfigError("model_path is empty; pass --model with a local HF model directory")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rollout.server", description=__doc__)
-    parser.add_argument("--model", required=True, help="local HF model directory")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=30000)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-loras", type=int, default=8)
-    parser.add_argument("--max-lora-rank", type=int, default=64)
-    parser.add_argument("--keep-versions", type=int, default=2)
-    parser.add_argument("--lora-target-modules", nargs="*", default=[])
-    parser.add_argument("--allowed-root", action="append", default=[], dest="allowed_roots")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    args = vars(parser.parse_args(argv))
-    config = msgspec.convert(args, ServerConfig)
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Defaults < file < env < flags into a validated :class:`ServerConfig`."""
+    return load(
+        ServerConfig,
+        role="server",
+        argv=argv,
+        environ=environ,
+        prog="python -m rollout.server",
+        description="SGLang-compatible HTTP server of the embedded engine.",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until interrupted."""
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"python -m rollout.server: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     logging.basicConfig(level=logging.INFO)
     engine = Engine.from_pretrained(
-        config.model,
+        config.model_path,
         dtype=config.dtype,
         device=config.device,
         max_loras=config.max_loras,
@@ -634,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         max_wait_s=config.max_wait_ms / 1e3,
     )
     url = server.start(config.host, config.port)
-    logger.info("serving %s on %s", config.model, url)
+    logger.info("serving %s on %s", config.model_path, url)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -96,6 +96,7 @@ from orchestrator.lifecycle import (
     registration_key,
 )
 from orchestrator.status import sync_effects
+from rollout.adapter_slots import AdapterRef
 from rollout.backend import (
     AdapterLoadError,
     BackendUnavailableError,
@@ -104,7 +105,6 @@ from rollout.backend import (
     WeightsFetcher,
 )
 from rollout.data import DataError, DataSource, open_source
-from rollout.engine import AdapterRef
 from rollout.groups import (
     failed_groups,
     prompt_groups,

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from rollout.engine import AdapterRef, Engine, GenerateRequest, RequestError
+from rollout.adapter_slots import AdapterRef, RequestError
+from rollout.engine import Engine, GenerateRequest
 from rollout.sampling import SamplingParams
 
 PROMPTS = ["Hello world", "abc", "The quick brown fox", "x", "Hello world", "zz top", "abc"]
@@ -50,13 +51,13 @@ def test_mixed_batch_equals_solo_rows(engine: Engine) -> None:
     mixed = engine.generate(requests)
     for request, got in zip(requests, mixed, strict=True):
         solo = engine.generate([request])[0]
-        assert got.output_ids == solo.output_ids
+        assert got.completion_ids == solo.completion_ids
         assert got.finish_reason == solo.finish_reason
         torch.testing.assert_close(
             torch.tensor(got.logprobs), torch.tensor(solo.logprobs), rtol=0, atol=1e-5
         )
     # same prompt, adapter vs base: the adapter really changes the policy
-    assert mixed[0].output_ids != mixed[4].output_ids
+    assert mixed[0].completion_ids != mixed[4].completion_ids
 
 
 def test_mixed_batch_equals_peft_mixed_generate(
@@ -80,7 +81,7 @@ def test_mixed_batch_equals_peft_mixed_generate(
         max_new_tokens=GREEDY.max_new_tokens,
     )
     want = _hf_new_tokens(out, enc["input_ids"].shape[1])
-    got = [r.output_ids for r in engine.generate(_requests(engine))]
+    got = [r.completion_ids for r in engine.generate(_requests(engine))]
     assert got == want
 
 
@@ -96,13 +97,13 @@ def test_base_rows_equal_plain_hf_generate(engine: Engine, tiny_dir: Path) -> No
     base_only = [
         GenerateRequest(input_ids=tuple(tokenizer.encode(p)), sampling=GREEDY) for p in PROMPTS
     ]
-    got = [r.output_ids for r in engine.generate(base_only)]
+    got = [r.completion_ids for r in engine.generate(base_only)]
     assert got == want
     # and the base rows of the mixed batch too
     mixed = engine.generate(_requests(engine))
     for i, adapter in enumerate(ROW_ADAPTERS):
         if adapter is None:
-            assert mixed[i].output_ids == want[i]
+            assert mixed[i].completion_ids == want[i]
 
 
 def test_sampling_is_deterministic_per_seed_whatever_the_batch(engine: Engine) -> None:
@@ -117,7 +118,7 @@ def test_sampling_is_deterministic_per_seed_whatever_the_batch(engine: Engine) -
     alone = engine.generate([row])[0]
     others = _requests(engine, SamplingParams(temperature=0.7, top_k=5, max_new_tokens=5))
     in_batch = engine.generate([*others[:3], row, *others[3:]])[3]
-    assert in_batch.output_ids == alone.output_ids
+    assert in_batch.completion_ids == alone.completion_ids
     torch.testing.assert_close(
         torch.tensor(in_batch.logprobs), torch.tensor(alone.logprobs), rtol=0, atol=1e-5
     )
@@ -133,7 +134,7 @@ def test_sampling_is_deterministic_per_seed_whatever_the_batch(engine: Engine) -
             )
         ]
     )[0]
-    assert other_seed.output_ids != alone.output_ids
+    assert other_seed.completion_ids != alone.completion_ids
 
 
 def test_sampled_logprobs_are_temperature_scaled_policy(engine: Engine, tiny_dir: Path) -> None:
@@ -144,10 +145,10 @@ def test_sampled_logprobs_are_temperature_scaled_policy(engine: Engine, tiny_dir
     prompt = tuple(engine.tokenizer.encode("temperature"))
     res = engine.generate([GenerateRequest(input_ids=prompt, sampling=sp)])[0]
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    full = torch.tensor([prompt + res.output_ids])
+    full = torch.tensor([prompt + res.completion_ids])
     with torch.no_grad():
         logits = model(full).logits[0, len(prompt) - 1 : -1]
-    want = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(res.output_ids)[:, None])
+    want = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(res.completion_ids)[:, None])
     torch.testing.assert_close(torch.tensor(res.logprobs), want[:, 0], rtol=0, atol=1e-5)
 
 
@@ -162,7 +163,7 @@ def test_max_new_tokens_and_stop_string(engine: Engine) -> None:
             )
         ]
     )[0]
-    assert (free.finish_reason, free.matched, len(free.output_ids)) == ("length", None, 10)
+    assert (free.finish_reason, free.matched, len(free.completion_ids)) == ("length", None, 10)
     stop = free.text[4:6]  # char tokenizer: one character per token
     cut = free.text.index(stop)
     hit = engine.generate(
@@ -178,7 +179,7 @@ def test_max_new_tokens_and_stop_string(engine: Engine) -> None:
     )[0]
     assert (hit.finish_reason, hit.matched) == ("stop", stop)
     assert hit.text == free.text[:cut]
-    assert hit.output_ids == free.output_ids[: cut + len(stop)]
+    assert hit.completion_ids == free.completion_ids[: cut + len(stop)]
     assert hit.logprobs == pytest.approx(free.logprobs[: cut + len(stop)], abs=1e-5)
 
 
@@ -192,8 +193,8 @@ def test_stop_token_ids_and_eos(engine: Engine, make_engine: Callable[..., Engin
             )
         ]
     )[0]
-    stop_id = free.output_ids[2]
-    first = free.output_ids.index(stop_id)
+    stop_id = free.completion_ids[2]
+    first = free.completion_ids.index(stop_id)
     hit = engine.generate(
         [
             GenerateRequest(
@@ -203,7 +204,7 @@ def test_stop_token_ids_and_eos(engine: Engine, make_engine: Callable[..., Engin
         ]
     )[0]
     assert (hit.finish_reason, hit.matched) == ("stop", stop_id)
-    assert hit.output_ids == free.output_ids[: first + 1]
+    assert hit.completion_ids == free.completion_ids[: first + 1]
 
     eos_engine = make_engine()
     model: Any = eos_engine.model
@@ -215,7 +216,7 @@ def test_stop_token_ids_and_eos(engine: Engine, make_engine: Callable[..., Engin
         biased.bias[EOS] = 100.0  # EOS becomes the most likely token at every step
     model.lm_head = biased
     ended = eos_engine.generate([GenerateRequest(input_ids=prompt, sampling=GREEDY)])[0]
-    assert (ended.finish_reason, ended.matched, ended.output_ids, ended.text) == (
+    assert (ended.finish_reason, ended.matched, ended.completion_ids, ended.text) == (
         "stop",
         EOS,
         (EOS,),
@@ -229,7 +230,7 @@ def test_stop_token_ids_and_eos(engine: Engine, make_engine: Callable[..., Engin
             )
         ]
     )[0]
-    assert (ignored.finish_reason, ignored.output_ids) == ("length", (EOS, EOS, EOS))
+    assert (ignored.finish_reason, ignored.completion_ids) == ("length", (EOS, EOS, EOS))
 
 
 def test_bad_requests_name_the_field(engine: Engine) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
+from rollout.adapter_slots import AdapterRef
 from rollout.client import GenerateOutput, SGLangClient, SGLangError
-from rollout.engine import AdapterRef, Engine, GenerateRequest
+from rollout.engine import Engine, GenerateRequest
 from rollout.sampling import SamplingParams
 from rollout.server import RolloutServer
 
@@ -99,8 +100,8 @@ def test_generate_single_text(served: Served) -> None:
     out = served.client.generate(text="Hello", sampling_params=GREEDY, lora_path="a@1", rid="r1")
     assert isinstance(out, GenerateOutput)
     want = _direct(served.engine, served.engine.tokenizer.encode("Hello"), "a@1")
-    assert (out.output_ids, out.text, out.id) == (want.output_ids, want.text, "r1")
-    assert out.prompt_tokens == 5 and out.completion_tokens == len(want.output_ids)
+    assert (out.completion_ids, out.text, out.id) == (want.completion_ids, want.text, "r1")
+    assert out.prompt_tokens == 5 and out.completion_tokens == len(want.completion_ids)
     assert out.output_token_logprobs is None
 
 
@@ -120,16 +121,16 @@ def test_generate_batch_input_ids_per_row_lora_and_logprobs(served: Served) -> N
     for item, ids, lora in zip(raw, prompts, loras, strict=True):
         want = _direct(served.engine, ids, lora)
         meta = item["meta_info"]
-        assert item["output_ids"] == list(want.output_ids)
+        assert item["output_ids"] == list(want.completion_ids)
         assert set(meta) >= {"id", "finish_reason", "prompt_tokens", "completion_tokens"}
         assert meta["finish_reason"]["type"] in ("stop", "length")
         rows = meta["output_token_logprobs"]
-        assert [len(r) for r in rows] == [3] * len(want.output_ids)
-        assert [r[1] for r in rows] == list(want.output_ids)
+        assert [len(r) for r in rows] == [3] * len(want.completion_ids)
+        assert [r[1] for r in rows] == list(want.completion_ids)
         assert all(r[2] is None for r in rows)
         assert [r[0] for r in rows] == pytest.approx(list(want.logprobs), abs=1e-5)
     outs = served.client.generate_batch(prompts, GREEDY, lora_path=loras)
-    assert [o.output_ids for o in outs] == [tuple(item["output_ids"]) for item in raw]
+    assert [o.completion_ids for o in outs] == [tuple(item["output_ids"]) for item in raw]
 
 
 def test_generate_per_row_sampling_params_and_text_batch(served: Served) -> None:
@@ -142,7 +143,9 @@ def test_generate_per_row_sampling_params_and_text_batch(served: Served) -> None
     assert [o.completion_tokens for o in outs] == [3, 5]
     assert [o.finish_reason for o in outs] == ["length", "length"]
     want = _direct(served.engine, served.engine.tokenizer.encode("cd"), "b@1", params[1])
-    assert outs[1].output_ids == want.output_ids  # seeded sampling is reproducible over HTTP
+    assert (
+        outs[1].completion_ids == want.completion_ids
+    )  # seeded sampling is reproducible over HTTP
 
 
 def test_stop_string_reports_matched(served: Served) -> None:
@@ -231,7 +234,9 @@ def test_concurrent_clients_are_batched_together(served: Served) -> None:
     url = server.start("127.0.0.1", 0)
     prompts = [[20 + i, 30 + i, 40 + i] for i in range(4)]
     loras = ["a@1", "b@1", None, "a@1"]
-    wants = [_direct(served.engine, p, lo).output_ids for p, lo in zip(prompts, loras, strict=True)]
+    wants = [
+        _direct(served.engine, p, lo).completion_ids for p, lo in zip(prompts, loras, strict=True)
+    ]
     barrier = threading.Barrier(len(prompts))
     got: dict[int, tuple[int, ...]] = {}
 
@@ -240,7 +245,7 @@ def test_concurrent_clients_are_batched_together(served: Served) -> None:
             barrier.wait()
             out = client.generate(input_ids=prompts[i], sampling_params=GREEDY, lora_path=loras[i])
             assert isinstance(out, GenerateOutput)
-            got[i] = out.output_ids
+            got[i] = out.completion_ids
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
     try:
@@ -302,3 +307,27 @@ def test_client_bodies_use_sglang_field_names(
     assert sent[3][1] == {"lora_name": "c@2", "lora_path": str(adapter_dirs["c"])}
     assert set(sent[3][1]) <= SGLANG_LOAD_FIELDS
     assert sent[4][1] == {"lora_name": "c@2"} and set(sent[4][1]) == SGLANG_UNLOAD_FIELDS
+
+
+def test_server_config_loads_like_every_process_config(tmp_path: Path) -> None:
+    from events.errors import ConfigError
+    from rollout.server import ServerConfig, load_config, main
+
+    argv = ["--model", "m", "--allowed-root", "/a", "--allowed-root", "/b", "--max-loras", "3"]
+    argv += ["--lora-target-modules", "q_proj", "--lora-target-modules", "v_proj"]
+    config = load_config(argv, environ={"MULTILORA_SERVER_PORT": "31000"})
+    assert config == ServerConfig(
+        model_path="m",
+        port=31000,
+        max_loras=3,
+        allowed_roots=("/a", "/b"),
+        lora_target_modules=("q_proj", "v_proj"),
+    )
+    file = tmp_path / "server.toml"
+    file.write_text('model_path = "from-file"\nmax_wait_ms = 2.5\n')
+    assert load_config(["--config", str(file)], environ={}).max_wait_ms == 2.5
+    with pytest.raises(ConfigError, match="max_loras"):
+        load_config(["--model", "m", "--max-loras", "0"], environ={})
+    with pytest.raises(ConfigError, match="--model"):
+        load_config([], environ={})
+    assert main(["--port", "1"]) == 2  # EXIT_CONFIG, before any model is loaded

@@ -8,22 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from rollout.engine import (
+from rollout.adapter_slots import (
     AdapterCapacityError,
     AdapterNotLoadedError,
     AdapterRef,
-    Engine,
-    GenerateRequest,
-    SlotTable,
+    AdapterSlots,
     StaleAdapterError,
 )
+from rollout.engine import Engine, GenerateRequest
 from rollout.sampling import SamplingParams
 
 R = AdapterRef
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
 
 
-def _load(table: SlotTable, ref: AdapterRef) -> tuple[int, list[AdapterRef]]:
+def _load(table: AdapterSlots, ref: AdapterRef) -> tuple[int, list[AdapterRef]]:
     table.check_fresh(ref)
     slot, evicted = table.place()
     _, retired = table.commit(ref, slot, "/x")
@@ -31,7 +30,7 @@ def _load(table: SlotTable, ref: AdapterRef) -> tuple[int, list[AdapterRef]]:
 
 
 def test_table_retires_versions_beyond_keep() -> None:
-    table = SlotTable(num_slots=4, keep_versions=2)
+    table = AdapterSlots(num_slots=4, keep_versions=2)
     assert _load(table, R("m", 1)) == (0, [])
     assert _load(table, R("m", 2)) == (1, [])
     assert _load(table, R("m", 3)) == (2, [R("m", 1)])
@@ -40,7 +39,7 @@ def test_table_retires_versions_beyond_keep() -> None:
 
 
 def test_table_pinned_version_retires_after_release() -> None:
-    table = SlotTable(num_slots=4, keep_versions=1)
+    table = AdapterSlots(num_slots=4, keep_versions=1)
     _load(table, R("m", 1))
     table.acquire([R("m", 1)])
     _, gone = _load(table, R("m", 2))
@@ -53,7 +52,7 @@ def test_table_pinned_version_retires_after_release() -> None:
 
 
 def test_table_lru_eviction_and_capacity_error() -> None:
-    table = SlotTable(num_slots=2, keep_versions=2)
+    table = AdapterSlots(num_slots=2, keep_versions=2)
     _load(table, R("a", 1))
     _load(table, R("b", 1))
     table.release(table.acquire([R("a", 1)]))  # a used more recently than b
@@ -64,7 +63,7 @@ def test_table_lru_eviction_and_capacity_error() -> None:
 
 
 def test_table_rejects_stale_and_unknown() -> None:
-    table = SlotTable(num_slots=4, keep_versions=2)
+    table = AdapterSlots(num_slots=4, keep_versions=2)
     _load(table, R("m", 3))
     _load(table, R("m", 4))
     with pytest.raises(StaleAdapterError, match="keep_versions=2"):
@@ -100,7 +99,7 @@ def test_engine_v3_evicts_v1(
     again = engine.load_adapter("m", 3, version_dirs[3])  # versions are immutable: a no-op
     assert again.evicted == ()
     out2, out3 = engine.generate([_req(engine, 2), _req(engine, 3)])
-    assert out2.output_ids != out3.output_ids
+    assert out2.completion_ids != out3.completion_ids
     engine.unload_adapter("m", 2)
     assert engine.loaded_adapters() == [R("m", 3)]
 
@@ -137,6 +136,6 @@ def test_in_flight_batch_keeps_its_version(
         worker.join(timeout=30)
         handle.remove()
     got = result[0][0]  # type: ignore[index]
-    assert got.output_ids == want.output_ids  # the in-flight rows kept v1's policy
+    assert got.completion_ids == want.completion_ids  # the in-flight rows kept v1's policy
     assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
     assert engine.load_adapter("m", 3, version_dirs[3]).slot == 0  # v1's slot is free again

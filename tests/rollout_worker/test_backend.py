@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from rollout.adapter_slots import AdapterRef
 from rollout.backend import (
     AdapterLoadError,
     BackendUnavailableError,
@@ -14,7 +15,7 @@ from rollout.backend import (
     HttpBackend,
 )
 from rollout.client import SGLangClient
-from rollout.engine import AdapterRef, Engine
+from rollout.engine import Engine
 from rollout.sampling import SamplingParams
 from rollout.server import RolloutServer
 

@@ -9,7 +9,8 @@ import torch
 
 from events.specs import OptimSpec
 from ops.models import write_tiny_model
-from rollout.engine import AdapterRef, Engine, GenerateRequest
+from rollout.adapter_slots import AdapterRef
+from rollout.engine import Engine, GenerateRequest
 from rollout.sampling import SamplingParams
 from trainer.inject import MultiLoraModel
 from trainer.optim import SlotAdamW
@@ -42,7 +43,7 @@ def test_engine_logprobs_equal_trainer_logprobs(tmp_path, temperature: float) ->
     ]
     results = engine.generate(requests)
     for result in results:
-        tokens_B_T = torch.tensor([list(prompt) + list(result.output_ids)])
+        tokens_B_T = torch.tensor([list(prompt) + list(result.completion_ids)])
         mask_B_T = torch.ones_like(tokens_B_T)
         with torch.no_grad():
             trainer_lp = model.logprobs(
@@ -86,7 +87,7 @@ def test_fresh_samples_train_at_ratio_one(tmp_path) -> None:
         results = engine.generate(reqs)
         samples = tuple(
             Sample(
-                completion_ids=tuple(r.output_ids),
+                completion_ids=tuple(r.completion_ids),
                 logprobs=tuple(r.logprobs),
                 text="",
                 reward=float(i % 2),
