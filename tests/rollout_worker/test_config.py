@@ -14,11 +14,14 @@ from rollout.config import RolloutConfig, load_config
 def test_flags_override_env_override_file(tmp_path) -> None:
     file = tmp_path / "worker.yaml"
     file.write_text("model_path: /m\nmax_slots: 3\nkeep_versions: 4\nnamespace: from-file\n")
-    env = {"MULTILORA_ROLLOUT_MAX_SLOTS": "5", "MULTILORA_NAMESPACE": "from-env",
-           "MULTILORA_ROLLOUT_REMOTE_REWARDS": "math, reasoning_gym",
-           "MULTILORA_ROLLOUT_UNSAFE_REDIS": "true"}  # fmt: skip
-    argv = ["--config", str(file), "--max-slots", "7", "--allowed-root", "/a",
-            "--allowed-root", "/b", "--reward", "mine=pkg.mod:fn", "--name", "w1"]  # fmt: skip
+    env = {
+        "MULTILORA_ROLLOUT_MAX_SLOTS": "5",
+        "MULTILORA_NAMESPACE": "from-env",
+        "MULTILORA_ROLLOUT_REMOTE_REWARDS": "math, reasoning_gym",
+        "MULTILORA_ROLLOUT_UNSAFE_REDIS": "true",
+    }
+    argv = [f"--config={file}", "--max-slots=7", "--allowed-root=/a", "--allowed-root=/b"]
+    argv += ["--reward", "mine=pkg.mod:fn", "--name", "w1"]  # a flag and its value apart
     config = load_config(argv, env)
     assert config.model_path == "/m" and config.keep_versions == 4  # file
     assert config.bus.namespace == "from-env" and config.bus.unsafe_redis is True  # env

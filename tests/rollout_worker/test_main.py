@@ -22,10 +22,16 @@ def test_main_refuses_an_unsafe_server_then_runs_with_the_override(
     with RedisServer(tmp_path / "r") as server:
         client = connect(server.url)
         client.config_set("appendonly", "no")
-        argv = ["--redis-url", server.url, "--namespace", streams.namespace, "--name", "m1",
-                "--model", str(tiny_dir), "--allowed-root", str(data_root), "--block-ms", "200",
-                "--reward", "always_one=tests.rollout_worker.plugins:always_one",
-                "--weights-cache", str(tmp_path / "cache")]  # fmt: skip
+        argv = [
+            f"--redis-url={server.url}",
+            f"--namespace={streams.namespace}",
+            "--name=m1",
+            f"--model={tiny_dir}",
+            f"--allowed-root={data_root}",
+            "--block-ms=200",
+            "--reward=always_one=tests.rollout_worker.plugins:always_one",
+            f"--weights-cache={tmp_path / 'cache'}",
+        ]
         assert main(argv) == EXIT_CONFIG  # refused at boot, the fix named
         assert "--unsafe-redis" in capsys.readouterr().err
         publish(client, streams.control, admitted("math", "r1"))

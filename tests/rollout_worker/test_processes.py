@@ -35,10 +35,18 @@ SLOW = SamplingSpec(temperature=1.0, max_new_tokens=96)
 
 
 def start_worker(url: str, streams: Streams, name: str, tiny: Path, data: Path, unsafe: bool):
-    cmd = [sys.executable, "-m", "rollout.main", "--redis-url", url,
-           "--namespace", streams.namespace, "--name", name, "--model", str(tiny),
-           "--allowed-root", str(data), "--claim-idle-ms", "1500", "--block-ms", "300",
-           "--torch-threads", "1", "--max-prompt-tokens", "64"]  # fmt: skip
+    cmd = [
+        *(sys.executable, "-m", "rollout.main"),
+        f"--redis-url={url}",
+        f"--namespace={streams.namespace}",
+        f"--name={name}",
+        f"--model={tiny}",
+        f"--allowed-root={data}",
+        "--claim-idle-ms=1500",
+        "--block-ms=300",
+        "--torch-threads=1",
+        "--max-prompt-tokens=64",
+    ]
     if unsafe:
         cmd.append("--unsafe-redis")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -79,11 +87,19 @@ def test_three_workers_publish_each_group_once_despite_kill_and_freeze(
             return {f"rollout.{n}" for n in names} <= groups
 
         wait_for("three workers", all_listening, procs=procs.values())
+        prompts = tuple(i % 3 for i in range(6))
         tasks = [
-            task("math", "r1", versions[0], prompt_indices=tuple(i % 3 for i in range(6)),
-                 group_size=8, sampling=SLOW, seed=i)
+            task(
+                "math",
+                "r1",
+                versions[0],
+                prompt_indices=prompts,
+                group_size=8,
+                sampling=SLOW,
+                seed=i,
+            )
             for i in range(N_TASKS)
-        ]  # fmt: skip
+        ]
         publish(rclient, streams.tasks, *tasks)
         entry_task = {
             eid.decode(): Decoder(TaskEvent).decode(fields).id
