@@ -1,8 +1,7 @@
 """The rollout worker process: a state machine over the control log and the task queue.
 
-Run ``multilora rollout --redis-url redis://... --model models/smollm2-135m`` (flags, env and
-file in :mod:`rollout.config`, wiring in :mod:`rollout.main`). Any number of replicas run side
-by side.
+Run ``multilora rollout --redis-url redis://... --model models/smollm2-135m`` (config in
+:mod:`rollout.config`, wiring in :mod:`rollout.main`); any number of replicas side by side.
 
 **Subscriptions.** ``rollout.tasks`` through ONE shared group ``rollout`` (each task goes to one
 replica), and the control log through a group of its own, ``rollout.<name>`` (broadcast: every
@@ -13,17 +12,15 @@ learns the registrations, epochs and versions before it serves).
 the lifecycle's (:mod:`orchestrator.lifecycle`): one :class:`AdapterState` per registration id,
 every control event folded through :func:`~orchestrator.lifecycle.decide`. On top of that:
 
-- ``adapter.sync_requested`` the lifecycle applies (or already applied: a redelivery) —
-  verify the sha256 of ``adapter_model.safetensors`` against the event (mismatch:
-  :class:`SyncError`, so the entry is retried, then dead-lettered), load the version unless a
-  newer one is served, and publish ``adapter.synced`` (``latency_s`` = when it began serving
-  the version − ``event.time``: a task that needed the version may have loaded it before the
-  sync event was handled) plus ``sync:<worker> = <version>`` in the adapter's status hash, in
-  the same commit as the ack. A sync the lifecycle calls stale (an older version or epoch, a
-  registration that ended) is not answered. Events already in the log when the worker started
-  (``history_until``) are only *recorded*: a replica replaying history loads lazily, from the
-  next task, rather than every version ever published, and does not answer syncs addressed to
-  the past.
+- ``adapter.sync_requested`` the lifecycle applies (or applied before: a redelivery) — load
+  the version unless a newer one is served, its sha256 checked against the event (mismatch:
+  :class:`SyncError`: retried, then dead-lettered), and publish ``adapter.synced``
+  (``latency_s`` = when it began serving the version − ``event.time``: a task may have loaded
+  it first) plus ``sync:<worker>`` in the adapter's status hash, in the same commit as the
+  ack. A sync the lifecycle calls stale (older version or epoch, ended registration) is not
+  answered. Events in the log before the worker started (``history_until``) are only
+  *recorded*: a replica replaying history loads lazily, from the next task, and does not
+  answer syncs addressed to the past.
 - an event that moves a registration out of the phases that may still need weights
   (:data:`SERVING`: completed, cancelled, failed, retired) unloads its versions and forgets
   its cached weights.
