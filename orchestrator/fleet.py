@@ -65,6 +65,7 @@ from orchestrator.lifecycle import (
     Outcome,
     Phase,
     Verdict,
+    accepts_work,
     decide,
     is_live,
     is_waiting,
@@ -242,11 +243,10 @@ class Fleet:
         """
         state = self._states.get(registration_id)
         return (
-            state is not None
+            accepts_work(state, registration_id, epoch)
+            and state is not None
             and state.name == adapter
             and self._active.get(adapter) == registration_id
-            and state.phase in TRAINING
-            and epoch == state.epoch
             and 0 <= version <= state.version
         )
 

@@ -477,7 +477,8 @@ def accepts_work(state: AdapterState | None, registration_id: str, epoch: int) -
     """Fencing of rollout work: whether work of ``registration_id`` under ``epoch`` is wanted now.
 
     True only when ``state`` is that registration, in a training phase (:data:`TRAINING`), at its
-    current epoch; the same rule the trainer applies to groups (:meth:`Fleet.accepts_group`).
+    current epoch: the rule the rollout worker fences tasks with and the trainer's
+    :meth:`~orchestrator.fleet.Fleet.accepts_group` fences groups with.
     """
     return (
         state is not None
