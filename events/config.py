@@ -17,7 +17,8 @@ their default, their value constraints and their help text in one place::
    back to the conventional ``REDIS_URL``. Tuples are comma-separated, maps
    ``k=v,k2=v2``, booleans ``1/true/yes``,
 4. command-line flags: ``--field-name`` for every field (bus fields included), plus the aliases a
-   field lists in ``Meta(extra={"flags": (...)})``. Unset flags are absent, not defaults.
+   field lists in ``Meta(extra={"flags": (...)})``; a tuple field's flag repeats or takes several
+   values. Unset flags are absent, not defaults.
 
 A bad value raises :class:`~events.errors.ConfigError` naming the field and the value (msgspec's
 message ``Expected `int` >= 1, got 0 - at `$.num_slots```); an unknown key in a file names the
@@ -199,7 +200,9 @@ def add_flags(
         kwargs: dict[str, Any] = {"dest": f.name, "help": f.help or None}
         if f.kind == "bool":
             kwargs["action"] = "store_true"
-        elif f.kind in ("tuple", "map"):
+        elif f.kind == "tuple":  # --root a --root b, or --root a b (SGLang's style)
+            kwargs.update(action="extend", nargs="+")
+        elif f.kind == "map":
             kwargs["action"] = "append"
         else:
             kwargs["type"] = f.py
