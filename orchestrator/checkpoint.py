@@ -3,10 +3,15 @@
 A state machine over the control log, read through the consumer group ``checkpoint`` (start
 ``"0"``; several processes may share the group):
 
-- ``adapter.admitted`` → remember the registration's policy (``checkpoint_interval``,
-  ``keep_checkpoints``, epoch, admission time) in memory and in the hash
+- ``adapter.admitted`` → remember the registration's lifecycle state
+  (:class:`~orchestrator.lifecycle.AdapterState`, folded with
+  :func:`~orchestrator.lifecycle.transition`; :func:`~orchestrator.registrations.adopt` starts it
+  at the admission, which carries the spec) in memory and, as msgspec JSON, in the hash
   ``<ns>:checkpoint:registrations`` (written with the ack, so a restarted process, or another
-  process of the group, finds what it did not see). ``adapter.retired`` forgets it.
+  process of the group, finds what it did not see). What this process needs of the state: the
+  policy (``spec.checkpoint_interval``, ``spec.keep_checkpoints``), the ``epoch`` (fencing) and
+  ``registered_at`` (the admission's time: it orders checkpoints of registrations of one name).
+  ``adapter.retired`` forgets it.
 - ``adapter.step_done`` with ``step % checkpoint_interval == 0`` → promote the version at the
   event's ``state_uri`` (else its version directory in the artifact store) to
   ``{checkpoints}/{adapter}/{registration_id}/step_{step:06d}/``.
@@ -24,9 +29,11 @@ Failure policy: a crash after the rename but before the ack is redelivered, find
 step directory and only publishes (promotion is idempotent). A missing or inconsistent source
 version raises :class:`~events.errors.HandlerError` (retried, then dead-lettered with the reason).
 Events of an epoch older than the registration's current one, or whose source was rewritten by
-a newer epoch, are fenced: acknowledged with no effect. A registration whose ``admitted`` event
-this process never saw (log trimmed before the group existed) is learned from the ``spec`` in
-the source's ``training_state.json``.
+a newer epoch, are fenced: acknowledged with no effect. A ``step_done`` or ``completed`` of an
+epoch newer than the state in memory reads the stored state (another process of the group
+handled the re-admission). A registration whose ``admitted`` event no process of the group saw
+(log trimmed before the group existed) is learned from the source's ``training_state.json``: its
+spec, step and version, under the event's epoch.
 """
 
 from __future__ import annotations
@@ -56,10 +63,13 @@ from events.schema import (
     Retired,
     StepDone,
 )
+from events.specs import AdapterSpec
 from events.streams import Streams
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.checkpoint_store import CheckpointRef, CheckpointStore
+from orchestrator.lifecycle import AdapterState, Phase, transition
 from orchestrator.metrics import AdapterMetrics
+from orchestrator.registrations import adopt
 from orchestrator.status import checkpoint_effects
 from orchestrator.storage import ArtifactError, StaleSource
 
@@ -67,19 +77,6 @@ log = logging.getLogger(__name__)
 
 GROUP = "checkpoint"
 """Consumer group of every checkpoint process on the control log."""
-
-
-class Registration(msgspec.Struct, frozen=True, kw_only=True):
-    """What the checkpointer keeps per registration (persisted as JSON in the hash)."""
-
-    interval: int
-    keep: int
-    epoch: int
-    registered_at: float
-
-    def due(self, step: int) -> bool:
-        """Whether ``step`` is a checkpoint step (never when ``interval <= 0``)."""
-        return self.interval > 0 and step > 0 and step % self.interval == 0
 
 
 class CheckpointProcess:
@@ -103,72 +100,86 @@ class CheckpointProcess:
         self.checkpoints = checkpoints
         self.source = source
         self.registrations_key = streams.key("checkpoint", "registrations")
-        self._known: dict[str, Registration] = {}
+        self._states: dict[str, AdapterState] = {}  # registration id -> state
 
     def subscription(self) -> Subscription:
         return Subscription(self.streams.control, GROUP, Decoder(ControlEvent), start_id="0")
 
-    def handle(self, delivery: Delivery) -> Effects:
-        event = delivery.event
-        if isinstance(event, Admitted):
-            return self._on_admitted(event)
-        if isinstance(event, StepDone):
-            return self._on_step_done(event)
-        if isinstance(event, Completed):
-            if event.epoch == 0:  # cancelled while waiting for a slot: it never trained
+    def handle(self, delivery: Delivery[ControlEvent]) -> Effects:
+        match delivery.event:
+            case Admitted() as event:
+                return self._on_admitted(event)
+            case StepDone() as event:
+                return self._on_step_done(event)
+            case Completed() as event:
+                return self._on_completed(event)
+            case Retired(registration_id=registration_id):
+                self._states.pop(registration_id, None)
+                return Effects().command("HDEL", self.registrations_key, registration_id)
+            case _:
                 return Effects()
-            source = self._version_dir(event.adapter, event.registration_id, event.version)
-            return self._promote(event, event.step, event.version, source, final=True)
-        if isinstance(event, Retired):
-            self._known.pop(event.registration_id, None)
-            return Effects().command("HDEL", self.registrations_key, event.registration_id)
-        return Effects()
 
     # --- registrations -----------------------------------------------------------------------
 
-    def _on_admitted(self, event: Admitted) -> Effects:
-        old = self._lookup(event.registration_id)
-        reg = Registration(
-            interval=event.spec.checkpoint_interval,
-            keep=event.spec.keep_checkpoints,
-            epoch=max(event.epoch, old.epoch) if old else event.epoch,
-            registered_at=old.registered_at if old else event.time,
-        )
-        self._known[event.registration_id] = reg
-        value = msgspec.json.encode(reg)
-        return Effects().hset(self.registrations_key, {event.registration_id: value})
-
-    def _lookup(self, registration_id: str) -> Registration | None:
-        if registration_id in self._known:
-            return self._known[registration_id]
+    def stored(self, registration_id: str) -> AdapterState | None:
+        """The registration's state as of its latest admission, as the process of the group
+        that handled it stored it (None: none did, or it is a layout this version cannot read,
+        e.g. an older one; the registration is then learned again)."""
         raw = self.client.hget(self.registrations_key, registration_id)
         if raw is None:
             return None
-        reg = msgspec.json.decode(raw, type=Registration)
-        self._known[registration_id] = reg
-        return reg
+        try:
+            return msgspec.json.decode(raw, type=AdapterState)
+        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+            log.warning("registration %s: stored state unreadable (%s)", registration_id, exc)
+            return None
 
-    def _registration(self, event: StepDone | Completed, source: str) -> Registration:
-        """The registration's policy: known, stored, or read from the source's training state."""
-        reg = self._lookup(event.registration_id)
-        if reg is not None:
-            return reg
+    def _on_admitted(self, event: Admitted) -> Effects:
+        key = event.registration_id
+        before = _newer(self._states.get(key), self.stored(key))
+        state = adopt(event) if before is None else transition(before, event)
+        if state is None:
+            log.warning("%s/%s: admission of epoch %d ignored", event.adapter, key, event.epoch)
+            return Effects()
+        self._states[key] = state
+        # written on every delivery, changed or not: a redelivery may follow a failed commit
+        return Effects().hset(self.registrations_key, {key: msgspec.json.encode(state)})
+
+    def _state(self, event: StepDone | Completed, source: str) -> AdapterState:
+        """The registration's state after ``event``, from the one in memory, else the stored
+        one (also when the event's epoch is newer), else learned from ``source``."""
+        key = event.registration_id
+        before = self._states.get(key)
+        if before is None or event.epoch > before.epoch:
+            before = _newer(before, self.stored(key))
+        state = transition(before or self._learn(event, source), event)
+        self._states[key] = state
+        return state
+
+    def _learn(self, event: StepDone | Completed, source: str) -> AdapterState:
+        """A registration no admission was seen of, from the source's training state: its spec,
+        step and version under the event's epoch (its slot is not recorded there, and this
+        process needs none)."""
         try:
             raw = self.artifacts.read_file(source, STATE_JSON)
-            spec = decode_training_state(raw, where=f"{source}/{STATE_JSON}").spec
+            saved = decode_training_state(raw, where=f"{source}/{STATE_JSON}")
         except (ArtifactError, AdapterFormatError) as exc:
             raise HandlerError(
                 f"no adapter.admitted seen for {event.adapter}/{event.registration_id} and its "
                 f"policy cannot be read from {source}/{STATE_JSON}: {exc}"
             ) from exc
-        reg = Registration(
-            interval=spec.checkpoint_interval,
-            keep=spec.keep_checkpoints,
+        return AdapterState(
+            name=event.adapter,
+            registration_id=event.registration_id,
+            phase=Phase.RUNNING,
             epoch=event.epoch,
+            step=saved.step,
+            version=saved.version,
+            spec=saved.spec,
+            priority=saved.spec.priority,
             registered_at=event.time,
+            updated_at=event.time,
         )
-        self._known[event.registration_id] = reg
-        return reg
 
     # --- promotion ---------------------------------------------------------------------------
 
@@ -176,10 +187,16 @@ class CheckpointProcess:
         source = event.state_uri or self._version_dir(
             event.adapter, event.registration_id, event.version
         )
-        reg = self._registration(event, source)
-        if not reg.due(event.step):
+        state = self._state(event, source)
+        if event.step <= 0 or event.step % _spec(state).checkpoint_interval != 0:
             return Effects()
-        return self._promote(event, event.step, event.version, source, final=False)
+        return self._promote(event, state, source, final=False)
+
+    def _on_completed(self, event: Completed) -> Effects:
+        if event.epoch == 0:  # cancelled while waiting for a slot: it never trained
+            return Effects()
+        source = self._version_dir(event.adapter, event.registration_id, event.version)
+        return self._promote(event, self._state(event, source), source, final=True)
 
     def _version_dir(self, adapter: str, registration_id: str, version: int) -> str:
         try:
@@ -188,12 +205,11 @@ class CheckpointProcess:
             raise HandlerError(str(exc)) from exc
 
     def _promote(
-        self, event: StepDone | Completed, step: int, version: int, source: str, *, final: bool
+        self, event: StepDone | Completed, state: AdapterState, source: str, *, final: bool
     ) -> Effects:
-        reg = self._registration(event, source)
-        name = f"{event.adapter}/{event.registration_id} step {step}"
-        if event.epoch < reg.epoch:
-            log.info("%s: epoch %d is older than %d; fenced", name, event.epoch, reg.epoch)
+        name = f"{event.adapter}/{event.registration_id} step {event.step}"
+        if event.epoch < state.epoch:
+            log.info("%s: epoch %d is older than %d; fenced", name, event.epoch, state.epoch)
             return Effects()
         t0 = time.perf_counter()
         try:
@@ -201,11 +217,11 @@ class CheckpointProcess:
                 source,
                 event.adapter,
                 event.registration_id,
-                step=step,
-                version=version,
+                step=event.step,
+                version=event.version,
                 epoch=event.epoch,
                 final=final,
-                registered_at=reg.registered_at,
+                registered_at=state.registered_at,
             )
         except StaleSource as exc:
             log.info("%s: fenced (%s)", name, exc)
@@ -213,19 +229,29 @@ class CheckpointProcess:
         except (ArtifactError, ConfigError) as exc:
             raise HandlerError(f"cannot checkpoint {name} from {source}: {exc}") from exc
         newest = self.checkpoints.set_latest(ref)
-        removed = self.checkpoints.retain(event.adapter, event.registration_id, keep=reg.keep)
-        log.info("%s: checkpoint %s%s in %.2f s (retention removed %s)", name, ref.uri,
-                 " (final)" if final else "", time.perf_counter() - t0, removed)  # fmt: skip
+        keep = _spec(state).keep_checkpoints
+        removed = self.checkpoints.retain(event.adapter, event.registration_id, keep=keep)
+        log.info(
+            "%s: checkpoint %s%s in %.2f s (retention removed %s)",
+            name,
+            ref.uri,
+            " (final)" if final else "",
+            time.perf_counter() - t0,
+            removed,
+        )
         return self._effects(event, ref, final=final, newest=newest)
 
     def _effects(
         self, event: StepDone | Completed, ref: CheckpointRef, *, final: bool, newest: bool
     ) -> Effects:
-        step, reg_id = ref.manifest.step, event.registration_id
-        saved = CheckpointSaved(adapter=event.adapter, registration_id=reg_id, epoch=event.epoch,
-                                step=step, uri=ref.uri, final=final)  # fmt: skip
-        exported = Exported(adapter=event.adapter, registration_id=reg_id, epoch=event.epoch,
-                            step=step, uri=ref.uri)  # fmt: skip
+        adapter, reg_id, epoch = event.adapter, event.registration_id, event.epoch
+        step, uri = ref.manifest.step, ref.uri
+        saved = CheckpointSaved(
+            adapter=adapter, registration_id=reg_id, epoch=epoch, step=step, uri=uri, final=final
+        )
+        exported = Exported(
+            adapter=adapter, registration_id=reg_id, epoch=epoch, step=step, uri=uri
+        )
         saved, exported = stamp(saved, source=self.source), stamp(exported, source=self.source)
         effects = Effects()
         effects.publish(self.streams.control, saved).publish(self.streams.control, exported)
@@ -233,6 +259,21 @@ class CheckpointProcess:
             effects.extend(checkpoint_effects(self.streams, saved))
             effects.extend(checkpoint_effects(self.streams, exported))
         return effects
+
+
+def _newer(state: AdapterState | None, other: AdapterState | None) -> AdapterState | None:
+    """The state of the later admission (``state`` when the epochs are equal)."""
+    if state is None or (other is not None and other.epoch > state.epoch):
+        return other
+    return state
+
+
+def _spec(state: AdapterState) -> AdapterSpec:
+    """The spec of an admitted registration (only a registration rejected before its spec
+    decoded has none, and it is never admitted)."""
+    if state.spec is None:
+        raise HandlerError(f"registration {state.registration_id!r} has no spec to checkpoint")
+    return state.spec
 
 
 # --- process entry point ---------------------------------------------------------------------
@@ -283,7 +324,7 @@ def build(config: CheckpointConfig, bus: Bus) -> Consumer:
         CheckpointStore(config.checkpoints),
         source=bus.name,
     )
-    adapters = AdapterMetrics(bus.registry)
+    adapters = AdapterMetrics(bus.registry, known=process.stored)
     subscriptions = [process.subscription()]
     return bus.consumer(
         subscriptions, process.handle, observers=[adapters.observer(bus.streams.control)]

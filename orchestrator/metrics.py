@@ -1,20 +1,24 @@
-"""Per-adapter Prometheus metrics, derived from control-log events.
+"""Per-adapter Prometheus metrics, derived from the lifecycle states of the control log.
 
-:class:`AdapterMetrics` is a fold over the control log like the status projection: feed it every
-control event in log order (:meth:`AdapterMetrics.observe`, or :meth:`AdapterMetrics.observer`
-as the consumer's observer) and it keeps one set of series per *live* adapter, labelled
-``adapter`` (the adapter's name). Whichever process reads the whole control log hosts it (the
-checkpoint process); trainers and rollout workers export no ``adapter`` label at all, so the
-label's cardinality is decided here alone.
+:class:`AdapterMetrics` keeps the :class:`~orchestrator.lifecycle.AdapterState` of every tracked
+registration, folded with :func:`~orchestrator.lifecycle.transition`
+(:mod:`orchestrator.registrations`), and exports one set of series per adapter name from it:
+feed it every control event in log order (:meth:`AdapterMetrics.observe`, or
+:meth:`AdapterMetrics.observer` as the consumer's observer). Whichever process reads the whole
+control log hosts it (the checkpoint process); trainers and rollout workers export no
+``adapter`` label at all, so the label's cardinality is decided here alone.
 
-Cardinality stays bounded by the live fleet: when a registration ends (``retired``;
-``rejected``; ``failed``, ``completed`` or ``deregister_requested`` of a registration that
-never held a slot) every series of its adapter is removed. Late events of an ended registration
-(a ``synced`` from a slow worker after ``retired``) are recognised by registration id and never
-bring a series back. A host that starts mid-log (a restart resumes after its last ack) picks
-adapters up at their next trainer event; only ``register_requested``, ``queued``,
-``admitted``, ``step_done`` and ``sync_requested`` start tracking an adapter, because the
-trainer publishes none of them after ``retired``.
+Cardinality stays bounded by the live fleet: a name's series belong to its newest live
+registration, and are removed when that registration's state is ended
+(:func:`~orchestrator.lifecycle.is_ended`: retired, rejected, or cancelled or failed without
+ever holding a slot). Late events of an ended registration (a ``synced`` from a slow worker
+after ``retired``) are recognised by registration id and never bring a series back. A host that
+starts mid-log (a restart resumes after its last ack; replicas of a consumer group each see a
+part of the log) picks a registration up at its next lifecycle event:
+``register_requested``, ``queued`` or ``admitted`` (:func:`~orchestrator.registrations.adopt`),
+or any other one when ``known`` (the host's store, e.g. the checkpoint process's registrations)
+gives the state of the registration's latest admission. ``synced`` and ``checkpoint_saved`` are
+not lifecycle events: they update the series of a tracked registration and start nothing.
 
 Exported (gauges hold the value of the last ``step_done``; ``StepDone.metrics`` key in
 brackets):
@@ -67,36 +71,30 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from events.consumer import Delivery, Subscription
-from events.schema import (
-    Admitted,
-    CheckpointSaved,
-    Completed,
-    DeregisterRequested,
-    Failed,
-    Queued,
-    RegisterRequested,
-    Rejected,
-    Retired,
-    StepDone,
-    Synced,
-    SyncRequested,
+from events.schema import Admitted, CheckpointSaved, Queued, StepDone, Synced
+from orchestrator.lifecycle import (
+    TERMINAL,
+    AdapterState,
+    Phase,
+    is_ended,
+    is_waiting,
+    kind_of,
+    registration_key,
+    transition,
 )
-from orchestrator.lifecycle import Phase
+from orchestrator.registrations import adopt
 
 SYNC_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 """Seconds from ``sync_requested`` to a worker serving the version (a local copy: ~0.1 s)."""
 
 ENDED_MEMORY = 100_000
 """How many ended registration ids are remembered to drop their late events (oldest go first)."""
-
-STARTS = (RegisterRequested, Queued, Admitted, StepDone, SyncRequested)
-"""Trainer events that start tracking an unknown adapter (none is published after retired)."""
 
 _GAUGES: dict[str, tuple[str, str]] = {
     # StepDone.metrics key -> (metric name, help)
@@ -142,23 +140,20 @@ PHASES = tuple(p.value for p in Phase if p not in (Phase.RETIRED, Phase.REJECTED
 """``phase`` label values of ``multilora_adapter_state`` (ended phases have no series)."""
 
 
-@dataclass
-class _Tracked:
-    registration_id: str
-    has_slot: bool = False
-    step: int = -1
-    budget: int = 0
-    synced: dict[str, int] = field(default_factory=dict)  # worker -> newest version observed
+Known = Callable[[str], AdapterState | None]
+"""Registration id -> its state as of its latest admission, from the host's store (or None)."""
 
 
 class AdapterMetrics:
     """Per-adapter series in ``registry``, kept for live adapters only (see the module doc).
 
-    Not thread-safe on its own: call :meth:`observe` from one thread (the consumer's handler
-    thread); scrapes read the prometheus_client metrics, which are.
+    ``states`` holds the state of every tracked registration (one per adapter name, by
+    registration id); ``known`` is where a registration first met mid-log is looked up (see the
+    module doc). Not thread-safe on its own: call :meth:`observe` from one thread (the
+    consumer's handler thread); scrapes read the prometheus_client metrics, which are.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, known: Known | None = None) -> None:
         def gauge(name: str, doc: str, *extra: str) -> Gauge:
             return Gauge(name, doc, ["adapter", *extra], registry=registry)
 
@@ -198,34 +193,42 @@ class AdapterMetrics:
             registry=registry,
         )
         self._single = [
-            self.slot, self.queue_position, self.step, self.step_budget, self.version,
-            self.checkpoint_step, self.progress_time, self.steps_total, *self.gauges.values(),
-            *self.counters.values(), self.sync_latency,
-        ]  # fmt: skip
-        self.tracked: dict[str, _Tracked] = {}
+            self.slot,
+            self.queue_position,
+            self.step,
+            self.step_budget,
+            self.version,
+            self.checkpoint_step,
+            self.progress_time,
+            self.steps_total,
+            *self.gauges.values(),
+            *self.counters.values(),
+            self.sync_latency,
+        ]
+        self.states: dict[str, AdapterState] = {}
+        self._known = known
+        self._names: dict[str, str] = {}  # adapter name -> registration id of its series
+        self._synced: dict[str, dict[str, int]] = {}  # registration -> worker -> newest version
         self._ended: OrderedDict[str, None] = OrderedDict()
 
     # --- hooks -------------------------------------------------------------------------------
 
     def observe(self, event: Any) -> None:
         """Update the series from one control-log event (any other event is ignored)."""
-        name = getattr(event, "adapter", None)
-        rid = getattr(event, "registration_id", None)
-        if not isinstance(name, str) or not isinstance(rid, str) or rid in self._ended:
+        key = registration_key(event)
+        if key in self._ended:
             return
-        tracked = self.tracked.get(name)
-        if tracked is not None and tracked.registration_id != rid:
-            if not isinstance(event, STARTS):
-                return  # an event of another registration of the name (late or foreign)
-            self._end(name)  # a new registration: the old one ended unseen
-            tracked = None
-        if tracked is None:
-            if not isinstance(event, STARTS):
-                if isinstance(event, Rejected):
-                    self._remember_ended(rid)
+        before = self.states.get(key)
+        if before is None:
+            before, state = self._pick_up(key, event)
+            if state is None:
                 return
-            tracked = self.tracked[name] = _Tracked(rid)
-        self._apply(name, tracked, event)
+        else:
+            before, state = self._fold(before, event)
+        self.states[key] = state
+        self._export(before, state, event)
+        if is_ended(state):
+            self._end(key)
 
     def observer(self, stream: str) -> _ControlObserver:
         """A consumer Observer that feeds every handled delivery of ``stream`` to :meth:`observe`.
@@ -237,89 +240,101 @@ class AdapterMetrics:
 
     def live(self) -> frozenset[str]:
         """Names of the adapters that currently have series."""
-        return frozenset(self.tracked)
+        return frozenset(self._names)
 
-    # --- transitions -------------------------------------------------------------------------
+    # --- states ------------------------------------------------------------------------------
 
-    def _apply(self, name: str, tracked: _Tracked, event: Any) -> None:
-        if isinstance(event, RegisterRequested):
-            tracked.budget = event.spec.steps
-            self._phase(name, Phase.REGISTERED)
-        elif isinstance(event, Queued):
-            tracked.budget = event.spec.steps
-            self.queue_position.labels(name).set(event.position)
-            self._phase(name, Phase.QUEUED)
-        elif isinstance(event, Admitted):
-            self._admitted(name, tracked, event)
-        elif isinstance(event, SyncRequested):
-            tracked.has_slot = True
-            self.version.labels(name).set(event.version)
-        elif isinstance(event, StepDone):
-            self._step_done(name, tracked, event)
-        elif isinstance(event, Synced):
-            if event.version > tracked.synced.get(event.worker, -1):
-                tracked.synced[event.worker] = event.version
-                self.sync_latency.labels(name).observe(max(event.latency_s, 0.0))
-        elif isinstance(event, CheckpointSaved):
-            self.checkpoint_step.labels(name).set(event.step)
-        elif isinstance(event, Retired | Rejected):
-            self._end(name)
-        elif isinstance(event, Completed | Failed | DeregisterRequested):
-            if not tracked.has_slot:
-                self._end(name)  # never held a slot: nothing will be retired
-            elif isinstance(event, Failed):
-                self._phase(name, Phase.FAILED)
-            elif isinstance(event, DeregisterRequested) or event.reason == "cancelled":
-                self._phase(name, Phase.CANCELLED)
-            else:
-                self._phase(name, Phase.COMPLETED)
+    def _pick_up(self, key: str, event: Any) -> tuple[AdapterState | None, AdapterState | None]:
+        """(state before, state after) ``event`` of a registration not tracked yet; the state
+        after is None when the event does not start tracking it (see the module doc)."""
+        if kind_of(None, event) is None:
+            return None, None  # synced, checkpoint_saved ...: could be late, start nothing
+        before = None
+        state = adopt(event)
+        if state is None and self._known is not None:
+            before = self._known(key)
+            state = transition(before, event) if before is not None else None
+        if state is None or is_ended(state):
+            if state is not None and state.phase in TERMINAL:
+                self._remember_ended(key)
+            return None, None
+        shown = self._names.get(state.name)
+        if shown is not None:
+            self._end(shown)  # a new registration of the name: the shown one ended unseen
+        self._names[state.name] = key
+        return before, state
 
-    def _admitted(self, name: str, tracked: _Tracked, event: Admitted) -> None:
-        tracked.has_slot = True
-        tracked.budget = event.spec.steps
-        tracked.step = max(tracked.step, event.start_step)
-        self.queue_position.remove(name)
-        self.slot.labels(name).set(event.slot)
-        self.step.labels(name).set(tracked.step)
-        self.step_budget.labels(name).set(tracked.budget)
-        self.steps_total.labels(name)  # exported as 0 from admission on
-        self.progress_time.labels(name).set(_event_time(event))
-        self._phase(name, Phase.ADMITTED)
+    def _fold(self, before: AdapterState, event: Any) -> tuple[AdapterState, AdapterState]:
+        """(state before, state after) ``event`` of a tracked registration; the state before is
+        the stored one when the event's epoch is newer (a re-admission this host did not see)."""
+        state = transition(before, event)
+        if state is before and self._known is not None and event.epoch > before.epoch:
+            newer = self._known(before.registration_id)
+            if newer is not None and newer.epoch > before.epoch:
+                return newer, transition(newer, event)
+        return before, state
 
-    def _step_done(self, name: str, tracked: _Tracked, event: StepDone) -> None:
-        if event.step <= tracked.step:
-            return  # duplicate delivery or replay
-        tracked.has_slot = True
-        tracked.step = event.step
-        self.step.labels(name).set(event.step)
+    # --- series ------------------------------------------------------------------------------
+
+    def _export(self, before: AdapterState | None, state: AdapterState, event: Any) -> None:
+        """Set the series of ``state``'s name; ``before`` is None or the state before
+        ``event`` (the same object when the event changed nothing)."""
+        name, applied = state.name, state is not before
+        for p in PHASES:
+            self.state.labels(name, p).set(1.0 if p == state.phase else 0.0)
+        _set_or_remove(self.slot, name, state.slot)
+        _set_or_remove(self.step_budget, name, state.steps_total)
+        self.step.labels(name).set(state.step)
+        self.version.labels(name).set(state.version)
+        if not is_waiting(state):
+            self.queue_position.remove(name)
+        match event:
+            case Queued(position=position) if is_waiting(state):
+                self.queue_position.labels(name).set(position)
+            case Admitted() if applied:
+                self.steps_total.labels(name)  # exported as 0 from admission on
+                self.progress_time.labels(name).set(_event_time(event))
+            case StepDone() if applied:
+                self._step_done(name, event)
+            case Synced(worker=worker, version=version, latency_s=latency):
+                synced = self._synced.setdefault(state.registration_id, {})
+                if version > synced.get(worker, -1):
+                    synced[worker] = version
+                    self.sync_latency.labels(name).observe(max(latency, 0.0))
+            case CheckpointSaved(step=step):
+                self.checkpoint_step.labels(name).set(step)
+
+    def _step_done(self, name: str, event: StepDone) -> None:
         self.steps_total.labels(name).inc()
-        self.version.labels(name).set(event.version)
         self.progress_time.labels(name).set(_event_time(event))
         for key, value in event.metrics.items():
             if key in self.gauges and math.isfinite(value):
                 self.gauges[key].labels(name).set(value)
             elif key in self.counters and math.isfinite(value) and value >= 0:
                 self.counters[key].labels(name).inc(value)
-        done = tracked.budget > 0 and event.step >= tracked.budget
-        self._phase(name, Phase.COMPLETING if done else Phase.RUNNING)
 
-    def _phase(self, name: str, phase: Phase) -> None:
-        for p in PHASES:
-            self.state.labels(name, p).set(1.0 if p == phase.value else 0.0)
-
-    def _end(self, name: str) -> None:
-        tracked = self.tracked.pop(name, None)
-        if tracked is not None:
-            self._remember_ended(tracked.registration_id)
+    def _end(self, key: str) -> None:
+        state = self.states.pop(key)
+        self._synced.pop(key, None)
+        self._remember_ended(key)
+        if self._names.get(state.name) == key:
+            del self._names[state.name]
         for metric in self._single:
-            metric.remove(name)
+            metric.remove(state.name)
         for p in PHASES:
-            self.state.remove(name, p)
+            self.state.remove(state.name, p)
 
     def _remember_ended(self, registration_id: str) -> None:
         self._ended[registration_id] = None
         while len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
+
+
+def _set_or_remove(gauge: Gauge, name: str, value: float | None) -> None:
+    if value is None:
+        gauge.remove(name)
+    else:
+        gauge.labels(name).set(value)
 
 
 def _event_time(event: Any) -> float:

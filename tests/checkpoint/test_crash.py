@@ -28,10 +28,13 @@ STEPS, INTERVAL = 36, 3
 
 
 def start(redis_url: str, namespace: str, tmp_path: Path, life: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "orchestrator.checkpoint", "--redis-url", redis_url,
-           "--namespace", namespace, "--artifacts-root", str(tmp_path / "artifacts"),
-           "--checkpoints-root", str(tmp_path / "checkpoints"), "--block-ms", "200",
-           "--claim-idle-ms", "1000", "--unsafe-redis"]  # fmt: skip
+    cmd = [
+        *(sys.executable, "-m", "orchestrator.checkpoint"),
+        *("--redis-url", redis_url, "--namespace", namespace),
+        *("--artifacts-root", str(tmp_path / "artifacts")),
+        *("--checkpoints-root", str(tmp_path / "checkpoints")),
+        *("--block-ms", "200", "--claim-idle-ms", "1000", "--unsafe-redis"),
+    ]
     log = open(tmp_path / f"checkpoint.{life}.log", "wb")  # noqa: SIM115  (owned by the child)
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
@@ -45,7 +48,7 @@ def trainer(redis_url: str, streams, artifacts: ArtifactStore) -> None:
     for step in range(1, STEPS + 1):
         width = 1 << 17 if step % INTERVAL == 0 else 1 << 10
         write_fake_version(artifacts, "ad", "r1", step, width=width)
-        event = StepDone(adapter="ad", registration_id="r1", step=step, version=step)
+        event = StepDone(adapter="ad", registration_id="r1", epoch=1, step=step, version=step)
         client.xadd(streams.control, encode(stamp(event, source="trainer")))
         time.sleep(0.06)
 
@@ -61,7 +64,7 @@ def test_sigkill_and_restart_lose_and_duplicate_nothing(
     rng = random.Random(3)
     artifacts = ArtifactStore(str(tmp_path / "artifacts"))
     spec = make_spec(interval=INTERVAL, keep=100)
-    admitted = Admitted(adapter="ad", registration_id="r1", slot=0, spec=spec)
+    admitted = Admitted(adapter="ad", registration_id="r1", epoch=1, slot=0, spec=spec)
     rclient.xadd(streams.control, encode(stamp(admitted, source="trainer")))
     due = list(range(INTERVAL, STEPS + 1, INTERVAL))
     publisher = threading.Thread(target=trainer, args=(redis_url, streams, artifacts))

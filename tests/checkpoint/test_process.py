@@ -11,13 +11,14 @@ import pytest
 from events.codec import Decoder, encode, stamp
 from events.config import BusConfig
 from events.connection import connect
-from events.consumer import Consumer
+from events.consumer import Consumer, Delivery
 from events.errors import ConfigError
 from events.schema import (
     Admitted,
     CheckpointSaved,
     Completed,
     ControlEvent,
+    DeregisterRequested,
     Exported,
     Retired,
     StepDone,
@@ -25,6 +26,7 @@ from events.schema import (
 from ops.redis_server import RedisServer
 from orchestrator.checkpoint import CheckpointConfig, CheckpointProcess, load_config, main
 from orchestrator.checkpoint_store import CheckpointStore, verify
+from orchestrator.lifecycle import AdapterState, Phase
 from orchestrator.status import read_status
 from tests.checkpoint.conftest import make_spec, write_fake_version
 
@@ -45,8 +47,14 @@ def run(redis_url, streams, artifacts, ckpts, **kw):
     process = CheckpointProcess(connect(redis_url), streams, artifacts, ckpts)
     max_events = kw.pop("max_events", None)
     kw.setdefault("block_ms", 200)
-    consumer = Consumer(lambda: connect(redis_url), streams, "checkpoint",
-                        [process.subscription()], process.handle, **kw)  # fmt: skip
+    consumer = Consumer(
+        lambda: connect(redis_url),
+        streams,
+        "checkpoint",
+        [process.subscription()],
+        process.handle,
+        **kw,
+    )
     return consumer.run(burst=max_events is None, max_events=max_events)
 
 
@@ -55,13 +63,19 @@ def outputs(rclient, streams, kind):
     return [e for e in events if isinstance(e, kind)]
 
 
-def admitted(spec, *, epoch: int = 0, reg: str = "r1") -> Admitted:
+def admitted(spec, *, epoch: int = 1, reg: str = "r1") -> Admitted:
     return Admitted(adapter="ad", registration_id=reg, epoch=epoch, slot=0, spec=spec)
 
 
-def step_done(step: int, *, epoch: int = 0, reg: str = "r1", state_uri: str = "") -> StepDone:
-    return StepDone(adapter="ad", registration_id=reg, epoch=epoch, step=step, version=step,
-                    state_uri=state_uri)  # fmt: skip
+def step_done(step: int, *, epoch: int = 1, reg: str = "r1", state_uri: str = "") -> StepDone:
+    return StepDone(
+        adapter="ad",
+        registration_id=reg,
+        epoch=epoch,
+        step=step,
+        version=step,
+        state_uri=state_uri,
+    )
 
 
 def test_interval_and_final_checkpoints_published_once(
@@ -86,10 +100,15 @@ def test_interval_and_final_checkpoints_published_once(
     assert row.export_uri == saved[-1].uri
 
     write_fake_version(artifacts, "ad", "r1", 7)
-    publish(rclient, streams,
-            Completed(adapter="ad", registration_id="r1", epoch=1, step=7, version=7,
-                      reason="cancelled"),
-            Retired(adapter="ad", registration_id="r1", slot=0))  # fmt: skip
+    publish(
+        rclient,
+        streams,
+        DeregisterRequested(adapter="ad", registration_id="r1"),
+        Completed(
+            adapter="ad", registration_id="r1", epoch=1, step=7, version=7, reason="cancelled"
+        ),
+        Retired(adapter="ad", registration_id="r1", epoch=1, slot=0),
+    )
     run(redis_url, streams, artifacts, ckpts)
     final = outputs(rclient, streams, CheckpointSaved)[-1]
     assert (final.step, final.final) == (7, True)
@@ -141,19 +160,59 @@ def test_policy_survives_restarts_and_missing_admissions(
     ]
 
 
-def test_stale_epochs_are_fenced(redis_url, streams, rclient, artifacts, ckpts) -> None:
-    write_fake_version(artifacts, "ad", "r1", 2, epoch=1)
+def test_the_registration_is_stored_as_its_lifecycle_state(
+    redis_url, streams, rclient, artifacts, ckpts
+) -> None:
+    """The hash holds the AdapterState of the latest admission; a replica of the group whose
+    memory predates a re-admission reads it when a step of the newer epoch arrives; a value of
+    an older layout is learned again from the training state."""
+    key = streams.key("checkpoint", "registrations")
+    a = CheckpointProcess(connect(redis_url), streams, artifacts, ckpts)
+    b = CheckpointProcess(connect(redis_url), streams, artifacts, ckpts)
+    subscription = a.subscription()
+
+    def handle(process: CheckpointProcess, event) -> None:
+        effects = process.handle(Delivery(subscription, "1-0", event, deliveries=1))
+        pipe = rclient.pipeline(transaction=True)
+        for command in effects.commands:
+            pipe.execute_command(*command)
+        pipe.execute()
+
+    handle(a, admitted(make_spec(interval=2, keep=1), epoch=1))
+    stored = msgspec.json.decode(rclient.hget(key, "r1"), type=AdapterState)
+    assert stored == a.stored("r1")
+    assert (stored.phase, stored.epoch, stored.slot) == (Phase.ADMITTED, 1, 0)
+    assert stored.spec == make_spec(interval=2, keep=1)
+    write_fake_version(artifacts, "ad", "r1", 1)
+    handle(b, step_done(1, epoch=1))  # b learns epoch 1 from the hash
+    handle(a, admitted(make_spec(interval=2, keep=1), epoch=2))  # the trainer restarted
+    write_fake_version(artifacts, "ad", "r1", 2, epoch=2)
+    handle(b, step_done(2, epoch=2))  # b's memory says epoch 1: it reads epoch 2 from the hash
     write_fake_version(artifacts, "ad", "r1", 4, epoch=1)
+    handle(b, step_done(4, epoch=1))  # a late step of the old epoch: fenced
+    assert [(e.step, e.epoch) for e in outputs(rclient, streams, CheckpointSaved)] == [(2, 2)]
+    assert ckpts.list_steps("ad", "r1") == [2]
+
+    old = {"interval": 3, "keep": 1, "epoch": 1, "registered_at": 0.0}  # the layout before
+    rclient.hset(key, "r3", json.dumps(old))
+    write_fake_version(artifacts, "ad", "r3", 4, spec=make_spec(interval=4))
+    handle(b, step_done(4, reg="r3"))
+    assert ckpts.list_steps("ad", "r3") == [4]
+
+
+def test_stale_epochs_are_fenced(redis_url, streams, rclient, artifacts, ckpts) -> None:
+    write_fake_version(artifacts, "ad", "r1", 2, epoch=2)
+    write_fake_version(artifacts, "ad", "r1", 4, epoch=2)
     publish(
         rclient,
         streams,
-        admitted(make_spec(interval=2)),
-        admitted(make_spec(interval=2), epoch=1),  # resumed
-        step_done(2, epoch=0),  # late event of the previous epoch
-        step_done(4, epoch=1),
+        admitted(make_spec(interval=2), epoch=1),
+        admitted(make_spec(interval=2), epoch=2),  # resumed
+        step_done(2, epoch=1),  # late event of the previous epoch
+        step_done(4, epoch=2),
     )
     run(redis_url, streams, artifacts, ckpts)
-    assert [(e.step, e.epoch) for e in outputs(rclient, streams, CheckpointSaved)] == [(4, 1)]
+    assert [(e.step, e.epoch) for e in outputs(rclient, streams, CheckpointSaved)] == [(4, 2)]
     assert ckpts.list_steps("ad", "r1") == [4]
     assert rclient.xpending(streams.control, "checkpoint")["pending"] == 0
 
@@ -162,8 +221,9 @@ def test_missing_source_is_retried_then_dead_lettered(
     redis_url, streams, rclient, artifacts, ckpts
 ) -> None:
     publish(rclient, streams, admitted(make_spec(interval=2)), step_done(2))
-    stats = run(redis_url, streams, artifacts, ckpts, claim_idle_ms=100, max_deliveries=2,
-                max_events=3)  # fmt: skip
+    stats = run(
+        redis_url, streams, artifacts, ckpts, claim_idle_ms=100, max_deliveries=2, max_events=3
+    )
     assert stats.retried == 1 and stats.dead_lettered == 1
     (letter,) = [json.loads(f[b"dead"]) for _, f in rclient.xrange(streams.dead)]
     assert "cannot checkpoint ad/r1 step 2" in letter["reason"]
@@ -193,8 +253,12 @@ def test_config_from_flags_and_environment(tmp_path, capsys) -> None:
 def test_main_refuses_an_unsafe_redis_unless_told(tmp_path, capsys) -> None:
     with RedisServer(tmp_path / "redis") as server:
         connect(server.url).config_set("appendonly", "no")
-        argv = ["--redis-url", server.url, "--artifacts", str(tmp_path / "a"),
-                "--checkpoints", str(tmp_path / "c"), "--burst"]  # fmt: skip
+        argv = [
+            *("--redis-url", server.url),
+            *("--artifacts", str(tmp_path / "a")),
+            *("--checkpoints", str(tmp_path / "c")),
+            "--burst",
+        ]
         assert main(argv) == 2
         assert "appendonly" in capsys.readouterr().err
         assert main([*argv, "--unsafe-redis"]) == 0

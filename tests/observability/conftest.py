@@ -23,7 +23,15 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from events.schema import Admitted, Queued, RegisterRequested, Retired, StepDone, Synced
+from events.schema import (
+    Admitted,
+    Completed,
+    Queued,
+    RegisterRequested,
+    Retired,
+    StepDone,
+    Synced,
+)
 from events.specs import AdapterSpec, DatasetSpec, RewardSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +74,7 @@ def step_metrics(step: int, reward: float, **extra: float) -> dict[str, float]:
 def lifecycle(
     name: str, rid: str, *, steps: int = 3, slot: int = 0, reward: float = 0.5, t: float = 100.0
 ) -> list[Any]:
-    """What the control log holds for one adapter trained to its budget and retired."""
+    """What the control log holds for one adapter trained to its budget, completed and retired."""
     spec = make_spec(steps=steps)
     env: dict[str, Any] = {"adapter": name, "registration_id": rid, "time": t}
     events: list[Any] = [
@@ -74,9 +82,10 @@ def lifecycle(
         Admitted(**env, epoch=1, slot=slot, spec=spec),
     ]
     for k in range(1, steps + 1):
-        events.append(StepDone(**env, epoch=1, step=k, version=k,
-                               metrics=step_metrics(k, reward + 0.1 * k)))  # fmt: skip
+        metrics = step_metrics(k, reward + 0.1 * k)
+        events.append(StepDone(**env, epoch=1, step=k, version=k, metrics=metrics))
         events.append(Synced(**env, epoch=1, worker="rollout.0", version=k, latency_s=0.2))
+    events.append(Completed(**env, epoch=1, step=steps, version=steps))
     events.append(Retired(**env, epoch=1, slot=slot))
     return events
 
@@ -131,10 +140,16 @@ class PrometheusServer:
         )
         self.log = (workdir / "prometheus.log").open("wb")
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={self.config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                binary,
+                f"--config.file={self.config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self._wait_ready()
 
     def _wait_ready(self, timeout_s: float = 20.0) -> None:
@@ -203,9 +218,22 @@ def prometheus(prometheus_bin: str, tmp_path: Path) -> Iterator[Any]:
 DASHBOARD = OPS / "grafana" / "dashboards" / "multilora.json"
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$adapter": ".*"}
 PROMQL_KEYWORDS = frozenset(
-    {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
-     "bool", "offset", "inf", "nan"}
-)  # fmt: skip
+    {
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "inf",
+        "nan",
+    }
+)
 LABEL_VALUES = re.compile(r"^label_values\(\s*([a-zA-Z_:][\w:]*)\s*,\s*\w+\s*\)$")
 
 

@@ -16,6 +16,7 @@ from events.schema import (
     StepDone,
     Synced,
 )
+from orchestrator.lifecycle import transition
 from orchestrator.metrics import AdapterMetrics
 from tests.observability.conftest import lifecycle, make_spec, queued, samples, step_metrics, value
 
@@ -31,7 +32,7 @@ def registry() -> CollectorRegistry:
 
 def test_step_done_sets_every_metric(registry: CollectorRegistry) -> None:
     m = AdapterMetrics(registry)
-    for event in lifecycle("alpha", "r1", steps=2)[:-1]:  # everything but retired
+    for event in lifecycle("alpha", "r1", steps=2)[:-2]:  # everything but completed, retired
         m.observe(event)
     assert value(registry, "multilora_adapter_step", adapter="alpha") == 2
     assert value(registry, "multilora_adapter_step_budget", adapter="alpha") == 2
@@ -70,8 +71,16 @@ def test_kl_is_exported_when_present(registry: CollectorRegistry) -> None:
     m = AdapterMetrics(registry)
     spec = make_spec(steps=5)
     m.observe(Admitted(adapter="a", registration_id="r", epoch=1, slot=3, spec=spec))
-    m.observe(StepDone(adapter="a", registration_id="r", epoch=1, step=1, version=1,
-                       metrics=step_metrics(1, 0.1, kl=0.03)))  # fmt: skip
+    m.observe(
+        StepDone(
+            adapter="a",
+            registration_id="r",
+            epoch=1,
+            step=1,
+            version=1,
+            metrics=step_metrics(1, 0.1, kl=0.03),
+        )
+    )
     assert value(registry, "multilora_adapter_kl", adapter="a") == 0.03
     assert value(registry, "multilora_adapter_state", adapter="a", phase="running") == 1
     assert value(registry, "multilora_adapter_slot", adapter="a") == 3
@@ -97,8 +106,9 @@ def test_retired_removes_every_series_and_late_events_do_not_bring_them_back(
         m.observe(event)
     assert adapter_series(registry) == set()
     # a slow worker's synced and a checkpoint of the retired registration arrive late
-    m.observe(Synced(adapter="a", registration_id="r1", epoch=1, worker="w9", version=3,
-                     latency_s=9.0))  # fmt: skip
+    m.observe(
+        Synced(adapter="a", registration_id="r1", epoch=1, worker="w9", version=3, latency_s=9.0)
+    )
     m.observe(StepDone(adapter="a", registration_id="r1", epoch=1, step=9, version=9))
     assert adapter_series(registry) == set()
     assert m.live() == frozenset()
@@ -118,23 +128,35 @@ def test_new_registration_of_a_name_starts_fresh(registry: CollectorRegistry) ->
 
 
 @pytest.mark.parametrize(
-    "end",
+    "ends",
     [
-        DeregisterRequested(adapter="q", registration_id="rq"),
-        Failed(adapter="q", registration_id="rq", reason="dataset vanished"),
-        Completed(adapter="q", registration_id="rq", step=0, reason="cancelled"),
-        Rejected(adapter="q", registration_id="rq", reason="bad"),
+        [DeregisterRequested(adapter="q", registration_id="rq")],
+        [Failed(adapter="q", registration_id="rq", reason="dataset vanished")],
+        [
+            DeregisterRequested(adapter="q", registration_id="rq"),
+            Completed(adapter="q", registration_id="rq", step=0, reason="cancelled"),
+        ],
     ],
-    ids=["cancelled", "failed", "completed", "rejected"],
+    ids=["cancelled", "failed", "completed"],
 )
 def test_registration_without_slot_ends_without_retired(
-    registry: CollectorRegistry, end: object
+    registry: CollectorRegistry, ends: list[object]
 ) -> None:
     m = AdapterMetrics(registry)
     m.observe(queued("q", "rq", position=2))
     assert value(registry, "multilora_adapter_queue_position", adapter="q") == 2
     assert value(registry, "multilora_adapter_state", adapter="q", phase="queued") == 1
-    m.observe(end)
+    for end in ends:
+        m.observe(end)
+    assert adapter_series(registry) == set()
+
+
+def test_rejected_registration_ends(registry: CollectorRegistry) -> None:
+    """A rejection follows the registration (the lifecycle: registered -> rejected)."""
+    m = AdapterMetrics(registry)
+    m.observe(lifecycle("q", "rq")[0])
+    assert value(registry, "multilora_adapter_state", adapter="q", phase="registered") == 1
+    m.observe(Rejected(adapter="q", registration_id="rq", reason="bad"))
     assert adapter_series(registry) == set()
 
 
@@ -157,8 +179,9 @@ def test_rejected_duplicate_name_keeps_the_live_adapter(registry: CollectorRegis
 
 
 def test_joining_mid_log_picks_adapters_up_at_their_next_step(registry: CollectorRegistry) -> None:
-    m = AdapterMetrics(registry)
     events = lifecycle("a", "r", steps=3)
+    admitted = transition(transition(None, events[0]), events[1])  # what the host's store holds
+    m = AdapterMetrics(registry, known={"r": admitted}.get)
     m.observe(events[3])  # a synced first: does not start tracking (could be a late one)
     assert adapter_series(registry) == set()
     m.observe(events[4])  # step 2
@@ -185,3 +208,28 @@ def test_100_adapters_registered_and_retired_leave_no_adapter_series(
     assert m.live() == frozenset()
     # the label is gone from the exposition too, not only from the sample list
     assert b'adapter="' not in generate_latest(registry)
+
+
+def test_a_readmission_seen_by_another_replica_is_read_from_the_store(
+    registry: CollectorRegistry,
+) -> None:
+    """Replicas of the checkpoint group each see part of the log: a step of an epoch newer than
+    the tracked state is applied to the state the store holds for the re-admission."""
+    events = lifecycle("a", "r", steps=5)
+    readmitted = Admitted(
+        adapter="a",
+        registration_id="r",
+        epoch=2,
+        slot=1,
+        start_step=1,
+        spec=make_spec(steps=5),
+        time=100.0,
+    )
+    stored = transition(transition(transition(None, events[0]), events[1]), readmitted)
+    m = AdapterMetrics(registry, known={"r": stored}.get)
+    for event in events[:3]:  # register, admitted (epoch 1), step 1
+        m.observe(event)
+    m.observe(StepDone(adapter="a", registration_id="r", epoch=2, step=2, version=2))
+    assert value(registry, "multilora_adapter_steps_total", adapter="a") == 2
+    assert value(registry, "multilora_adapter_slot", adapter="a") == 1
+    assert m.states["r"].epoch == 2

@@ -42,8 +42,17 @@ def poison(delivery: Delivery) -> HandlerResult:
 
 def make_consumer(redis_url: str, streams: Streams, observer: Any, **kw: Any) -> Consumer:
     sub = Subscription(streams.control, GROUP, Decoder(ControlEvent))
-    return Consumer(lambda: connect(redis_url, max_block_ms=500), streams, "c1", [sub], poison,
-                    block_ms=200, observer=observer, idle_s=0.05, **kw)  # fmt: skip
+    return Consumer(
+        lambda: connect(redis_url, max_block_ms=500),
+        streams,
+        "c1",
+        [sub],
+        poison,
+        block_ms=200,
+        observer=observer,
+        idle_s=0.05,
+        **kw,
+    )
 
 
 def test_observer_and_collector_report_real_values(
@@ -69,8 +78,8 @@ def test_observer_and_collector_report_real_values(
     assert (
         value(registry, "multilora_bus_events_dead_lettered_total", stream=s, type="invalid") == 1
     )
-    assert value(registry, "multilora_bus_events_handled_total", stream=s,
-                 type="adapter.synced") == 3  # fmt: skip
+    synced = {"stream": s, "type": "adapter.synced"}
+    assert value(registry, "multilora_bus_events_handled_total", **synced) == 3
     assert value(registry, "multilora_bus_handler_seconds_count", stream=s, type=c) == 2
     # the poison step never reached AdapterMetrics; the others did
     assert value(registry, "multilora_adapter_steps_total", adapter="a") == 2
@@ -100,8 +109,8 @@ def test_reclaims_are_counted(redis_url: str, streams: Streams, rclient: redis.R
     time.sleep(0.1)
     consumer = make_consumer(redis_url, streams, BusMetrics(registry), claim_idle_ms=50)
     consumer.run(burst=True)
-    assert value(registry, "multilora_bus_entries_reclaimed_total",
-                 stream=streams.control, group=GROUP) == 3  # fmt: skip
+    control = {"stream": streams.control, "group": GROUP}
+    assert value(registry, "multilora_bus_entries_reclaimed_total", **control) == 3
     assert rclient.xpending(streams.control, GROUP)["pending"] == 0
 
 
@@ -118,8 +127,12 @@ def test_lag_is_counted_when_redis_cannot_tell(rclient: redis.Redis, streams: St
 
 
 def test_unreachable_redis_keeps_the_endpoint_answering(streams: Streams) -> None:
-    client = redis.Redis(port=free_port(), socket_connect_timeout=0.5, socket_timeout=0.5,
-                         retry=Retry(NoBackoff(), 0))  # fmt: skip
+    client = redis.Redis(
+        port=free_port(),
+        socket_connect_timeout=0.5,
+        socket_timeout=0.5,
+        retry=Retry(NoBackoff(), 0),
+    )
     registry = metrics_registry(process_metrics=False)
     registry.register(GroupLagCollector(client, [(streams.control, GROUP)]))
     server = start_metrics_server(0, registry, addr="127.0.0.1")

@@ -69,12 +69,18 @@ def test_every_dashboard_query_names_an_exported_metric(workload: Workload) -> N
     assert set(without_samples) <= WITHOUT_CUDA, without_samples
     # the per-adapter curves, throughput, step-time, sync and bus panels are all there
     for name in [
-        "multilora_adapter_reward_mean", "multilora_adapter_loss", "multilora_adapter_kl",
-        "multilora_trainer_tokens_total", "multilora_rollout_tokens_generated_total",
-        "multilora_trainer_step_phase_seconds_sum", "multilora_adapter_sync_latency_seconds_bucket",
-        "multilora_bus_group_lag", "multilora_bus_group_pending", "multilora_bus_stream_length",
+        "multilora_adapter_reward_mean",
+        "multilora_adapter_loss",
+        "multilora_adapter_kl",
+        "multilora_trainer_tokens_total",
+        "multilora_rollout_tokens_generated_total",
+        "multilora_trainer_step_phase_seconds_sum",
+        "multilora_adapter_sync_latency_seconds_bucket",
+        "multilora_bus_group_lag",
+        "multilora_bus_group_pending",
+        "multilora_bus_stream_length",
         "multilora_bus_events_dead_lettered_total",
-    ]:  # fmt: skip
+    ]:
         assert name in used, name
     # and the check can fail: a misspelt metric in a query is reported
     typo = metric_names('rate(multilora_adapter_reward_means{adapter=~".*"}[1m])')

@@ -25,10 +25,12 @@ def test_step_phases(registry: CollectorRegistry) -> None:
     m = TrainerMetrics(registry)
     for phase in PHASES:  # every phase is exported before the first step
         assert value(registry, "multilora_trainer_step_phase_seconds_count", phase=phase) == 0
-    m.step_phases(wait_s=0.5, forward_backward_s=1.5, optimizer_s=0.5, publish_s=0.25,
-                  tokens=1000, adapters=3)  # fmt: skip
-    m.step_phases(wait_s=0.0, forward_backward_s=1.0, optimizer_s=0.25, publish_s=0.25,
-                  tokens=500, adapters=1)  # fmt: skip
+    m.step_phases(
+        wait_s=0.5, forward_backward_s=1.5, optimizer_s=0.5, publish_s=0.25, tokens=1000, adapters=3
+    )
+    m.step_phases(
+        wait_s=0.0, forward_backward_s=1.0, optimizer_s=0.25, publish_s=0.25, tokens=500, adapters=1
+    )
     assert (
         value(registry, "multilora_trainer_step_phase_seconds_sum", phase="forward_backward") == 2.5
     )
@@ -41,8 +43,9 @@ def test_step_phases(registry: CollectorRegistry) -> None:
     assert value(registry, "multilora_trainer_tokens_per_second") == 500 / 1.25
     assert value(registry, "multilora_trainer_step_adapters") == 1
     with pytest.raises(ValueError, match=r"'publish' lasted -0\.1 s"):
-        m.step_phases(wait_s=0, forward_backward_s=1, optimizer_s=0, publish_s=-0.1, tokens=1,
-                      adapters=1)  # fmt: skip
+        m.step_phases(
+            wait_s=0, forward_backward_s=1, optimizer_s=0, publish_s=-0.1, tokens=1, adapters=1
+        )
 
 
 def test_slots_and_queue_from_a_fleet(registry: CollectorRegistry) -> None:

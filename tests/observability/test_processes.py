@@ -23,7 +23,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from events.connection import durability_problems
-from events.schema import Admitted, Retired, StepDone, Synced
+from events.schema import Admitted, Failed, Retired, StepDone, Synced
 from events.specs import SamplingSpec
 from events.streams import Streams
 from ops.models import write_tiny_model
@@ -49,8 +49,9 @@ def get(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
-def wait_scrape(port: int, ok: Callable[[Samples], bool], proc: subprocess.Popen[bytes],
-                timeout_s: float = 60.0) -> Samples:  # fmt: skip
+def wait_scrape(
+    port: int, ok: Callable[[Samples], bool], proc: subprocess.Popen[bytes], timeout_s: float = 60.0
+) -> Samples:
     deadline = time.monotonic() + timeout_s
     last: Samples = {}
     while time.monotonic() < deadline:
@@ -74,8 +75,9 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     def start(*args: str, name: str) -> subprocess.Popen[bytes]:
         log = (tmp_path / f"{name}.log").open("wb")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         procs.append(proc)
         return proc
 
@@ -94,10 +96,14 @@ def test_checkpoint_process_serves_adapter_metrics(
 ) -> None:
     port = free_port()
     unsafe = ["--unsafe-redis"] if durability_problems(rclient) else []
-    proc = spawn("orchestrator.checkpoint", "--redis-url", redis_url, "--namespace",
-                 streams.namespace, "--artifacts-root", str(tmp_path / "artifacts"),
-                 "--checkpoints-root", str(tmp_path / "checkpoints"), "--block-ms", "200",
-                 "--metrics-port", str(port), *unsafe, name="checkpoint")  # fmt: skip
+    proc = spawn(
+        "orchestrator.checkpoint",
+        *("--redis-url", redis_url, "--namespace", streams.namespace),
+        *("--artifacts-root", str(tmp_path / "artifacts")),
+        *("--checkpoints-root", str(tmp_path / "checkpoints")),
+        *("--block-ms", "200", "--metrics-port", str(port), *unsafe),
+        name="checkpoint",
+    )
     spec = make_spec(steps=10, checkpoint_interval=100)  # no step is due: nothing to promote
     env: dict[str, Any] = {"adapter": "alpha", "registration_id": "r1", "epoch": 1}
     events: list[Any] = [Admitted(**env, slot=0, spec=spec)]
@@ -113,14 +119,15 @@ def test_checkpoint_process_serves_adapter_metrics(
     assert get(s, "multilora_adapter_state", adapter="alpha", phase="running") == 1
     control = {"stream": streams.control, "group": "checkpoint"}
     assert get(s, "multilora_bus_group_lag", **control) == 0
-    assert get(s, "multilora_bus_events_handled_total", stream=streams.control,
-               type="adapter.step_done") == 2  # fmt: skip
+    handled = {"stream": streams.control, "type": "adapter.step_done"}
+    assert get(s, "multilora_bus_events_handled_total", **handled) == 2
     assert get(s, "process_resident_memory_bytes") is not None  # per-process standard metrics
 
-    publish(rclient, streams.control, Retired(**env, slot=0))
+    ended = Failed(**env, reason="ends the test", step=2)  # failed, then retired: ended
+    publish(rclient, streams.control, ended, Retired(**env, slot=0))
     s = wait_scrape(port, lambda s: not any(dict(k[1]).get("adapter") for k in s), proc)
-    assert get(s, "multilora_bus_events_handled_total", stream=streams.control,
-               type="adapter.retired") == 1  # fmt: skip
+    handled = {"stream": streams.control, "type": "adapter.retired"}
+    assert get(s, "multilora_bus_events_handled_total", **handled) == 1
 
 
 def test_rollout_worker_process_serves_rollout_metrics(
@@ -134,20 +141,31 @@ def test_rollout_worker_process_serves_rollout_metrics(
     (data / "arith.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     port = free_port()
     unsafe = ["--unsafe-redis"] if durability_problems(rclient) else []
-    proc = spawn("rollout.main", "--redis-url", redis_url, "--namespace", streams.namespace,
-                 "--name", "w0", "--model", str(tiny), "--allowed-root", str(data),
-                 "--block-ms", "200", "--torch-threads", "1", "--metrics-port", str(port),
-                 *unsafe, name="rollout")  # fmt: skip
+    proc = spawn(
+        "rollout.main",
+        *("--redis-url", redis_url, "--namespace", streams.namespace, "--name", "w0"),
+        *("--model", str(tiny), "--allowed-root", str(data), "--block-ms", "200"),
+        *("--torch-threads", "1", "--metrics-port", str(port), *unsafe),
+        name="rollout",
+    )
     # wait until the worker's groups exist (it reads the control log from its start)
     wait_scrape(port, lambda s: get(s, "multilora_rollout_tasks_total", outcome="done") == 0, proc)
     sampling = SamplingSpec(temperature=1.0, max_new_tokens=6)
-    publish(rclient, streams.control, admitted("math", "r1", epoch=1),
-            sync("math", "r1", 0, weights, epoch=1))  # fmt: skip
-    publish(rclient, streams.tasks, task("math", "r1", weights, epoch=1, prompt_indices=(0, 1),
-                                         group_size=2, sampling=sampling))  # fmt: skip
+    publish(
+        rclient,
+        streams.control,
+        admitted("math", "r1", epoch=1),
+        sync("math", "r1", 0, weights, epoch=1),
+    )
+    work = task(
+        "math", "r1", weights, epoch=1, prompt_indices=(0, 1), group_size=2, sampling=sampling
+    )
+    publish(rclient, streams.tasks, work)
 
-    s = wait_scrape(port, lambda s: get(s, "multilora_rollout_tasks_total", outcome="done") == 1,
-                    proc)  # fmt: skip
+    def done(s: Samples) -> bool:
+        return get(s, "multilora_rollout_tasks_total", outcome="done") == 1
+
+    s = wait_scrape(port, done, proc)
     assert get(s, "multilora_rollout_samples_total") == 4
     assert (get(s, "multilora_rollout_tokens_generated_total") or 0) > 0
     assert get(s, "multilora_rollout_adapter_load_seconds_count") == 1
@@ -155,5 +173,5 @@ def test_rollout_worker_process_serves_rollout_metrics(
     assert get(s, "multilora_rollout_generation_seconds_count") == 1
     tasks = {"stream": streams.tasks, "group": TASK_GROUP}
     assert get(s, "multilora_bus_group_lag", **tasks) == 0
-    assert get(s, "multilora_bus_events_handled_total", stream=streams.tasks,
-               type="rollout.task") == 1  # fmt: skip
+    handled = {"stream": streams.tasks, "type": "rollout.task"}
+    assert get(s, "multilora_bus_events_handled_total", **handled) == 1

@@ -98,8 +98,13 @@ def test_prometheus_scrapes_per_adapter_rewards_and_bus_lag(
     assert {r["metric"]["job"] for r in result} == {"multilora-test"}
     # ... and a curve, not one point: Prometheus stored rising values over the run
     end = float(server.api("query", query="time()")["result"][1])
-    series = server.api("query_range", query='multilora_adapter_reward_mean{adapter="alpha"}',
-                        start=str(end - 60), end=str(end), step="0.5")["result"]  # fmt: skip
+    series = server.api(
+        "query_range",
+        query='multilora_adapter_reward_mean{adapter="alpha"}',
+        start=str(end - 60),
+        end=str(end),
+        step="0.5",
+    )["result"]
     values = [float(v) for _, v in series[0]["values"]]
     assert len(set(values)) >= 2 and values == sorted(values), values
     assert scalar(server.query('multilora_adapter_steps_total{adapter="beta"}')) == STEPS

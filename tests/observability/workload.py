@@ -91,11 +91,17 @@ class Workload:
         )
         self.adapters = AdapterMetrics(self.registries["checkpoint"])
         self.consumer = Consumer(
-            lambda: connect(self.redis_url, max_block_ms=500), self.streams, "checkpoint.0",
-            [control], _handle, block_ms=100, idle_s=0.05, max_deliveries=2,
+            lambda: connect(self.redis_url, max_block_ms=500),
+            self.streams,
+            "checkpoint.0",
+            [control],
+            _handle,
+            block_ms=100,
+            idle_s=0.05,
+            max_deliveries=2,
             claim_idle_ms=CLAIM_IDLE_MS,
             observer=FanOut([self.bus, self.adapters.observer(self.streams.control)]),
-        )  # fmt: skip
+        )
         groups = Subscription(self.streams.groups, TRAINER_GROUP, Decoder(ControlEvent))
         instrument_consumer(
             self.registries["trainer"], self.client, [groups], dead_stream=self.streams.dead
@@ -135,8 +141,9 @@ class Workload:
         self.publish(poison)  # handler fails: retried once (reclaimed), then dead-lettered
         # a checkpoint replica reads the first entry and crashes: reclaimed after CLAIM_IDLE_MS
         self.consumer.ensure_groups()
-        self.client.xreadgroup("checkpoint", "checkpoint.crashed", {self.streams.control: ">"},
-                               count=1)  # fmt: skip
+        self.client.xreadgroup(
+            "checkpoint", "checkpoint.crashed", {self.streams.control: ">"}, count=1
+        )
         time.sleep(1.5 * CLAIM_IDLE_MS / 1000)
         self.client.xgroup_create(self.streams.groups, TRAINER_GROUP, id="0", mkstream=True)
         for _ in range(GROUPS_WAITING):
@@ -157,8 +164,14 @@ class Workload:
             self.publish(StepDone(**env, epoch=1, step=k, version=k, metrics=metrics))
             self.publish(Synced(**env, epoch=1, worker="rollout.0", version=k, latency_s=0.05 * k))
             self.rollout.task_done(rollout_group(name, k))
-        self.trainer.step_phases(wait_s=0.01, forward_backward_s=0.2, optimizer_s=0.05,
-                                 publish_s=0.03, tokens=192, adapters=len(REWARDS))  # fmt: skip
+        self.trainer.step_phases(
+            wait_s=0.01,
+            forward_backward_s=0.2,
+            optimizer_s=0.05,
+            publish_s=0.03,
+            tokens=192,
+            adapters=len(REWARDS),
+        )
         self.trainer.deferred(2)
         with self.rollout.load_timer():
             time.sleep(0.001)
@@ -198,13 +211,34 @@ class Workload:
 def rollout_group(adapter: str, step: int) -> RolloutGroup:
     """A scored group of 4 samples: 3 generated (one whose reward failed), 1 failed prompt."""
     ok = Sample(completion_ids=(5, 6, 7), logprobs=(-0.1, -0.2, -0.3), text="abc", reward=1.0)
-    bad_reward = Sample(completion_ids=(5, 6), logprobs=(-0.1, -0.2), text="ab", reward=0.0,
-                        failed=True, reason="math: no answer")  # fmt: skip
-    error = Sample(completion_ids=(), logprobs=(), text="", reward=0.0, finish_reason="error",
-                   failed=True, reason="prompt too long")  # fmt: skip
+    bad_reward = Sample(
+        completion_ids=(5, 6),
+        logprobs=(-0.1, -0.2),
+        text="ab",
+        reward=0.0,
+        failed=True,
+        reason="math: no answer",
+    )
+    error = Sample(
+        completion_ids=(),
+        logprobs=(),
+        text="",
+        reward=0.0,
+        finish_reason="error",
+        failed=True,
+        reason="prompt too long",
+    )
     return RolloutGroup(
-        adapter=adapter, registration_id=f"reg-{adapter}", epoch=1, task_id=f"t{step}",
-        step=step, version=step - 1, worker="rollout.0", generate_s=0.5,
-        groups=(PromptGroup(prompt_index=0, prompt_ids=(1, 2), samples=(ok, ok, bad_reward)),
-                PromptGroup(prompt_index=1, prompt_ids=(), samples=(error,))),
-    )  # fmt: skip
+        adapter=adapter,
+        registration_id=f"reg-{adapter}",
+        epoch=1,
+        task_id=f"t{step}",
+        step=step,
+        version=step - 1,
+        worker="rollout.0",
+        generate_s=0.5,
+        groups=(
+            PromptGroup(prompt_index=0, prompt_ids=(1, 2), samples=(ok, ok, bad_reward)),
+            PromptGroup(prompt_index=1, prompt_ids=(), samples=(error,)),
+        ),
+    )
