@@ -20,7 +20,7 @@ from events.codec import Decoder
 from events.connection import connect
 from events.schema import ControlEvent, Exported
 from ops.launch import Stack, StackOptions
-from ops.report import plot_curves, step_history
+from ops.plots import plot_curves, step_history
 
 DEMO_DIR = Path(__file__).parent / "demo"
 

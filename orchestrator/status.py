@@ -92,9 +92,11 @@ class RejectionNote(msgspec.Struct, frozen=True, kw_only=True):
     time: float
 
 
-class StatusRow(msgspec.Struct, frozen=True, kw_only=True):
-    """One adapter's status as ``multilora status`` shows it.
+class AdapterStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One adapter's status as ``multilora status`` shows it: one status hash, decoded by
+    :func:`read_status`, or a state of the control log (:func:`state_status`).
 
+    ``phase`` is None only in a hash no trainer wrote yet (a sync or checkpoint came first).
     ``synced`` maps rollout worker -> weights version it serves (this registration only), as
     sorted ``(worker, version)`` pairs; ``last_sync_latency_s`` is the latency of the most
     recent of those syncs. Checkpoint and export fields are None/empty until one exists.
@@ -102,7 +104,7 @@ class StatusRow(msgspec.Struct, frozen=True, kw_only=True):
 
     name: str
     registration_id: str = ""
-    phase: str = ""
+    phase: Phase | None = None
     reason: str = ""
     slot: int | None = None
     epoch: int = 0
@@ -228,7 +230,27 @@ def checkpoint_effects(streams: Streams, event: CheckpointSaved | Exported) -> E
     return effects.command("SADD", streams.status_index, event.adapter)
 
 
-def read_status(client: redis.Redis, streams: Streams) -> list[StatusRow]:
+def state_status(state: AdapterState, *, queue_position: int | None = None) -> AdapterStatus:
+    """The trainer's fields of ``state``, as :func:`read_status` reads them back once
+    :func:`status_effects` wrote them (no sync, checkpoint or rejection fields)."""
+    return AdapterStatus(
+        name=state.name,
+        registration_id=state.registration_id,
+        phase=state.phase,
+        reason=state.reason,
+        slot=state.slot,
+        epoch=state.epoch,
+        step=state.step,
+        steps_total=state.steps_total,
+        version=state.version,
+        reward_mean=state.reward_mean,
+        queue_position=queue_position,
+        registered_at=state.registered_at,
+        updated_at=state.updated_at,
+    )
+
+
+def read_status(client: redis.Redis, streams: Streams) -> list[AdapterStatus]:
     """Every adapter's status, sorted by name (one round trip for the index, one for hashes).
 
     Raises :class:`SchemaError` naming the key and field when a value is malformed.
@@ -245,14 +267,14 @@ def read_status(client: redis.Redis, streams: Streams) -> list[StatusRow]:
     ]
 
 
-def _row(name: str, key: str, fields: dict[str, str]) -> StatusRow:
+def _row(name: str, key: str, fields: dict[str, str]) -> AdapterStatus:
     try:
         return _parse_row(name, fields)
     except (ValueError, msgspec.ValidationError) as exc:
         raise SchemaError(f"status hash {key!r} holds a malformed value: {exc}") from None
 
 
-def _parse_row(name: str, fields: dict[str, str]) -> StatusRow:
+def _parse_row(name: str, fields: dict[str, str]) -> AdapterStatus:
     registration = fields.get("registration_id", "")
     syncs = [
         (f.removeprefix(SYNC_PREFIX), _decode(f, v, WorkerSync))
@@ -264,10 +286,10 @@ def _parse_row(name: str, fields: dict[str, str]) -> StatusRow:
     checkpoint = _artifact(fields, CHECKPOINT_FIELD, registration)
     export = _artifact(fields, EXPORT_FIELD, registration)
     rejection = fields.get(REJECTION_FIELD)
-    return StatusRow(
+    return AdapterStatus(
         name=name,
         registration_id=registration,
-        phase=fields.get("phase", ""),
+        phase=_opt(fields, "phase", Phase),
         reason=fields.get("reason", ""),
         slot=_opt(fields, "slot", int),
         epoch=int(fields.get("epoch", 0)),

@@ -16,8 +16,8 @@ from orchestrator.ingress import invalid_rejection
 from orchestrator.lifecycle import Phase
 from orchestrator.status import (
     MAX_STATUS_NAME,
+    AdapterStatus,
     RejectionNote,
-    StatusRow,
     checkpoint_effects,
     fleet_status_effects,
     has_status,
@@ -58,11 +58,11 @@ class Projector:
         assert state is not None
         return state
 
-    def rows(self) -> dict[str, StatusRow]:
+    def rows(self) -> dict[str, AdapterStatus]:
         return {row.name: row for row in read_status(self.client, self.streams)}
 
 
-def fields_of(row: StatusRow, **expected: object) -> bool:
+def fields_of(row: AdapterStatus, **expected: object) -> bool:
     """Whether ``row`` has the ``expected`` field values (prints the difference otherwise)."""
     actual = {name: getattr(row, name) for name in expected}
     assert actual == expected
