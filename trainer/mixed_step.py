@@ -1,0 +1,101 @@
+"""One mixed step: the sample groups of every ready adapter → one batch → one forward/backward.
+
+:func:`mixed_step` is the numeric half of step 4 (Train) of the loop in :mod:`trainer.process`:
+it builds the mixed batch (:func:`trainer.batching.build_batch`), the per-slot RL loss
+(:class:`trainer.rl_loss.PPOClipLoss`, each slot with its own clip bounds and KL weight) and
+runs :func:`trainer.step.train_step` over all of it. Its result says, per slot, whether the step
+counts:
+
+- **trained**: the slot's weights and optimizer moved;
+- **skipped**: the slot had rows, but the train step left it untouched (no target tokens,
+  non-finite loss or gradient norm) — a failure, which the process counts;
+- **empty**: no sample group of the slot was usable (all rewards failed, or every group was
+  dropped by the filters), so it had no row — not a failure, the step is just redone.
+
+It touches no bus and no store; what the outcome means for the lifecycle is the process's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from trainer.batching import AdapterRows, RowStats, build_batch
+from trainer.inject import MultiLoraModel
+from trainer.optim import SlotAdamW
+from trainer.rl_loss import PPOClipLoss
+from trainer.step import SlotMetrics, train_step
+
+
+@dataclass(frozen=True)
+class SlotOutcome:
+    """What one mixed step did for one adapter's slot: ``stats`` of its rows, ``result`` of the
+    train step (``None``: the slot had no usable group, hence no row)."""
+
+    stats: RowStats
+    result: SlotMetrics | None
+
+    @property
+    def trained(self) -> bool:
+        return self.result is not None and not self.result.skipped
+
+    @property
+    def failed(self) -> bool:
+        """The train step skipped the slot (rather than it having nothing to train on)."""
+        return self.result is not None and self.result.skipped
+
+    @property
+    def reason(self) -> str:
+        """Why the step did not count (``""`` when it trained)."""
+        if self.result is None:
+            return "no usable sample group"
+        if not self.result.skipped:
+            return ""
+        return self.result.reason or "skipped by the train step"
+
+    def step_metrics(self, *, staleness: float, step_s: float) -> dict[str, float]:
+        """The ``step_done`` metrics of a trained slot: its rows' statistics, the train step's
+        loss, gradient norm, learning rate and token count, then the loss's own metrics."""
+        m = self.result
+        if m is None or m.skipped:
+            raise ValueError(f"step_metrics of a slot that did not train ({self.reason})")
+        return {
+            **self.stats.metrics(),
+            "loss": m.loss,
+            "grad_norm": m.grad_norm,
+            "lr": m.lr,
+            "tokens": float(m.tokens),
+            "staleness": staleness,
+            "step_s": step_s,
+            **m.extras,
+        }
+
+
+@dataclass(frozen=True)
+class MixedStep:
+    """The outcome of each slot of the step, and the train step's ``forward_backward`` and
+    ``optimizer`` wall seconds."""
+
+    outcomes: dict[int, SlotOutcome]
+    timings: dict[str, float]
+
+    @property
+    def tokens(self) -> int:
+        """Target tokens of the slots that trained."""
+        return sum(o.result.tokens for o in self.outcomes.values() if o.result and o.trained)
+
+    @property
+    def adapters(self) -> int:
+        return sum(1 for o in self.outcomes.values() if o.trained)
+
+
+def mixed_step(
+    model: MultiLoraModel, optimizer: SlotAdamW, rows: Sequence[AdapterRows], pad_id: int
+) -> MixedStep:
+    """Train every adapter of ``rows`` (one per slot) by one step, in one forward/backward."""
+    batch, stats = build_batch(rows, pad_id)
+    loss_fn = PPOClipLoss.from_specs({r.slot: r.loss for r in rows}, model.num_slots)
+    timings: dict[str, float] = {}
+    results = train_step(model, optimizer, batch, loss_fn, timings=timings) if batch else {}
+    outcomes = {r.slot: SlotOutcome(stats[r.slot], results.get(r.slot)) for r in rows}
+    return MixedStep(outcomes, timings)

@@ -1,0 +1,127 @@
+"""An adapter's versions on the artifact store: written, announced, restored.
+
+Every published version is a complete resume point (the four files of
+:mod:`events.adapter_format`, built by :func:`trainer.publish.version_files`). The trainer writes
+a run's version *before* any event refers to it: ``admitted`` publishes version 0 (or the
+resumed checkpoint), each trained step the next one, and only then are ``step_done`` and
+``sync_requested`` published, with the acks of the groups the step used. A crash in between
+leaves at most a version nobody refers to; the step is redone and the version written again.
+
+The training state stored with the version of step ``s`` holds the data cursor from before the
+tasks of step ``s + 1`` were issued (:attr:`~trainer.runs.AdapterRun.cursor_before`), so a
+restore from it issues the same prompts again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from events.adapter_format import ADAPTER_WEIGHTS, STATE_JSON, STATE_TENSORS
+from events.schema import SyncRequested
+from orchestrator.artifacts import ArtifactStore, PublishedVersion
+from orchestrator.cursor import DataCursor
+from trainer.inject import MultiLoraModel
+from trainer.optim import SlotAdamW
+from trainer.publish import VersionInfo, restore_slot, version_files
+from trainer.runs import AdapterRun
+
+
+class VersionPublisher:
+    """Writes runs' versions to ``artifacts`` and restores runs from them.
+
+    ``writers`` threads write the versions of one step concurrently (each write ends in fsyncs,
+    which wait on the disk, not on Python); the files are built one after another first (each a
+    few device-to-host copies of the slot).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: MultiLoraModel,
+        optimizer: SlotAdamW,
+        artifacts: ArtifactStore,
+        base_model: str,
+        writers: int = 4,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.artifacts = artifacts
+        self.base_model = base_model
+        self._writers = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="publish")
+
+    def publish(self, runs: Sequence[AdapterRun]) -> list[str]:
+        """Write the current version of each run; set its ``uri`` and ``published``; return the
+        URIs (in order)."""
+        files = [self._files(run) for run in runs]
+
+        def write(i: int) -> PublishedVersion:
+            r = runs[i]
+            return self.artifacts.write_version(r.name, r.registration_id, r.version, files[i])
+
+        if len(runs) > 1:
+            published = list(self._writers.map(write, range(len(runs))))
+        else:
+            published = [write(i) for i in range(len(runs))]
+        for run, version in zip(runs, published, strict=True):
+            run.uri = version.uri
+            run.published = (version.sha256, version.bytes)
+        return [version.uri for version in published]
+
+    def sync_requested(self, run: AdapterRun) -> SyncRequested:
+        """The ``sync_requested`` of the run's newest version (hashed from the store when the
+        run was restored and has not published since)."""
+        if run.published is None:
+            data = self.artifacts.read_file(run.uri, ADAPTER_WEIGHTS)
+            run.published = (hashlib.sha256(data).hexdigest(), len(data))
+        sha256, size = run.published
+        return SyncRequested(
+            adapter=run.name,
+            registration_id=run.registration_id,
+            epoch=run.epoch,
+            version=run.version,
+            step=run.step,
+            uri=run.uri,
+            sha256=sha256,
+            bytes=size,
+        )
+
+    def restore(self, name: str, registration_id: str, slot: int, uri: str) -> AdapterRun:
+        """Load the version at ``uri`` into ``slot`` exactly; the run continues from it.
+
+        The run's epoch and spec are the version's; a caller resuming under a new epoch or a
+        new registration sets them.
+        """
+        info = restore_slot(
+            self.model,
+            self.optimizer,
+            slot,
+            self.artifacts.read_file(uri, STATE_TENSORS),
+            self.artifacts.read_file(uri, STATE_JSON),
+            self.artifacts.read_file(uri, ADAPTER_WEIGHTS),
+        )
+        return AdapterRun(
+            name=name,
+            registration_id=registration_id,
+            epoch=info.epoch,
+            slot=slot,
+            spec=info.spec,
+            cursor=DataCursor.restore(info.cursor),
+            step=info.step,
+            version=info.version,
+            uri=uri,
+            issued_through=info.step,
+        )
+
+    def _files(self, run: AdapterRun) -> dict[str, bytes | bytearray]:
+        info = VersionInfo(
+            adapter=run.name,
+            registration_id=run.registration_id,
+            step=run.step,
+            version=run.version,
+            epoch=run.epoch,
+            cursor=run.cursor_before.get(run.next_step, run.cursor.state()),
+            spec=run.spec,
+        )
+        return version_files(self.model, self.optimizer, run.slot, info, self.base_model)
