@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from ops.models import write_tiny_model
+from ops.models import Family, write_tiny_model
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Family], Path]:
     """``tiny_model_dir(family)`` → a folder with a tiny random causal LM (written once)."""
-    cache: dict[str, Path] = {}
+    cache: dict[Family, Path] = {}
 
-    def get(family: str = "llama") -> Path:
+    def get(family: Family = "llama") -> Path:
         if family not in cache:
             cache[family] = write_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family)
         return cache[family]

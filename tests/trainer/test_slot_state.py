@@ -59,7 +59,8 @@ def test_state_round_trip_is_exact(tiny_model_dir):
     assert state.keys() == again.keys()
     for key, value in state.items():
         if isinstance(value, torch.Tensor):
-            assert torch.equal(value, again[key]), key
+            loaded = again[key]
+            assert isinstance(loaded, torch.Tensor) and torch.equal(value, loaded), key
         else:
             assert value == again[key], key
 

@@ -127,8 +127,10 @@ class InfiniteGradientFor:
     slot: int
     needs_reference: ClassVar[bool] = False
 
-    def __call__(self, logprobs_B_T: Tensor, batch: TrainBatch, ref: Tensor | None) -> LossOutput:
-        loss_B_T, extras = weighted_nll(logprobs_B_T, batch, ref)
+    def __call__(
+        self, logprobs_B_T: Tensor, batch: TrainBatch, ref_logprobs_B_T: Tensor | None
+    ) -> LossOutput:
+        loss_B_T, extras = weighted_nll(logprobs_B_T, batch, ref_logprobs_B_T)
         rows = torch.nonzero(batch.slot_ids_B == self.slot).flatten()
         picked = logprobs_B_T[rows]
         return loss_B_T.index_add(0, rows, torch.sqrt(picked - picked.detach())), extras
@@ -192,9 +194,11 @@ class ReferenceProbe:
     needs_reference: bool
     seen: list = field(default_factory=list)
 
-    def __call__(self, logprobs_B_T: Tensor, batch: TrainBatch, ref: Tensor | None) -> LossOutput:
-        self.seen.append(ref)
-        return weighted_nll(logprobs_B_T, batch, ref)
+    def __call__(
+        self, logprobs_B_T: Tensor, batch: TrainBatch, ref_logprobs_B_T: Tensor | None
+    ) -> LossOutput:
+        self.seen.append(ref_logprobs_B_T)
+        return weighted_nll(logprobs_B_T, batch, ref_logprobs_B_T)
 
 
 def test_reference_logprobs_are_computed_only_when_asked(tiny_model_dir):
