@@ -222,6 +222,7 @@ class TrainerProcess:
             self._publish(effects, rejected)
             consumer = self.consumer.name if self.consumer is not None else SOURCE
             reason = f"rejected by admission ({verdict.field}): {verdict.reason}"
+            log.info("rejected %s (registration %s): %s", event.adapter, registration_id, reason)
             letter = dead_letter_effects(
                 self.streams, d, reason, consumer=consumer, now=self.clock()
             )
