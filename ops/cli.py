@@ -137,7 +137,7 @@ def cmd_status(argv: Sequence[str]) -> int:
 
 
 def cmd_watch(argv: Sequence[str]) -> int:
-    from ops.report import watch
+    from ops.watch import watch
 
     def declare(p: argparse.ArgumentParser) -> None:
         p.add_argument("--interval", type=float, default=1.0)
@@ -148,7 +148,7 @@ def cmd_watch(argv: Sequence[str]) -> int:
 
 
 def cmd_events(argv: Sequence[str]) -> int:
-    from ops.report import tail_events
+    from ops.tail import tail_events
 
     def declare(p: argparse.ArgumentParser) -> None:
         p.add_argument("what", choices=("tail",))
@@ -163,7 +163,7 @@ def cmd_events(argv: Sequence[str]) -> int:
 
 
 def cmd_plot(argv: Sequence[str]) -> int:
-    from ops.report import plot_curves
+    from ops.plots import plot_curves
 
     def declare(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", default="runs/curves.png")
