@@ -208,6 +208,12 @@ def cmd_demo(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def cmd_cluster(argv: Sequence[str]) -> int:
+    from ops.cluster import main  # imports ray itself, lazily: the local path never does
+
+    return main(list(argv))
+
+
 COMMANDS = {
     "trainer": cmd_trainer,
     "rollout": cmd_rollout,
@@ -222,6 +228,7 @@ COMMANDS = {
     "run": cmd_run,
     "plot": cmd_plot,
     "demo": cmd_demo,
+    "cluster": cmd_cluster,
 }
 
 

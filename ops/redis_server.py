@@ -82,8 +82,10 @@ class RedisServer:
         port: int | None = None,
         binary: ServerBinary | None = None,
         appendfsync: str = "everysec",
+        host: str = "127.0.0.1",
     ) -> None:
         self.binary = binary or find_binary()
+        self.host = host
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="multilora-redis-")
         self.data_dir = Path(data_dir or self._tmp.name).resolve()  # type: ignore[union-attr]
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -93,15 +95,16 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> RedisServer:
-        args = [
+    def command(self) -> list[str]:
+        """The server's command line (``start`` runs it; a cluster actor runs it on the head)."""
+        return [
             str(self.binary.path),
             "--port",
             str(self.port),
             "--bind",
-            "127.0.0.1",
+            self.host,
             "--dir",
             str(self.data_dir),
             "--appendonly",
@@ -117,8 +120,13 @@ class RedisServer:
             "--logfile",
             str(self.data_dir / "server.log"),
         ]  # fmt: skip  (flag/value pairs on one line each read as the server's config)
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        args = self.command()
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        client = redis.Redis(port=self.port, socket_timeout=1.0, socket_connect_timeout=1.0)
+        client = redis.Redis(
+            host=self.host, port=self.port, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
         deadline = time.monotonic() + timeout_s
         while True:
             try:
