@@ -25,8 +25,8 @@ lock:
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --upgrade pip
 	.lock-venv/bin/python -m pip install -q torch==2.13.0
-	.lock-venv/bin/python -m pip install -q '.[dev]'
-	{ echo "# Exact versions CI tested (Python 3.11, CPU). Install: make setup. Refresh: make lock."; \
+	.lock-venv/bin/python -m pip install -q '.[dev,cluster]'
+	{ echo "# Exact versions CI tested (Python 3.11, CPU; dev and cluster extras). Install: make setup. Refresh: make lock."; \
 	  echo "# torch is the CPU build pinned in the Makefile (a bare torch pulls multi-GB CUDA builds)."; \
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^multilora'; } > requirements.lock
 	rm -rf .lock-venv
