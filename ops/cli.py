@@ -10,6 +10,7 @@ Processes (what the Procfile and ``up`` run)::
 Tenants and operators::
 
     multilora up [--workers N] [--schedule FILE]   # embedded Redis + all processes, locally
+    multilora cluster up|scale|status|down         # the same processes as Ray actors
     multilora submit adapter.toml | cancel NAME | status | watch | events tail
     multilora run schedule.toml                    # one-time mode: exits when all are done
     multilora plot --out runs/curves.png           # reward/loss curves from step_done events
