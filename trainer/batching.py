@@ -26,12 +26,18 @@ from trainer.rl_loss import group_advantages
 
 @dataclass(frozen=True)
 class AdapterRows:
-    """One adapter's contribution to a step: its slot, loss settings and sample groups."""
+    """One adapter's contribution to a step: its slot, loss settings and sample groups.
+
+    ``revision`` names what was last put into the slot outside a train step (the process: the
+    registration id; ``None``: unknown), so a data-parallel step can tell a slot that only its
+    own steps moved from one configured or restored since (:mod:`trainer.dist_step`).
+    """
 
     slot: int
     loss: LossSpec
     groups: Sequence[PromptGroup]
     temperature: float = 1.0
+    revision: str | None = None
 
 
 @dataclass

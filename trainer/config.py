@@ -26,6 +26,9 @@ class TrainerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ``max_failures`` consecutive skipped steps (non-finite loss) fail an adapter.
     ``extra_rewards`` are reward names the rollout workers' operators registered as entry points
     (admission accepts them besides the built-ins). The bus consumer name defaults to ``trainer``.
+    ``ranks`` > 1 trains data-parallel over that many processes (:mod:`trainer.ranks`; on CUDA
+    rank ``r`` uses device ``base + r``, on CPU give each a share of the cores with
+    ``torch_threads``); 1 is a single process without ``torch.distributed``.
     """
 
     bus: BusConfig = BusConfig()
@@ -53,3 +56,4 @@ class TrainerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     torch_threads: Annotated[
         int, msgspec.Meta(ge=0, description="intra-op threads (0: torch's default)")
     ] = 0
+    ranks: Annotated[Positive, _doc("data-parallel ranks (processes; on CUDA one device each)")] = 1

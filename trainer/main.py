@@ -4,14 +4,20 @@ Kept apart from :mod:`trainer.process` (the state machine) so that module holds 
 ``multilora trainer`` (in ``ops``, which may import both trainer and rollout) calls :func:`main`
 with the two things admission needs from the rollout side — how to measure a dataset and which
 reward names exist — so the trainer never imports rollout code.
+
+With ``--ranks R`` > 1, :func:`main` first starts the other ranks (:mod:`trainer.ranks`; they
+build their models while this process builds its own) and stops them when the process ends;
+:func:`build` then gives the process the data-parallel step instead of the one-process one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from events.bootstrap import EXIT_CONFIG, Bus, run_process
 from events.config import load
@@ -22,6 +28,9 @@ from orchestrator.admission import Admission
 from orchestrator.artifacts import ArtifactStore
 from trainer.config import TrainerConfig
 from trainer.metrics import TrainerMetrics
+
+if TYPE_CHECKING:
+    from trainer.ranks import RankGroup, RankRecipe
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +50,45 @@ def load_config(argv: Sequence[str] | None = None, environ=None) -> TrainerConfi
     )
 
 
+def rank_recipe(config: TrainerConfig) -> RankRecipe:
+    """What every rank needs to build the same slot model as this process."""
+    from trainer.ranks import RankRecipe
+
+    return RankRecipe(
+        model_path=config.model_path,
+        num_slots=config.num_slots,
+        max_rank=config.max_rank,
+        dtype=config.dtype,
+        device=config.device,
+        torch_threads=config.torch_threads,
+        log_level=config.bus.log_level,
+    )
+
+
+def start_ranks(config: TrainerConfig) -> contextlib.AbstractContextManager[RankGroup | None]:
+    """The other ranks, started (``None`` for ``ranks=1``); leaving the context stops them."""
+    if config.ranks == 1:
+        return contextlib.nullcontext()
+    from trainer.ranks import RankGroup
+
+    return RankGroup.start(rank_recipe(config), config.ranks)
+
+
 def build(
-    config: TrainerConfig, bus: Bus, *, dataset_size: DatasetSizer, rewards: frozenset[str]
+    config: TrainerConfig,
+    bus: Bus,
+    *,
+    dataset_size: DatasetSizer,
+    rewards: frozenset[str],
+    ranks: RankGroup | None = None,
 ) -> Consumer:
-    """The trainer process and its consumer (recovery runs as the consumer's ``on_start``)."""
+    """The trainer process and its consumer (recovery runs as the consumer's ``on_start``);
+    with ``ranks`` (rank 0's :class:`~trainer.ranks.RankGroup`), its steps are data-parallel."""
     import torch
 
+    from trainer.dist_step import DataParallelStep
     from trainer.inject import MultiLoraModel
+    from trainer.mixed_step import StepFn, mixed_step
     from trainer.optim import SlotAdamW
     from trainer.process import TrainerProcess
 
@@ -58,8 +99,12 @@ def build(
         config.num_slots,
         config.max_rank,
         dtype=getattr(torch, config.dtype),
-        device=config.device,
+        device=config.device if ranks is None else rank_recipe(config).device_of(0),
     )
+    step_fn: StepFn = mixed_step
+    if ranks is not None:
+        ranks.wait_ready()
+        step_fn = DataParallelStep(ranks)
     base_model = config.base_model or Path(config.model_path).name
     roots = [Path(r) for r in config.allowed_roots]
     admission = Admission(
@@ -82,6 +127,7 @@ def build(
         prompts_per_task=config.prompts_per_task,
         max_failures=config.max_failures,
         metrics=TrainerMetrics(bus.registry),
+        step_fn=step_fn,
     )
     consumer = bus.consumer(
         process.subscriptions(),
@@ -92,10 +138,11 @@ def build(
     )
     process.consumer = consumer
     log.info(
-        "trainer: %s on %s/%s, %d slots up to rank %d; versions in %s",
+        "trainer: %s on %s/%s x %d ranks, %d slots up to rank %d; versions in %s",
         config.model_path,
         config.device,
         config.dtype,
+        config.ranks,
         config.num_slots,
         config.max_rank,
         config.artifacts,
@@ -112,8 +159,9 @@ def main(
     except ConfigError as exc:
         print(f"multilora trainer: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return run_process(
-        "trainer",
-        config.bus,
-        lambda bus: build(config, bus, dataset_size=dataset_size, rewards=rewards),
-    )
+    with start_ranks(config) as ranks:
+        return run_process(
+            "trainer",
+            config.bus,
+            lambda bus: build(config, bus, dataset_size=dataset_size, rewards=rewards, ranks=ranks),
+        )

@@ -13,15 +13,21 @@ counts:
   dropped by the filters), so it had no row — not a failure, the step is just redone.
 
 It touches no bus and no store; what the outcome means for the lifecycle is the process's.
+The process is given its step function (:data:`StepFn`): :func:`mixed_step` in one process, or
+:class:`trainer.dist_step.DataParallelStep`, the same step spread over ranks, which passes its
+own ``train`` to :func:`mixed_step`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+from trainer.batch import TrainBatch
 from trainer.batching import AdapterRows, RowStats, build_batch
 from trainer.inject import MultiLoraModel
+from trainer.losses import LossFn
 from trainer.optim import SlotAdamW
 from trainer.rl_loss import PPOClipLoss
 from trainer.step import SlotMetrics, train_step
@@ -89,13 +95,36 @@ class MixedStep:
         return sum(1 for o in self.outcomes.values() if o.trained)
 
 
+class TrainFn(Protocol):
+    """Runs the train step over a built batch (:func:`trainer.step.train_step`'s signature)."""
+
+    def __call__(
+        self,
+        model: MultiLoraModel,
+        optimizer: SlotAdamW,
+        batch: TrainBatch,
+        loss_fn: LossFn,
+        *,
+        timings: dict[str, float] | None = None,
+    ) -> dict[int, SlotMetrics]: ...
+
+
+StepFn = Callable[[MultiLoraModel, SlotAdamW, Sequence[AdapterRows], int], MixedStep]
+"""``(model, optimizer, rows, pad_id) -> MixedStep``: what the trainer process calls per step."""
+
+
 def mixed_step(
-    model: MultiLoraModel, optimizer: SlotAdamW, rows: Sequence[AdapterRows], pad_id: int
+    model: MultiLoraModel,
+    optimizer: SlotAdamW,
+    rows: Sequence[AdapterRows],
+    pad_id: int,
+    *,
+    train: TrainFn = train_step,
 ) -> MixedStep:
     """Train every adapter of ``rows`` (one per slot) by one step, in one forward/backward."""
     batch, stats = build_batch(rows, pad_id)
     loss_fn = PPOClipLoss.from_specs({r.slot: r.loss for r in rows}, model.num_slots)
     timings: dict[str, float] = {}
-    results = train_step(model, optimizer, batch, loss_fn, timings=timings) if batch else {}
+    results = train(model, optimizer, batch, loss_fn, timings=timings) if batch else {}
     outcomes = {r.slot: SlotOutcome(stats[r.slot], results.get(r.slot)) for r in rows}
     return MixedStep(outcomes, timings)

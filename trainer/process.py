@@ -69,7 +69,7 @@ from orchestrator.status import fleet_status_effects
 from trainer.batching import AdapterRows
 from trainer.inject import MultiLoraModel
 from trainer.metrics import TrainerMetrics
-from trainer.mixed_step import MixedStep, SlotOutcome, mixed_step
+from trainer.mixed_step import MixedStep, SlotOutcome, StepFn, mixed_step
 from trainer.optim import SlotAdamW
 from trainer.runs import AdapterRun, EndReason, Held
 from trainer.versions import VersionPublisher
@@ -110,6 +110,7 @@ class TrainerProcess:
         max_failures: int = 3,
         clock: Callable[[], float] = time.time,
         metrics: TrainerMetrics | None = None,
+        step_fn: StepFn = mixed_step,
     ) -> None:
         self.client = client
         self.streams = streams
@@ -124,6 +125,7 @@ class TrainerProcess:
         self.max_failures = max_failures
         self.clock = clock
         self.metrics = metrics
+        self.step_fn = step_fn  # mixed_step, or trainer.dist_step.DataParallelStep (ranks)
         self.versions = VersionPublisher(
             model=model, optimizer=optimizer, artifacts=artifacts, base_model=base_model
         )
@@ -334,7 +336,7 @@ class TrainerProcess:
         t0 = time.perf_counter()
         used = {run.name: run.take_next() for run in ready}
         rows = [_rows(run, used[run.name]) for run in ready]
-        step = mixed_step(self.model, self.optimizer, rows, self.pad_id)
+        step = self.step_fn(self.model, self.optimizer, rows, self.pad_id)
         step_s = time.perf_counter() - t0
         effects = Effects()
         trained: list[TrainedStep] = []
@@ -467,4 +469,5 @@ def _rows(run: AdapterRun, used: list[Held]) -> AdapterRows:
     """The run's part of the mixed batch: its slot, loss settings and held sample groups."""
     groups = [g for _, event in used for g in event.groups]
     temperature = run.spec.sampling.logprob_temperature
-    return AdapterRows(run.slot, run.spec.loss, groups, temperature=temperature)
+    revision = run.registration_id  # a slot's state changes outside a step only on admission
+    return AdapterRows(run.slot, run.spec.loss, groups, temperature=temperature, revision=revision)

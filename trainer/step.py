@@ -14,6 +14,13 @@ Skips (reported in :class:`SlotMetrics`, state untouched, step counter not bumpe
 Rows routed to ``BASE_SLOT`` may be present (e.g. padding rows); they carry no loss. Rows are
 sorted by slot and ``T`` is right-padded to a multiple of 8 before the forward (so slot layers
 slice contiguous segments and the grouped GEMM kernel applies); neither changes any result.
+
+Data parallel (:mod:`trainer.dist_step`): each rank runs :func:`train_step` on its share of the
+rows with the step's ``slots`` and a :class:`StepReducer`. The per-slot sums (target tokens,
+loss, metrics) are summed over the ranks *before* anything is normalised or decided, so every
+rank divides by the slot's global token count and takes the same skip decisions; the slot
+gradients (local sum / global tokens) are summed before the optimizer, so every rank applies the
+same update. Without a reducer nothing of this runs (one process, no ``torch.distributed``).
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -79,29 +88,50 @@ def pad_time(batch: TrainBatch, multiple: int) -> TrainBatch:
     )
 
 
-def train_step(
-    model: MultiLoraModel,
-    optimizer: SlotAdamW,
-    batch: TrainBatch,
-    loss_fn: LossFn,
-    *,
-    timings: dict[str, float] | None = None,
-) -> dict[int, SlotMetrics]:
-    """Train every slot present in ``batch`` by one step; return metrics keyed by slot.
+class StepReducer(Protocol):
+    """How the ranks of a data-parallel step combine their parts (sums, in place, on every rank).
 
-    ``timings``, when given, receives ``forward_backward`` and ``optimizer`` wall seconds (the
-    device is synchronised at each boundary, so the split is right on CUDA too).
+    :class:`trainer.ranks.RankGroup` implements it with all-reduces; a one-process step has none.
     """
-    t_start = time.perf_counter()
-    device = model.store.weight_S_R_Q.device
-    order_B = torch.argsort(batch.slot_ids_B.cpu(), stable=True)  # contiguous slot segments
-    batch = pad_time(batch.select(order_B), TIME_MULTIPLE).to(device)
-    ids = batch.slot_ids_B.tolist()
-    slots = sorted({s for s in ids if s != BASE_SLOT})
-    for slot in slots:
-        optimizer.spec(slot)  # raises for a slot without optimizer settings
-    optimizer.zero_grad()
 
+    def sum_stats(self, stats_N_S: Tensor) -> None:
+        """Sum the per-slot statistics ``[N, S + 1]`` (tokens, loss, metrics) over the ranks."""
+        ...
+
+    def sum_grads(self, grads: Sequence[Tensor]) -> None:
+        """Sum these gradient tensors (the stepped slots' true-rank blocks) over the ranks."""
+        ...
+
+
+def prepare_batch(batch: TrainBatch, device: torch.device) -> TrainBatch:
+    """The batch as the step runs it: rows sorted by slot (stable), ``T`` padded, on ``device``."""
+    order_B = torch.argsort(batch.slot_ids_B.cpu(), stable=True)  # contiguous slot segments
+    return pad_time(batch.select(order_B), TIME_MULTIPLE).to(device)
+
+
+def present_slots(batch: TrainBatch) -> list[int]:
+    """The adapter slots with rows in ``batch``, sorted (``BASE_SLOT`` rows left out)."""
+    return sorted({s for s in batch.slot_ids_B.tolist() if s != BASE_SLOT})
+
+
+@dataclass(frozen=True)
+class SlotSums:
+    """Per-slot sums over a batch's target tokens; index ``S`` (the last) bins the base rows.
+
+    ``loss_S`` keeps its graph (the backward starts from it); the others are detached.
+    """
+
+    tokens_S: Tensor
+    loss_S: Tensor
+    extras_K_S: dict[str, Tensor]
+
+    def stats_N_S(self) -> Tensor:
+        """``[2 + K, S + 1]``: tokens, loss, then each metric (what the ranks sum)."""
+        return torch.stack([self.tokens_S, self.loss_S.detach(), *self.extras_K_S.values()])
+
+
+def slot_sums(model: MultiLoraModel, batch: TrainBatch, loss_fn: LossFn) -> SlotSums:
+    """Forward (and the reference forward if the loss needs it), per-token loss, per-slot sums."""
     args = (batch.tokens_B_T, batch.attention_mask_B_T, batch.slot_ids_B)
     logprobs_B_T = F.pad(model.logprobs(*args, temperature_B=batch.temperature_B), (1, 0))
     ref_B_T = None
@@ -118,28 +148,75 @@ def train_step(
         row_B = torch.where(target_B_T, values_B_T, 0.0).sum(1)
         return row_B.new_zeros(num_slots + 1).index_add(0, bins_B, row_B)
 
-    tokens_S = per_slot_sum(torch.ones_like(per_token_B_T, dtype=torch.float32))
-    loss_S = per_slot_sum(per_token_B_T) / tokens_S.clamp(min=1)
-    extras_K_S = {
-        k: per_slot_sum(v.detach().float()) / tokens_S.clamp(min=1) for k, v in extras.items()
-    }
-    host = torch.stack([tokens_S, loss_S.detach(), *extras_K_S.values()]).tolist()
-    tokens, losses, extra_rows = host[0], host[1], host[2:]
+    return SlotSums(
+        tokens_S=per_slot_sum(torch.ones_like(per_token_B_T, dtype=torch.float32)),
+        loss_S=per_slot_sum(per_token_B_T),
+        extras_K_S={k: per_slot_sum(v.detach().float()) for k, v in extras.items()},
+    )
 
+
+def skip_reasons(
+    slots: Sequence[int], tokens: Sequence[float], losses: Sequence[float]
+) -> dict[int, str]:
+    """The slots the step leaves out of the backward, and why (from the normalised sums)."""
     skipped: dict[int, str] = {}
     for slot in slots:
         if tokens[slot] == 0:
             skipped[slot] = "no target tokens"
         elif not math.isfinite(losses[slot]):
             skipped[slot] = "non-finite loss"
+    return skipped
+
+
+def train_step(
+    model: MultiLoraModel,
+    optimizer: SlotAdamW,
+    batch: TrainBatch,
+    loss_fn: LossFn,
+    *,
+    timings: dict[str, float] | None = None,
+    slots: Sequence[int] | None = None,
+    reducer: StepReducer | None = None,
+) -> dict[int, SlotMetrics]:
+    """Train every slot present in ``batch`` by one step; return metrics keyed by slot.
+
+    ``timings``, when given, receives ``forward_backward`` and ``optimizer`` wall seconds (the
+    device is synchronised at each boundary, so the split is right on CUDA too).
+
+    ``slots`` and ``reducer`` make this one rank's part of a data-parallel step (see the module
+    docstring): ``slots`` are the slots of the whole step (this rank's rows may hold only some),
+    and the metrics are the whole step's, the same on every rank.
+    """
+    t_start = time.perf_counter()
+    device = model.store.weight_S_R_Q.device
+    batch = prepare_batch(batch, device)
+    slots = present_slots(batch) if slots is None else sorted(slots)
+    for slot in slots:
+        optimizer.spec(slot)  # raises for a slot without optimizer settings
+    optimizer.zero_grad()
+
+    sums = slot_sums(model, batch, loss_fn)
+    stats_N_S = sums.stats_N_S()
+    if reducer is not None:
+        reducer.sum_stats(stats_N_S)
+    tokens_S = stats_N_S[0].clamp(min=1)
+    loss_S = sums.loss_S / tokens_S  # local sum / global tokens: the ranks' parts add up
+    host = torch.cat([stats_N_S[:1], stats_N_S[1:] / tokens_S]).tolist()
+    tokens, losses, extra_rows = host[0], host[1], host[2:]
+
+    skipped = skip_reasons(slots, tokens, losses)
     live = [s for s in slots if s not in skipped]
     if live:
         total = loss_S[torch.tensor(live, device=loss_S.device)].sum()
-        with warnings.catch_warnings():
-            # Slot parameters are views into one flat store, so autograd notes that their
-            # .grad views are not dense; accumulation into them is intended (see SlotStore).
-            warnings.filterwarnings("ignore", message=".*gradient layout contract.*")
-            total.backward()
+        if total.requires_grad:  # False only on a rank whose rows hold none of ``live``
+            with warnings.catch_warnings():
+                # Slot parameters are views into one flat store, so autograd notes that their
+                # .grad views are not dense; accumulation into them is intended (see SlotStore).
+                warnings.filterwarnings("ignore", message=".*gradient layout contract.*")
+                total.backward()
+        if reducer is not None:
+            grad = optimizer.store.grad_S_R_Q
+            reducer.sum_grads([grad[s, : model.table.rank(s)] for s in live])
     t_backward = _synced_clock(device)
     stepped = optimizer.step(live)
     if timings is not None:
@@ -159,7 +236,7 @@ def train_step(
             step=optimizer.step_count(slot),
             skipped=reason is not None,
             reason=reason,
-            extras={k: row[slot] for k, row in zip(extras_K_S, extra_rows, strict=True)},
+            extras={k: row[slot] for k, row in zip(sums.extras_K_S, extra_rows, strict=True)},
         )
     return metrics
 
