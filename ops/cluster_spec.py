@@ -72,7 +72,7 @@ class ClusterOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_rank: Annotated[Positive, _doc("largest LoRA rank")] = 64
     max_batch_wait_s: Annotated[NonNegative, _doc("the trainer's wait to share a step")] = 2.0
     torch_threads: Annotated[Count, _doc("intra-op threads per process (0: default)")] = 0
-    trainer_ranks: Annotated[Positive, _doc("trainer ranks (data parallel; reserved)")] = 1
+    trainer_ranks: Annotated[Positive, _doc("trainer ranks (data parallel, one node)")] = 1
     trainer_gpus: Annotated[Gpus, _doc("GPUs per trainer rank (0: CPU)")] = 0
     rollout_gpus: Annotated[Gpus, _doc("GPUs per rollout worker (0: CPU)")] = 0
     trainer_cpus: Annotated[Cpus, _doc("CPUs reserved for the trainer")] = 1.0
@@ -182,6 +182,7 @@ def launch(o: ClusterOptions, role: str, index: int = 0, *, redis_url: str = "")
         args += ["--model", o.model, "--num-slots", str(o.num_slots), "--max-rank", str(o.max_rank)]
         args += [*stores, *roots, *threads, "--max-batch-wait-s", str(o.max_batch_wait_s)]
         args += ["--device", "cuda"] if o.trainer_gpus else []
+        args += ["--ranks", str(o.trainer_ranks)] if o.trainer_ranks > 1 else []
     elif role == "rollout":
         args += ["--model", o.model, "--index", str(index), "--max-rank", str(o.max_rank)]
         args += ["--max-slots", str(2 * o.num_slots), *roots, *threads]
