@@ -38,7 +38,8 @@ return false
 """
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -88,7 +89,7 @@ class Lease:
             holder = json.loads(raw)
         except ValueError:
             return False
-        return bool(holder.get("host") == socket.gethostname() and not _pid_alive(holder["pid"]))
+        return bool(holder.get("host") == socket.gethostname() and not pid_alive(holder["pid"]))
 
     def renew(self) -> bool:
         """Extend the lease; False means it was lost (expired and taken by another process)."""

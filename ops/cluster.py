@@ -55,6 +55,7 @@ from events.bootstrap import redact
 from events.config import load
 from events.connection import connect
 from events.errors import ConfigError
+from events.lease import pid_alive
 from events.streams import Streams
 from ops.cluster_actor import ActorInfo, ProcessActor
 from ops.cluster_spec import (
@@ -102,7 +103,7 @@ class Cluster:
         record = Path(self.options.run_dir).resolve() / HEAD_FILE
         if record.exists():
             head = json.loads(record.read_text())
-            if _alive(head["pid"]):
+            if pid_alive(head["pid"]):
                 self.local_head_pid = int(head["pid"])
                 return str(head["address"])
         if not start_local:
@@ -215,16 +216,6 @@ class Cluster:
         return msgspec.json.decode(raw, type=Deployment)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def start_local_head(record: Path, extra_args: str, timeout_s: float = 120.0) -> tuple[int, str]:
     """``ray start --head --block`` on a free port, detached from this command; returns its pid
     (``down`` stops it) and address, both recorded in ``record``."""
@@ -253,10 +244,10 @@ def start_local_head(record: Path, extra_args: str, timeout_s: float = 120.0) ->
 def stop_local_head(pid: int, record: Path, timeout_s: float = 60.0) -> None:
     """SIGTERM the ``ray start --block`` of :func:`start_local_head`: it drains and stops the
     head's processes (and only those: not ``ray stop``, which stops every cluster on the host)."""
-    if _alive(pid):
+    if pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):  # our child if this command started it
                 os.waitpid(pid, os.WNOHANG)
             time.sleep(0.2)
