@@ -20,7 +20,10 @@ import msgspec
 from events.codec import encode
 
 _ALLOWED = frozenset(
-    {"XADD", "HSET", "HDEL", "SET", "DEL", "SADD", "SREM", "INCRBY", "HINCRBY", "EXPIRE", "ZADD"}
+    {
+        "XADD", "HSET", "HSETNX", "HDEL", "SET", "DEL", "SADD", "SREM",
+        "INCRBY", "HINCRBY", "EXPIRE", "ZADD",
+    }
 )
 
 # KEYS: none used by name (standalone server). ARGV[1] = consumer name, ARGV[2] = JSON plan:

@@ -26,16 +26,21 @@ stream              union                        written by → read by
 ``control``         :data:`ControlEvent`         trainer, rollout, checkpoint → all (broadcast)
 ``rollout.tasks``   :data:`TaskEvent`            trainer → rollout workers (one shared group)
 ``rollout.groups``  :data:`GroupEvent`           rollout workers → trainer
+``train.requests``  :data:`TrainRequest`         gateways → trainer (client-driven adapters)
 ==================  ===========================  ==============================================
+
+Results of client requests are not events: they are durable future records
+(:mod:`events.futures`) written with the acknowledgement of the request that produced them.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from events.specs import (
+    MAX_GROUP_SIZE,
     AdapterName,
     AdapterSpec,
     DatasetSpec,
@@ -275,6 +280,117 @@ class RolloutGroup(_Envelope, frozen=True, kw_only=True, tag="rollout.group"):
     generate_s: float = 0.0
 
 
+# --- client-driven adapters (Tinker-SDK tenants behind the gateway) ----------------------------
+
+LossFnName = Literal["cross_entropy", "importance_sampling", "ppo"]
+"""The loss functions a client's ``forward_backward`` may name (the Tinker SDK's names)."""
+
+
+class Datum(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One training example of a client-driven adapter, in the trainer's token alignment.
+
+    ``tokens`` is the whole sequence ``x_0 .. x_T-1``; each loss input has ``T`` entries, entry
+    ``t`` being about token ``t`` as a target, predicted from tokens ``< t`` (entry 0 is never a
+    target). A Tinker datum (model input ``x_0 .. x_N-1``, ``target_tokens`` ``x_1 .. x_N``,
+    loss inputs of length ``N``) becomes ``tokens = x_0 .. x_N`` and each loss input shifted
+    right by one; the gateway does that conversion. Empty loss inputs mean zeros.
+
+    - ``weights``: per-target weight of ``cross_entropy`` (``loss = -Σ w_t · log p_t``).
+    - ``logprobs``: the sampler's log-probs (``importance_sampling``, ``ppo``).
+    - ``advantages``: per-target advantages (``importance_sampling``, ``ppo``).
+    """
+
+    tokens: tuple[int, ...]
+    weights: tuple[float, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    advantages: tuple[float, ...] = ()
+
+
+class ForwardBackward(_Envelope, frozen=True, kw_only=True, tag="train.forward_backward"):
+    """A client's ``forward_backward`` (or, with ``backward=False``, ``forward``) on its adapter.
+
+    Produced by: a gateway on ``train.requests``; consumed by the trainer, which packs the datums
+    into its next mixed step with every other adapter's rows. The gradient (of the loss *summed*
+    over target tokens, the Tinker convention) accumulates in the slot until the client's next
+    ``optim_step``; the entry stays pending until that step's version is durable, so a crash
+    recomputes it and applies it once. The result (per-datum target log-probs, the loss) is the
+    future ``request_id`` (:mod:`events.futures`). ``loss_config`` holds the loss's settings
+    (``ppo``: ``clip_low_threshold``, ``clip_high_threshold``, ratio bounds, default 0.8 / 1.2).
+    """
+
+    request_id: str
+    datums: Annotated[tuple[Datum, ...], msgspec.Meta(min_length=1)]
+    loss_fn: LossFnName = "cross_entropy"
+    loss_config: dict[str, float] = msgspec.field(default_factory=dict)
+    backward: bool = True
+
+
+class OptimStep(_Envelope, frozen=True, kw_only=True, tag="train.optim_step"):
+    """A client's ``optim_step``: one AdamW update of its slot with the gradient accumulated
+    since the previous one, with these settings (Tinker's ``AdamParams``; decoupled weight
+    decay; ``grad_clip_norm`` 0 = no clipping). The new weights are written as the adapter's
+    next version before ``step_done`` and the future are published."""
+
+    request_id: str
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+class SaveWeights(_Envelope, frozen=True, kw_only=True, tag="train.save_weights"):
+    """A client's ``save_weights_for_sampler`` (``kind="sampler"``: the current weights become a
+    version the rollout workers serve, announced with ``sync_requested``) or ``save_state``
+    (``kind="state"``: weights and optimizer state promoted to a named checkpoint by the
+    checkpoint process). ``name`` is the client's name for it (unique per adapter)."""
+
+    request_id: str
+    name: str
+    kind: Literal["sampler", "state"] = "sampler"
+
+
+class LoadWeights(_Envelope, frozen=True, kw_only=True, tag="train.load_weights"):
+    """A client's ``load_state`` (``with_optimizer``: also the Adam moments and step count) from
+    the checkpoint directory ``uri`` (resolved by the gateway from the client's ``tinker://``
+    path, of this tenant)."""
+
+    request_id: str
+    uri: str
+    with_optimizer: bool = False
+
+
+class SaveRequested(_Envelope, frozen=True, kw_only=True, tag="adapter.save_requested"):
+    """The trainer asks the checkpoint process to promote version ``version`` (at ``state_uri``)
+    of a client-driven adapter to the named checkpoint ``name``, and to answer the future
+    ``request_id`` with its path. Produced by: trainer (on a ``save_state`` request)."""
+
+    request_id: str
+    name: str
+    step: int
+    version: int
+    state_uri: str
+
+
+class SampleTask(_Envelope, frozen=True, kw_only=True, tag="rollout.sample"):
+    """A client's ``sample`` / ``compute_logprobs``: ``num_samples`` completions of the token
+    prompt ``prompt_ids`` with weights ``version`` at ``weights_uri`` (``""``: the base model, no
+    adapter), on ``rollout.tasks`` like any task, served by one rollout worker. With
+    ``prompt_logprobs`` the result carries ``log p(prompt_t | prompt_<t)`` for every prompt
+    token (``None`` for the first). The result is the future ``request_id``; no reward is
+    computed (the client scores its own samples). ``adapter`` is empty for the base model."""
+
+    request_id: str
+    version: int = 0
+    weights_uri: str = ""
+    prompt_ids: Annotated[tuple[int, ...], msgspec.Meta(min_length=1)]
+    num_samples: Annotated[int, msgspec.Meta(ge=1, le=MAX_GROUP_SIZE)] = 1
+    sampling: SamplingSpec = SamplingSpec()
+    seed: int = 0
+    prompt_logprobs: bool = False
+
+
 IngressEvent = RegisterRequested | DeregisterRequested
 ControlEvent = (
     RegisterRequested
@@ -290,10 +406,12 @@ ControlEvent = (
     | Completed
     | Retired
     | Failed
+    | SaveRequested
 )
-TaskEvent = RolloutTask
+TaskEvent = RolloutTask | SampleTask
 GroupEvent = RolloutGroup
-AnyEvent = ControlEvent | RolloutTask | RolloutGroup
+TrainRequest = ForwardBackward | OptimStep | SaveWeights | LoadWeights
+AnyEvent = ControlEvent | RolloutTask | SampleTask | RolloutGroup | TrainRequest
 
 ALL_EVENT_TYPES: tuple[type[_Envelope], ...] = (
     RegisterRequested,
@@ -311,6 +429,12 @@ ALL_EVENT_TYPES: tuple[type[_Envelope], ...] = (
     Failed,
     RolloutTask,
     RolloutGroup,
+    SaveRequested,
+    SampleTask,
+    ForwardBackward,
+    OptimStep,
+    SaveWeights,
+    LoadWeights,
 )
 
 

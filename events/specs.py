@@ -219,13 +219,32 @@ class AdapterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     ``keep_checkpoints`` drive the checkpoint process. ``resume=True`` continues the adapter's
     latest checkpoint under the same name. At least one reward term;
     ``optim.warmup_steps <= steps`` (a longer warmup never reaches ``optim.lr``).
+
+    ``driver="client"``: a client-driven adapter (a Tinker-SDK client behind the gateway runs
+    its own loop): no dataset, no rewards; ``steps`` bounds its optimizer steps, and its
+    ``optim`` holds only defaults (each ``optim_step`` request carries its own Adam settings).
     """
 
+    @property
+    def dataset_spec(self) -> DatasetSpec:
+        """The dataset of a dataset-driven adapter (raises for a client-driven one)."""
+        if self.dataset is None:
+            raise ValueError(f"a {self.driver}-driven adapter has no dataset")
+        return self.dataset
+
+    driver: Annotated[
+        Literal["dataset", "client"],
+        msgspec.Meta(description="dataset: we run the RL loop; client: a Tinker client does"),
+    ] = "dataset"
     base_model: str = ""
     rank: PositiveInt = 16
     alpha: PositiveFloat = 32.0
-    dataset: DatasetSpec
-    rewards: Annotated[tuple[RewardSpec, ...], msgspec.Meta(min_length=1)]
+    dataset: Annotated[
+        DatasetSpec | None, msgspec.Meta(description="required when driver is dataset")
+    ] = None
+    rewards: Annotated[
+        tuple[RewardSpec, ...], msgspec.Meta(description="at least one when driver is dataset")
+    ] = ()
     sampling: SamplingSpec = SamplingSpec()
     optim: OptimSpec = OptimSpec()
     loss: LossSpec = LossSpec()
@@ -240,6 +259,15 @@ class AdapterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.driver == "dataset" and self.dataset is None:
+            fix = "a dataset-driven adapter needs a dataset (or set driver to 'client')"
+            raise _invalid("dataset", self.dataset, fix)
+        if self.driver == "dataset" and not self.rewards:
+            fix = "a dataset-driven adapter needs at least one reward term"
+            raise _invalid("rewards", self.rewards, fix)
+        if self.driver == "client" and (self.dataset is not None or self.rewards):
+            fix = "a client-driven adapter takes no dataset or rewards: its client samples and scores"
+            raise _invalid("driver", self.driver, fix)
         if self.optim.warmup_steps > self.steps:
             fix = f"use at most steps = {self.steps}, or the learning rate never reaches optim.lr"
             raise _invalid("optim.warmup_steps", self.optim.warmup_steps, fix)

@@ -33,6 +33,20 @@ class Streams(msgspec.Struct, frozen=True):
         return f"{self.namespace}:rollout.groups"
 
     @property
+    def requests(self) -> str:
+        """Client-driven adapters' training requests (gateways → trainer)."""
+        return f"{self.namespace}:train.requests"
+
+    def future(self, request_id: str) -> str:
+        """Hash holding the durable result record of one client request (a future)."""
+        return f"{self.namespace}:future:{request_id}"
+
+    @property
+    def paths(self) -> str:
+        """Hash: a client's ``tinker://`` path → what it names (weights or a checkpoint)."""
+        return f"{self.namespace}:paths"
+
+    @property
     def dead(self) -> str:
         return f"{self.namespace}:dead"
 

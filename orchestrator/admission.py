@@ -41,7 +41,8 @@ ProbeDataset = Callable[[DatasetSpec], int]
 
 
 class Admit(msgspec.Struct, frozen=True):
-    """The registration may train; ``dataset_size`` prompts were found (> 0)."""
+    """The registration may train; ``dataset_size`` prompts were found (> 0; 0 for a
+    client-driven adapter, which has no dataset)."""
 
     dataset_size: int
 
@@ -98,6 +99,8 @@ class Admission:
                 "it retires, or choose another name"
             )
             return Reject(reason, "adapter")
+        if event.spec.dataset is None:
+            return Admit(0)  # a client-driven adapter: its client brings the data
         try:
             size = self.probe_dataset(event.spec.dataset)
         except ConfigError as exc:

@@ -428,10 +428,9 @@ class TrainerProcess:
             self.model.configure_slot(slot, spec.rank, spec.alpha, seed=spec.seed)
             self.optimizer.configure(slot, spec.optim, spec.steps)
             self.optimizer.reset(slot)
-            n = self.dataset_sizes.get(registration_id) or self.admission.probe_dataset(
-                spec.dataset
-            )
-            cursor = DataCursor(n, spec.dataset.shuffle_seed)
+            dataset = spec.dataset_spec
+            n = self.dataset_sizes.get(registration_id) or self.admission.probe_dataset(dataset)
+            cursor = DataCursor(n, dataset.shuffle_seed)
             run = AdapterRun(name, registration_id, epoch, slot, spec, cursor)
         self.runs[name] = run
         resumed_from = checkpoint.uri if checkpoint is not None else ""

@@ -193,7 +193,7 @@ class AdapterRun:
                 weights_uri=self.uri,
                 prompt_indices=tuple(indices[start : start + size]),
                 group_size=spec.group_size,
-                dataset=spec.dataset,
+                dataset=spec.dataset_spec,
                 rewards=spec.rewards,
                 sampling=spec.sampling,
                 seed=task_seed(spec.seed, self.registration_id, self.epoch, k, chunk),
