@@ -48,16 +48,24 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from events.errors import MultiLoraError
+from events.errors import ConfigError, MultiLoraError
 from trainer.batch import TrainBatch
 from trainer.batching import AdapterRows
+from trainer.client_step import ClientRows
 from trainer.inject import MultiLoraModel
 from trainer.lora import BASE_SLOT
 from trainer.losses import LossFn
 from trainer.mixed_step import MixedStep, mixed_step
 from trainer.optim import SlotAdamW
 from trainer.slot_state import StateValue, load_slot_state, slot_state_dict
-from trainer.step import SlotMetrics, StepReducer, present_slots, train_step
+from trainer.step import (
+    HeldSlots,
+    RowOutputs,
+    SlotMetrics,
+    StepReducer,
+    present_slots,
+    train_step,
+)
 
 STATE_TENSORS = ("weight_r_Q", "exp_avg_r_Q", "exp_avg_sq_r_Q")
 """The tensors of a slot state, in the order a hand-off broadcasts them."""
@@ -253,7 +261,15 @@ class DataParallelStep:
         optimizer: SlotAdamW,
         rows: Sequence[AdapterRows],
         pad_id: int,
+        *,
+        clients: Sequence[ClientRows] = (),
+        accumulators: Mapping[int, Tensor] | None = None,
     ) -> MixedStep:
+        if clients:
+            raise ConfigError(
+                "client-driven adapters (the Tinker gateway) train in a one-rank trainer for now; "
+                "start the trainer with --ranks 1 to serve them"
+            )
         revisions = {r.slot: r.revision for r in rows}
 
         def train(
@@ -263,6 +279,8 @@ class DataParallelStep:
             loss_fn: LossFn,
             *,
             timings: dict[str, float] | None = None,
+            held: HeldSlots | None = None,
+            outputs: RowOutputs | None = None,
         ) -> dict[int, SlotMetrics]:
             return self.train(model, optimizer, batch, loss_fn, revisions, timings=timings)
 

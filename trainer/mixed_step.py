@@ -20,17 +20,20 @@ own ``train`` to :func:`mixed_step`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from torch import Tensor
 
 from trainer.batch import TrainBatch
 from trainer.batching import AdapterRows, RowStats, build_batch
+from trainer.client_step import ClientRows, RoutedLoss, client_batch, concat_batches
 from trainer.inject import MultiLoraModel
 from trainer.losses import LossFn
 from trainer.optim import SlotAdamW
 from trainer.rl_loss import PPOClipLoss
-from trainer.step import SlotMetrics, train_step
+from trainer.step import HeldSlots, RowOutputs, SlotMetrics, train_step
 
 
 @dataclass(frozen=True)
@@ -78,12 +81,27 @@ class SlotOutcome:
 
 
 @dataclass(frozen=True)
+class ClientOutcome:
+    """What the step computed for one client-driven slot: per datum, its targets' log-probs and
+    losses (Tinker's alignment: ``len(tokens) - 1`` entries, entry ``i`` about token ``i + 1``),
+    the loss summed over them all, and whether a gradient was accumulated (``skipped``: why
+    not, e.g. a non-finite loss; ``""`` when it was, or when it was a forward only)."""
+
+    logprobs: tuple[tuple[float, ...], ...]
+    elementwise_loss: tuple[tuple[float, ...], ...]
+    loss_sum: float
+    tokens: int
+    skipped: str = ""
+
+
+@dataclass(frozen=True)
 class MixedStep:
     """The outcome of each slot of the step, and the train step's ``forward_backward`` and
-    ``optimizer`` wall seconds."""
+    ``optimizer`` wall seconds; ``clients``: the outcome of each client-driven slot."""
 
     outcomes: dict[int, SlotOutcome]
     timings: dict[str, float]
+    clients: dict[int, ClientOutcome] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -106,11 +124,26 @@ class TrainFn(Protocol):
         loss_fn: LossFn,
         *,
         timings: dict[str, float] | None = None,
+        held: HeldSlots | None = None,
+        outputs: RowOutputs | None = None,
     ) -> dict[int, SlotMetrics]: ...
 
 
-StepFn = Callable[[MultiLoraModel, SlotAdamW, Sequence[AdapterRows], int], MixedStep]
-"""``(model, optimizer, rows, pad_id) -> MixedStep``: what the trainer process calls per step."""
+class StepFn(Protocol):
+    """``(model, optimizer, rows, pad_id, clients=..., accumulators=...) -> MixedStep``: what the
+    trainer process calls per step (``clients``: client-driven slots' rows; ``accumulators``:
+    their gradient accumulators, by slot)."""
+
+    def __call__(
+        self,
+        model: MultiLoraModel,
+        optimizer: SlotAdamW,
+        rows: Sequence[AdapterRows],
+        pad_id: int,
+        *,
+        clients: Sequence[ClientRows] = (),
+        accumulators: Mapping[int, Tensor] | None = None,
+    ) -> MixedStep: ...
 
 
 def mixed_step(
@@ -119,12 +152,65 @@ def mixed_step(
     rows: Sequence[AdapterRows],
     pad_id: int,
     *,
+    clients: Sequence[ClientRows] = (),
+    accumulators: Mapping[int, Tensor] | None = None,
     train: TrainFn = train_step,
 ) -> MixedStep:
-    """Train every adapter of ``rows`` (one per slot) by one step, in one forward/backward."""
+    """Train every adapter of ``rows`` (one per slot) by one step, in one forward/backward;
+    with ``clients``, their rows join the same forward/backward (:mod:`trainer.client_step`):
+    gradients go to ``accumulators[slot]``, nothing is stepped for them."""
     batch, stats = build_batch(rows, pad_id)
-    loss_fn = PPOClipLoss.from_specs({r.slot: r.loss for r in rows}, model.num_slots)
+    loss_fn: LossFn = PPOClipLoss.from_specs({r.slot: r.loss for r in rows}, model.num_slots)
+    held, outputs, first_client_row = None, None, 0
+    if clients:
+        first_client_row = 0 if batch is None else len(batch.slot_ids_B)
+        batch = concat_batches(batch, client_batch(clients, pad_id), pad_id)
+        loss_fn = RoutedLoss.build(loss_fn, clients, model.num_slots)
+        accumulators = accumulators or {}
+        held = HeldSlots(
+            accumulate={c.slot: accumulators[c.slot] for c in clients if c.backward},
+            forward_only=frozenset(c.slot for c in clients if not c.backward),
+        )
+        outputs = RowOutputs()
     timings: dict[str, float] = {}
-    results = train(model, optimizer, batch, loss_fn, timings=timings) if batch else {}
+    results = (
+        train(model, optimizer, batch, loss_fn, timings=timings, held=held, outputs=outputs)
+        if batch
+        else {}
+    )
     outcomes = {r.slot: SlotOutcome(stats[r.slot], results.get(r.slot)) for r in rows}
-    return MixedStep(outcomes, timings)
+    client_outcomes = {}
+    if outputs is not None:
+        client_outcomes = _client_outcomes(clients, results, outputs, first_client_row)
+    return MixedStep(outcomes, timings, client_outcomes)
+
+
+def _client_outcomes(
+    clients: Sequence[ClientRows],
+    results: Mapping[int, SlotMetrics],
+    outputs: RowOutputs,
+    first_row: int,
+) -> dict[int, ClientOutcome]:
+    """Per client slot, its datums' target log-probs and losses, read back from ``outputs``."""
+    if outputs.logprobs_B_T is None or outputs.per_token_B_T is None:
+        raise ValueError("the train step filled no row outputs for the client slots")
+    logprobs_B_T, per_token_B_T = outputs.logprobs_B_T.tolist(), outputs.per_token_B_T.tolist()
+    row = first_row
+    outcomes: dict[int, ClientOutcome] = {}
+    for c in clients:
+        lps, losses = [], []
+        for d in c.datums:
+            n = len(d.tokens)
+            lps.append(tuple(logprobs_B_T[row][1:n]))
+            losses.append(tuple(per_token_B_T[row][1:n]))
+            row += 1
+        m = results.get(c.slot)
+        skipped = (m.reason or "skipped") if m is not None and m.skipped else ""
+        outcomes[c.slot] = ClientOutcome(
+            logprobs=tuple(lps),
+            elementwise_loss=tuple(losses),
+            loss_sum=float(sum(sum(x) for x in losses)),
+            tokens=sum(len(x) for x in losses),
+            skipped=skipped if c.backward else "",
+        )
+    return outcomes

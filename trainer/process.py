@@ -50,13 +50,19 @@ from events.schema import (
     Completed,
     ControlEvent,
     DeregisterRequested,
+    ForwardBackward,
     GroupEvent,
     IngressEvent,
+    LoadWeights,
+    OptimStep,
     Queued,
     RegisterRequested,
     Rejected,
     RolloutGroup,
+    SaveWeights,
+    TrainRequest,
 )
+from events.specs import AdapterSpec
 from events.streams import Streams
 from orchestrator.admission import Admission, Reject
 from orchestrator.artifacts import ArtifactStore
@@ -67,6 +73,7 @@ from orchestrator.ingress import dead_letter_effects, ingress_subscription
 from orchestrator.lifecycle import AdapterState, Phase
 from orchestrator.status import fleet_status_effects
 from trainer.batching import AdapterRows
+from trainer.clients import ClientRuns
 from trainer.inject import MultiLoraModel
 from trainer.metrics import TrainerMetrics
 from trainer.mixed_step import MixedStep, SlotOutcome, StepFn, mixed_step
@@ -111,6 +118,7 @@ class TrainerProcess:
         clock: Callable[[], float] = time.time,
         metrics: TrainerMetrics | None = None,
         step_fn: StepFn = mixed_step,
+        max_client_tokens: int = 8192,
     ) -> None:
         self.client = client
         self.streams = streams
@@ -129,6 +137,15 @@ class TrainerProcess:
         self.versions = VersionPublisher(
             model=model, optimizer=optimizer, artifacts=artifacts, base_model=base_model
         )
+        self.clients = ClientRuns(
+            streams=streams,
+            model=model,
+            optimizer=optimizer,
+            versions=self.versions,
+            artifacts=artifacts,
+            publish=self._publish,
+            max_tokens=max_client_tokens,
+        )
         self.fleet = Fleet(slots=model.num_slots)
         self.runs: dict[str, AdapterRun] = {}
         self.dataset_sizes: dict[str, int] = {}
@@ -144,6 +161,12 @@ class TrainerProcess:
                 self.streams.groups,
                 "trainer",
                 Decoder(GroupEvent, max_bytes=GROUP_MAX_BYTES),
+                trim=True,
+            ),
+            Subscription(
+                self.streams.requests,
+                "trainer",
+                Decoder(TrainRequest, max_bytes=GROUP_MAX_BYTES),
                 trim=True,
             ),
         ]
@@ -188,6 +211,9 @@ class TrainerProcess:
                 continue
             run.epoch = state.epoch + 1
             self._publish(effects, self._admitted(run, resumed_from=uri))
+            if run.spec.driver == "client":
+                self.clients.start(run)  # its pending requests are delivered again
+                continue
             self._publish(effects, self.versions.sync_requested(run))
             self._issue(effects, run)
         self._admit_waiting(effects)
@@ -195,8 +221,12 @@ class TrainerProcess:
 
     # --- handlers ----------------------------------------------------------------------------
 
-    def handle(self, d: Delivery[IngressEvent | GroupEvent]) -> HandlerResult:
+    def handle(self, d: Delivery[IngressEvent | GroupEvent | TrainRequest]) -> HandlerResult:
         match d.event:
+            case ForwardBackward() | OptimStep() | SaveWeights() | LoadWeights() as request:
+                run = self.runs.get(request.adapter)
+                refused = self.clients.on_request(request, d, run, self.clock())
+                return DEFER if refused is None else refused
             case RegisterRequested() as event:
                 return self.on_register(event, d)
             case DeregisterRequested() as event:
@@ -298,12 +328,16 @@ class TrainerProcess:
     # --- the step ----------------------------------------------------------------------------
 
     def on_idle(self) -> None:
-        """Between reads: train the ready adapters together once the batch is worth it, and
-        commit what the step produced."""
-        ready, wait_s = self._collect()
-        if not ready:
+        """Between reads: carry out client requests that need no step, train the ready adapters
+        together once the batch is worth it, and commit what that produced."""
+        effects = Effects()
+        for run in self.clients.serve(effects, self.runs, self.clock()):
+            self._finish(effects, run, "budget")
+        ready, clients, wait_s = self._collect()
+        if ready or clients:
+            effects.extend(self.train(ready, clients=clients, wait_s=wait_s))
+        if not effects.commands and not effects.extra_acks:
             return
-        effects = self.train(ready, wait_s=wait_s)
         if self.consumer is None:
             raise MultiLoraError("TrainerProcess.consumer is not set; build it with build()")
         if not self.consumer.commit(effects, []):
@@ -316,29 +350,46 @@ class TrainerProcess:
                 sum(len(g) for r in self.runs.values() for g in r.pending.values())
             )
 
-    def _collect(self) -> tuple[list[AdapterRun], float]:
-        """The runs whose next step is ready (none while others still wait for their groups and
-        the oldest ready one has waited less than ``max_batch_wait_s``), and that wait in s."""
+    def _collect(self) -> tuple[list[AdapterRun], bool, float]:
+        """The runs whose next step is ready, whether client forward/backwards are ready too
+        (nothing while others still wait for their groups and the oldest ready one has waited
+        less than ``max_batch_wait_s``), and that wait in s."""
         ready = [r for r in self.runs.values() if r.ready()]
-        if not ready:
-            return [], 0.0
+        client_since = [since for _, since in self.clients.ready()]
+        if not ready and not client_since:
+            return [], False, 0.0
+        now = self.clock()
         others_waiting = any(r.waiting() for r in self.runs.values())
-        waited_s = self.clock() - min(r.ready_since or self.clock() for r in ready)
+        waited_s = now - min([r.ready_since or now for r in ready] + client_since)
         if others_waiting and waited_s < self.max_batch_wait_s:
-            return [], 0.0
-        return ready, max(0.0, waited_s)
+            return [], False, 0.0
+        return ready, bool(client_since), max(0.0, waited_s)
 
-    def train(self, ready: list[AdapterRun], *, wait_s: float = 0.0) -> Effects:
-        """Train: one mixed forward/backward over the next step of every run in ``ready``, then
+    def train(
+        self, ready: list[AdapterRun], *, clients: bool = False, wait_s: float = 0.0
+    ) -> Effects:
+        """Train: one mixed forward/backward over the next step of every run in ``ready`` (and,
+        with ``clients``, the next forward/backward of every ready client-driven run), then
         per run its outcome — trained (next version, ``step_done``), skipped or empty (the step
-        is redone with new prompts; ``max_failures`` skips in a row fail the adapter). Returns
-        the effects to commit, with the acks of every group the step used."""
+        is redone with new prompts; ``max_failures`` skips in a row fail the adapter); per
+        client request its answer. Returns the effects to commit, with the acks of every group
+        the step used."""
         t0 = time.perf_counter()
         used = {run.name: run.take_next() for run in ready}
         rows = [_rows(run, used[run.name]) for run in ready]
-        step = self.step_fn(self.model, self.optimizer, rows, self.pad_id)
+        taken = self.clients.take(self.runs) if clients else []
+        step = self.step_fn(
+            self.model,
+            self.optimizer,
+            rows,
+            self.pad_id,
+            clients=[client_rows for _, _, client_rows in taken],
+            accumulators=self.clients.accumulators([run for run, _, _ in taken]),
+        )
         step_s = time.perf_counter() - t0
         effects = Effects()
+        for run, held, _ in taken:
+            self.clients.answer(effects, run, held, step.clients[run.slot])
         trained: list[TrainedStep] = []
         for run in ready:
             effects.ack(*(d.ack_key for d, _ in used[run.name]))
@@ -394,6 +445,8 @@ class TrainerProcess:
         )
         publish_s = total_s - step_s
         summary = f"{step.tokens} tokens, {step_s:.2f} s + {publish_s:.2f} s publish"
+        if step.clients:
+            summary += f"; {len(step.clients)} client request(s)"
         log.info("step: %s; %s", adapters or "no adapter trained", summary)
         if self.metrics is not None:
             self.metrics.step_phases(
@@ -418,6 +471,9 @@ class TrainerProcess:
         name, registration_id, spec = state.name, state.registration_id, state.spec
         if spec is None:
             raise MultiLoraError(f"waiting registration {registration_id} has no spec")
+        if spec.driver == "client" and not spec.resume:
+            self._admit_client(effects, name, registration_id, spec, state.epoch + 1, slot)
+            return
         epoch = state.epoch + 1
         checkpoint = load_latest(self.checkpoints, name) if spec.resume else None
         if checkpoint is not None:
@@ -436,11 +492,34 @@ class TrainerProcess:
         resumed_from = checkpoint.uri if checkpoint is not None else ""
         self._publish(effects, self._admitted(run, resumed_from=resumed_from))
         self.versions.publish([run])
+        if spec.driver == "client":
+            self.clients.start(run)
+            return
         self._publish(effects, self.versions.sync_requested(run))
         if run.step >= spec.steps:  # resumed at or past its new budget: nothing left to train
             self._finish(effects, run, "budget")
             return
         self._issue(effects, run)
+
+    def _admit_client(
+        self,
+        effects: Effects,
+        name: str,
+        registration_id: str,
+        spec: AdapterSpec,
+        epoch: int,
+        slot: int,
+    ) -> None:
+        """Admit a client-driven registration: fresh weights and optimizer, version 0, an empty
+        request queue (its client sends the work; there is nothing to issue)."""
+        self.model.configure_slot(slot, spec.rank, spec.alpha, seed=spec.seed)
+        self.optimizer.configure(slot, spec.optim, spec.steps)
+        self.optimizer.reset(slot)
+        run = AdapterRun(name, registration_id, epoch, slot, spec, client_cursor())
+        self.runs[name] = run
+        self._publish(effects, self._admitted(run, resumed_from=""))
+        self.versions.publish([run])
+        self.clients.start(run)
 
     def _admitted(self, run: AdapterRun, *, resumed_from: str) -> Admitted:
         origin = f"resumed from {resumed_from} at step {run.step}" if resumed_from else "fresh"
@@ -452,6 +531,9 @@ class TrainerProcess:
     def _finish(self, effects: Effects, run: AdapterRun, reason: EndReason | None) -> None:
         """Complete (``budget``/``cancelled``) or, with ``reason=None``, retire a failed run."""
         effects.ack(*(d.ack_key for d in run.release()))
+        self.clients.end(
+            effects, run, {"budget": "reached its step budget"}.get(reason or "", "ended")
+        )
         if reason is not None:
             self._publish(effects, run.completed(reason))
         self._publish(effects, run.retired())
@@ -462,6 +544,12 @@ class TrainerProcess:
         level = logging.INFO if reason is not None else logging.WARNING
         at = f"step {run.step}/{run.spec.steps} (version {run.version})"
         log.log(level, "%s %s at %s; slot %d retired", ended, run.name, at, run.slot)
+
+
+def client_cursor() -> DataCursor:
+    """The data cursor of a client-driven run: it has no dataset (its client brings the data),
+    so a one-prompt cursor that nothing ever advances stands in the training state."""
+    return DataCursor(1, 0)
 
 
 def _rows(run: AdapterRun, used: list[Held]) -> AdapterRows:

@@ -29,7 +29,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -119,11 +119,14 @@ class SlotSums:
     """Per-slot sums over a batch's target tokens; index ``S`` (the last) bins the base rows.
 
     ``loss_S`` keeps its graph (the backward starts from it); the others are detached.
+    ``logprobs_B_T`` / ``per_token_B_T``: each target's log-prob and loss (column 0 unused).
     """
 
     tokens_S: Tensor
     loss_S: Tensor
     extras_K_S: dict[str, Tensor]
+    logprobs_B_T: Tensor
+    per_token_B_T: Tensor
 
     def stats_N_S(self) -> Tensor:
         """``[2 + K, S + 1]``: tokens, loss, then each metric (what the ranks sum)."""
@@ -152,6 +155,8 @@ def slot_sums(model: MultiLoraModel, batch: TrainBatch, loss_fn: LossFn) -> Slot
         tokens_S=per_slot_sum(torch.ones_like(per_token_B_T, dtype=torch.float32)),
         loss_S=per_slot_sum(per_token_B_T),
         extras_K_S={k: per_slot_sum(v.detach().float()) for k, v in extras.items()},
+        logprobs_B_T=logprobs_B_T.detach(),
+        per_token_B_T=per_token_B_T.detach(),
     )
 
 
@@ -168,6 +173,34 @@ def skip_reasons(
     return skipped
 
 
+@dataclass(frozen=True)
+class HeldSlots:
+    """The client-driven slots of a step (:mod:`trainer.clients`): they take part in the forward
+    and backward but not in the optimizer step.
+
+    Their loss is the *sum* over their target tokens (the Tinker convention: the client weights
+    its tokens), not the per-slot mean; the gradient of each slot in ``accumulate`` is added to
+    its accumulator (``[R, Q]``, the store's layout; only ``[:rank]`` is touched) for a later
+    ``optim_step``; the slots in ``forward_only`` get no backward at all.
+    """
+
+    accumulate: Mapping[int, Tensor] = field(default_factory=dict)
+    forward_only: frozenset[int] = frozenset()
+
+    @property
+    def slots(self) -> frozenset[int]:
+        return frozenset(self.accumulate) | self.forward_only
+
+
+@dataclass
+class RowOutputs:
+    """Filled by :func:`train_step` when given: per row of the batch *as passed in* (not
+    sorted), each target's log-prob and loss, ``[B, T]`` on the CPU (column 0 unused)."""
+
+    logprobs_B_T: Tensor | None = None
+    per_token_B_T: Tensor | None = None
+
+
 def train_step(
     model: MultiLoraModel,
     optimizer: SlotAdamW,
@@ -177,8 +210,14 @@ def train_step(
     timings: dict[str, float] | None = None,
     slots: Sequence[int] | None = None,
     reducer: StepReducer | None = None,
+    held: HeldSlots | None = None,
+    outputs: RowOutputs | None = None,
 ) -> dict[int, SlotMetrics]:
     """Train every slot present in ``batch`` by one step; return metrics keyed by slot.
+
+    ``held`` slots are forwarded (and, unless forward-only, backwarded into their accumulators)
+    but not stepped; their metrics' ``loss`` is the summed loss and ``step`` unchanged.
+    ``outputs``, when given, receives every row's target log-probs and per-token losses.
 
     ``timings``, when given, receives ``forward_backward`` and ``optimizer`` wall seconds (the
     device is synchronised at each boundary, so the split is right on CUDA too).
@@ -189,25 +228,42 @@ def train_step(
     """
     t_start = time.perf_counter()
     device = model.store.weight_S_R_Q.device
+    held = held or HeldSlots()
+    if held.slots and reducer is not None:
+        raise ValueError("held (client-driven) slots are not supported in a data-parallel step")
+    order_B = torch.argsort(batch.slot_ids_B.cpu(), stable=True)
+    width = batch.tokens_B_T.shape[1]
     batch = prepare_batch(batch, device)
     slots = present_slots(batch) if slots is None else sorted(slots)
     for slot in slots:
         optimizer.spec(slot)  # raises for a slot without optimizer settings
     optimizer.zero_grad()
+    if outputs is not None:
+        outputs.logprobs_B_T = None
+        outputs.per_token_B_T = None
 
     sums = slot_sums(model, batch, loss_fn)
     stats_N_S = sums.stats_N_S()
     if reducer is not None:
         reducer.sum_stats(stats_N_S)
     tokens_S = stats_N_S[0].clamp(min=1)
+    if held.slots:  # summed, not averaged: divide by 1
+        summed = torch.tensor(sorted(held.slots), device=tokens_S.device)
+        tokens_S = tokens_S.index_fill(0, summed, 1.0)
     loss_S = sums.loss_S / tokens_S  # local sum / global tokens: the ranks' parts add up
     host = torch.cat([stats_N_S[:1], stats_N_S[1:] / tokens_S]).tolist()
     tokens, losses, extra_rows = host[0], host[1], host[2:]
+    if outputs is not None:
+        inverse_B = torch.empty_like(order_B)
+        inverse_B[order_B] = torch.arange(len(order_B))
+        outputs.logprobs_B_T = sums.logprobs_B_T[inverse_B.to(device), :width].cpu()
+        outputs.per_token_B_T = sums.per_token_B_T[inverse_B.to(device), :width].cpu()
 
-    skipped = skip_reasons(slots, tokens, losses)
-    live = [s for s in slots if s not in skipped]
-    if live:
-        total = loss_S[torch.tensor(live, device=loss_S.device)].sum()
+    skipped = skip_reasons([s for s in slots if s not in held.forward_only], tokens, losses)
+    backward = [s for s in slots if s not in skipped and s not in held.forward_only]
+    live = [s for s in backward if s not in held.accumulate]
+    if backward:
+        total = loss_S[torch.tensor(backward, device=loss_S.device)].sum()
         if total.requires_grad:  # False only on a rank whose rows hold none of ``live``
             with warnings.catch_warnings():
                 # Slot parameters are views into one flat store, so autograd notes that their
@@ -217,6 +273,10 @@ def train_step(
         if reducer is not None:
             grad = optimizer.store.grad_S_R_Q
             reducer.sum_grads([grad[s, : model.table.rank(s)] for s in live])
+    for slot, accumulator_R_Q in held.accumulate.items():
+        if slot in backward:
+            rank = model.table.rank(slot)
+            accumulator_R_Q[:rank] += optimizer.store.grad_S_R_Q[slot, :rank]
     t_backward = _synced_clock(device)
     stepped = optimizer.step(live)
     if timings is not None:
@@ -227,6 +287,8 @@ def train_step(
     for slot in slots:
         result = stepped.get(slot)
         reason = skipped.get(slot) or (result.reason if result else None)
+        if slot in held.slots and slot not in skipped:
+            reason = None  # not stepped by design: its optim_step comes later
         metrics[slot] = SlotMetrics(
             slot=slot,
             loss=losses[slot],
