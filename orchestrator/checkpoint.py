@@ -17,6 +17,10 @@ A state machine over the control log, read through the consumer group ``checkpoi
   ``{checkpoints}/{adapter}/{registration_id}/step_{step:06d}/``.
 - ``adapter.completed`` (budget or cancel) → promote version ``event.version`` as the final
   checkpoint (``final=True``: retention never deletes it).
+- ``adapter.save_requested`` (a client's ``save_state``, from the trainer) → promote the version
+  at its ``state_uri`` the same way, kept like a final one (retention never deletes a checkpoint
+  a client named), record the client's ``tinker://`` path for it
+  (:func:`events.futures.record_path`) and answer the client's future, all with the ack.
 
 Every promotion moves the ``latest`` pointers, applies retention, and returns as effects,
 committed atomically with the ack: ``adapter.checkpoint_saved(step, uri, final)``,
@@ -54,6 +58,7 @@ from events.config import BusConfig, load
 from events.consumer import Consumer, Delivery, Subscription
 from events.effects import Effects
 from events.errors import ConfigError, HandlerError
+from events.futures import PathRecord, SaveWeightsResult, complete, record_path, state_path
 from events.schema import (
     Admitted,
     CheckpointSaved,
@@ -61,6 +66,7 @@ from events.schema import (
     ControlEvent,
     Exported,
     Retired,
+    SaveRequested,
     StepDone,
 )
 from events.specs import AdapterSpec
@@ -113,6 +119,8 @@ class CheckpointProcess:
                 return self._on_step_done(event)
             case Completed() as event:
                 return self._on_completed(event)
+            case SaveRequested() as event:
+                return self._on_save(event)
             case Retired(registration_id=registration_id):
                 self._states.pop(registration_id, None)
                 return Effects().command("HDEL", self.registrations_key, registration_id)
@@ -198,6 +206,42 @@ class CheckpointProcess:
         source = self._version_dir(event.adapter, event.registration_id, event.version)
         return self._promote(event, self._state(event, source), source, final=True)
 
+    def _on_save(self, event: SaveRequested) -> Effects:
+        """A client's ``save_state``: its version promoted and kept, its path, its answer."""
+        state = _newer(self._states.get(event.registration_id), self.stored(event.registration_id))
+        try:
+            ref = self.checkpoints.promote(
+                event.state_uri,
+                event.adapter,
+                event.registration_id,
+                step=event.step,
+                version=event.version,
+                epoch=event.epoch,
+                final=True,
+                registered_at=state.registered_at if state is not None else event.time,
+            )
+        except (ArtifactError, ConfigError) as exc:  # StaleSource too: the trainer moved on
+            raise HandlerError(
+                f"cannot save state {event.name!r} of {event.adapter} from {event.state_uri}: {exc}"
+            ) from exc
+        newest = self.checkpoints.set_latest(ref)
+        path = state_path(event.adapter, event.name)
+        log.info("%s: state %r saved as %s (%s)", event.adapter, event.name, ref.uri, path)
+        record = PathRecord(
+            path=path,
+            kind="state",
+            model=event.adapter,
+            registration_id=event.registration_id,
+            version=event.version,
+            step=event.step,
+            uri=ref.uri,
+        )
+        effects = self._effects(event, ref, final=True, newest=newest)
+        record_path(effects, self.streams, record)
+        answer = SaveWeightsResult(path=path, version=event.version)
+        complete(effects, self.streams, event.request_id, answer)
+        return effects
+
     def _version_dir(self, adapter: str, registration_id: str, version: int) -> str:
         try:
             return self.artifacts.version_dir(adapter, registration_id, version)
@@ -242,7 +286,12 @@ class CheckpointProcess:
         return self._effects(event, ref, final=final, newest=newest)
 
     def _effects(
-        self, event: StepDone | Completed, ref: CheckpointRef, *, final: bool, newest: bool
+        self,
+        event: StepDone | Completed | SaveRequested,
+        ref: CheckpointRef,
+        *,
+        final: bool,
+        newest: bool,
     ) -> Effects:
         adapter, reg_id, epoch = event.adapter, event.registration_id, event.epoch
         step, uri = ref.manifest.step, ref.uri

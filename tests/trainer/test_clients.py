@@ -27,6 +27,7 @@ from events.schema import (
     Datum,
     DeregisterRequested,
     ForwardBackward,
+    LoadWeights,
     OptimStep,
     RegisterRequested,
     SaveWeights,
@@ -262,3 +263,69 @@ def test_unload_fails_queued_requests_and_frees_the_slot(bus1: Bus) -> None:
         late = request(bus, fb())
         assert "not training here" in wait_future(bus, late).error
     assert not bus.client.xpending(bus.streams.requests, "trainer")["pending"]
+
+
+def test_save_state_then_load_state_continues_exactly(
+    bus1: Bus, redis_url, streams, tmp_path
+) -> None:
+    """save_state → the checkpoint process keeps it under the client's path; two more updates;
+    load_state(with optimizer) → the same update applied again gives the same weights."""
+    from events.connection import connect
+    from events.consumer import Consumer
+    from events.futures import resolve_path
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.checkpoint import CheckpointProcess
+    from orchestrator.checkpoint_store import CheckpointStore
+
+    bus = bus1
+    checkpointer = CheckpointProcess(
+        connect(redis_url),
+        streams,
+        ArtifactStore(str(tmp_path / "artifacts")),
+        CheckpointStore(str(tmp_path / "checkpoints")),
+    )
+    ckpt = Consumer(
+        lambda: connect(redis_url),
+        streams,
+        "checkpoint",
+        [checkpointer.subscription()],
+        checkpointer.handle,
+        block_ms=50,
+    )
+    thread = threading.Thread(target=ckpt.run, daemon=True)
+    thread.start()
+    register_client(bus)
+    slot_weights = lambda: bus.process.model.store.weight_S_R_Q[0, : CLIENT.rank].clone()  # noqa: E731
+
+    def update() -> None:
+        assert wait_future(bus, request(bus, fb())).state == "done"
+        step = wait_future(bus, request(bus, OptimStep(adapter="tc", request_id=new_id(), **ADAM)))
+        assert step.state == "done", step.error
+
+    try:
+        with running(bus):
+            wait_for(bus, Admitted, "tc")
+            update()
+            save = request(
+                bus, SaveWeights(adapter="tc", request_id=new_id(), name="a", kind="state")
+            )
+            saved = wait_future(bus, save)
+            assert saved.state == "done", saved.error
+            path = msgspec.json.decode(saved.result, type=SaveWeightsResult).path
+            assert path == "tinker://tc/weights/a"
+            update()
+            expected = slot_weights()
+            record = resolve_path(bus.client, streams, path)
+            assert record is not None and record.kind == "state" and record.step == 1
+            load = LoadWeights(
+                adapter="tc", request_id=new_id(), uri=record.uri, with_optimizer=True
+            )
+            assert wait_future(bus, request(bus, load)).state == "done"
+            assert not torch.equal(slot_weights(), expected)  # back at the saved weights
+            update()
+            torch.testing.assert_close(slot_weights(), expected, rtol=1e-6, atol=1e-7)
+    finally:
+        ckpt.request_stop()
+        thread.join(timeout=10)
+    steps = [e.step for e in bus.events(StepDone, "tc")]
+    assert steps == [1, 2, 3, 4]  # the load counts as a step: the log only moves forward
