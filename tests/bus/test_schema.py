@@ -26,7 +26,15 @@ from events.schema import (
     CheckpointSaved,
     Completed,
     ControlEvent,
+    Datum,
     DeregisterRequested,
+    ForwardBackward,
+    LoadWeights,
+    OptimStep,
+    SampleTask,
+    SaveRequested,
+    SaveWeights,
+    TrainRequest,
     Exported,
     Failed,
     GroupEvent,
@@ -93,6 +101,17 @@ EXAMPLES = [
             ),
         ),
     ),
+    SaveRequested(**ENV, request_id="q1", name="a", step=4, version=4, state_uri="/a/v4"),
+    SampleTask(**ENV, request_id="q2", version=4, weights_uri="/a/v4", prompt_ids=(1, 2)),
+    ForwardBackward(
+        **ENV,
+        request_id="q3",
+        datums=(Datum(tokens=(1, 2, 3), weights=(0.0, 1.0, 1.0)),),
+        loss_fn="importance_sampling",
+    ),
+    OptimStep(**ENV, request_id="q4", learning_rate=1e-3),
+    SaveWeights(**ENV, request_id="q5", name="s", kind="sampler"),
+    LoadWeights(**ENV, request_id="q6", uri="/c/step_000004", with_optimizer=True),
 ]
 
 
@@ -104,7 +123,12 @@ def test_every_event_type_has_an_example() -> None:
 def test_round_trip(event: msgspec.Struct) -> None:
     union = {
         RolloutTask: TaskEvent,
+        SampleTask: TaskEvent,
         RolloutGroup: GroupEvent,
+        ForwardBackward: TrainRequest,
+        OptimStep: TrainRequest,
+        SaveWeights: TrainRequest,
+        LoadWeights: TrainRequest,
     }.get(type(event), ControlEvent)
     stamped = stamp(event, source="test")
     assert stamped.id and stamped.time > 0 and stamped.source == "test"

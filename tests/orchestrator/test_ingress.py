@@ -115,7 +115,8 @@ DECODE_CASES = [
     ("spec.sampling", {"max_new_tokens": 0}, "spec.sampling.max_new_tokens", ["got 0"], True),
     ("spec.sampling", {"max_new_tokens": 32769}, "spec.sampling.max_new_tokens", [], True),
     ("spec.sampling", {"stop": ["", "x"]}, "spec.sampling.stop[0]", ["length >= 1"], True),
-    ("spec.rewards", [], "spec.rewards", ["length >= 1"], True),
+    ("spec.rewards", [], "spec.rewards", ["rewards = ()", "at least one reward term"], False),
+    ("spec.driver", "client", "spec.driver", ["driver = 'client'", "no dataset or rewards"], False),
     ("spec.dataset", {"kind": "jsonl"}, "spec.dataset.path", ["needs a path"], False),
     ("spec.dataset", {"kind": "reasoning_gym"}, "spec.dataset.name", ["reasoning-gym"], False),
     (
