@@ -234,10 +234,16 @@ class ClientRuns:
         return {run.slot: self.queues[run.name].accumulator_R_Q for run in runs}
 
     def answer(
-        self, effects: Effects, run: AdapterRun, held: HeldRequest, outcome: ClientOutcome
+        self,
+        effects: Effects,
+        run: AdapterRun,
+        held: HeldRequest,
+        outcome: ClientOutcome,
+        step_metrics: dict[str, float],
     ) -> None:
-        """Answer a forward/backward the step computed; keep its entry pending if its gradient
-        now waits in the accumulator for an ``optim_step``."""
+        """Answer a forward/backward the step computed (``step_metrics``: which mixed step, with
+        how many adapters); keep its entry pending if its gradient now waits in the accumulator
+        for an ``optim_step``."""
         d, request = held
         if outcome.skipped:
             message = f"forward_backward of {run.name} was not applied: {outcome.skipped}"
@@ -247,7 +253,11 @@ class ClientRuns:
         result = ForwardBackwardResult(
             logprobs=outcome.logprobs,
             elementwise_loss=outcome.elementwise_loss,
-            metrics={"loss:sum": outcome.loss_sum, "tokens:sum": float(outcome.tokens)},
+            metrics={
+                "loss:sum": outcome.loss_sum,
+                "tokens:sum": float(outcome.tokens),
+                **step_metrics,
+            },
         )
         complete(effects, self.streams, request.request_id, result)
         assert isinstance(request, ForwardBackward)

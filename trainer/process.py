@@ -151,6 +151,8 @@ class TrainerProcess:
         self.dataset_sizes: dict[str, int] = {}
         self.consumer: Consumer | None = None
         self.steps_trained = 0
+        self.mixed_steps = 0
+        """Mixed steps run (each one forward/backward); its number tags what each step did."""
 
     # --- wiring ------------------------------------------------------------------------------
 
@@ -387,9 +389,14 @@ class TrainerProcess:
             accumulators=self.clients.accumulators([run for run, _, _ in taken]),
         )
         step_s = time.perf_counter() - t0
+        self.mixed_steps += 1
+        shared = {
+            "mixed_step": float(self.mixed_steps),
+            "mixed_adapters": float(len(rows) + len(taken)),
+        }
         effects = Effects()
         for run, held, _ in taken:
-            self.clients.answer(effects, run, held, step.clients[run.slot])
+            self.clients.answer(effects, run, held, step.clients[run.slot], shared)
         trained: list[TrainedStep] = []
         for run in ready:
             effects.ack(*(d.ack_key for d, _ in used[run.name]))
@@ -400,7 +407,8 @@ class TrainerProcess:
             behind = run.version - min(group.version for _, group in used[run.name])
             run.advance()
             self.steps_trained += 1
-            trained.append((run, outcome.step_metrics(staleness=float(behind), step_s=step_s)))
+            metrics = outcome.step_metrics(staleness=float(behind), step_s=step_s)
+            trained.append((run, {**metrics, **shared}))
         self._publish_step(effects, trained)
         self._admit_waiting(effects)
         self._report(step, trained, t0, step_s, wait_s)

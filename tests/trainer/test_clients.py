@@ -194,6 +194,9 @@ def test_client_request_joins_the_mixed_step_and_matches_a_solo_update(
     assert (step.step, step.version) == (1, 1)
     assert [s.version for s in bus.events(SyncRequested, "tc")] == [1]  # only saved weights
     # the same mixed step trained alpha and computed the client's forward/backward
+    first_alpha = bus.events(StepDone, "alpha")[0].metrics
+    assert result.metrics["mixed_step"] == first_alpha["mixed_step"]
+    assert result.metrics["mixed_adapters"] == first_alpha["mixed_adapters"] == 2
     lines = [r.getMessage() for r in caplog.records if r.name == "trainer.process"]
     assert any("alpha 1/3" in line and "1 client request(s)" in line for line in lines), lines
     slot = bus.process.runs["tc"].slot
