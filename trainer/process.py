@@ -396,7 +396,8 @@ class TrainerProcess:
         }
         effects = Effects()
         for run, held, _ in taken:
-            self.clients.answer(effects, run, held, step.clients[run.slot], shared)
+            timing = {"step_s": step_s}
+            self.clients.answer(effects, run, held, step.clients[run.slot], {**shared, **timing})
         trained: list[TrainedStep] = []
         for run in ready:
             effects.ack(*(d.ack_key for d, _ in used[run.name]))
