@@ -1,8 +1,9 @@
 """Generation backends: the one interface a rollout worker generates through, and two of them.
 
 :class:`GenerationBackend` is what :class:`rollout.worker.RolloutWorker` needs from an engine:
-load and unload adapter versions, and generate a batch of rows, each with its own adapter
-version, sampling parameters and seed. Two implementations:
+load and unload adapter versions, generate a batch of rows, each with its own adapter
+version, sampling parameters and seed, and score a prompt (its teacher-forced log-probs, for a
+client's ``compute_logprobs``). Two implementations:
 
 * :class:`EmbeddedBackend` — the in-process :class:`rollout.engine.Engine` (default).
 * :class:`HttpBackend` — an SGLang-compatible server through :class:`rollout.client.SGLangClient`:
@@ -21,8 +22,10 @@ trainer published (a local path, ``file://``, or any fsspec URL such as ``s3://`
 
 Errors: a backend raises :class:`BackendUnavailableError` when the engine cannot be reached (a
 transient condition: the worker retries the task later) and :class:`AdapterLoadError` when an
-adapter directory cannot be served (bad files, too large a rank: a property of the artifact);
-the fetcher raises :class:`WeightsError` for a URI that cannot be read.
+adapter directory cannot be served (bad files, too large a rank: a property of the artifact),
+and :class:`RowRefusedError` when the engine refuses a row itself (a token id outside the
+vocabulary, a prompt plus ``max_new_tokens`` beyond the model's context: a property of the
+request); the fetcher raises :class:`WeightsError` for a URI that cannot be read.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ from safetensors import SafetensorError
 
 from events.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from events.errors import MultiLoraError
-from rollout.adapter_slots import AdapterNotLoadedError, AdapterRef, EngineError
-from rollout.client import SGLangClient, SGLangError, SGLangUnavailableError
+from rollout.adapter_slots import AdapterNotLoadedError, AdapterRef, EngineError, RequestError
+from rollout.client import GenerateOutput, SGLangClient, SGLangError, SGLangUnavailableError
 from rollout.engine import Engine, GenerateRequest
 from rollout.lora import LoraError
 from rollout.sampling import SamplingParams
@@ -62,6 +65,10 @@ class AdapterLoadError(BackendError):
 
 class WeightsError(BackendError):
     """Published weights cannot be read from their URI, or their checksum does not match."""
+
+
+class RowRefusedError(BackendError):
+    """The engine refused a row as invalid (token ids, length); the same row always fails."""
 
 
 class GenerationRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,7 +105,9 @@ class GenerationBackend(Protocol):
     removes one version of ``name``, or every version when ``version`` is None (a no-op for
     versions not served). ``versions(name)`` are the
     versions of ``name`` new batches may use, ascending. ``generate`` returns one
-    :class:`Completion` per row, in row order.
+    :class:`Completion` per row, in row order. ``prompt_logprobs`` returns
+    ``log p(prompt_ids[t] | prompt_ids[:t])`` under ``adapter`` (``None``: the base model) for
+    every position, at temperature 1 (``log_softmax(logits)``), ``None`` for position 0.
     """
 
     tokenizer: Any
@@ -110,6 +119,10 @@ class GenerationBackend(Protocol):
     def versions(self, name: str) -> tuple[int, ...]: ...
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[Completion]: ...
+
+    def prompt_logprobs(
+        self, prompt_ids: tuple[int, ...], adapter: AdapterRef | None
+    ) -> tuple[float | None, ...]: ...
 
 
 class EmbeddedBackend:
@@ -143,6 +156,8 @@ class EmbeddedBackend:
             results = self.engine.generate(requests)
         except AdapterNotLoadedError as err:  # evicted since the worker loaded it
             raise BackendUnavailableError(str(err)) from err
+        except RequestError as err:
+            raise RowRefusedError(str(err)) from err
         return [
             Completion(
                 completion_ids=r.completion_ids,
@@ -152,6 +167,20 @@ class EmbeddedBackend:
             )
             for r in results
         ]
+
+    def prompt_logprobs(
+        self, prompt_ids: tuple[int, ...], adapter: AdapterRef | None
+    ) -> tuple[float | None, ...]:
+        """One teacher-forced forward (:meth:`Engine.prompt_logprobs`), no decoding."""
+        try:
+            (scored,) = self.engine.prompt_logprobs(
+                [GenerateRequest(input_ids=prompt_ids, adapter=adapter)]
+            )
+        except AdapterNotLoadedError as err:
+            raise BackendUnavailableError(str(err)) from err
+        except RequestError as err:
+            raise RowRefusedError(str(err)) from err
+        return scored
 
 
 class HttpBackend:
@@ -219,9 +248,7 @@ class HttpBackend:
         except SGLangUnavailableError as err:
             raise BackendUnavailableError(str(err)) from err
         except SGLangError as err:
-            if err.status >= 500 or err.param == "lora_path":  # server fault / adapter evicted
-                raise BackendUnavailableError(str(err)) from err
-            raise
+            raise _http_error(err) from err
         completions = []
         for out in outputs:
             logprobs = out.output_token_logprobs or ()
@@ -239,6 +266,43 @@ class HttpBackend:
                 )
             )
         return completions
+
+    def prompt_logprobs(
+        self, prompt_ids: tuple[int, ...], adapter: AdapterRef | None
+    ) -> tuple[float | None, ...]:
+        """SGLang's ``input_token_logprobs`` (``return_logprob`` with ``logprob_start_len=0``).
+
+        The scoring request samples one throw-away token at temperature 1, so the prompt's
+        log-probs are the unscaled ``log_softmax(logits)`` whatever temperature scaling the
+        server applies to input log-probs; the first entry (no context) is ``None`` on SGLang.
+        """
+        try:
+            out = self.client.generate(
+                input_ids=list(prompt_ids),
+                sampling_params=SamplingParams(temperature=1.0, max_new_tokens=1, seed=0),
+                lora_path=None if adapter is None else str(adapter),
+                return_logprob=True,
+                logprob_start_len=0,
+            )
+        except SGLangUnavailableError as err:
+            raise BackendUnavailableError(str(err)) from err
+        except SGLangError as err:
+            raise _http_error(err) from err
+        scored = out.input_token_logprobs if isinstance(out, GenerateOutput) else None
+        if scored is None or len(scored) != len(prompt_ids):
+            got = "none" if scored is None else len(scored)
+            raise BackendError(
+                f"server returned {got} input_token_logprobs for a {len(prompt_ids)}-token "
+                "prompt; it must honour return_logprob=True with logprob_start_len=0"
+            )
+        return (None, *scored[1:])
+
+
+def _http_error(err: SGLangError) -> BackendError:
+    """A server's refusal as a backend error: transient, or the row's own fault."""
+    if err.status >= 500 or err.param == "lora_path":  # server fault / adapter evicted
+        return BackendUnavailableError(str(err))
+    return RowRefusedError(str(err))
 
 
 def file_sha256(path: Path) -> str:

@@ -41,8 +41,9 @@ class GenerateOutput(msgspec.Struct, frozen=True, kw_only=True):
 
     ``completion_ids`` are the generated tokens (SGLang's JSON field ``output_ids``; renamed at
     this edge to the name the rest of the pipeline uses). ``output_token_logprobs`` (present
-    when requested) is aligned with them. ``finish_reason`` is ``"stop"`` (``matched``: stop
-    token id or string) or ``"length"``.
+    when requested) is aligned with them. ``input_token_logprobs`` (requested with
+    ``logprob_start_len=0``) has one entry per prompt token, ``None`` for the first.
+    ``finish_reason`` is ``"stop"`` (``matched``: stop token id or string) or ``"length"``.
     """
 
     id: str
@@ -53,6 +54,7 @@ class GenerateOutput(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     output_token_logprobs: tuple[float, ...] | None = None
+    input_token_logprobs: tuple[float | None, ...] | None = None
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,6 +80,7 @@ def decode_output(raw: Mapping[str, Any]) -> GenerateOutput:
     """
     meta = raw["meta_info"]
     logprob_rows = meta.get("output_token_logprobs")
+    input_rows = meta.get("input_token_logprobs")
     ids = raw.get("output_ids")
     if ids is None:
         if logprob_rows is None:
@@ -94,6 +97,11 @@ def decode_output(raw: Mapping[str, Any]) -> GenerateOutput:
         completion_tokens=int(meta.get("completion_tokens", len(ids))),
         output_token_logprobs=(
             None if logprob_rows is None else tuple(float(row[0]) for row in logprob_rows)
+        ),
+        input_token_logprobs=(
+            None
+            if input_rows is None
+            else tuple(None if row[0] is None else float(row[0]) for row in input_rows)
         ),
     )
 
@@ -133,12 +141,14 @@ class SGLangClient:
         sampling_params: SamplingArg | Sequence[SamplingArg] | None = None,
         lora_path: str | Sequence[str | None] | None = None,
         return_logprob: bool = False,
+        logprob_start_len: int | None = None,
         rid: str | Sequence[str] | None = None,
     ) -> GenerateOutput | list[GenerateOutput]:
         """``POST /generate``. One prompt in, one output out; a list of prompts in, a list out.
 
         ``sampling_params`` and ``lora_path`` are one value for all prompts or one per prompt;
-        ``lora_path=None`` (or a ``None`` entry) runs the base model.
+        ``lora_path=None`` (or a ``None`` entry) runs the base model. ``logprob_start_len=0``
+        with ``return_logprob`` also returns the prompt's log-probs (``input_token_logprobs``).
         """
         body: dict[str, Any] = {}
         if text is not None:
@@ -154,6 +164,8 @@ class SGLangClient:
             body["lora_path"] = lora_path if isinstance(lora_path, str) else list(lora_path)
         if return_logprob:
             body["return_logprob"] = True
+        if logprob_start_len is not None:
+            body["logprob_start_len"] = logprob_start_len
         if rid is not None:
             body["rid"] = rid if isinstance(rid, str) else list(rid)
         raw = self._request("POST", "/generate", body).json()

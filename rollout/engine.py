@@ -17,6 +17,11 @@ it and pins a batch's versions from the start of :meth:`Engine.generate` to its 
 keeps its versions even when a load retires them meanwhile. Versions are immutable: loading a
 ``(name, version)`` already loaded is a no-op.
 
+**Prompt log-probs** (:meth:`Engine.prompt_logprobs`, for a client's ``compute_logprobs`` and
+``sample(prompt_logprobs=True)``): one teacher-forced forward over a prompt with its adapter
+version, ``log_softmax(logits)`` at temperature 1, pinned like a batch. Generation does not
+compute them (its prefill keeps only the last position's logits).
+
 A row's tokens are its ``completion_ids`` (the name the rollout group and the trainer use);
 SGLang's HTTP field ``output_ids`` appears only at the HTTP edge (:mod:`rollout.sglang_api`,
 :mod:`rollout.client`).
@@ -27,7 +32,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +45,9 @@ from events.adapter_format import read_peft_adapter
 from rollout.adapter_slots import AdapterRef, AdapterSlots, EngineError, RequestError
 from rollout.lora import BASE_SLOT, LoraBackend, MultiLoraModel
 from rollout.sampling import SamplingParams, find_stop, sample_tokens_B, trim_at_stop
+
+SCORE_CHUNK = 512
+"""Tokens per log-softmax chunk of :meth:`Engine.prompt_logprobs` (bounds the float32 copy)."""
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -231,32 +240,80 @@ class Engine:
         """Generate every request (any mix of adapters and base rows); results in input order."""
         for i, request in enumerate(requests):
             self._validate(i, request)
+        with self._pinned(requests) as slots_B:
+            rows = [self._row(r, slot) for r, slot in zip(requests, slots_B, strict=True)]
+            with self._decode_lock:
+                for lo in range(0, len(rows), self.max_batch_size):
+                    self._decode(rows[lo : lo + self.max_batch_size])
+        return [self._result(row) for row in rows]
+
+    def prompt_logprobs(
+        self, requests: Sequence[GenerateRequest]
+    ) -> list[tuple[float | None, ...]]:
+        """Teacher-forced log-probs of each request's own tokens under its adapter (or the base).
+
+        Entry ``t`` of a row is ``log p(input_ids[t] | input_ids[:t])`` =
+        ``log_softmax(logits_{t-1})[input_ids[t]]`` in float32, at **temperature 1** whatever
+        ``request.sampling`` says (it is not used); entry 0 is ``None`` (no context). One plain
+        forward per row (no cache, no decoding) through the same model and slot routing as
+        :meth:`generate`, so these are the numbers a prefill computes. Memory: one row's
+        ``T x V`` logits at a time (log-softmax taken in chunks of :data:`SCORE_CHUNK` tokens).
+        """
+        if not requests:
+            return []
+        for i, request in enumerate(requests):
+            self._validate_ids(i, request.input_ids)
+            if self.max_positions and len(request.input_ids) > self.max_positions:
+                raise RequestError(
+                    f"input_ids[{i}]",
+                    f"{len(request.input_ids)} tokens exceed the model's "
+                    f"max_position_embeddings {self.max_positions}",
+                )
+        with self._pinned(requests) as slots_B, self._decode_lock:
+            return [
+                self._score(r.input_ids, slot) for r, slot in zip(requests, slots_B, strict=True)
+            ]
+
+    @contextmanager
+    def _pinned(self, requests: Sequence[GenerateRequest]) -> Iterator[list[int]]:
+        """Pin the requests' adapter versions for one batch; yields each row's slot id."""
         refs = [r.adapter for r in requests if r.adapter is not None]
         with self._lock:
             self._idle.wait_for(lambda: self._wrapping == 0)
             slot_of = self.slots.acquire(refs)
             self._inflight += 1
         try:
-            rows = [
-                self._row(r, BASE_SLOT if r.adapter is None else slot_of[r.adapter])
-                for r in requests
-            ]
-            with self._decode_lock:
-                for lo in range(0, len(rows), self.max_batch_size):
-                    self._decode(rows[lo : lo + self.max_batch_size])
+            yield [BASE_SLOT if r.adapter is None else slot_of[r.adapter] for r in requests]
         finally:
             with self._lock:
                 self.slots.release(refs)
                 self._inflight -= 1
                 self._idle.notify_all()
-        return [self._result(row) for row in rows]
 
-    def _validate(self, i: int, request: GenerateRequest) -> None:
-        ids = request.input_ids
+    @torch.inference_mode()
+    def _score(self, ids: tuple[int, ...], slot: int) -> tuple[float | None, ...]:
+        ids_1_T = torch.tensor([ids], dtype=torch.long, device=self.lora.device)
+        with self.lora.route([slot]):
+            logits_T_V = self.model(input_ids=ids_1_T, use_cache=False).logits[0, :-1]
+        targets_T = ids_1_T[0, 1:]
+        logprobs_T = [
+            torch.log_softmax(chunk_V.float(), dim=-1).gather(-1, target[:, None])[:, 0]
+            for chunk_V, target in zip(
+                logits_T_V.split(SCORE_CHUNK), targets_T.split(SCORE_CHUNK), strict=True
+            )
+        ]
+        scored = torch.cat(logprobs_T).tolist() if logprobs_T else []
+        return (None, *scored)
+
+    def _validate_ids(self, i: int, ids: tuple[int, ...]) -> None:
         if not ids:
             raise RequestError(f"input_ids[{i}]", "prompt is empty")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise RequestError(f"input_ids[{i}]", f"token ids must be in [0, {self.vocab_size})")
+
+    def _validate(self, i: int, request: GenerateRequest) -> None:
+        ids = request.input_ids
+        self._validate_ids(i, ids)
         total = len(ids) + request.sampling.max_new_tokens
         if self.max_positions and total > self.max_positions:
             raise RequestError(

@@ -124,6 +124,11 @@ class RolloutServer:
     def _generate(self, body: Any) -> Response:
         parsed = parse_generate(body, self.engine.tokenizer)
         results = self.batcher.submit(parsed.requests)
+        scored = iter(
+            self.engine.prompt_logprobs(
+                [r for r, f in zip(parsed.requests, parsed.prompt_logprobs, strict=True) if f]
+            )
+        )
         outs = [
             render_result(
                 res,
@@ -131,8 +136,17 @@ class RolloutServer:
                 return_logprob=flag,
                 text_in_logprobs=parsed.text_in_logprobs,
                 tokenizer=self.engine.tokenizer,
+                input_ids=req.input_ids,
+                prompt_logprobs=next(scored) if prompt else None,
             )
-            for res, rid, flag in zip(results, parsed.rids, parsed.return_logprob, strict=True)
+            for res, rid, flag, req, prompt in zip(
+                results,
+                parsed.rids,
+                parsed.return_logprob,
+                parsed.requests,
+                parsed.prompt_logprobs,
+                strict=True,
+            )
         ]
         return 200, outs[0] if parsed.single else outs
 

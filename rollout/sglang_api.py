@@ -8,6 +8,11 @@ accepted, :data:`SAMPLING_FIELDS` the sampling fields implemented, :data:`NEUTRA
 accepted only at their neutral value (any other value is a 400: the engine would silently sample
 differently). An invalid body raises :class:`BadRequest` naming the offending field.
 
+``logprob_start_len`` is ``-1`` (default: output tokens only) or ``0`` (with ``return_logprob``,
+also ``meta_info.input_token_logprobs`` for the whole prompt, ``None`` first, as SGLang); the
+embedded engine's prompt log-probs are at temperature 1 (``log_softmax(logits)``) whatever the
+row's temperature (:meth:`~rollout.engine.Engine.prompt_logprobs`).
+
 Adapter names carry the version: ``lora_path`` ``"math@7"`` is version 7 of adapter ``math``
 (plain ``"math"`` is version 0; :class:`~rollout.adapter_slots.AdapterRef`). A completion's tokens
 are SGLang's ``output_ids`` on the wire and ``completion_ids`` everywhere else.
@@ -85,6 +90,7 @@ class ParsedGenerate:
     rids: list[str]
     requests: list[GenerateRequest]
     return_logprob: list[bool]
+    prompt_logprobs: list[bool]
     text_in_logprobs: bool
 
 
@@ -159,8 +165,6 @@ def parse_generate(body: Any, tokenizer: Any | None) -> ParsedGenerate:
         raise BadRequest(unknown[0], f"unknown field; supported: {sorted(GENERATE_FIELDS)}")
     if body.get("stream"):
         raise BadRequest("stream", "streaming is not supported by the embedded engine")
-    if body.get("logprob_start_len") not in (None, -1):
-        raise BadRequest("logprob_start_len", "only output-token log-probs (-1) are supported")
     if body.get("top_logprobs_num") not in (None, 0):
         raise BadRequest("top_logprobs_num", "top log-probs are not supported")
     text, input_ids = body.get("text"), body.get("input_ids")
@@ -205,6 +209,13 @@ def parse_generate(body: Any, tokenizer: Any | None) -> ParsedGenerate:
     for flag in logprob_flags:
         if flag is not None and not isinstance(flag, bool):
             raise BadRequest("return_logprob", f"must be a boolean (or list), got {flag!r}")
+    starts = _per_row(body, "logprob_start_len", n, single)
+    for start in starts:
+        if start not in (None, -1, 0) or isinstance(start, bool):
+            raise BadRequest(
+                "logprob_start_len",
+                f"only -1 (output tokens) or 0 (the whole prompt too) are supported, got {start!r}",
+            )
     rid = body.get("rid")
     if rid is None:
         rids = [uuid.uuid4().hex for _ in range(n)]
@@ -219,6 +230,7 @@ def parse_generate(body: Any, tokenizer: Any | None) -> ParsedGenerate:
         rids=rids,
         requests=requests,
         return_logprob=[bool(f) for f in logprob_flags],
+        prompt_logprobs=[bool(f) and s == 0 for f, s in zip(logprob_flags, starts, strict=True)],
         text_in_logprobs=bool(body.get("return_text_in_logprobs")),
     )
 
@@ -230,8 +242,11 @@ def render_result(
     return_logprob: bool,
     text_in_logprobs: bool,
     tokenizer: Any | None,
+    input_ids: tuple[int, ...] = (),
+    prompt_logprobs: tuple[float | None, ...] | None = None,
 ) -> dict[str, Any]:
-    """One engine row -> SGLang's ``/generate`` output object."""
+    """One engine row -> SGLang's ``/generate`` output object (``prompt_logprobs`` of
+    ``input_ids``, when asked for, as ``input_token_logprobs``)."""
     if result.finish_reason == "length":
         finish: dict[str, Any] = {"type": "length", "length": len(result.completion_ids)}
     else:
@@ -251,5 +266,10 @@ def render_result(
             [lp, tok, txt]
             for lp, tok, txt in zip(result.logprobs, result.completion_ids, texts, strict=True)
         ]
+        if prompt_logprobs is not None:
+            meta["input_token_logprobs"] = [
+                [lp, tok, tokenizer.decode([tok]) if text_in_logprobs and tokenizer else None]
+                for lp, tok in zip(prompt_logprobs, input_ids, strict=True)
+            ]
     # SGLang's field name for the completion's tokens (the rest of the pipeline: completion_ids)
     return {"text": result.text, "output_ids": list(result.completion_ids), "meta_info": meta}

@@ -42,10 +42,17 @@ task's ack. A worker whose entry was reclaimed by another (it was silent for ``c
 has its commit refused, so each task is published once in effect; the trainer still keys groups
 by ``task_id`` and fences them itself as a second line.
 
+**Client samples** (``rollout.sample``, a Tinker client's ``sample`` / ``compute_logprobs``
+through the gateway) are served by :class:`~rollout.client_sampling.ClientSampler` with the same
+backend and version cache, and answered in the request's future with the task's ack. They are
+not fenced by epoch or staleness: a client may sample any version it saved, as long as its
+weights can be loaded (see :mod:`rollout.client_sampling`; failures fail the future).
+
 **Failure policy.** Known failures of one task become failed samples in its group, each with the
 reason, so the trainer sees the failure and moves on (and may fail the adapter): a dataset that
 cannot be opened, an unknown reward, invalid sampling, weights that cannot be loaded or fail
-their checksum (one group), a prompt index out of range or a prompt longer than
+their checksum, rows the engine refuses (e.g. prompt plus ``max_new_tokens`` beyond the model's
+context) (one group), a prompt index out of range or a prompt longer than
 ``max_prompt_tokens`` (that prompt's samples; prompts are never truncated: a cut prompt is a
 different question than the one the reward checks), a reward function that raises (that sample).
 The worker never publishes ``adapter.failed``: whether an adapter has failed is the trainer's
@@ -75,6 +82,7 @@ from events.schema import (
     PromptGroup,
     RolloutGroup,
     RolloutTask,
+    SampleTask,
     Synced,
     SyncRequested,
     TaskEvent,
@@ -98,9 +106,11 @@ from rollout.backend import (
     AdapterLoadError,
     BackendUnavailableError,
     GenerationBackend,
+    RowRefusedError,
     WeightsError,
     WeightsFetcher,
 )
+from rollout.client_sampling import ClientSampler
 from rollout.data import DataError, DataSource, open_source
 from rollout.groups import (
     failed_groups,
@@ -124,7 +134,14 @@ class SyncError(HandlerError):
     """A ``sync_requested`` could not be applied (checksum mismatch, unreadable or bad files)."""
 
 
-KNOWN_TASK_FAILURES = (DataError, RewardError, SamplingParamError, AdapterLoadError, WeightsError)
+KNOWN_TASK_FAILURES = (
+    DataError,
+    RewardError,
+    SamplingParamError,
+    AdapterLoadError,
+    WeightsError,
+    RowRefusedError,
+)
 """Task failures that become failed samples in the group instead of crashing the worker."""
 
 
@@ -220,6 +237,12 @@ class RolloutWorker:
         self.history_until = history_until
         self.metrics = metrics or RolloutMetrics(CollectorRegistry())  # default: not exported
         self.served = ServedVersions(backend, weights, self.metrics, clock=clock)
+        self.sampler = ClientSampler(
+            streams=streams,
+            backend=backend,
+            served=self.served,
+            max_prompt_tokens=max_prompt_tokens,
+        )
         self.states: dict[str, AdapterState] = {}
         self.syncs: dict[str, SyncRequested] = {}
         self._epochs_ahead: dict[str, int] = {}  # registration id -> newest epoch of a task
@@ -245,6 +268,8 @@ class RolloutWorker:
         match delivery.event:
             case RolloutTask() as task:
                 return self.on_task(task)
+            case SampleTask() as sample:
+                return self.on_sample(sample)
             case event:
                 return self.on_control(event, delivery.entry_id)
 
@@ -270,7 +295,9 @@ class RolloutWorker:
     def _end(self, state: AdapterState) -> None:
         """The registration no longer needs weights: unload it, drop its cached weights."""
         self.syncs.pop(state.registration_id, None)
-        self.served.drop(served_name(state.name, state.registration_id))
+        name = served_name(state.name, state.registration_id)
+        self.served.drop(name)
+        self.sampler.drop(name)
 
     def _on_sync(self, event: SyncRequested, outcome: Outcome, *, replay: bool) -> Effects:
         if outcome.verdict not in _ANSWERED:
@@ -359,6 +386,17 @@ class RolloutWorker:
         )
         self.metrics.task_done(group)
         return Effects().publish(self.streams.groups, stamp(group, source=self.name))
+
+    def on_sample(self, task: SampleTask) -> Effects:
+        """Serve a client's sample request; its future is answered with the task's ack."""
+        state = self.states.get(task.registration_id) if task.registration_id else None
+        ended = ""
+        if state is not None and state.phase not in SERVING:
+            ended = f"registration {task.registration_id!r} has ended ({state.phase})"
+        sync = self.syncs.get(task.registration_id)
+        known = sync.sha256 if sync is not None and sync.version == task.version else ""
+        live = state is not None and not ended
+        return self.sampler.on_sample(task, live=live, ended=ended, sha256=known)
 
     def _run(self, task: RolloutTask) -> tuple[int, list[PromptGroup]]:
         """Generate and score ``task``; returns ``(version used, prompt groups in task order)``."""

@@ -191,6 +191,7 @@ def test_stop_string_reports_matched(served: Served) -> None:
         ({"text": "x", "lora_path": "a@x"}, "lora_path"),
         ({"input_ids": [1, 999]}, "input_ids[0]"),
         ({"text": "x", "stream": True}, "stream"),
+        ({"text": "x", "return_logprob": True, "logprob_start_len": 2}, "logprob_start_len"),
     ],
 )
 def test_generate_400_names_the_field(served: Served, body: dict[str, Any], param: str) -> None:

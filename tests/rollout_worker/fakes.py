@@ -10,13 +10,17 @@ the properties the worker relies on and its tests check:
   other samples;
 - a row naming a version that is not served fails like an evicted version on the embedded
   engine (:class:`BackendUnavailableError`); a directory without the PEFT files fails to load
-  (:class:`AdapterLoadError`).
+  (:class:`AdapterLoadError`); a token id outside :class:`ByteTokenizer`'s vocabulary is refused
+  (:class:`RowRefusedError`).
+
+Prompt log-probs are a pure function of the served weights and the prefix, ``None`` first.
 
 It records what the worker asked of it (``batches``: rows per ``generate`` call; ``calls``: loads
-and unloads) and keeps the newest ``keep_versions`` versions of each adapter, as both real
-backends do. :class:`ByteTokenizer` is the Hugging Face tokenizer subset the worker uses, over
-UTF-8 bytes. :func:`write_fake_version` writes a version directory with random weight bytes (the
-worker only reads the files and their sha256; the fake reads nothing else).
+and unloads; ``scored``: prompts scored) and keeps the newest ``keep_versions`` versions of each
+adapter, as both real backends do. :class:`ByteTokenizer` is the Hugging Face tokenizer subset
+the worker uses, over UTF-8 bytes. :func:`write_fake_version` writes a version directory with
+random weight bytes (the worker only reads the files and their sha256; the fake reads nothing
+else).
 """
 
 from __future__ import annotations
@@ -28,16 +32,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rollout.adapter_slots import AdapterRef
 from rollout.backend import (
     AdapterLoadError,
     BackendUnavailableError,
     Completion,
     GenerationBackend,
     GenerationRow,
+    RowRefusedError,
 )
 
 BOS, EOS = 256, 257
 """Special token ids of :class:`ByteTokenizer` (bytes are 0..255)."""
+VOCAB = 258
 
 
 class ByteTokenizer:
@@ -76,6 +83,7 @@ class FakeBackend:
         self.served: dict[str, dict[int, str]] = {}  # name -> version -> sha256 of the weights
         self.batches: list[int] = []
         self.calls: list[tuple[str, str, int | None]] = []
+        self.scored: list[tuple[int, ...]] = []  # prompts of prompt_logprobs calls
 
     def load(self, name: str, version: int, path: str) -> None:
         self._reachable()
@@ -105,12 +113,32 @@ class FakeBackend:
         self.batches.append(len(rows))
         return [self._complete(row) for row in rows]
 
+    def prompt_logprobs(
+        self, prompt_ids: tuple[int, ...], adapter: AdapterRef | None
+    ) -> tuple[float | None, ...]:
+        self._reachable()
+        weights = self._weights(adapter, prompt_ids)
+        self.scored.append(prompt_ids)
+        return (
+            None,
+            *(
+                -0.01 - 3 * random.Random(f"{weights}:{prompt_ids[: t + 1]}").random()
+                for t in range(1, len(prompt_ids))
+            ),
+        )
+
+    def _weights(self, adapter: AdapterRef | None, prompt_ids: tuple[int, ...]) -> str:
+        if max(prompt_ids) >= VOCAB:
+            raise RowRefusedError(f"input_ids: token ids must be in [0, {VOCAB})")
+        if adapter is None:
+            return "base"
+        weights = self.served.get(adapter.name, {}).get(adapter.version, "")
+        if not weights:
+            raise BackendUnavailableError(f"adapter {adapter} is not loaded")
+        return weights
+
     def _complete(self, row: GenerationRow) -> Completion:
-        weights = "base"
-        if row.adapter is not None:
-            weights = self.served.get(row.adapter.name, {}).get(row.adapter.version, "")
-            if not weights:
-                raise BackendUnavailableError(f"adapter {row.adapter} is not loaded")
+        weights = self._weights(row.adapter, row.prompt_ids)
         sp = row.sampling
         rng = random.Random(f"{weights}:{row.prompt_ids}:{sp.seed}")
         length = rng.randint(1, sp.max_new_tokens)

@@ -13,6 +13,7 @@ from rollout.backend import (
     EmbeddedBackend,
     GenerationRow,
     HttpBackend,
+    RowRefusedError,
 )
 from rollout.client import SGLangClient
 from rollout.engine import Engine
@@ -93,3 +94,21 @@ def test_http_backend_reports_an_unreachable_server(tiny_dir) -> None:
     backend = HttpBackend(SGLangClient("http://127.0.0.1:9", timeout=2), tokenizer=None)
     with pytest.raises(BackendUnavailableError):
         backend.load("math.r1", 0, "/nowhere")
+
+
+def test_embedded_and_http_backends_score_prompts_alike(engines, http_backend, versions) -> None:
+    """HTTP: SGLang's ``input_token_logprobs`` (``logprob_start_len=0``) of the embedded server."""
+    embedded = EmbeddedBackend(engines())
+    prompt = tuple(embedded.tokenizer("score this prompt")["input_ids"])
+    for backend in (embedded, http_backend):
+        backend.load("math.r1", 1, str(versions[1]))
+    for adapter in (AdapterRef("math.r1", 1), None):
+        local = embedded.prompt_logprobs(prompt, adapter)
+        remote = http_backend.prompt_logprobs(prompt, adapter)
+        assert local[0] is None and remote[0] is None and len(local) == len(remote) == len(prompt)
+        pairs = zip(local[1:], remote[1:], strict=True)
+        assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in pairs)
+    with pytest.raises(RowRefusedError):  # a token id outside the vocabulary
+        http_backend.prompt_logprobs((1, 10**6), None)
+    with pytest.raises(RowRefusedError):
+        embedded.prompt_logprobs((1, 10**6), None)
