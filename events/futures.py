@@ -21,8 +21,10 @@ Fields of the hash (all strings):
 ==========  =====================================================================================
 
 Completion writes ``result`` with ``HSETNX``: a request redone after a crash (which recomputes
-an identical result) never replaces the first answer. Records expire ``FUTURE_TTL_S`` after
-completion.
+an identical result) never replaces the first answer. A reader derives the state from the fields
+(:func:`read`): ``result`` present → ``done``, else ``error`` present → ``failed``, else the
+stored ``state``; so a late failure of a redone request never turns a ``done`` record failed.
+Records expire ``FUTURE_TTL_S`` after completion.
 """
 
 from __future__ import annotations
@@ -179,9 +181,17 @@ def read(client: redis.Redis, streams: Streams, request_id: str) -> FutureRecord
         value = fields.get(name)
         return default if value is None else _text(value)
 
-    state = text("state", "pending")
-    if state not in ("pending", "done", "failed"):
+    # the fields decide, not ``state`` alone: a gateway creates the record with state=pending,
+    # and a completion only adds fields with HSETNX (first answer wins), so a result means done
+    # and otherwise an error means failed
+    if fields.get("result"):
+        state = "done"
+    elif fields.get("error"):
         state = "failed"
+    else:
+        state = text("state", "pending")
+        if state not in ("pending", "done", "failed"):
+            state = "failed"
     category = text("category", "server")
     return FutureRecord(
         request_id=request_id,

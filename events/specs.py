@@ -266,7 +266,7 @@ class AdapterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             fix = "a dataset-driven adapter needs at least one reward term"
             raise _invalid("rewards", self.rewards, fix)
         if self.driver == "client" and (self.dataset is not None or self.rewards):
-            fix = "a client-driven adapter takes no dataset or rewards: its client samples and scores"
+            fix = "a client-driven adapter takes no dataset or rewards (its client scores samples)"
             raise _invalid("driver", self.driver, fix)
         if self.optim.warmup_steps > self.steps:
             fix = f"use at most steps = {self.steps}, or the learning rate never reaches optim.lr"

@@ -247,11 +247,6 @@ def test_the_checksum_of_the_sync_is_checked(
     assert worker.backend.calls == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="events.futures.fail sets state with HSETNX, but the gateway creates every future "
-    "with state=pending, so a failed future still reads pending (contract fix asked for)",
-)
 def test_a_failed_request_reads_back_failed(make_fake_worker, redis_url, streams, rclient):
     req = sample(prompt_ids=(BOS, 999))
     submit(rclient, streams, req)
