@@ -6,6 +6,7 @@ Processes (what the Procfile and ``up`` run)::
     multilora rollout    --model DIR ...     # N replicas (rollout.worker)
     multilora checkpoint ...                 # 1..N (orchestrator.checkpoint)
     multilora rewards    --reward NAME ...   # RQ workers for slow rewards
+    multilora gateway    --base-model NAME --api-key KEY=TENANT ...  # N replicas (Tinker SDK)
 
 Tenants and operators::
 
@@ -53,6 +54,12 @@ def cmd_rollout(argv: Sequence[str]) -> int:
 
 def cmd_checkpoint(argv: Sequence[str]) -> int:
     from orchestrator.checkpoint import main
+
+    return main(list(argv))
+
+
+def cmd_gateway(argv: Sequence[str]) -> int:
+    from orchestrator.gateway.server import main
 
     return main(list(argv))
 
@@ -220,6 +227,7 @@ COMMANDS = {
     "rollout": cmd_rollout,
     "checkpoint": cmd_checkpoint,
     "rewards": cmd_rewards,
+    "gateway": cmd_gateway,
     "up": cmd_up,
     "submit": cmd_submit,
     "cancel": cmd_cancel,

@@ -46,8 +46,12 @@ class StackOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     (0: any free one; ignored when ``REDIS_URL`` is set). ``metrics_port_base`` > 0 serves
     ``/metrics`` — trainer at the base port, checkpoint at base + 1, rollout worker ``i`` at base +
     10 + i (the ports ``ops/prometheus/prometheus.yml`` scrapes for base 9400). ``extra_args``
-    are flags appended per process role (``trainer``, ``rollout``, ``checkpoint``), after the
-    defaults so they override them, e.g. ``{"rollout": ["--reward", "name=pkg.mod:fn"]}``.
+    are flags appended per process role (``trainer``, ``rollout``, ``checkpoint``,
+    ``gateway``), after the defaults so they override them, e.g.
+    ``{"rollout": ["--reward", "name=pkg.mod:fn"]}``. ``gateway_port`` > 0 also starts the Tinker
+    gateway on that port (off by default: it serves remote clients, so the operator opts in),
+    for the trainer's base model; its API keys come from ``MULTILORA_GATEWAY_API_KEYS`` or
+    ``extra_args["gateway"]`` (``--api-key KEY=TENANT``).
     """
 
     model: Annotated[str, _doc("local HF model dir (empty: a tiny random one)")] = ""
@@ -61,6 +65,7 @@ class StackOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     redis_port: Annotated[Port, _doc("embedded Redis port (0: any free one)")] = 6379
     metrics_port_base: Annotated[Port, _doc("trainer /metrics port (0: off)")] = 9400
     schedule: Annotated[str, _doc("run this schedule, then exit")] = ""
+    gateway_port: Annotated[Port, _doc("Tinker gateway port (0: no gateway)")] = 0
     extra_args: dict[str, tuple[str, ...]] = msgspec.field(default_factory=dict)
 
 
@@ -150,6 +155,20 @@ class Stack:
                 *port(1),
             ],
         )
+        if o.gateway_port:
+            self._spawn(
+                "gateway",
+                [
+                    "gateway",
+                    *common,
+                    "--base-model",
+                    Path(model).name,
+                    "--max-rank",
+                    str(o.max_rank),
+                    "--port",
+                    str(o.gateway_port),
+                ],
+            )
         return self
 
     def _tiny_model(self) -> str:

@@ -267,6 +267,15 @@ def read_status(client: redis.Redis, streams: Streams) -> list[AdapterStatus]:
     ]
 
 
+def read_one(client: redis.Redis, streams: Streams, name: str) -> AdapterStatus | None:
+    """The status of adapter ``name`` (None when it has no hash); raises like
+    :func:`read_status` on a malformed value."""
+    raw = client.hgetall(streams.status(name))
+    if not raw:
+        return None
+    return _row(name, streams.status(name), {_str(k): _str(v) for k, v in raw.items()})
+
+
 def _row(name: str, key: str, fields: dict[str, str]) -> AdapterStatus:
     try:
         return _parse_row(name, fields)

@@ -31,7 +31,7 @@ def procfile_commands() -> dict[str, str]:
 
 def test_procfile_processes_connect_where_redis_url_points(tmp_path: Path) -> None:
     commands = procfile_commands()
-    assert set(commands) == {"redis", "trainer", "rollout", "checkpoint", "rewards"}
+    assert set(commands) == {"redis", "trainer", "rollout", "checkpoint", "rewards", "gateway"}
     model = write_tiny_model(tmp_path / "model")
     streams = Streams()  # the Procfile's processes use the default namespace
     with RedisServer(tmp_path / "redis") as server:
@@ -43,10 +43,12 @@ def test_procfile_processes_connect_where_redis_url_points(tmp_path: Path) -> No
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "OMP_NUM_THREADS": "1",
         }
-        # metrics ports as written would collide with a stack running on this host
+        # metrics ports (and the gateway's port) as written would collide with a stack running
+        # on this host; the gateway holds no lease: it is checked by staying up (a gateway that
+        # cannot reach its Redis at boot exits 2)
         procs = {
             name: subprocess.Popen(
-                ["bash", "-c", re.sub(r"--metrics-port \d+", "--metrics-port 0", command)],
+                ["bash", "-c", re.sub(r"--(metrics-)?port \d+", r"--\1port 0", command)],
                 cwd=tmp_path,
                 env=env,
                 stdout=(tmp_path / f"{name}.log").open("wb"),
