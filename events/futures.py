@@ -87,10 +87,12 @@ class SampledSequence(msgspec.Struct, frozen=True, kw_only=True):
 
 class SampleResult(msgspec.Struct, frozen=True, kw_only=True):
     """The completions of a ``sample`` request; ``prompt_logprobs`` (asked for) has one entry
-    per prompt token, ``None`` for the first (no context)."""
+    per prompt token, ``None`` for the first (no context); ``generate_s``: the worker's seconds
+    generating and scoring them (what the gateway's overhead is measured against)."""
 
     sequences: tuple[SampledSequence, ...]
     prompt_logprobs: tuple[float | None, ...] | None = None
+    generate_s: float = 0.0
 
 
 class FutureRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -45,7 +45,10 @@ engine cannot load, a row the engine refuses (ids outside the vocabulary, prompt
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
+
+import msgspec
 
 from events import futures
 from events.effects import Effects
@@ -178,11 +181,13 @@ class ClientSampler:
         self._check(task)
         SamplingParams.from_spec(task.sampling)  # invalid sampling fails before any load
         adapter = self._weights(task, live=live, sha256=sha256)
+        t0 = time.perf_counter()
         completions_G = self.backend.generate(sample_rows(task, adapter))  # ONE batch
         scored = None
         if task.prompt_logprobs:
             scored = self.backend.prompt_logprobs(task.prompt_ids, adapter)
-        return sample_result(completions_G, scored)
+        result = sample_result(completions_G, scored)
+        return msgspec.structs.replace(result, generate_s=time.perf_counter() - t0)
 
     def _check(self, task: SampleTask) -> None:
         if len(task.prompt_ids) > self.max_prompt_tokens:
