@@ -13,7 +13,8 @@ in the same transaction); at the limit the answer is 429, which the SDK retries 
 
 **Retrieve.** The record decides, whichever gateway created it: ``pending`` → the SDK's
 ``try_again`` (after holding the request up to ``long_poll_s``, re-reading with a backoff from
-20 ms to 0.5 s, since completers write the record without a notification); ``failed`` → the SDK's
+5 ms to 50 ms, since completers write the record without a notification: one ``HGETALL`` per
+poll, cheap next to the latency a coarser poll adds to every call); ``failed`` → the SDK's
 ``RequestFailedResponse`` (``error``, ``category`` ``user``/``server``), which the SDK raises as
 ``RequestFailedError``; ``done`` → the stored result rendered as the response type of its kind
 (:mod:`orchestrator.gateway.render`). ``create_model`` and ``unload_model`` futures have no
@@ -49,6 +50,11 @@ MAX_ATTEMPTS = 8
 STARTED = {Phase.ADMITTED, Phase.RUNNING, Phase.COMPLETING, Phase.COMPLETED, Phase.CANCELLED}
 ENDED = {Phase.COMPLETED, Phase.CANCELLED, Phase.RETIRED, Phase.FAILED, Phase.REJECTED}
 
+
+POLL_FIRST_S = 0.005
+POLL_MAX_S = 0.05
+"""A pending ``retrieve_future`` re-reads the record after 5 ms, then 1.5× longer each time, up
+to every 50 ms, until ``long_poll_s`` (see ``docs/PERFORMANCE.md``, gateway overhead)."""
 
 class ModelReady(msgspec.Struct, frozen=True, kw_only=True):
     """The result of a resolved ``create_model`` / ``unload_model`` future."""
@@ -155,7 +161,7 @@ class Futures:
         """The SDK's answer to ``retrieve_future`` (see the module doc); 404 for another
         tenant's future or an unknown (or expired) one."""
         deadline = time.monotonic() + self.long_poll_s
-        delay = 0.02
+        delay = POLL_FIRST_S
         while True:
             record = read(self.client, self.streams, request_id)
             if record is None or record.tenant != tenant:
@@ -171,7 +177,7 @@ class Futures:
             if left <= 0:
                 return try_again(request_id, reason)
             time.sleep(min(delay, left))
-            delay = min(delay * 2, 0.5)
+            delay = min(delay * 1.5, POLL_MAX_S)
 
     def _render(self, record: FutureRecord, *, proto: bool) -> Reply:
         sampler = b""
