@@ -160,6 +160,26 @@ def test_kills_lose_no_request_and_extra_clients_wait(
     steps = [e.step for e in live.events(StepDone) if e.adapter == name]
     assert steps == [1], steps  # one update, applied once, across both kills
 
+    # save_state → one more update → load_state_with_optimizer → the same update again: the
+    # client continues exactly (the checkpoint process holds the state; the logprobs agree)
+    def logprobs() -> list[float]:
+        out = training.forward(data, "importance_sampling").result(timeout=120)
+        return list(out.loss_fn_outputs[0]["logprobs"].tolist())
+
+    def update() -> None:
+        training.forward_backward(data, "importance_sampling").result(timeout=120)
+        training.optim_step(types.AdamParams(learning_rate=1e-2)).result(timeout=120)
+
+    path = training.save_state("ckpt").result(timeout=120).path
+    saved = logprobs()
+    update()
+    after = logprobs()
+    assert after != saved
+    training.load_state_with_optimizer(path).result(timeout=120)
+    assert logprobs() == pytest.approx(saved, abs=1e-6)
+    update()
+    assert logprobs() == pytest.approx(after, abs=1e-6)
+
     # a second client while the only slot is taken: it waits, then trains
     other = service(base_url)
     got: list = []
