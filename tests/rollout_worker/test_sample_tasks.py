@@ -122,7 +122,8 @@ def test_an_adapter_version_is_loaded_by_uri_and_cached_like_any_other(
     assert worker.backend.calls == [("load", NAME, 1)]  # loaded once, under the served name
     tuned = answer(rclient, streams, first.request_id)
     assert tuned.sequences == answer(rclient, streams, again.request_id).sequences
-    assert tuned.sequences != answer(rclient, streams, base.request_id).sequences  # the adapter changes samples
+    # the adapter changes samples
+    assert tuned.sequences != answer(rclient, streams, base.request_id).sequences
     # a rollout task at that version finds it served: no second load
     publish(rclient, streams.tasks, task("math", "r1", fake_versions[1], version=1, epoch=1))
     run_burst(redis_url, streams, worker)
