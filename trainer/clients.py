@@ -118,6 +118,7 @@ class ClientRuns:
         artifacts: ArtifactStore,
         publish: Publish,
         max_tokens: int,
+        observe: Callable[[str, str], None] | None = None,
     ) -> None:
         self.streams = streams
         self.model = model
@@ -126,6 +127,7 @@ class ClientRuns:
         self.artifacts = artifacts
         self.publish = publish
         self.max_tokens = max_tokens
+        self.observe = observe or (lambda kind, outcome: None)
         self.vocab_size = _vocab_size(model)
         self.queues: dict[str, ClientQueue] = {}
 
@@ -156,6 +158,7 @@ class ClientRuns:
         if problem is not None or run is None:
             effects = Effects()
             fail(effects, self.streams, request.request_id, problem or "no such model")
+            self.observe(request_kind(request), "refused")
             log.info("refused %s of %s: %s", type(request).__name__, request.adapter, problem)
             return effects
         queue = self.queues[run.name]
@@ -249,7 +252,9 @@ class ClientRuns:
             message = f"forward_backward of {run.name} was not applied: {outcome.skipped}"
             fail(effects, self.streams, request.request_id, message)
             effects.ack(d.ack_key)
+            self.observe(request_kind(request), "failed")
             return
+        self.observe(request_kind(request), "done")
         result = ForwardBackwardResult(
             logprobs=outcome.logprobs,
             elementwise_loss=outcome.elementwise_loss,
@@ -286,6 +291,7 @@ class ClientRuns:
                     state_uri=run.uri,
                 )
                 self.publish(effects, save)
+                self.observe("save_state", "done")  # handed to the checkpoint process
             case LoadWeights():
                 self._load(effects, run, queue, request)
             case ForwardBackward():  # never at a queue's head here: see serve()
@@ -308,7 +314,9 @@ class ClientRuns:
         if result.skipped:
             message = f"optim_step of {run.name} was skipped: {result.reason}; gradient dropped"
             fail(effects, self.streams, request.request_id, message)
+            self.observe("optim_step", "failed")
             return
+        self.observe("optim_step", "done")
         run.spec = msgspec.structs.replace(run.spec, optim=spec)
         run.advance()
         self.versions.publish([run])
@@ -318,6 +326,7 @@ class ClientRuns:
         complete(effects, self.streams, request.request_id, answer)
 
     def _save_sampler(self, effects: Effects, run: AdapterRun, request: SaveWeights) -> None:
+        self.observe("save_weights_for_sampler", "done")
         self.publish(effects, self.versions.sync_requested(run))
         path = sampler_path(run.name, request.name)
         record = PathRecord(
@@ -343,7 +352,9 @@ class ClientRuns:
             weights = self.artifacts.read_file(request.uri, ADAPTER_WEIGHTS)
         except (OSError, ValueError) as err:
             fail(effects, self.streams, request.request_id, f"cannot read {request.uri}: {err}")
+            self.observe("load_state", "failed")
             return
+        self.observe("load_state", "done")
         step_count = self.optimizer.step_count(run.slot)
         info = restore_slot(self.model, self.optimizer, run.slot, files[0], files[1], weights)
         if not request.with_optimizer:  # weights only: fresh moments, the run's schedule position
@@ -359,6 +370,23 @@ class ClientRuns:
         self.publish(effects, run.step_done({"loaded": 1.0}))
         result = LoadWeightsResult(path=request.uri, step=run.step)
         complete(effects, self.streams, request.request_id, result)
+
+
+def request_kind(request: TrainRequest) -> str:
+    """The metric label of a request (the SDK call it came from)."""
+    match request:
+        case ForwardBackward(backward=True):
+            return "forward_backward"
+        case ForwardBackward():
+            return "forward"
+        case OptimStep():
+            return "optim_step"
+        case SaveWeights(kind="sampler"):
+            return "save_weights_for_sampler"
+        case SaveWeights():
+            return "save_state"
+        case LoadWeights():
+            return "load_state"
 
 
 def _adam(request: OptimStep) -> OptimSpec:

@@ -110,6 +110,12 @@ class TrainerMetrics:
             "Rollout groups received and held (unacknowledged) until their step trains.",
             registry=registry,
         )
+        self.client_requests = Counter(
+            "multilora_trainer_client_requests_total",
+            "Client-driven adapters' requests carried out or refused, by kind and outcome.",
+            ["kind", "outcome"],
+            registry=registry,
+        )
         for phase in PHASES:  # export every phase from the start, so dashboards have the series
             self.phase_seconds.labels(phase)
             self.last_phase.labels(phase)
@@ -151,6 +157,10 @@ class TrainerMetrics:
         compute_s = forward_backward_s + optimizer_s
         if compute_s > 0:
             self.tokens_per_second.set(tokens / compute_s)
+
+    def client_request(self, kind: str, outcome: str) -> None:
+        """One client request ended: ``outcome`` ``done``, ``failed`` or ``refused``."""
+        self.client_requests.labels(kind, outcome).inc()
 
     def slot_usage(self, *, used: int, free: int) -> None:
         """Set the slot gauges (``used + free`` is the trainer's slot count)."""

@@ -145,6 +145,7 @@ class TrainerProcess:
             artifacts=artifacts,
             publish=self._publish,
             max_tokens=max_client_tokens,
+            observe=metrics.client_request if metrics is not None else None,
         )
         self.fleet = Fleet(slots=model.num_slots)
         self.runs: dict[str, AdapterRun] = {}

@@ -208,6 +208,8 @@ def test_client_request_joins_the_mixed_step_and_matches_a_solo_update(
 
 def test_bad_requests_fail_their_future_and_nothing_else(bus1: Bus) -> None:
     bus = bus1
+    seen: list[tuple[str, str]] = []
+    bus.process.clients.observe = lambda kind, outcome: seen.append((kind, outcome))
     register_client(bus)
     with running(bus):
         wait_for(bus, Admitted, "tc")
@@ -221,6 +223,12 @@ def test_bad_requests_fail_their_future_and_nothing_else(bus1: Bus) -> None:
         assert wait_future(bus, good).state == "done"
         assert wait_future(bus, unknown).category == "user"
     assert bus.events(StepDone, "tc") == []
+    assert sorted(seen) == [
+        ("forward_backward", "done"),
+        ("forward_backward", "refused"),
+        ("forward_backward", "refused"),
+        ("optim_step", "refused"),
+    ]
 
 
 def test_a_crash_before_optim_step_applies_the_gradient_once(
