@@ -220,6 +220,12 @@ class AdapterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     latest checkpoint under the same name. At least one reward term;
     ``optim.warmup_steps <= steps`` (a longer warmup never reaches ``optim.lr``).
 
+    ``init_from``: a checkpoint directory (one the checkpoint process wrote, e.g. a client's
+    saved state; it must lie under the trainer's checkpoint root) whose weights the slot starts
+    from, and with ``init_optimizer`` its Adam moments and step count too (a client's
+    ``create_training_client_from_state[_with_optimizer]``); client-driven adapters only, not
+    with ``resume``.
+
     ``driver="client"``: a client-driven adapter (a Tinker-SDK client behind the gateway runs
     its own loop): no dataset, no rewards; ``steps`` bounds its optimizer steps, and its
     ``optim`` holds only defaults (each ``optim_step`` request carries its own Adam settings).
@@ -256,6 +262,11 @@ class AdapterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     keep_checkpoints: PositiveInt = 3
     priority: int = 0
     resume: bool = False
+    init_from: Annotated[
+        str,
+        msgspec.Meta(description="start from this checkpoint directory (under the trainer's root)"),
+    ] = ""
+    init_optimizer: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -268,6 +279,14 @@ class AdapterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         if self.driver == "client" and (self.dataset is not None or self.rewards):
             fix = "a client-driven adapter takes no dataset or rewards (its client scores samples)"
             raise _invalid("driver", self.driver, fix)
+        if self.init_from and self.driver != "client":
+            fix = "init_from is for client-driven adapters; a dataset-driven one uses resume"
+            raise _invalid("init_from", self.init_from, fix)
+        if self.init_from and self.resume:
+            fix = "resume continues the adapter's own latest checkpoint; use one or the other"
+            raise _invalid("init_from", self.init_from, fix)
+        if self.init_optimizer and not self.init_from:
+            raise _invalid("init_optimizer", True, "init_optimizer needs init_from")
         if self.optim.warmup_steps > self.steps:
             fix = f"use at most steps = {self.steps}, or the learning rate never reaches optim.lr"
             raise _invalid("optim.warmup_steps", self.optim.warmup_steps, fix)

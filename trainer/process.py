@@ -246,6 +246,9 @@ class TrainerProcess:
             return effects  # a retried registration: already handled
         event = msgspec.structs.replace(event, registration_id=registration_id)
         verdict = self.admission.check(event, self.fleet)
+        if not isinstance(verdict, Reject) and event.spec.init_from:
+            problem = self.versions.init_problem(event.spec, self.checkpoints)
+            verdict = Reject(problem, "spec.init_from") if problem else verdict
         if isinstance(verdict, Reject):
             rejected = Rejected(
                 adapter=event.adapter,
@@ -484,6 +487,7 @@ class TrainerProcess:
         if spec.driver == "client" and not spec.resume:
             self._admit_client(effects, name, registration_id, spec, state.epoch + 1, slot)
             return
+
         epoch = state.epoch + 1
         checkpoint = load_latest(self.checkpoints, name) if spec.resume else None
         if checkpoint is not None:
@@ -520,11 +524,14 @@ class TrainerProcess:
         epoch: int,
         slot: int,
     ) -> None:
-        """Admit a client-driven registration: fresh weights and optimizer, version 0, an empty
-        request queue (its client sends the work; there is nothing to issue)."""
+        """Admit a client-driven registration: fresh weights and optimizer (or those of
+        ``spec.init_from``), version 0, an empty request queue (its client sends the work; there
+        is nothing to issue)."""
         self.model.configure_slot(slot, spec.rank, spec.alpha, seed=spec.seed)
         self.optimizer.configure(slot, spec.optim, spec.steps)
         self.optimizer.reset(slot)
+        if spec.init_from:  # a client's create_training_client_from_state
+            self.versions.start_from(slot, spec.init_from, spec)
         run = AdapterRun(name, registration_id, epoch, slot, spec, client_cursor())
         self.runs[name] = run
         self._publish(effects, self._admitted(run, resumed_from=""))

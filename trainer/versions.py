@@ -15,13 +15,22 @@ restore from it issues the same prompts again.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from events.adapter_format import ADAPTER_WEIGHTS, STATE_JSON, STATE_TENSORS
+from events.adapter_format import (
+    ADAPTER_WEIGHTS,
+    STATE_JSON,
+    STATE_TENSORS,
+    AdapterFormatError,
+    decode_training_state,
+)
 from events.schema import SyncRequested
+from events.specs import AdapterSpec
 from orchestrator.artifacts import ArtifactStore, PublishedVersion
 from orchestrator.cursor import DataCursor
+from orchestrator.storage import ArtifactError
 from trainer.inject import MultiLoraModel
 from trainer.optim import SlotAdamW
 from trainer.publish import VersionInfo, restore_slot, version_files
@@ -114,6 +123,41 @@ class VersionPublisher:
             issued_through=info.step,
         )
 
+    def start_from(self, slot: int, uri: str, spec: AdapterSpec) -> None:
+        """Start ``slot`` from the checkpoint at ``uri`` (``spec.init_from``): its weights and,
+        with ``spec.init_optimizer``, its Adam moments and update count (else fresh ones); then
+        ``spec``'s optimizer settings. The slot's rank and alpha become the checkpoint's (the
+        trainer admits only a spec of the same rank: :meth:`init_problem`)."""
+        restore_slot(
+            self.model,
+            self.optimizer,
+            slot,
+            self.artifacts.read_file(uri, STATE_TENSORS),
+            self.artifacts.read_file(uri, STATE_JSON),
+            self.artifacts.read_file(uri, ADAPTER_WEIGHTS),
+        )
+        if not spec.init_optimizer:
+            self.optimizer.reset(slot)
+        self.optimizer.update_settings(slot, spec.optim, spec.steps)
+
+    def init_problem(self, spec: AdapterSpec, root: str) -> str:
+        """Why ``spec.init_from`` cannot be loaded (``""``: it can): it must lie under the
+        checkpoint ``root`` (no escape through ``..`` or a symlink), be readable, and hold a
+        training state of ``spec.rank``."""
+        uri = spec.init_from
+        if not _under(uri, root):
+            return (
+                f"init_from {uri!r} is not under the checkpoint root {root!r}; name a saved state"
+            )
+        try:
+            saved = decode_training_state(self.artifacts.read_file(uri, STATE_JSON))
+        except (ArtifactError, AdapterFormatError) as exc:
+            return f"init_from {uri!r} holds no readable training state: {exc}"
+        if saved.slot.rank != spec.rank:
+            rank = saved.slot.rank
+            return f"init_from {uri!r} has rank {rank}; register it with rank = {rank}"
+        return ""
+
     def _files(self, run: AdapterRun) -> dict[str, bytes | bytearray]:
         info = VersionInfo(
             adapter=run.name,
@@ -125,3 +169,13 @@ class VersionPublisher:
             spec=run.spec,
         )
         return version_files(self.model, self.optimizer, run.slot, info, self.base_model)
+
+
+def _under(uri: str, root: str) -> bool:
+    """``uri`` lies inside ``root``: a local path after resolving symlinks and ``..``; a URL
+    textually, with no ``..`` segment."""
+    if "://" in uri or "://" in root:
+        parts = uri.split("/")
+        return ".." not in parts and uri.startswith(root.rstrip("/") + "/")
+    real, base = os.path.realpath(uri), os.path.realpath(root)
+    return real.startswith(base.rstrip(os.sep) + os.sep)

@@ -30,6 +30,7 @@ from events.schema import (
     LoadWeights,
     OptimStep,
     RegisterRequested,
+    Rejected,
     SaveWeights,
     StepDone,
     SyncRequested,
@@ -277,10 +278,12 @@ def test_unload_fails_queued_requests_and_frees_the_slot(bus1: Bus) -> None:
 
 
 def test_save_state_then_load_state_continues_exactly(
-    bus1: Bus, redis_url, streams, tmp_path
+    bus2: Bus, redis_url, streams, tmp_path
 ) -> None:
     """save_state → the checkpoint process keeps it under the client's path; two more updates;
-    load_state(with optimizer) → the same update applied again gives the same weights."""
+    load_state(with optimizer) → the same update applied again gives the same weights. A new
+    registration ``init_from`` that state starts from it (create_training_client_from_state);
+    one whose init_from leaves the checkpoint root is rejected."""
     from events.connection import connect
     from events.consumer import Consumer
     from events.futures import resolve_path
@@ -288,7 +291,7 @@ def test_save_state_then_load_state_continues_exactly(
     from orchestrator.checkpoint import CheckpointProcess
     from orchestrator.checkpoint_store import CheckpointStore
 
-    bus = bus1
+    bus = bus2
     checkpointer = CheckpointProcess(
         connect(redis_url),
         streams,
@@ -335,6 +338,23 @@ def test_save_state_then_load_state_continues_exactly(
             assert not torch.equal(slot_weights(), expected)  # back at the saved weights
             update()
             torch.testing.assert_close(slot_weights(), expected, rtol=1e-6, atol=1e-7)
+            bus.process.versions.restore("probe", "probe", 1, record.uri)  # the saved weights
+            at_save = bus.process.model.store.weight_S_R_Q[1, : CLIENT.rank].clone()
+            bus.process.model.release_slot(1)
+            bus.process.optimizer.release(1)
+            from_state = msgspec.structs.replace(CLIENT, init_from=record.uri, init_optimizer=True)
+            event = RegisterRequested(adapter="tc2", registration_id="tc2", spec=from_state)
+            bus.client.xadd(bus.streams.ingress, encode(stamp(event, source="gateway")))
+            escape = msgspec.structs.replace(from_state, init_from=str(tmp_path / "artifacts"))
+            event = RegisterRequested(adapter="tc3", registration_id="tc3", spec=escape)
+            bus.client.xadd(bus.streams.ingress, encode(stamp(event, source="gateway")))
+            (admitted,) = wait_for(bus, Admitted, "tc2")
+            got = bus.process.model.store.weight_S_R_Q[admitted.slot, : CLIENT.rank]
+            torch.testing.assert_close(got, at_save, rtol=0, atol=0)
+            step_count = bus.process.optimizer.step_count(admitted.slot)
+            assert step_count == 1  # the saved state's Adam update count came along
+            (rejected,) = wait_for(bus, Rejected, "tc3")
+            assert rejected.field == "spec.init_from" and "not under" in rejected.reason
     finally:
         ckpt.request_stop()
         thread.join(timeout=10)
