@@ -128,6 +128,7 @@ def build(
         max_failures=config.max_failures,
         metrics=TrainerMetrics(bus.registry),
         step_fn=step_fn,
+        client_adapters=ranks is None,
     )
     consumer = bus.consumer(
         process.subscriptions(),

@@ -119,6 +119,7 @@ class TrainerProcess:
         metrics: TrainerMetrics | None = None,
         step_fn: StepFn = mixed_step,
         max_client_tokens: int = 8192,
+        client_adapters: bool = True,
     ) -> None:
         self.client = client
         self.streams = streams
@@ -134,6 +135,7 @@ class TrainerProcess:
         self.clock = clock
         self.metrics = metrics
         self.step_fn = step_fn  # mixed_step, or trainer.dist_step.DataParallelStep (ranks)
+        self.client_adapters = client_adapters  # False: a data-parallel step cannot take them
         self.versions = VersionPublisher(
             model=model, optimizer=optimizer, artifacts=artifacts, base_model=base_model
         )
@@ -246,9 +248,8 @@ class TrainerProcess:
             return effects  # a retried registration: already handled
         event = msgspec.structs.replace(event, registration_id=registration_id)
         verdict = self.admission.check(event, self.fleet)
-        if not isinstance(verdict, Reject) and event.spec.init_from:
-            problem = self.versions.init_problem(event.spec, self.checkpoints)
-            verdict = Reject(problem, "spec.init_from") if problem else verdict
+        if not isinstance(verdict, Reject):
+            verdict = self._refuse_client(event.spec) or verdict
         if isinstance(verdict, Reject):
             rejected = Rejected(
                 adapter=event.adapter,
@@ -284,6 +285,19 @@ class TrainerProcess:
                 position,
             )
         return effects
+
+    def _refuse_client(self, spec: AdapterSpec) -> Reject | None:
+        """What this trainer cannot do for a client-driven registration (else None)."""
+        if spec.driver == "client" and not self.client_adapters:
+            reason = (
+                "this trainer runs data-parallel ranks, which do not take client-driven adapters "
+                "yet; send it to a trainer started with --ranks 1"
+            )
+            return Reject(reason, "spec.driver")
+        if spec.init_from:
+            problem = self.versions.init_problem(spec, self.checkpoints)
+            return Reject(problem, "spec.init_from") if problem else None
+        return None
 
     def on_deregister(self, event: DeregisterRequested) -> Effects:
         """Cancel the live registration of the name (or the one named): resolved to its id

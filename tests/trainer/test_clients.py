@@ -360,3 +360,12 @@ def test_save_state_then_load_state_continues_exactly(
         thread.join(timeout=10)
     steps = [e.step for e in bus.events(StepDone, "tc")]
     assert steps == [1, 2, 3, 4]  # the load counts as a step: the log only moves forward
+
+
+def test_a_data_parallel_trainer_rejects_client_adapters(bus1: Bus) -> None:
+    bus = bus1
+    bus.process.client_adapters = False  # what trainer.main.build sets for --ranks > 1
+    register_client(bus)
+    with running(bus):
+        (rejected,) = wait_for(bus, Rejected, "tc")
+    assert rejected.field == "spec.driver" and "--ranks 1" in rejected.reason
