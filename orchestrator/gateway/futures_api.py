@@ -4,7 +4,9 @@
 **Submit.** One ``WATCH``/``MULTI`` transaction creates the future record ``<ns>:future:<id>``
 (:mod:`events.futures`: ``state=pending``, ``tenant``, ``kind``, ``model``, ``created``), adds the
 id to the tenant's in-flight set, ``XADD`` s the request's event(s) and applies the route's own
-record writes — all or nothing, so there is never an event without a future or the reverse.
+record writes and its :class:`~orchestrator.gateway.render.Echo` (what the response repeats of
+the request, extra fields of the future's hash) — all or nothing, so there is never an event
+without a future or the reverse.
 Request ids are deterministic where the SDK numbers its requests (``<model>.<seq_id>``,
 ``<sampler>.<seq_id>``): a submission the SDK retries after a lost answer finds its future and
 gets the same answer, without a second event (a gradient is never accumulated twice). The
@@ -17,8 +19,9 @@ in the same transaction); at the limit the answer is 429, which the SDK retries 
 poll, cheap next to the latency a coarser poll adds to every call); ``failed`` → the SDK's
 ``RequestFailedResponse`` (``error``, ``category`` ``user``/``server``), which the SDK raises as
 ``RequestFailedError``; ``done`` → the stored result rendered as the response type of its kind
-(:mod:`orchestrator.gateway.render`). ``create_model`` and ``unload_model`` futures have no
-completer: they resolve from the adapter's status hash (admitted/running → the model;
+(:mod:`orchestrator.gateway.render`). ``create_model``, ``create_from_state`` (a model created
+from a checkpoint) and ``unload_model`` futures have no completer: they resolve from the
+adapter's status hash (admitted/running → the model;
 rejected/failed → failed with the reason; queued → try again, reporting the queue position),
 and the first gateway that sees the resolution writes it into the record.
 """
@@ -38,7 +41,7 @@ from events.futures import FUTURE_TTL_S, Category, FutureRecord, complete, fail,
 from events.streams import Streams
 from orchestrator.gateway.errors import HttpError, not_found
 from orchestrator.gateway.records import Keys
-from orchestrator.gateway.render import Reply, render_done, render_failed, try_again
+from orchestrator.gateway.render import Echo, Reply, render_done, render_failed, try_again
 from orchestrator.lifecycle import Phase
 from orchestrator.status import read_one
 
@@ -46,6 +49,12 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 8
 """Transaction retries when a watched key changed under a submission (then 503: retried)."""
+
+CREATES = ("create_model", "create_from_state")
+"""The future kinds that resolve when the trainer admits their model."""
+
+ECHOING = {*CREATES, "unload_model", "load_weights", "save_weights_for_sampler"}
+"""The future kinds whose response repeats something of the request (an :class:`Echo`)."""
 
 STARTED = {Phase.ADMITTED, Phase.RUNNING, Phase.COMPLETING, Phase.COMPLETED, Phase.CANCELLED}
 ENDED = {Phase.COMPLETED, Phase.CANCELLED, Phase.RETIRED, Phase.FAILED, Phase.REJECTED}
@@ -55,6 +64,7 @@ POLL_FIRST_S = 0.005
 POLL_MAX_S = 0.05
 """A pending ``retrieve_future`` re-reads the record after 5 ms, then 1.5× longer each time, up
 to every 50 ms, until ``long_poll_s`` (see ``docs/PERFORMANCE.md``, gateway overhead)."""
+
 
 class ModelReady(msgspec.Struct, frozen=True, kw_only=True):
     """The result of a resolved ``create_model`` / ``unload_model`` future."""
@@ -98,6 +108,7 @@ class Futures:
         effects: Effects | None = None,
         watch: Sequence[str] = (),
         precheck: Precheck | None = None,
+        echo: Echo | None = None,
     ) -> bool:
         """Create future ``request_id`` with its events and effects (see the module doc);
         False when it already existed (a retried submission: nothing is written)."""
@@ -125,6 +136,9 @@ class Futures:
                             "created": repr(time.time()),
                         },
                     )
+                    echoed = msgspec.structs.asdict(echo) if echo is not None else {}
+                    if any(echoed.values()):
+                        pipe.hset(key, mapping={k: v for k, v in echoed.items() if v})
                     pipe.expire(key, FUTURE_TTL_S)
                     if finished:
                         pipe.srem(inflight, *finished)
@@ -167,7 +181,7 @@ class Futures:
             if record is None or record.tenant != tenant:
                 raise not_found(f"future {request_id!r}")
             reason = ""
-            if record.state == "pending" and record.kind in ("create_model", "unload_model"):
+            if record.state == "pending" and record.kind in (*CREATES, "unload_model"):
                 record, reason = self._resolve_from_status(record)
             if record.state == "failed":
                 return render_failed(record)
@@ -180,11 +194,13 @@ class Futures:
             delay = min(delay * 1.5, POLL_MAX_S)
 
     def _render(self, record: FutureRecord, *, proto: bool) -> Reply:
-        sampler = b""
-        if record.kind == "save_weights_for_sampler":
-            sampler = self.client.hget(self.streams.future(record.request_id), "sampler") or b""
+        echo = Echo()
+        if record.kind in ECHOING:
+            names = [f.name for f in msgspec.structs.fields(Echo)]
+            values = self.client.hmget(self.streams.future(record.request_id), names)
+            echo = Echo(**{n: v.decode() for n, v in zip(names, values, strict=True) if v})
         try:
-            return render_done(record, proto=proto, sampler=sampler.decode())
+            return render_done(record, proto=proto, echo=echo)
         except (msgspec.ValidationError, msgspec.DecodeError) as err:
             log.error("future %s holds an unreadable result: %s", record.request_id, err)
             failed = msgspec.structs.replace(
@@ -199,7 +215,7 @@ class Futures:
         ours = status is not None and status.registration_id == record.model
         phase = status.phase if ours and status is not None else None
         effects, ready = Effects(), ModelReady(model_id=record.model)
-        if record.kind == "create_model":
+        if record.kind in CREATES:
             if phase in STARTED or phase is Phase.RETIRED:
                 complete(effects, self.streams, record.request_id, ready)
             elif phase in (Phase.REJECTED, Phase.FAILED) and status is not None:

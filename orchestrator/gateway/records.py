@@ -7,6 +7,8 @@ here, under ``<ns>:gateway:``. Keys (all hashes unless said otherwise):
 ``gateway:model:<model_id>``           ``tenant``, ``session``, ``rank``, ``alpha``,
                                        ``created``, ``released`` (``1`` once unloaded or its
                                        session ended; kept, so saved paths stay the tenant's)
+``gateway:alias:<alias>``              ``tenant``, ``model``: a model id the SDK made up (see
+                                       below) → the model id it names
 ``gateway:session:<session_id>``       ``tenant``, ``created``, ``seen``, ``state``
                                        (``active`` / ``finished`` / ``expired``)
 ``gateway:session:<id>:models``        set: the session's model ids
@@ -20,6 +22,13 @@ A model id is also the adapter's name and registration id on the bus (``<tenant>
 lowercased, a valid :data:`~events.specs.ADAPTER_NAME_PATTERN`), so ``multilora status`` shows
 whose it is. Lookups take the caller's tenant and answer 404 for another tenant's record, exactly
 as for a missing one.
+
+**Aliases.** ``ServiceClient.create_training_client_from_state*`` never asks for a model id: the
+SDK names the model ``<session_id>:train:<model_seq_id>`` itself (:func:`alias_for`) and sends
+every later request with that id. The gateway records the alias when it creates the model (in
+the same transaction), and :meth:`Records.model` resolves any id holding a ``:`` (never part of
+an adapter name) through it, so the SDK's id works on every route and every replica exactly like
+a native one; the bus only ever sees the model id.
 """
 
 from __future__ import annotations
@@ -43,6 +52,9 @@ class Keys(msgspec.Struct, frozen=True):
     def model(self, model_id: str) -> str:
         return self.streams.key("gateway", "model", model_id)
 
+    def alias(self, alias: str) -> str:
+        return self.streams.key("gateway", "alias", alias)
+
     def session(self, session_id: str) -> str:
         return self.streams.key("gateway", "session", session_id)
 
@@ -61,9 +73,12 @@ class Keys(msgspec.Struct, frozen=True):
 
 
 class ModelRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """A client model (a client-driven adapter) and whose it is."""
+    """A client model (a client-driven adapter) and whose it is. ``model_id`` is the adapter
+    name (what goes on the bus); ``client_id`` the id the request named it by (the model id or
+    its alias: what responses echo)."""
 
     model_id: str
+    client_id: str
     tenant: str
     session: str
     rank: int
@@ -92,6 +107,12 @@ def model_id_for(tenant: str, session_id: str, seq: int) -> str:
     return name
 
 
+def alias_for(session_id: str, seq: int) -> str:
+    """The id the SDK gives the session's ``seq``-th model when it creates it from a checkpoint
+    (``tinker==0.38.0``, ``ServiceClient._create_training_client_via_load_weights_submit``)."""
+    return f"{session_id}:train:{seq}"
+
+
 def _text(raw: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
@@ -105,12 +126,20 @@ class Records:
         self.keys = Keys(streams)
 
     def model(self, tenant: str, model_id: str, *, live: bool = True) -> ModelRecord:
-        """The tenant's model ``model_id``; with ``live``, a 400 if it was released."""
+        """The tenant's model ``model_id`` (a model id or an alias); with ``live``, a 400 if it
+        was released."""
+        client_id = model_id
+        if ":" in model_id:
+            owner, target = self.client.hmget(self.keys.alias(model_id), "tenant", "model")
+            if owner is None or target is None or owner.decode() != tenant:
+                raise not_found(f"model {model_id!r}")
+            model_id = target.decode()
         fields = _text(self.client.hgetall(self.keys.model(model_id)))
         if fields.get("tenant") != tenant:
-            raise not_found(f"model {model_id!r}")
+            raise not_found(f"model {client_id!r}")
         record = ModelRecord(
             model_id=model_id,
+            client_id=client_id,
             tenant=tenant,
             session=fields.get("session", ""),
             rank=int(fields.get("rank", 0)),
@@ -120,8 +149,8 @@ class Records:
         if live and record.released:
             raise HttpError(
                 400,
-                f"model {model_id!r} was unloaded (or its session ended); create a new model "
-                "and load_state a saved checkpoint to continue",
+                f"model {client_id!r} was unloaded (or its session ended); create a new one "
+                "from a saved checkpoint (create_training_client_from_state) to continue",
                 field="model_id",
             )
         return record

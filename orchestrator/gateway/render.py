@@ -15,11 +15,16 @@ kind                           response (``tinker.types``)
                                ``sampling_session_id`` when the save made one)
 ``save_weights``               ``SaveWeightsResponse`` (``path``)
 ``load_weights``               ``LoadWeightsResponse`` (``path``, ``model_id``)
+``create_from_state``          ``LoadWeightsResponse`` (the ``tinker://`` path loaded, the
+                               model id as the client named it)
 ``create_model``               ``CreateModelResponse`` (``model_id``)
 ``unload_model``               ``UnloadModelResponse`` (``model_id``)
 ``sample``                     ``SampleResponse``: sequences (tokens, logprobs, stop reason),
                                prompt log-probs; protobuf when asked, else JSON
 =============================  ==============================================================
+
+A response's ``model_id`` is the id the client named the model by (:class:`Echo`), which differs
+from the future's ``model`` (the adapter name) only for a model created from a checkpoint.
 
 The SDK folds the metrics of a chunked ``forward_backward`` by the reduction named after the
 colon (``loss:sum``), and fails on a key without exactly one; such keys are sent as
@@ -49,6 +54,18 @@ Reply = tuple[int, str, bytes]
 
 JSON = "application/json"
 PROTOBUF = "application/x-protobuf"
+
+
+class Echo(msgspec.Struct, frozen=True, kw_only=True):
+    """What a future's response repeats of its request that its completer never sees: kept by
+    the gateway on the future's hash (field names as here; ``""``: not set). ``client_model``:
+    the client's id of the model when it differs from the model id (an alias); ``load_path``:
+    the ``tinker://`` path a ``create_from_state`` loads; ``sampler``: the sampling session a
+    ``save_weights_for_sampler`` without a name made."""
+
+    client_model: str = ""
+    load_path: str = ""
+    sampler: str = ""
 
 
 def json_reply(payload: Any, status: int = 200) -> Reply:
@@ -118,10 +135,11 @@ def _sample(result: SampleResult, *, proto: bool) -> Reply:
     )
 
 
-def render_done(record: FutureRecord, *, proto: bool, sampler: str = "") -> Reply:
+def render_done(record: FutureRecord, *, proto: bool, echo: Echo) -> Reply:
     """The completed future's response (see the module doc). Raises msgspec's errors when the
     stored result does not decode as its kind's record."""
     raw, kind = record.result, record.kind
+    model_id = echo.client_model or record.model
     if kind in ("forward_backward", "forward"):
         fb = msgspec.json.decode(raw, type=ForwardBackwardResult)
         return _forward_backward(fb, proto=proto)
@@ -133,17 +151,19 @@ def render_done(record: FutureRecord, *, proto: bool, sampler: str = "") -> Repl
     if kind == "save_weights_for_sampler":
         saved = msgspec.json.decode(raw, type=SaveWeightsResult)
         body: dict[str, Any] = {"path": saved.path, "type": "save_weights_for_sampler"}
-        if sampler:
-            body["sampling_session_id"] = sampler
+        if echo.sampler:
+            body["sampling_session_id"] = echo.sampler
         return json_reply(body)
     if kind == "save_weights":
         saved = msgspec.json.decode(raw, type=SaveWeightsResult)
         return json_reply({"path": saved.path, "type": "save_weights"})
     if kind == "load_weights":
         loaded = msgspec.json.decode(raw, type=LoadWeightsResult)
-        return json_reply({"path": loaded.path, "model_id": record.model, "type": "load_weights"})
+        return json_reply({"path": loaded.path, "model_id": model_id, "type": "load_weights"})
+    if kind == "create_from_state":
+        return json_reply({"path": echo.load_path, "model_id": model_id, "type": "load_weights"})
     if kind in ("create_model", "unload_model"):
-        return json_reply({"model_id": record.model, "type": kind})
+        return json_reply({"model_id": model_id, "type": kind})
     return render_failed(
         msgspec.structs.replace(record, error=f"unknown future kind {kind!r}", category="server")
     )

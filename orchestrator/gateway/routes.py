@@ -13,8 +13,9 @@ message (logged). The routes (``/api/v1/...``; request and response types are ``
 - training (futures; :mod:`orchestrator.gateway.training`): ``create_model`` →
   ``adapter.register_requested`` on ingress · ``forward_backward`` (protobuf) →
   ``train.forward_backward`` · ``optim_step`` · ``save_weights_for_sampler`` /
-  ``save_weights`` → ``train.save_weights`` · ``load_weights`` → ``train.load_weights`` ·
-  ``unload_model`` → ``adapter.deregister_requested``;
+  ``save_weights`` → ``train.save_weights`` · ``load_weights`` → ``train.load_weights``
+  (without a model id: a model created from the checkpoint, ``adapter.register_requested``
+  with ``init_from``) · ``unload_model`` → ``adapter.deregister_requested``;
 - sampling (futures; :mod:`orchestrator.gateway.sampling`): ``asample`` → ``rollout.sample``
   on ``rollout.tasks``;
 - ``retrieve_future``.
@@ -190,7 +191,7 @@ class Gateway:
         return json_reply(
             {
                 "type": "get_info",
-                "model_id": record.model_id,
+                "model_id": record.client_id,
                 "model_data": {"model_name": base, "tokenizer_id": self.limits.tokenizer_id},
                 "is_lora": True,
                 "lora_rank": record.rank,

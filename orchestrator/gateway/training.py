@@ -16,12 +16,19 @@ route                          event (stream) · future kind
                                answer also carries a new sampling session on that path
 ``save_weights``               ``train.save_weights(kind="state")`` · ``save_weights``
 ``load_weights``               ``train.load_weights`` with the checkpoint's ``uri`` from the
-                               path index (the tenant's ``state`` paths only)
+                               path index (the tenant's ``state`` paths only) ·
+                               ``load_weights``; without a model id
+                               (``create_training_client_from_state*``): a new model,
+                               ``adapter.register_requested`` with ``init_from`` = that
+                               ``uri``, ``init_optimizer`` = ``optimizer``, named by the
+                               SDK's alias · ``create_from_state``
 ``unload_model``               ``adapter.deregister_requested`` (ingress) · ``unload_model``
 =============================  ============================================================
 
-Request ids are ``<model>.<seq_id>`` (the SDK numbers every request of a training client), so
-a retried submission is recognised (:meth:`~orchestrator.gateway.futures_api.Futures.submit`).
+Every route takes a model id or an alias (:mod:`orchestrator.gateway.records`): events carry the
+model id, answers the id the client sent. Request ids are ``<model>.<seq_id>`` (the SDK numbers
+every request of a training client; a model's creation is ``<model>.create``), so a retried
+submission is recognised (:meth:`~orchestrator.gateway.futures_api.Futures.submit`).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import redis
 
 from events.codec import DEFAULT_MAX_BYTES, encode, new_id
 from events.effects import Effects
-from events.futures import sampler_path
+from events.futures import PathRecord, sampler_path
 from events.schema import (
     DeregisterRequested,
     ForwardBackward,
@@ -50,8 +57,14 @@ from orchestrator.gateway.datums import loss_config, loss_fn_name, to_bus_datums
 from orchestrator.gateway.errors import HttpError, bad_request
 from orchestrator.gateway.futures_api import Futures
 from orchestrator.gateway.protowire import ProtoError, read_forward_backward
-from orchestrator.gateway.records import Records, SamplerRecord, model_id_for
-from orchestrator.gateway.render import PROTOBUF, Reply, json_reply
+from orchestrator.gateway.records import (
+    ModelRecord,
+    Records,
+    SamplerRecord,
+    alias_for,
+    model_id_for,
+)
+from orchestrator.gateway.render import PROTOBUF, Echo, Reply, json_reply
 from orchestrator.gateway.sessions import Sessions
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -110,36 +123,56 @@ class TrainingRoutes:
             steps=lim.max_steps,
             seed=seed,
         )
+        request_id = self._register(call, body.session_id, model, spec, kind="create_model")
+        return self._accepted(request_id, model)
+
+    def _register(
+        self,
+        call: Call,
+        session_id: str,
+        model: str,
+        spec: AdapterSpec,
+        *,
+        kind: str,
+        alias: str = "",
+        echo: Echo | None = None,
+    ) -> str:
+        """Submit the registration of the session's new model ``model`` (its record, its place
+        in the session, its ``alias`` if the client names it by one, the event and the future,
+        atomically; 410 if the session ended meanwhile); returns the request id."""
         event = RegisterRequested(adapter=model, registration_id=model, spec=spec)
-        session_key = self.records.keys.session(body.session_id)
+        session_key = self.records.keys.session(session_id)
         effects = Effects().hset(
             self.records.keys.model(model),
             {
                 "tenant": call.tenant,
-                "session": body.session_id,
-                "rank": lora.rank,
-                "alpha": lim.lora_alpha,
+                "session": session_id,
+                "rank": spec.rank,
+                "alpha": spec.alpha,
                 "released": "0",
             },
         )
-        effects.command("SADD", self.records.keys.session_models(body.session_id), model)
+        effects.command("SADD", self.records.keys.session_models(session_id), model)
+        if alias:
+            effects.hset(self.records.keys.alias(alias), {"tenant": call.tenant, "model": model})
 
         def session_active(pipe: redis.client.Pipeline) -> None:
             if pipe.hget(session_key, "state") != b"active":
-                raise HttpError(410, f"session {body.session_id!r} has ended", field="session_id")
+                raise HttpError(410, f"session {session_id!r} has ended", field="session_id")
 
         request_id = f"{model}.create"
         self.futures.submit(
             call.tenant,
             request_id,
-            kind="create_model",
+            kind=kind,
             model=model,
             events=[(self.streams.ingress, event)],
             effects=effects,
             watch=[session_key],
             precheck=session_active,
+            echo=echo,
         )
-        return self._accepted(request_id, model)
+        return request_id
 
     def forward_backward(self, call: Call) -> Reply:
         content_type = call.headers.get("content-type", "")
@@ -171,19 +204,20 @@ class TrainingRoutes:
                 f"{DEFAULT_MAX_BYTES}-byte limit; send fewer or shorter datums per call",
             )
         kind = "forward" if request.forward_only else "forward_backward"
-        return self._submit_train(call, request_id, kind, model.model_id, event)
+        return self._submit_train(call, request_id, kind, model, event)
 
     def _submit_train(
-        self, call: Call, request_id: str, kind: str, model: str, event: msgspec.Struct
+        self, call: Call, request_id: str, kind: str, model: ModelRecord, event: msgspec.Struct
     ) -> Reply:
         self.futures.submit(
             call.tenant,
             request_id,
             kind=kind,
-            model=model,
+            model=model.model_id,
             events=[(self.streams.requests, event)],
+            echo=_echo(model),
         )
-        return self._accepted(request_id, model)
+        return self._accepted(request_id, model.client_id)
 
     def optim_step(self, call: Call) -> Reply:
         body = wire.decode(call.body, wire.OptimStep)
@@ -200,7 +234,7 @@ class TrainingRoutes:
             request_id=request_id,
             **msgspec.structs.asdict(adam),
         )
-        return self._submit_train(call, request_id, "optim_step", model.model_id, event)
+        return self._submit_train(call, request_id, "optim_step", model, event)
 
     def _name(self, name: str | None) -> str:
         if name is None or not NAME_PATTERN.match(name):
@@ -215,7 +249,7 @@ class TrainingRoutes:
         if body.kind != "snapshot":
             raise bad_request("kind", f"{body.kind!r} is not supported; use 'snapshot'")
         request_id = self._request_id(model.model_id, body.seq_id)
-        effects = Effects()
+        effects, echo = Effects(), _echo(model) or Echo()
         if body.path is None:  # save_weights_and_get_sampling_client: answer a sampling session
             seq = body.sampling_session_seq_id
             if seq is None:
@@ -230,7 +264,7 @@ class TrainingRoutes:
             )
             sampler_key = self.records.keys.sampler(sampler.sampler_id)
             effects.hset(sampler_key, self.records.sampler_fields(sampler))
-            effects.command("HSET", self.streams.future(request_id), "sampler", sampler.sampler_id)
+            echo = msgspec.structs.replace(echo, sampler=sampler.sampler_id)
         else:
             name = self._name(body.path)
         event = SaveWeights(
@@ -247,8 +281,9 @@ class TrainingRoutes:
             model=model.model_id,
             events=[(self.streams.requests, event)],
             effects=effects,
+            echo=echo,
         )
-        return self._accepted(request_id, model.model_id)
+        return self._accepted(request_id, model.client_id)
 
     def save_state(self, call: Call) -> Reply:
         body = wire.decode(call.body, wire.SaveWeights)
@@ -261,22 +296,37 @@ class TrainingRoutes:
             name=self._name(body.path),
             kind="state",
         )
-        return self._submit_train(call, request_id, "save_weights", model.model_id, event)
+        return self._submit_train(call, request_id, "save_weights", model, event)
+
+    def _state_path(self, tenant: str, tinker_path: str) -> PathRecord:
+        """The tenant's saved training state ``tinker_path`` (404 unless the tenant's, 400 for
+        sampler weights)."""
+        path = self.records.path(tenant, tinker_path, field="path")
+        if path.kind != "state":
+            raise bad_request(
+                "path", f"{tinker_path!r} holds sampler weights; load a path from save_state"
+            )
+        return path
 
     def load_weights(self, call: Call) -> Reply:
         body = wire.decode(call.body, wire.LoadWeights)
-        if body.model_id is None:
+        if body.weights_access_token is not None:
             raise bad_request(
-                "model_id",
-                "creating a model from a checkpoint is not supported; call "
-                "create_lora_training_client(...) and then load_state(path)",
+                "weights_access_token", "loading another account's checkpoint is not supported"
+            )
+        config = body.optimizer_config
+        if config is not None and config.type != "adamw":
+            raise bad_request("optimizer_config.type", f"{config.type!r}; use adamw")
+        if body.model_id is None:
+            return self._create_from_state(call, body)
+        if body.session_id is not None:
+            raise bad_request(
+                "session_id",
+                "give model_id (load into that model) or session_id and model_seq_id (create "
+                "a model from the checkpoint), not both",
             )
         model = self.records.model(call.tenant, body.model_id)
-        path = self.records.path(call.tenant, body.path, field="path")
-        if path.kind != "state":
-            raise bad_request(
-                "path", f"{body.path!r} holds sampler weights; load a path from save_state"
-            )
+        path = self._state_path(call.tenant, body.path)
         request_id = self._request_id(model.model_id, body.seq_id)
         event = LoadWeights(
             adapter=model.model_id,
@@ -285,7 +335,52 @@ class TrainingRoutes:
             uri=path.uri,
             with_optimizer=body.optimizer,
         )
-        return self._submit_train(call, request_id, "load_weights", model.model_id, event)
+        return self._submit_train(call, request_id, "load_weights", model, event)
+
+    def _create_from_state(self, call: Call, body: wire.LoadWeights) -> Reply:
+        """``create_training_client_from_state[_with_optimizer]``: a new model of the session,
+        registered with the checkpoint's weights (and, with ``optimizer``, its Adam state) in
+        its slot, named by the SDK's alias (:func:`~orchestrator.gateway.records.alias_for`).
+
+        The rank is that of the model that saved the checkpoint (its gateway record: a model's
+        rank never changes), so the gateway never reads the checkpoint store; the trainer
+        checks it against the checkpoint's training state and rejects a mismatch, which fails
+        the future with the reason. The alpha is the saving model's too (the checkpoint's).
+        """
+        lim = self.limits
+        if body.session_id is None or body.model_seq_id is None:
+            raise bad_request(
+                "model_id",
+                "give model_id (load into that model) or session_id and model_seq_id (create "
+                "a model from the checkpoint)",
+            )
+        if body.base_model is not None and body.base_model != lim.base_model:
+            raise bad_request(
+                "base_model", f"{body.base_model!r} is not served here; use {lim.base_model!r}"
+            )
+        if body.optimizer and body.optimizer_config is not None:
+            raise bad_request(
+                "optimizer_config", "the checkpoint's optimizer state is restored; leave it unset"
+            )
+        self.sessions.require_active(call.tenant, body.session_id)
+        path = self._state_path(call.tenant, body.path)
+        source = self.records.model(call.tenant, path.model, live=False)
+        model = model_id_for(call.tenant, body.session_id, body.model_seq_id)
+        alias = alias_for(body.session_id, body.model_seq_id)
+        spec = AdapterSpec(
+            driver="client",
+            base_model=lim.base_model,
+            rank=source.rank,
+            alpha=source.alpha,
+            steps=lim.max_steps,
+            init_from=path.uri,
+            init_optimizer=body.optimizer,
+        )
+        echo = Echo(client_model=alias, load_path=body.path)
+        request_id = self._register(
+            call, body.session_id, model, spec, kind="create_from_state", alias=alias, echo=echo
+        )
+        return self._accepted(request_id, alias)
 
     def unload_model(self, call: Call) -> Reply:
         body = wire.decode(call.body, wire.ModelRef)
@@ -303,5 +398,11 @@ class TrainingRoutes:
             model=model.model_id,
             events=[(self.streams.ingress, event)],
             effects=effects,
+            echo=_echo(model),
         )
-        return self._accepted(request_id, model.model_id)
+        return self._accepted(request_id, model.client_id)
+
+
+def _echo(model: ModelRecord) -> Echo | None:
+    """What a response about ``model`` repeats: the client's id of it, when it is an alias."""
+    return Echo(client_model=model.client_id) if model.client_id != model.model_id else None

@@ -115,11 +115,18 @@ class SaveWeights(_Body, frozen=True, kw_only=True):
 
 
 class LoadWeights(_Body, frozen=True, kw_only=True):
+    """``load_state*`` (``model_id``, ``seq_id``) or ``create_training_client_from_state*``
+    (``session_id``, ``model_seq_id``: the model to create; no ``model_id``)."""
+
     model_id: str | None = None
     path: str
     optimizer: bool = False
     seq_id: int | None = None
     session_id: str | None = None
+    model_seq_id: int | None = None
+    base_model: str | None = None
+    optimizer_config: OptimizerConfig | None = None
+    weights_access_token: str | None = None
 
 
 class CreateSamplingSession(_Body, frozen=True, kw_only=True):

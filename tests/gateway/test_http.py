@@ -16,9 +16,10 @@ import tinker
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
-from events.schema import DeregisterRequested, ForwardBackward
+from events.schema import DeregisterRequested, ForwardBackward, RegisterRequested
 from events.streams import Streams
 from orchestrator.gateway.protowire import read_forward_backward
+from orchestrator.gateway.records import model_id_for
 from tests.gateway.conftest import ALICE, BASE, BOB, FakeCompleter, Running
 
 pytestmark = pytest.mark.bus
@@ -169,6 +170,33 @@ def test_another_tenants_models_futures_and_paths_are_not_found(
             "topk_prompt_logprobs",
         ),
         ("save_weights", {"model_id": "{model}", "path": "../escape"}, "path"),
+        (
+            "load_weights",
+            {"session_id": "{session}", "path": "tinker://{model}/weights/a", "optimizer": True},
+            "model_id",
+        ),
+        (
+            "load_weights",
+            {
+                "session_id": "{session}",
+                "model_seq_id": 1,
+                "path": "tinker://{model}/weights/a",
+                "optimizer": False,
+                "weights_access_token": "other-account",
+            },
+            "weights_access_token",
+        ),
+        (
+            "load_weights",
+            {
+                "session_id": "{session}",
+                "model_seq_id": 1,
+                "path": "tinker://{model}/weights/a",
+                "optimizer": False,
+                "base_model": "other",
+            },
+            "base_model",
+        ),
         ("forward_backward", b"\xff\xff\xff", "body"),
     ],
 )
@@ -256,3 +284,41 @@ def test_the_protobuf_reader_matches_the_sdks_writer() -> None:
     request = read_forward_backward(body)
     assert (request.model_id, request.seq_id, request.loss_fn) == ("m", 7, "cross_entropy")
     assert request.data[0].tokens == (3, 4)
+
+
+def test_a_model_from_state_answers_to_its_alias_for_its_tenant_only(
+    gateway: Callable[..., Running], completer: FakeCompleter
+) -> None:
+    running = gateway()
+    session, model = make_model(running)
+    saved = post(running, "save_weights", {"model_id": model, "path": "a", "seq_id": 1}).json()
+    path = post(running, "retrieve_future", {"request_id": saved["request_id"]}).json()["path"]
+    body = {"session_id": session, "model_seq_id": 1, "path": path, "optimizer": True}
+    created = post(running, "load_weights", body).json()
+    alias, created_model = f"{session}:train:1", model_id_for("alice", session, 1)
+    assert created == {"request_id": f"{created_model}.create", "model_id": alias}
+    assert post(running, "load_weights", body).json() == created  # a retry: no second event
+    answer = post(running, "retrieve_future", {"request_id": created["request_id"]}).json()
+    assert answer == {"path": path, "model_id": alias, "type": "load_weights"}
+    registers = completer.wait_for(RegisterRequested, 2)
+    time.sleep(0.1)
+    assert len(completer.events(RegisterRequested)) == 2
+    assert registers[1].adapter == created_model
+
+    assert post(running, "get_info", {"model_id": alias}).json()["model_id"] == alias
+    for route, payload in [
+        ("get_info", {"model_id": alias}),
+        ("optim_step", {"model_id": alias, "seq_id": 1, "adam_params": {}}),
+        ("unload_model", {"model_id": alias}),
+        ("get_info", {"model_id": f"{session}:train:7"}),
+    ]:
+        assert post(running, route, payload, BOB).status_code == 404, route
+    assert post(running, "get_info", {"model_id": f"{session}:train:7"}).status_code == 404
+    unload = post(running, "unload_model", {"model_id": alias}).json()
+    assert unload["model_id"] == alias
+    answer = post(running, "retrieve_future", {"request_id": unload["request_id"]}).json()
+    assert answer == {"model_id": alias, "type": "unload_model"}
+    (cancel,) = completer.wait_for(DeregisterRequested)
+    assert cancel.adapter == created_model
+    later = post(running, "optim_step", {"model_id": alias, "adam_params": {}})
+    assert later.status_code == 400 and alias in later.json()["detail"]

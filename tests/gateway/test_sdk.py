@@ -11,11 +11,14 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+import redis
 import tinker
 from tinker import types
 
+from events.futures import resolve_path
 from events.schema import (
     Datum,
+    DeregisterRequested,
     ForwardBackward,
     LoadWeights,
     OptimStep,
@@ -24,7 +27,7 @@ from events.schema import (
     SaveWeights,
 )
 from events.streams import Streams
-from tests.gateway.conftest import ALICE, BASE, FakeCompleter, Running
+from tests.gateway.conftest import ALICE, BASE, BOB, FakeCompleter, Running
 
 pytestmark = pytest.mark.bus
 
@@ -241,3 +244,91 @@ def test_save_state_then_load_it_with_the_optimizer(
     assert loaded.model_id == training.model_id
     with pytest.raises(tinker.BadRequestError, match="training checkpoint"):
         client.create_sampling_client(model_path=saved.path).result(timeout=10)
+
+
+def test_a_training_client_from_state_with_optimizer_starts_from_the_checkpoint(
+    service: tuple[Running, tinker.ServiceClient],
+    completer: FakeCompleter,
+    rclient: redis.Redis,
+    streams: Streams,
+) -> None:
+    running, client = service
+    training = client.create_lora_training_client(base_model=BASE, rank=8).result(timeout=10)
+    training.optim_step(types.AdamParams()).result(timeout=10)
+    saved = training.save_state("a").result(timeout=10)
+    state = resolve_path(rclient, streams, saved.path)
+    assert state is not None and state.uri == f"/artifacts/{training.model_id}/v1"
+
+    other = tinker.ServiceClient(base_url=running.url, api_key=ALICE)
+    try:
+        resumed = other.create_training_client_from_state_with_optimizer(saved.path).result(
+            timeout=10
+        )
+        register = completer.wait_for(RegisterRequested, 2)[1]
+        spec = register.spec
+        assert (spec.driver, spec.rank, spec.alpha) == ("client", 8, 32.0)
+        assert (spec.init_from, spec.init_optimizer) == (state.uri, True)
+        session = other.holder.get_session_id()
+        assert resumed.model_id == f"{session}:train:0"  # the SDK's own id: an alias
+        assert register.adapter == register.registration_id == f"alice-{session}-0"
+        info = resumed.get_info()
+        assert (info.model_id, info.lora_rank) == (resumed.model_id, 8)
+
+        resumed.forward_backward([datum([1, 2, 3])], "cross_entropy").result(timeout=10)
+        (event,) = completer.wait_for(ForwardBackward)
+        assert (event.adapter, event.registration_id) == (register.adapter, register.adapter)
+        assert event.request_id.startswith(register.adapter + ".")
+        resumed.optim_step(types.AdamParams(learning_rate=1e-3)).result(timeout=10)
+        assert completer.wait_for(OptimStep, 2)[1].adapter == register.adapter
+        again = resumed.save_state("b").result(timeout=10)
+        assert again.path == f"tinker://{register.adapter}/weights/b"
+        sampler = resumed.save_weights_and_get_sampling_client().result(timeout=10)
+        sampler.sample(types.ModelInput.from_ints([4]), 1, types.SamplingParams()).result(
+            timeout=10
+        )
+        assert completer.wait_for(SampleTask)[0].adapter == register.adapter
+    finally:
+        other.close("success").result(timeout=10)
+    released = completer.wait_for(DeregisterRequested)
+    assert [e.adapter for e in released] == [register.adapter]  # with its session
+
+    weights_only = client.create_training_client_from_state(saved.path).result(timeout=10)
+    register = completer.wait_for(RegisterRequested, 3)[2]
+    assert (register.spec.init_from, register.spec.init_optimizer) == (state.uri, False)
+    assert weights_only.model_id == f"{client.holder.get_session_id()}:train:1"
+
+
+def test_a_training_client_from_state_needs_the_tenants_own_saved_state(
+    service: tuple[Running, tinker.ServiceClient], completer: FakeCompleter
+) -> None:
+    running, client = service
+    training = client.create_lora_training_client(base_model=BASE, rank=4).result(timeout=10)
+    saved = training.save_state("mine").result(timeout=10)
+    for_sampler = training.save_weights_for_sampler("s").result(timeout=10)
+    with pytest.raises(tinker.BadRequestError, match="holds sampler weights"):
+        client.create_training_client_from_state(for_sampler.path).result(timeout=10)
+    with pytest.raises(tinker.NotFoundError, match="not found for this API key"):
+        client.create_training_client_from_state(f"{saved.path}-nothing").result(timeout=10)
+    bob = tinker.ServiceClient(base_url=running.url, api_key=BOB)
+    try:
+        with pytest.raises(tinker.NotFoundError, match="not found for this API key"):
+            bob.create_training_client_from_state_with_optimizer(saved.path).result(timeout=10)
+    finally:
+        bob.close("success").result(timeout=10)
+    assert len(completer.events(RegisterRequested)) == 1
+
+
+def test_a_rejected_model_from_state_fails_with_the_reason(
+    service: tuple[Running, tinker.ServiceClient], completer: FakeCompleter
+) -> None:
+    _, client = service
+    training = client.create_lora_training_client(base_model=BASE, rank=4).result(timeout=10)
+    saved = training.save_state("c").result(timeout=10)
+    completer.admit = False
+    future = client.create_training_client_from_state(saved.path)
+    register = completer.wait_for(RegisterRequested, 2)[1]
+    time.sleep(0.3)  # queued: the future keeps answering "try again"
+    reason = "init_from '/artifacts/x' holds no readable training state"
+    completer.set_status(register.adapter, "rejected", reason=reason)
+    with pytest.raises(tinker.RequestFailedError, match="holds no readable training state"):
+        future.result(timeout=10)
