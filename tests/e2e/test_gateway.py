@@ -102,6 +102,17 @@ def test_sdk_grpo_loop_learns_beside_a_dataset_adapter(
         if m["mixed_adapters:mean"] >= 2 and int(m["mixed_step:mean"]) in dataset_steps
     ]
     assert shared, (log.fwdbwd_metrics, sorted(dataset_steps))
+    # a new client from the saved state (create_training_client_from_state_with_optimizer)
+    # computes what the original does
+    path = training.save_state("end").result(timeout=120).path
+    resumed = client.create_training_client_from_state_with_optimizer(path).result(timeout=120)
+    probe = [datum(PROMPTS[0], [target, target], [-1.0, -1.0], 1.0)]
+
+    def logprobs(tc: tinker.TrainingClient) -> list[float]:
+        out = tc.forward(probe, "importance_sampling").result(timeout=120)
+        return list(out.loss_fn_outputs[0]["logprobs"].tolist())
+
+    assert logprobs(resumed) == pytest.approx(logprobs(training), abs=1e-6)
     client.close("success").result()
 
 
