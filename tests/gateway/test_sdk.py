@@ -228,6 +228,30 @@ def test_a_future_survives_a_gateway_restart(
     client.close("success").result(timeout=10)
 
 
+def test_two_replicas_answer_each_others_futures(
+    gateway: Callable[..., Running], completer: FakeCompleter
+) -> None:
+    """Stateless replicas behind one address: a future created through one is answered by the
+    other (for its tenant only)."""
+    import httpx
+
+    one, two = gateway(), gateway()
+    client = tinker.ServiceClient(base_url=one.url, api_key=ALICE)
+    training = client.create_lora_training_client(base_model=BASE, rank=4).result(timeout=10)
+    completer.hold.add("ForwardBackward")
+    future = training.forward_backward([datum([1, 2, 3])], "cross_entropy")
+    (event,) = completer.wait_for(ForwardBackward)
+    completer.release()
+    future.result(timeout=20)
+    body = {"request_id": event.request_id}
+    headers = {"X-API-Key": ALICE}
+    answer = httpx.post(two.url + "/api/v1/retrieve_future", json=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+    other = httpx.post(two.url + "/api/v1/retrieve_future", json=body, headers={"X-API-Key": BOB})
+    assert other.status_code == 404  # another tenant, whichever replica it asks
+    client.close("success").result(timeout=10)
+
+
 def test_save_state_then_load_it_with_the_optimizer(
     service: tuple[Running, tinker.ServiceClient], completer: FakeCompleter
 ) -> None:
