@@ -498,12 +498,11 @@ class TrainerProcess:
         name, registration_id, spec = state.name, state.registration_id, state.spec
         if spec is None:
             raise MultiLoraError(f"waiting registration {registration_id} has no spec")
-        if spec.driver == "client" and not spec.resume:
-            self._admit_client(effects, name, registration_id, spec, state.epoch + 1, slot)
-            return
-
         epoch = state.epoch + 1
         checkpoint = load_latest(self.checkpoints, name) if spec.resume else None
+        if spec.driver == "client" and checkpoint is None:
+            self._admit_client(effects, name, registration_id, spec, epoch, slot)
+            return
         if checkpoint is not None:
             run = self.versions.restore(name, registration_id, slot, checkpoint.uri)
             run.registration_id, run.spec, run.epoch = registration_id, spec, epoch

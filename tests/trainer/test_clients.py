@@ -369,3 +369,14 @@ def test_a_data_parallel_trainer_rejects_client_adapters(bus1: Bus) -> None:
     with running(bus):
         (rejected,) = wait_for(bus, Rejected, "tc")
     assert rejected.field == "spec.driver" and "--ranks 1" in rejected.reason
+
+
+def test_a_client_adapter_with_resume_and_no_checkpoint_starts_fresh(bus1: Bus) -> None:
+    bus = bus1
+    spec = msgspec.structs.replace(CLIENT, resume=True)
+    event = RegisterRequested(adapter="tc", registration_id="tc", spec=spec)
+    bus.client.xadd(bus.streams.ingress, encode(stamp(event, source="gateway")))
+    with running(bus):
+        (admitted,) = wait_for(bus, Admitted, "tc")
+        assert wait_future(bus, request(bus, fb())).state == "done"
+    assert admitted.resumed_from == "" and admitted.start_step == 0
