@@ -82,6 +82,11 @@ from trainer.versions import VersionPublisher
 
 log = logging.getLogger(__name__)
 
+MAX_FOLDED = 64
+"""Most ``forward_backward`` requests one model may accumulate (held, unacknowledged) before
+its next ``optim_step``; a further one is refused. It bounds what the trainer holds in memory and
+keeps the request stream's read-ahead (:func:`max_in_flight`) from filling with held entries."""
+
 HeldRequest = tuple[Delivery, TrainRequest]
 """A client request held until it is carried out: its delivery and event."""
 
@@ -177,6 +182,15 @@ class ClientRuns:
             )
         if request.registration_id not in ("", run.registration_id):
             return f"model {request.adapter!r} was registered again; this request is for an old one"
+        queue = self.queues[run.name]
+        held = len(queue.folded) + sum(
+            1 for _, r in queue.requests if isinstance(r, ForwardBackward) and r.backward
+        )
+        if isinstance(request, ForwardBackward) and request.backward and held >= MAX_FOLDED:
+            return (
+                f"model {request.adapter!r} holds {held} forward_backward requests since its last "
+                f"optim_step (at most {MAX_FOLDED}); call optim_step, or send larger requests"
+            )
         try:
             if isinstance(request, ForwardBackward):
                 check_datums(request.datums, self.vocab_size, self.max_tokens)
@@ -220,7 +234,8 @@ class ClientRuns:
         for name, _ in self.ready():
             queue = self.queues[name]
             d, request = queue.requests.popleft()
-            assert isinstance(request, ForwardBackward)
+            if not isinstance(request, ForwardBackward):  # ready() said it is one
+                raise TypeError(f"the head of {name}'s queue is {type(request).__name__}")
             queue.ready_since = None
             run = runs[name]
             rows = ClientRows(
@@ -265,8 +280,7 @@ class ClientRuns:
             },
         )
         complete(effects, self.streams, request.request_id, result)
-        assert isinstance(request, ForwardBackward)
-        if request.backward:
+        if isinstance(request, ForwardBackward) and request.backward:
             self.queues[run.name].folded.append(d)
         else:
             effects.ack(d.ack_key)
@@ -370,6 +384,12 @@ class ClientRuns:
         self.publish(effects, run.step_done({"loaded": 1.0}))
         result = LoadWeightsResult(path=request.uri, step=run.step)
         complete(effects, self.streams, request.request_id, result)
+
+
+def max_in_flight(num_slots: int) -> int:
+    """The request stream's read-ahead cap for a trainer of ``num_slots``: every model's held
+    forward/backwards plus room for the requests that release them."""
+    return num_slots * (MAX_FOLDED + 16) + 256
 
 
 def request_kind(request: TrainRequest) -> str:

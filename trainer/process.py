@@ -73,7 +73,7 @@ from orchestrator.ingress import dead_letter_effects, ingress_subscription
 from orchestrator.lifecycle import AdapterState, Phase
 from orchestrator.status import fleet_status_effects
 from trainer.batching import AdapterRows
-from trainer.clients import ClientRuns
+from trainer.clients import ClientRuns, max_in_flight
 from trainer.inject import MultiLoraModel
 from trainer.metrics import TrainerMetrics
 from trainer.mixed_step import MixedStep, SlotOutcome, StepFn, mixed_step
@@ -173,6 +173,7 @@ class TrainerProcess:
                 "trainer",
                 Decoder(TrainRequest, max_bytes=GROUP_MAX_BYTES),
                 trim=True,
+                max_in_flight=max_in_flight(self.model.num_slots),
             ),
         ]
 

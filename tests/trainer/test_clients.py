@@ -380,3 +380,24 @@ def test_a_client_adapter_with_resume_and_no_checkpoint_starts_fresh(bus1: Bus) 
         (admitted,) = wait_for(bus, Admitted, "tc")
         assert wait_future(bus, request(bus, fb())).state == "done"
     assert admitted.resumed_from == "" and admitted.start_step == 0
+
+
+def test_forward_backwards_held_past_the_cap_are_refused_until_optim_step(
+    bus1: Bus, monkeypatch
+) -> None:
+    import trainer.clients
+
+    monkeypatch.setattr(trainer.clients, "MAX_FOLDED", 2)
+    bus = bus1
+    register_client(bus)
+    with running(bus):
+        wait_for(bus, Admitted, "tc")
+        held = [request(bus, fb()) for _ in range(2)]
+        assert all(wait_future(bus, r).state == "done" for r in held)
+        third = wait_future(bus, request(bus, fb()))
+        assert third.state == "failed" and "call optim_step" in third.error
+        forward = wait_future(bus, request(bus, fb(backward=False)))  # a forward holds nothing
+        assert forward.state == "done"
+        step = wait_future(bus, request(bus, OptimStep(adapter="tc", request_id=new_id(), **ADAM)))
+        assert step.state == "done"
+        assert wait_future(bus, request(bus, fb())).state == "done"  # room again
