@@ -81,6 +81,9 @@ def logs_on_failure():
         print(holder[0].log_tails(6000))
 
 
+# lr 1e-2 with the gradient clipped at 1: at 3e-2 without clipping, one CI run of five
+# collapsed its policy away from the target within a step after reaching 0.67; at 1e-2 / clip 1,
+# five of five runs reached >= 0.95 by the sixth iteration
 def test_sdk_grpo_loop_learns_beside_a_dataset_adapter(
     live_stack, data_dir, logs_on_failure
 ) -> None:
@@ -91,8 +94,9 @@ def test_sdk_grpo_loop_learns_beside_a_dataset_adapter(
     training = client.create_lora_training_client(base_model="tiny-llama", rank=8, seed=1)
     training = training.result() if hasattr(training, "result") else training
     target = likely_token(training.save_weights_and_get_sampling_client().result())
-    log = rl_loop(training, PROMPTS, token_reward(target), iterations=14, learning_rate=3e-2)
+    log = rl_loop(training, PROMPTS, token_reward(target), iterations=16, learning_rate=1e-2)
     first, last = sum(log.rewards[:3]) / 3, sum(log.rewards[-3:]) / 3
+    print("rewards", [round(r, 3) for r in log.rewards])
     assert last > first + 0.15, log.rewards
     # the client's forward/backwards shared mixed steps with the dataset-driven adapter
     dataset_steps = {int(e.metrics["mixed_step"]) for e in live.events(StepDone, registration)}

@@ -81,7 +81,9 @@ def rl_loop(
         if data:
             out = training_client.forward_backward(data, "importance_sampling").result()
             log.fwdbwd_metrics.append(dict(out.metrics))
-            step = training_client.optim_step(types.AdamParams(learning_rate=learning_rate))
+            step = training_client.optim_step(
+                types.AdamParams(learning_rate=learning_rate, grad_clip_norm=1.0)
+            )
             log.optim_metrics.append(dict(step.result().metrics or {}))
         if on_iteration is not None:
             on_iteration(it)
