@@ -64,11 +64,23 @@ class RowStats:
         }
 
 
-def build_batch(
-    adapters: Sequence[AdapterRows], pad_id: int
-) -> tuple[TrainBatch | None, dict[int, RowStats]]:
-    """The mixed batch (None when no adapter has a usable group) and per-slot stats."""
-    rows: list[tuple[int, list[int], int, list[float], float, float]] = []
+@dataclass(frozen=True)
+class PackedRow:
+    """One row of a train batch before padding: its slot, tokens, the first target position
+    (``loss_from``: targets are ``tokens[loss_from:]``), per-token advantages and rollout
+    log-probs (both ``len(tokens)`` long) and its sampling temperature."""
+
+    slot: int
+    tokens: Sequence[int]
+    loss_from: int
+    advantages: Sequence[float]
+    old_logprobs: Sequence[float]
+    temperature: float = 1.0
+
+
+def group_rows(adapters: Sequence[AdapterRows]) -> tuple[list[PackedRow], dict[int, RowStats]]:
+    """The rows of every usable sample group (see the module docstring) and per-slot stats."""
+    rows: list[PackedRow] = []
     stats: dict[int, RowStats] = {}
     for item in adapters:
         st = stats.setdefault(item.slot, RowStats())
@@ -81,42 +93,58 @@ def build_batch(
                 st.groups_dropped += 1
                 continue
             st.groups += 1
+            n_prompt = len(group.prompt_ids)
             for sample, adv in zip(
                 usable, group_advantages(rewards, item.loss.advantage), strict=True
             ):
-                tokens = list(group.prompt_ids) + list(sample.completion_ids)
-                old = [0.0] * len(group.prompt_ids) + list(sample.logprobs)
-                rows.append((item.slot, tokens, len(group.prompt_ids), old, adv, item.temperature))
+                n = len(sample.completion_ids)
+                rows.append(
+                    PackedRow(
+                        slot=item.slot,
+                        tokens=[*group.prompt_ids, *sample.completion_ids],
+                        loss_from=n_prompt,
+                        advantages=[0.0] * n_prompt + [adv] * n,
+                        old_logprobs=[0.0] * n_prompt + list(sample.logprobs),
+                        temperature=item.temperature,
+                    )
+                )
                 st.samples += 1
                 st.reward_sum += sample.reward
-                st.length_sum += len(sample.completion_ids)
+                st.length_sum += n
                 st.rewards.append(sample.reward)
-    if not rows:
-        return None, stats
-    width = max(len(r[1]) for r in rows)
+    return rows, stats
+
+
+def pack(rows: Sequence[PackedRow], pad_id: int) -> TrainBatch:
+    """The rows as one right-padded :class:`TrainBatch` (``rows`` must not be empty)."""
+    width = max(len(r.tokens) for r in rows)
     b = len(rows)
     tokens_B_T = torch.full((b, width), pad_id, dtype=torch.long)
     attn_B_T = torch.zeros((b, width), dtype=torch.long)
     loss_B_T = torch.zeros((b, width), dtype=torch.long)
     adv_B_T = torch.zeros((b, width), dtype=torch.float32)
     old_B_T = torch.zeros((b, width), dtype=torch.float32)
-    slots_B = torch.empty(b, dtype=torch.long)
-    temps_B = torch.tensor([r[5] for r in rows], dtype=torch.float32)
-    for i, (slot, tokens, prompt_len, old, adv, _) in enumerate(rows):
-        n = len(tokens)
-        slots_B[i] = slot
-        tokens_B_T[i, :n] = torch.tensor(tokens)
+    for i, row in enumerate(rows):
+        n = len(row.tokens)
+        tokens_B_T[i, :n] = torch.tensor(row.tokens)
         attn_B_T[i, :n] = 1
-        loss_B_T[i, prompt_len:n] = 1
-        adv_B_T[i, prompt_len:n] = adv
-        old_B_T[i, :n] = torch.tensor(old)
-    batch = TrainBatch(
-        slot_ids_B=slots_B,
+        loss_B_T[i, row.loss_from : n] = 1
+        adv_B_T[i, :n] = torch.tensor(row.advantages, dtype=torch.float32)
+        old_B_T[i, :n] = torch.tensor(row.old_logprobs, dtype=torch.float32)
+    return TrainBatch(
+        slot_ids_B=torch.tensor([r.slot for r in rows], dtype=torch.long),
         tokens_B_T=tokens_B_T,
         attention_mask_B_T=attn_B_T,
         loss_mask_B_T=loss_B_T,
         advantages_B_T=adv_B_T,
         old_logprobs_B_T=old_B_T,
-        temperature_B=temps_B,
+        temperature_B=torch.tensor([r.temperature for r in rows], dtype=torch.float32),
     )
-    return batch, stats
+
+
+def build_batch(
+    adapters: Sequence[AdapterRows], pad_id: int
+) -> tuple[TrainBatch | None, dict[int, RowStats]]:
+    """The mixed batch (None when no adapter has a usable group) and per-slot stats."""
+    rows, stats = group_rows(adapters)
+    return (pack(rows, pad_id) if rows else None), stats

@@ -32,12 +32,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from events.schema import Datum, LossFnName
 from events.specs import OptimSpec
 from trainer.batch import TrainBatch
+from trainer.batching import PackedRow, pack
 from trainer.losses import LossFn, LossOutput
 from trainer.optim import SlotAdamW, SlotStepResult
 
@@ -110,67 +110,28 @@ def ppo_bounds(config: Mapping[str, float]) -> tuple[float, float]:
     return float(merged["clip_low_threshold"]), float(merged["clip_high_threshold"])
 
 
+def client_rows(clients: Sequence[ClientRows]) -> list[PackedRow]:
+    """The rows of every client datum (see the module docstring), in order."""
+    rows = []
+    for c in clients:
+        for d in c.datums:
+            n = len(d.tokens)
+            weight = d.weights if c.loss_fn == "cross_entropy" else d.advantages
+            rows.append(
+                PackedRow(
+                    slot=c.slot,
+                    tokens=d.tokens,
+                    loss_from=1,
+                    advantages=weight or [0.0] * n,
+                    old_logprobs=d.logprobs or [0.0] * n,
+                )
+            )
+    return rows
+
+
 def client_batch(clients: Sequence[ClientRows], pad_id: int) -> TrainBatch:
-    """The rows of every client datum (see the module docstring), right-padded to one width."""
-    datums = [(c.slot, c.loss_fn, d) for c in clients for d in c.datums]
-    width = max(len(d.tokens) for _, _, d in datums)
-    b = len(datums)
-    tokens_B_T = torch.full((b, width), pad_id, dtype=torch.long)
-    attn_B_T = torch.zeros((b, width), dtype=torch.long)
-    loss_B_T = torch.zeros((b, width), dtype=torch.long)
-    adv_B_T = torch.zeros((b, width), dtype=torch.float32)
-    old_B_T = torch.zeros((b, width), dtype=torch.float32)
-    slots_B = torch.empty(b, dtype=torch.long)
-    for i, (slot, loss_fn, d) in enumerate(datums):
-        n = len(d.tokens)
-        slots_B[i] = slot
-        tokens_B_T[i, :n] = torch.tensor(d.tokens)
-        attn_B_T[i, :n] = 1
-        loss_B_T[i, 1:n] = 1
-        weight = d.weights if loss_fn == "cross_entropy" else d.advantages
-        if weight:
-            adv_B_T[i, :n] = torch.tensor(weight, dtype=torch.float32)
-        if d.logprobs:
-            old_B_T[i, :n] = torch.tensor(d.logprobs, dtype=torch.float32)
-    return TrainBatch(
-        slot_ids_B=slots_B,
-        tokens_B_T=tokens_B_T,
-        attention_mask_B_T=attn_B_T,
-        loss_mask_B_T=loss_B_T,
-        advantages_B_T=adv_B_T,
-        old_logprobs_B_T=old_B_T,
-        temperature_B=torch.ones(b, dtype=torch.float32),
-    )
-
-
-def concat_batches(first: TrainBatch | None, second: TrainBatch, pad_id: int) -> TrainBatch:
-    """``first``'s rows then ``second``'s, right-padded to the wider of the two."""
-    if first is None:
-        return second
-    width = max(first.tokens_B_T.shape[1], second.tokens_B_T.shape[1])
-
-    def pad(t: Tensor, value: float = 0) -> Tensor:
-        return F.pad(t, (0, width - t.shape[1]), value=value)
-
-    def both(name: str, value: float = 0) -> Tensor:
-        a, b = getattr(first, name), getattr(second, name)
-        if a is None:
-            a = torch.zeros_like(first.advantages_B_T)
-        return torch.cat([pad(a, value), pad(b, value)])
-
-    def temperatures(b: TrainBatch) -> Tensor:
-        t = b.temperature_B
-        return torch.ones(len(b.slot_ids_B)) if t is None else t
-
-    return TrainBatch(
-        slot_ids_B=torch.cat([first.slot_ids_B, second.slot_ids_B]),
-        tokens_B_T=both("tokens_B_T", pad_id),
-        attention_mask_B_T=both("attention_mask_B_T"),
-        loss_mask_B_T=both("loss_mask_B_T"),
-        advantages_B_T=both("advantages_B_T"),
-        old_logprobs_B_T=both("old_logprobs_B_T"),
-        temperature_B=torch.cat([temperatures(first), temperatures(second)]),
-    )
+    """The client rows alone as a batch (a solo step's)."""
+    return pack(client_rows(clients), pad_id)
 
 
 @dataclass(frozen=True)

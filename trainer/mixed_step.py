@@ -1,9 +1,9 @@
 """One mixed step: the sample groups of every ready adapter → one batch → one forward/backward.
 
 :func:`mixed_step` is the numeric half of step 4 (Train) of the loop in :mod:`trainer.process`:
-it builds the mixed batch (:func:`trainer.batching.build_batch`), the per-slot RL loss
-(:class:`trainer.rl_loss.PPOClipLoss`, each slot with its own clip bounds and KL weight) and
-runs :func:`trainer.step.train_step` over all of it. Its result says, per slot, whether the step
+it builds the mixed batch (:func:`trainer.batching.group_rows`, :func:`~trainer.batching.pack`),
+the per-slot RL loss (:class:`trainer.rl_loss.PPOClipLoss`, each slot with its own clip bounds
+and KL weight) and runs :func:`trainer.step.train_step` over all of it. Its result says, per slot, whether the step
 counts:
 
 - **trained**: the slot's weights and optimizer moved;
@@ -27,8 +27,8 @@ from typing import Protocol
 from torch import Tensor
 
 from trainer.batch import TrainBatch
-from trainer.batching import AdapterRows, RowStats, build_batch
-from trainer.client_step import ClientRows, RoutedLoss, client_batch, concat_batches
+from trainer.batching import AdapterRows, RowStats, group_rows, pack
+from trainer.client_step import ClientRows, RoutedLoss, client_rows
 from trainer.inject import MultiLoraModel
 from trainer.losses import LossFn
 from trainer.optim import SlotAdamW
@@ -159,12 +159,10 @@ def mixed_step(
     """Train every adapter of ``rows`` (one per slot) by one step, in one forward/backward;
     with ``clients``, their rows join the same forward/backward (:mod:`trainer.client_step`):
     gradients go to ``accumulators[slot]``, nothing is stepped for them."""
-    batch, stats = build_batch(rows, pad_id)
+    dataset_rows, stats = group_rows(rows)
     loss_fn: LossFn = PPOClipLoss.from_specs({r.slot: r.loss for r in rows}, model.num_slots)
-    held, outputs, first_client_row = None, None, 0
+    held, outputs = None, None
     if clients:
-        first_client_row = 0 if batch is None else len(batch.slot_ids_B)
-        batch = concat_batches(batch, client_batch(clients, pad_id), pad_id)
         loss_fn = RoutedLoss.build(loss_fn, clients, model.num_slots)
         accumulators = accumulators or {}
         held = HeldSlots(
@@ -172,6 +170,8 @@ def mixed_step(
             forward_only=frozenset(c.slot for c in clients if not c.backward),
         )
         outputs = RowOutputs()
+    all_rows = dataset_rows + client_rows(clients)
+    batch = pack(all_rows, pad_id) if all_rows else None
     timings: dict[str, float] = {}
     results = (
         train(model, optimizer, batch, loss_fn, timings=timings, held=held, outputs=outputs)
@@ -181,7 +181,7 @@ def mixed_step(
     outcomes = {r.slot: SlotOutcome(stats[r.slot], results.get(r.slot)) for r in rows}
     client_outcomes = {}
     if outputs is not None:
-        client_outcomes = _client_outcomes(clients, results, outputs, first_client_row)
+        client_outcomes = _client_outcomes(clients, results, outputs, len(dataset_rows))
     return MixedStep(outcomes, timings, client_outcomes)
 
 
