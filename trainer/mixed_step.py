@@ -3,8 +3,8 @@
 :func:`mixed_step` is the numeric half of step 4 (Train) of the loop in :mod:`trainer.process`:
 it builds the mixed batch (:func:`trainer.batching.group_rows`, :func:`~trainer.batching.pack`),
 the per-slot RL loss (:class:`trainer.rl_loss.PPOClipLoss`, each slot with its own clip bounds
-and KL weight) and runs :func:`trainer.step.train_step` over all of it. Its result says, per slot, whether the step
-counts:
+and KL weight) and runs :func:`trainer.step.train_step` over all of it. Its result says, per
+slot, whether the step counts:
 
 - **trained**: the slot's weights and optimizer moved;
 - **skipped**: the slot had rows, but the train step left it untouched (no target tokens,
