@@ -29,7 +29,10 @@ Delivery contract (at-least-once delivery, effectively-once effects):
 - ``on_start`` runs once the lease is held and the groups exist, before anything is read; its
   effects are committed (the trainer's recovery from the control log).
 - ``on_idle`` runs in the handler thread whenever no delivery is waiting (at least every
-  ``idle_s``): the trainer trains there, once the groups it deferred make full batches.
+  ``idle_s``, or at once after :meth:`Consumer.wake`): the trainer trains there, once the
+  groups it deferred make full batches, and commits steps whose versions were written behind.
+- ``on_stop`` runs in the handler thread after a warm stop (or a drained burst), before the
+  lease is released: the trainer commits the steps whose versions are still being written.
 """
 
 from __future__ import annotations
@@ -202,6 +205,7 @@ class Consumer:
         observer: Observer | None = None,
         on_start: Callable[[], Effects] | None = None,
         on_idle: Callable[[], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
         idle_s: float = 0.5,
         trim_interval_s: float = 30.0,
     ) -> None:
@@ -223,6 +227,7 @@ class Consumer:
         self.observer: Observer = observer or NullObserver()
         self.on_start = on_start
         self.on_idle = on_idle
+        self.on_stop = on_stop
         self.idle_s = idle_s
         self.trim_interval_s = trim_interval_s
         self.stats = RunStats()
@@ -251,6 +256,11 @@ class Consumer:
     def request_stop(self) -> None:
         """Warm stop: finish the current handler, commit, read nothing new, return from run()."""
         self._stop.set()
+        self._put(None)
+
+    def wake(self) -> None:
+        """Make the handler loop run its idle hook now rather than after ``idle_s`` (safe from
+        any thread: e.g. a writer thread whose result the idle hook commits)."""
         self._put(None)
 
     def install_signal_handlers(self) -> None:
@@ -311,6 +321,8 @@ class Consumer:
                     raise item
                 self._dispatch(item)
                 handled_here += 1
+            if self.on_stop is not None:
+                self.on_stop()  # a warm stop: the process commits what it still holds
         finally:
             self._stop.set()
             with self._lock:
