@@ -52,7 +52,9 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     Data and rewards: ``allowed_roots`` are the directories dataset files may live under.
     ``reward_entry_points`` maps extra reward names to ``"module:function"`` of the operator's
     own code (imported at boot, never from an event). ``remote_rewards`` names built-in rewards
-    scored on RQ ``rewards`` workers with a deadline of ``reward_timeout_s`` per batch.
+    scored on RQ ``rewards`` workers with a deadline of ``reward_timeout_s`` per batch; every
+    other reward call runs in-process with a deadline of ``reward_call_timeout_s`` per call (a
+    call past it fails its sample, see :class:`rollout.rewards.RewardDeadline`).
     ``max_prompt_tokens``: longer prompts are not truncated; their samples come back failed.
     ``weights_cache``: where versions published to a remote store (``s3://`` ...) are copied
     (empty: a folder per worker under the system temp dir).
@@ -80,6 +82,9 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     reward_timeout_s: Annotated[
         float, msgspec.Meta(gt=0, description="deadline of a remote reward batch, s")
     ] = 60.0
+    reward_call_timeout_s: Annotated[
+        float, msgspec.Meta(gt=0, description="deadline of one in-process reward call, s")
+    ] = 5.0
     prefetch: Annotated[Positive, _doc("tasks read ahead")] = 1
     max_prompt_tokens: Annotated[Positive, _doc("longer prompts fail their samples")] = 1024
     torch_threads: Annotated[

@@ -10,8 +10,26 @@ sample is generated) and scores every completion with :meth:`RewardComposite.sco
 Failure policy: a reward function that raises, or returns a non-number, NaN/inf or a value
 outside its registered range, marks *that sample* failed (``RewardResult.failed``, with the
 term key, exception type and message in ``reason``; ``total`` is then 0.0 and must not be
-trained on). Scoring never raises for reward-function errors, so one bad completion or one buggy
-reward never takes the worker down or touches another adapter.
+trained on); so does a weighted total that overflows to inf. Scoring never raises for
+reward-function errors, so one bad completion or one buggy reward never takes the worker down or
+touches another adapter.
+
+Deadlines: remote terms have one per batch (:mod:`rollout.reward_queue`). In-process terms get
+one per call when scored with a :class:`RewardDeadline` (the rollout worker always passes its
+own): each call runs in a daemon thread and the caller waits at most ``timeout_s``; past it the
+term fails with ``"timeout after Xs"`` and the caller moves on. Python cannot kill a thread, so
+a hung call is *abandoned*, not stopped: its thread keeps running (and holding what it holds)
+until the function returns, if ever. To bound that, the deadline counts the abandoned calls
+still running per reward name; once ``max_hung`` of them are, further calls of that reward are
+not started and fail at once (``"timeout after Xs (K earlier calls still running ...)"``) until
+one of them returns. So a reward that hangs for good costs one worker at most ``max_hung``
+threads and ``max_hung * timeout_s`` seconds of waiting, and every other reward (and every
+other adapter) keeps scoring normally. Limits: the bound is per process and per reward *name*
+(two adapters using one hanging reward with different parameters share it); a hung call's CPU
+use is not stopped (a reward spinning in pure Python also slows the GIL-bound worker), and its
+thread dies only with the process. The alternative, a subprocess pool that can be killed,
+would pickle every completion and item across a process boundary and fork a model-sized worker;
+rewards that may really spin belong on RQ workers (``remote=True``), whose jobs are killed.
 
 Security: events only ever name registry keys. Operators may add rewards from their own code with
 :meth:`RewardRegistry.register_entry_point` (``"pkg.mod:fn"``), called from the rollout process's
@@ -28,6 +46,7 @@ import inspect
 import math
 import numbers
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -227,8 +246,92 @@ class BoundTerm:
     entry: RewardEntry
     spec: RewardSpec
 
-    def evaluate(self, completion: str, item: PromptItem) -> TermValue:
-        return evaluate_term(self.entry, self.spec.params, completion, item)
+    def evaluate(
+        self, completion: str, item: PromptItem, deadline: RewardDeadline | None = None
+    ) -> TermValue:
+        """The term's value in this process (under ``deadline`` when given)."""
+        if deadline is None:
+            return evaluate_term(self.entry, self.spec.params, completion, item)
+        return deadline.evaluate(self.entry, self.spec.params, completion, item)
+
+
+class _Call:
+    """One in-process reward call run by :class:`RewardDeadline`: its value once it returned,
+    and whether the caller stopped waiting for it (both under the deadline's lock)."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: TermValue | None = None
+        self.abandoned = False
+
+
+class RewardDeadline:
+    """Runs in-process reward calls with a deadline of ``timeout_s`` each (see the module doc).
+
+    ``max_hung``: abandoned calls of one reward name still running past their deadline after
+    which that reward is not called again (its terms fail at once) until one returns. Safe to
+    share between threads; one per worker process (tests build their own).
+    """
+
+    def __init__(self, timeout_s: float, *, max_hung: int = 2) -> None:
+        if not timeout_s > 0:
+            raise RewardError(f"reward call timeout_s must be > 0, got {timeout_s}")
+        if max_hung < 1:
+            raise RewardError(f"max_hung must be >= 1, got {max_hung}")
+        self.timeout_s = timeout_s
+        self.max_hung = max_hung
+        self._lock = threading.Lock()
+        self._hung: dict[str, int] = {}
+
+    def hung(self, name: str) -> int:
+        """Abandoned calls of reward ``name`` that have not returned yet."""
+        with self._lock:
+            return self._hung.get(name, 0)
+
+    def evaluate(
+        self, entry: RewardEntry, params: Params, completion: str, item: PromptItem
+    ) -> TermValue:
+        """:func:`evaluate_term` in a daemon thread, waited for at most ``timeout_s``.
+
+        Never raises for the reward's failures; a call past the deadline comes back failed with
+        ``"timeout after Xs"`` and is abandoned (counted until its thread returns).
+        """
+        timeout = f"timeout after {self.timeout_s:g}s"
+        hung = self.hung(entry.name)
+        if hung >= self.max_hung:
+            return TermValue(
+                failed=True,
+                reason=f"{timeout} ({hung} earlier calls still running past their deadline; "
+                "not called again until one returns)",
+            )
+        call = _Call()
+        thread = threading.Thread(
+            target=self._run,
+            args=(call, entry, params, completion, item),
+            name=f"reward-{entry.name}",
+            daemon=True,  # a hung call must not keep the process from exiting
+        )
+        thread.start()
+        finished = call.done.wait(self.timeout_s)
+        with self._lock:
+            if not finished and not call.done.is_set():
+                call.abandoned = True
+                self._hung[entry.name] = self._hung.get(entry.name, 0) + 1
+                return TermValue(failed=True, reason=timeout)
+        if call.value is None:  # the thread ended by a BaseException (e.g. SystemExit)
+            return TermValue(failed=True, reason="the reward call ended without a value")
+        return call.value
+
+    def _run(
+        self, call: _Call, entry: RewardEntry, params: Params, completion: str, item: PromptItem
+    ) -> None:
+        try:
+            call.value = evaluate_term(entry, params, completion, item)
+        finally:
+            with self._lock:
+                call.done.set()
+                if call.abandoned:
+                    self._hung[entry.name] -= 1
 
 
 class TermRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -271,9 +374,12 @@ class RewardComposite:
             terms.append(BoundTerm(key, entry, spec))
         return cls(terms)
 
-    def score(self, completion: str, item: PromptItem) -> RewardResult:
-        """Score one completion in-process; never raises for reward-function errors."""
-        return self.combine([t.evaluate(completion, item) for t in self.terms])
+    def score(
+        self, completion: str, item: PromptItem, deadline: RewardDeadline | None = None
+    ) -> RewardResult:
+        """Score one completion in-process (each call under ``deadline`` when given); never
+        raises for reward-function errors."""
+        return self.combine([t.evaluate(completion, item, deadline) for t in self.terms])
 
     __call__ = score
 
@@ -282,11 +388,13 @@ class RewardComposite:
         completions: Sequence[str],
         items: Sequence[PromptItem],
         remote: RemoteScorer | None = None,
+        deadline: RewardDeadline | None = None,
     ) -> list[RewardResult]:
         """Score ``completions[b]`` against ``items[b]``; ``remote`` runs the remote terms.
 
         Terms registered ``remote=True`` are sent to ``remote`` in one batch (so their latency
-        overlaps); all other terms, and every term when ``remote`` is None, run here.
+        overlaps); all other terms, and every term when ``remote`` is None, run here, each call
+        under ``deadline`` when given.
         """
         if len(completions) != len(items):
             raise ValueError(f"{len(completions)} completions but {len(items)} items")
@@ -299,7 +407,7 @@ class RewardComposite:
                     requests.append(TermRequest(spec=term.spec, completion=completion, item=item))
                     slots.append((b, k))
                 else:
-                    values_B_K[b][k] = term.evaluate(completion, item)
+                    values_B_K[b][k] = term.evaluate(completion, item, deadline)
         if requests and remote is not None:
             for (b, k), value in zip(slots, remote.score_terms(requests), strict=True):
                 values_B_K[b][k] = value
@@ -316,4 +424,7 @@ class RewardComposite:
         if failures:
             return RewardResult(total=0.0, terms=terms, failed=True, reason="; ".join(failures))
         total = sum(t.spec.weight * v.value for t, v in zip(self.terms, values_K, strict=True))
+        if not math.isfinite(total):  # finite terms and weights can still overflow
+            reason = f"weighted total is non-finite ({total}); lower the terms' weights"
+            return RewardResult(total=0.0, terms=terms, failed=True, reason=reason)
         return RewardResult(total=total, terms=terms)

@@ -54,7 +54,11 @@ cannot be opened, an unknown reward, invalid sampling, weights that cannot be lo
 their checksum, rows the engine refuses (e.g. prompt plus ``max_new_tokens`` beyond the model's
 context) (one group), a prompt index out of range or a prompt longer than
 ``max_prompt_tokens`` (that prompt's samples; prompts are never truncated: a cut prompt is a
-different question than the one the reward checks), a reward function that raises (that sample).
+different question than the one the reward checks), a reward function that raises, returns
+NaN/inf or runs past its deadline (that sample: in-process calls get ``reward_call_timeout_s``
+each, through the worker's one :class:`~rollout.rewards.RewardDeadline`, which stops calling a
+reward that left ``max_hung_reward_calls`` calls hung, so one hanging reward costs a task at
+most that many deadlines and never stalls the tasks of other adapters).
 The worker never publishes ``adapter.failed``: whether an adapter has failed is the trainer's
 decision, and one worker's view (a file missing on its host) must not kill an adapter. An
 unreachable engine raises :class:`HandlerError` (retried later by any replica). Anything else is
@@ -120,7 +124,13 @@ from rollout.groups import (
     tokenize_prompt,
 )
 from rollout.metrics import RolloutMetrics
-from rollout.rewards import RemoteScorer, RewardComposite, RewardError, RewardRegistry
+from rollout.rewards import (
+    RemoteScorer,
+    RewardComposite,
+    RewardDeadline,
+    RewardError,
+    RewardRegistry,
+)
 from rollout.sampling import SamplingParamError, SamplingParams
 from rollout.served import ServedVersions
 
@@ -200,7 +210,10 @@ class RolloutWorker:
     ``name``: this replica's stable name (consumer name and worker id in events).
     ``backend``: where generation runs; ``weights``: where published versions are read from.
     ``registry``: the closed reward registry; ``remote``: where remote rewards run (``None``:
-    in-process). ``allowed_roots``: directories dataset files may live under.
+    in-process). ``reward_call_timeout_s`` / ``max_hung_reward_calls``: the deadline of each
+    in-process reward call and how many hung calls of one reward stop it being called (see
+    :class:`~rollout.rewards.RewardDeadline`). ``allowed_roots``: directories dataset files may
+    live under.
     ``history_until``: the newest control entry when the process started (see the module
     doc). ``clock``: wall clock for ``latency_s``.
 
@@ -219,6 +232,8 @@ class RolloutWorker:
         weights: WeightsFetcher,
         registry: RewardRegistry,
         remote: RemoteScorer | None = None,
+        reward_call_timeout_s: float = 5.0,
+        max_hung_reward_calls: int = 2,
         allowed_roots: Sequence[Path] = (),
         max_prompt_tokens: int = 1024,
         history_until: str = "0-0",
@@ -232,6 +247,7 @@ class RolloutWorker:
         self.weights = weights
         self.registry = registry
         self.remote = remote
+        self.deadline = RewardDeadline(reward_call_timeout_s, max_hung=max_hung_reward_calls)
         self.allowed_roots = tuple(allowed_roots)
         self.max_prompt_tokens = max_prompt_tokens
         self.history_until = history_until
@@ -421,7 +437,8 @@ class RolloutWorker:
         ref = AdapterRef(served_name(task.adapter, task.registration_id), version)
         rows_B, items_B = task_rows(task, prompts, ref)
         completions_B = self.backend.generate(rows_B)  # ONE mixed batch for the whole task
-        scores_B = reward.score_batch([c.text for c in completions_B], items_B, self.remote)
+        texts_B = [c.text for c in completions_B]
+        scores_B = reward.score_batch(texts_B, items_B, self.remote, self.deadline)
         return version, prompt_groups(task, prompts, completions_B, scores_B)
 
     def _ensure_weights(self, task: RolloutTask) -> int:
