@@ -34,6 +34,14 @@ slot layers take it as is; the trainer's slots compute ``alpha / r``, so an impo
 ``alpha = s · r`` (rsLoRA folded into alpha) and a later export writes that alpha with
 ``use_rslora: false``, the same adapter.
 
+Only safetensors load. A pickle (``torch.save``'s ``.bin``/``.pt``/``.pth``/``.ckpt``) can
+run arbitrary code when unpickled, so no reader here ever opens one: a directory that holds one
+and no ``adapter_model.safetensors`` is refused by :func:`refuse_pickles` with
+:class:`PickleRefused` saying how to convert it (``torch.load`` appears nowhere on a load path).
+Every safetensors file is checked by :func:`events.safetensors_io.check_header` before its
+tensors are read: a malformed header or a dtype outside
+:data:`~events.safetensors_io.FLOAT_DTYPES` is an :class:`AdapterFormatError`.
+
 torch and safetensors are imported inside the functions that need them, so the checkpoint
 process, which reads only :class:`TrainingState`, stays free of torch.
 """
@@ -125,8 +133,53 @@ _READ_CONFIG = frozenset(
 )
 
 
+PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""File endings of pickle-based tensor files (``torch.save``), which are never loaded."""
+
+CONVERT_HINT = (
+    'convert it in a trusted environment with `python -c "import torch; '
+    "from safetensors.torch import save_file; save_file(torch.load('adapter_model.bin', "
+    "weights_only=True), 'adapter_model.safetensors')\"` (or save the PEFT model again with "
+    "save_pretrained(..., safe_serialization=True)), then keep only the safetensors file"
+)
+"""How to turn a pickled adapter into the format multilora loads."""
+
+
 class AdapterFormatError(MultiLoraError, ValueError):
     """A PEFT directory or training state is malformed or uses a feature slot layers lack."""
+
+
+class PickleRefused(AdapterFormatError):
+    """A directory holds a pickled tensor file and no safetensors file: it is never unpickled."""
+
+
+def is_pickle_name(name: str) -> bool:
+    """Whether the file ``name`` is a pickle-based tensor file (:data:`PICKLE_SUFFIXES`)."""
+    return name.lower().endswith(PICKLE_SUFFIXES)
+
+
+def refuse_pickles(names: Iterable[str], *, where: str) -> None:
+    """Raise :class:`PickleRefused` when the directory listing ``names`` (of ``where``) holds a
+    pickle-based file and no ``adapter_model.safetensors``; a pickle beside the safetensors
+    file is left alone (nothing here opens it)."""
+    listed = list(names)
+    pickles = sorted(n for n in listed if is_pickle_name(n))
+    if pickles and ADAPTER_WEIGHTS not in listed:
+        raise PickleRefused(
+            f"{where} holds {pickles[0]} (pickle); multilora loads only safetensors "
+            f"({ADAPTER_WEIGHTS}) and never unpickles a file: {CONVERT_HINT}"
+        )
+
+
+def _check_tensors(data: bytes | bytearray | memoryview, where: str) -> None:
+    """:func:`events.safetensors_io.check_header` of in-memory file bytes, as this module's
+    error."""
+    from events.safetensors_io import SafetensorsHeaderError, check_header
+
+    try:
+        check_header(data, len(data), where=where)
+    except SafetensorsHeaderError as err:
+        raise AdapterFormatError(str(err)) from None
 
 
 # --- the PEFT adapter ------------------------------------------------------------------------
@@ -169,12 +222,17 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
 
     Raises :class:`AdapterFormatError` naming the file and the key or tensor when a file is
     missing or unreadable, the config sets a feature slot layers do not implement (module doc),
-    or the weights are not ``lora_A``/``lora_B`` pairs of rank ``r``.
+    or the weights are not ``lora_A``/``lora_B`` pairs of rank ``r``; :class:`PickleRefused`
+    for a directory holding ``adapter_model.bin`` (or another pickle) instead of safetensors.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from events.safetensors_io import SafetensorsHeaderError, check_file
+
     root = Path(path)
+    if root.is_dir():
+        refuse_pickles((p.name for p in root.iterdir()), where=str(root))
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (root / name).is_file():
             raise AdapterFormatError(
@@ -182,6 +240,10 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
                 f"and {ADAPTER_WEIGHTS} (PeftModel.save_pretrained writes both)"
             )
     rank, alpha, use_rslora = _check_config((root / ADAPTER_CONFIG).read_bytes(), str(root))
+    try:
+        check_file(root / ADAPTER_WEIGHTS)
+    except SafetensorsHeaderError as err:
+        raise AdapterFormatError(str(err)) from None
     try:
         tensors = load_file(str(root / ADAPTER_WEIGHTS))
     except SafetensorError as err:
@@ -212,6 +274,7 @@ def parse_peft_weights(
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    _check_tensors(weights, f"{where}/{ADAPTER_WEIGHTS}")
     try:
         tensors = load(bytes(weights))  # no copy of a bytes object
     except SafetensorError as err:
@@ -457,6 +520,7 @@ def decode_state_tensors(
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    _check_tensors(data, where)
     try:
         return load(bytes(data))
     except SafetensorError as err:

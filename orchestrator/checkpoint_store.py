@@ -21,6 +21,16 @@ retention never deletes a pointer's target, so ``latest`` never names a missing 
 exception: replacing a step directory that holds another version (possible only after a resume
 from an older checkpoint) swaps two directories with two renames; a crash between them leaves a
 dangling pointer, and :func:`load_latest` then falls back to a scan of the valid step directories.
+
+Containment (defence in depth; the names were checked at admission): every directory is built
+by :meth:`~orchestrator.storage.Fs.reg_dir` (safe names, no symlink out of the store); a
+``latest`` pointer must name ``step_NNNNNN`` (or ``<registration>/step_NNNNNN``), a manifest
+may list only plain file names, and a URI handed to :meth:`CheckpointStore.read_manifest` must
+lie under the store root; with ``source_roots`` set, :meth:`CheckpointStore.promote` copies only
+from under them (the artifact store). Anything else raises :class:`ArtifactError` or
+:class:`~orchestrator.storage.PathEscape` naming the value. Only safetensors files are
+restored: :func:`verify` refuses a step directory holding a pickle
+(:func:`events.adapter_format.refuse_pickles`).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -41,6 +52,8 @@ from events.adapter_format import (
     CursorState,
     TrainingState,
     decode_training_state,
+    is_pickle_name,
+    refuse_pickles,
 )
 from orchestrator.storage import (
     ArtifactError,
@@ -48,8 +61,10 @@ from orchestrator.storage import (
     ChecksumError,
     FileDigest,
     Fs,
+    PathEscape,
     StaleSource,
     check_name,
+    check_under,
     is_name,
     numbered,
 )
@@ -62,6 +77,8 @@ CHECKPOINT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATE_TENSORS, STATE_JSON)
 """Files a version must hold to become a checkpoint."""
 
 _STEP_DIR = re.compile(r"step_(\d{6,})")
+_POINTER = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,127}/)?step_\d{6,}")
+"""What a ``latest`` pointer may hold: a step directory, optionally under a registration."""
 
 
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,11 +114,23 @@ class CheckpointRef(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CheckpointStore:
-    """Checkpoints under ``root``: promotion, ``latest`` pointers, retention, lookup."""
+    """Checkpoints under ``root``: promotion, ``latest`` pointers, retention, lookup.
 
-    def __init__(self, root: str, *, stale_temp_s: float = 3600.0, **storage_options: Any) -> None:
+    ``source_roots``: where :meth:`promote` may copy versions from (the artifact store's root);
+    empty: anywhere (the caller vouches for its source URIs).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        stale_temp_s: float = 3600.0,
+        source_roots: Sequence[str] = (),
+        **storage_options: Any,
+    ) -> None:
         self.storage_options = storage_options
         self.stale_temp_s = stale_temp_s
+        self.source_roots = tuple(source_roots)
         self._fs = Fs(root, storage_options)
 
     @property
@@ -121,6 +150,14 @@ class CheckpointStore:
         return [n for n in names if is_name(n) and n != LATEST]
 
     def read_manifest(self, checkpoint_uri: str) -> Manifest:
+        """The manifest of the step directory ``checkpoint_uri``, which must lie under the root
+        (:class:`~orchestrator.storage.PathEscape` otherwise)."""
+        check_under(
+            checkpoint_uri,
+            [self.root],
+            what="checkpoint",
+            fix="name a step directory of this checkpoint store",
+        )
         loc = Fs(checkpoint_uri, self.storage_options)
         return _decode_manifest(loc.read(f"{loc.root}/{MANIFEST}"), checkpoint_uri)
 
@@ -152,11 +189,21 @@ class CheckpointStore:
         existing = self._reusable(final_path, epoch, version)
         if isinstance(existing, CheckpointRef):
             return self._reuse(final_path, existing.manifest, final)
+        if self.source_roots:
+            check_under(
+                source_uri,
+                self.source_roots,
+                what="version to checkpoint",
+                fix="promote only versions of the artifact store",
+            )
         src = Fs(source_uri, self.storage_options)
+        listed = src.names(src.root, files_only=True)
+        _no_pickles(listed, source_uri)
         header = _check_header(
             src.read(f"{src.root}/{STATE_JSON}"), source_uri, step, version, epoch
         )
-        names = [n for n in src.names(src.root, files_only=True) if not n.startswith(".")]
+        # a pickle beside the safetensors files is never copied into a checkpoint (an export)
+        names = [n for n in listed if not n.startswith(".") and not is_pickle_name(n)]
         missing = [n for n in CHECKPOINT_FILES if n not in names]
         if missing:
             raise ArtifactNotFound(f"version {source_uri} lacks {missing}; it cannot be restored")
@@ -242,10 +289,23 @@ class CheckpointStore:
 
     def _pointer_target(self, directory: str, adapter: str) -> CheckpointRef | None:
         try:
-            name = self._fs.read(f"{directory}/{LATEST}").decode().strip()
+            name = self._fs.read(f"{directory}/{LATEST}").decode(errors="replace").strip()
         except ArtifactNotFound:
             return None
-        path = f"{directory}/{name}"
+        if not _POINTER.fullmatch(name):
+            log.warning(
+                "pointer %s/%s holds %r, not 'step_NNNNNN' or '<registration>/step_NNNNNN'; "
+                "ignoring it",
+                self._fs.uri(directory),
+                LATEST,
+                name,
+            )
+            return None
+        try:
+            path = self._fs.inside(f"{directory}/{name}")
+        except PathEscape as exc:
+            log.warning("pointer %s/%s: %s", self._fs.uri(directory), LATEST, exc)
+            return None
         manifest = self._valid_manifest(path)
         if manifest is None or manifest.adapter != adapter:
             log.warning(
@@ -316,9 +376,24 @@ def _encode_manifest(manifest: Manifest) -> bytes:
 
 def _decode_manifest(data: bytes, uri: str) -> Manifest:
     try:
-        return msgspec.json.decode(data, type=Manifest)
+        manifest = msgspec.json.decode(data, type=Manifest)
     except msgspec.DecodeError as exc:
         raise ArtifactError(f"manifest of {uri} is unreadable: {exc}") from None
+    bad = sorted(n for n in manifest.files if not is_name(n) or n == MANIFEST)
+    if bad:
+        raise ArtifactError(
+            f"manifest of {uri} lists {bad}, which are not plain file names of the directory; "
+            "the manifest is corrupt or forged: resume from another step directory"
+        )
+    return manifest
+
+
+def _no_pickles(names: list[str], uri: str) -> None:
+    """:func:`~events.adapter_format.refuse_pickles` as this store's :class:`ArtifactError`."""
+    try:
+        refuse_pickles(names, where=uri)
+    except AdapterFormatError as exc:
+        raise ArtifactError(str(exc)) from None
 
 
 def _check_header(
@@ -344,10 +419,13 @@ def verify(checkpoint_uri: str, **storage_options: Any) -> Manifest:
     """Check every file of a step directory against its manifest; return the manifest.
 
     Raises :class:`ChecksumError` naming the first file whose size or sha256 differs,
-    :class:`ArtifactNotFound` for a missing file, :class:`ArtifactError` for a bad manifest.
+    :class:`ArtifactNotFound` for a missing file, :class:`ArtifactError` for a bad manifest
+    (one naming a file outside the directory included), and
+    :class:`ArtifactError` for a directory holding a pickle instead of safetensors.
     """
     loc = Fs(checkpoint_uri, storage_options)
     manifest = _decode_manifest(loc.read(f"{loc.root}/{MANIFEST}"), checkpoint_uri)
+    _no_pickles(loc.names(loc.root, files_only=True), checkpoint_uri)
     missing = [n for n in CHECKPOINT_FILES if n not in manifest.files]
     if missing:
         raise ArtifactError(f"manifest of {checkpoint_uri} does not list {missing}")

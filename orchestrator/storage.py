@@ -16,6 +16,17 @@ its marker. :meth:`Fs.replace_dir` puts a new directory in place of an existing 
 renames (old one aside, new one in), so a crash between them leaves no directory at the final
 name; each caller says what its readers do then.
 
+Containment: :func:`is_under` is the one rule for "this path lies under that root", used by
+every process that opens a path a producer (or a file) named: the stores, dataset paths, saved
+states named by ``init_from``, the rollout server's ``lora_path``. Local paths (plain or
+``file://``) are compared after :func:`os.path.realpath` of both sides (``..`` collapsed, every
+symlink followed, a symlinked parent directory included) and by whole path components, so
+``/root/abc`` is not under ``/root/ab``; other URLs (``s3://``, ``memory://``) have no symlinks
+and are compared by protocol and components, with any ``.`` or ``..`` segment refused.
+:func:`check_under` raises :class:`PathEscape` naming the value and the roots. :meth:`Fs.reg_dir`
+and :meth:`Fs.inside` apply it to the stores' own directories, so a symlink planted inside a
+store cannot redirect a write or a read outside it.
+
 Also here: the one error hierarchy of both stores (:class:`ArtifactError` and its subclasses)
 and :class:`FileDigest`, the sha256 and size of a file. Pure I/O (no Redis, no torch).
 """
@@ -29,7 +40,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any
 
 import msgspec
@@ -58,6 +69,16 @@ class StaleSource(ArtifactError):
     """The source or existing checkpoint belongs to a newer epoch than the request (fenced)."""
 
 
+class PathEscape(ConfigError):
+    """A path resolves outside every root it may use (``..``, an absolute path, a symlink, a
+    URL of another filesystem). ``value`` is the path as given, ``roots`` the allowed roots."""
+
+    def __init__(self, message: str, *, value: str, roots: Sequence[str]) -> None:
+        super().__init__(message)
+        self.value = value
+        self.roots = tuple(roots)
+
+
 class FileDigest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sha256: str
     bytes: int
@@ -76,6 +97,53 @@ def check_name(kind: str, value: str) -> str:
             "[A-Za-z0-9._-], starting with a letter or digit"
         )
     return value
+
+
+def local_path(value: str) -> str | None:
+    """The local filesystem path ``value`` names (a plain path or a ``file://`` URL), or None
+    for a URL of another protocol."""
+    if value.startswith("file://"):
+        return value.removeprefix("file://")
+    return None if "://" in value else value
+
+
+def is_under(path: str, root: str) -> bool:
+    """Whether ``path`` lies under ``root`` (or is it): see the module doc for the rule.
+
+    Local paths are compared after ``realpath`` of both (a relative path is relative to the
+    working directory), by components; a local path is never under a URL root nor the reverse.
+    """
+    local, local_root = local_path(path), local_path(root)
+    if local is not None and local_root is not None:
+        real, base = os.path.realpath(local), os.path.realpath(local_root)
+        return real == base or os.path.commonpath([real, base]) == base
+    if local is not None or local_root is not None:
+        return False
+    proto, _, rest = path.partition("://")
+    root_proto, _, root_rest = root.partition("://")
+    parts = rest.split("/")
+    if proto != root_proto or any(p in (".", "..") for p in parts):
+        return False
+    want = [p for p in root_rest.split("/") if p]
+    return [p for p in parts if p][: len(want)] == want
+
+
+def check_under(path: str, roots: Sequence[str], *, what: str, fix: str) -> str:
+    """``path`` resolved (the real path of a local one, the URL itself otherwise) when it lies
+    under one of ``roots`` (:func:`is_under`), else :class:`PathEscape` naming ``what`` (e.g.
+    ``"dataset path"``), the value, the roots and ``fix``."""
+    for root in roots:
+        if is_under(path, root):
+            local = local_path(path)
+            return os.path.realpath(local) if local is not None else path
+    local = local_path(path)
+    seen = f" (it resolves to {os.path.realpath(local)!r})" if local is not None else ""
+    raise PathEscape(
+        f"{what} {path!r}{seen} is outside the allowed roots {list(roots)}; {fix} "
+        "('..', symlinks and symlinked parent directories are resolved before this check)",
+        value=path,
+        roots=roots,
+    )
 
 
 def numbered(names: list[str], pattern: re.Pattern[str]) -> list[int]:
@@ -100,10 +168,29 @@ class Fs:
         return "/".join((self.root, *parts))
 
     def reg_dir(self, adapter: str, registration_id: str) -> str:
-        """``{root}/{adapter}/{registration_id}`` after checking both are safe names."""
-        return self.join(
-            check_name("adapter name", adapter), check_name("registration id", registration_id)
+        """``{root}/{adapter}/{registration_id}`` after checking both are safe names and the
+        directory (through any symlink) stays under the root (:meth:`inside`)."""
+        return self.inside(
+            self.join(
+                check_name("adapter name", adapter),
+                check_name("registration id", registration_id),
+            )
         )
+
+    def inside(self, path: str) -> str:
+        """``path`` if it lies under this root (:func:`is_under`), else :class:`PathEscape`.
+
+        For local roots the check follows symlinks, so a link planted in the store that points
+        outside it is refused before anything is read or written through it.
+        """
+        target = path if self.local else self.uri(path)
+        check_under(
+            target,
+            [self.uri(self.root)],
+            what="store path",
+            fix="remove the symlink or name a directory inside the store",
+        )
+        return path
 
     def uri(self, path: str) -> str:
         return path if self.local else str(self.fs.unstrip_protocol(path))
