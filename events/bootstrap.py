@@ -12,7 +12,8 @@ longest blocking read); refuse a server that can lose acknowledged events
 process's :class:`~events.consumer.Consumer` (built with :meth:`Bus.consumer`, so every process gets
 the same bus settings and bus metrics); serve Prometheus metrics; install the warm/cold shutdown
 signals; log one ``ready`` line; run the consumer (its lease, its ``on_start`` recovery, its
-handler) until stopped or, with ``burst``, drained; log one ``stopped`` line.
+handler, its heartbeat: :mod:`events.heartbeat`, under the process's role and name) until
+stopped or, with ``burst``, drained; log one ``stopped`` line.
 
 Exit codes: 0 after a warm stop or a drained burst; 2 when the configuration or the Redis server
 is refused at boot (the message names the value and the fix); 1 when the bus fails at run time in a
@@ -37,6 +38,7 @@ from events.config import BusConfig
 from events.connection import check_durability, connect
 from events.consumer import Consumer, Handler, Observer, Subscription
 from events.errors import BusError, ConfigError, UnsafeRedisError
+from events.heartbeat import Heartbeat
 from events.metrics import (
     FanOut,
     MetricsServer,
@@ -70,6 +72,8 @@ class Bus:
     registry: CollectorRegistry
     max_block_ms: int
     observers: list[Observer] = field(default_factory=list)
+    role: str = ""
+    """The process's role (``trainer``, ``rollout`` ...): its heartbeat's key; empty: ``name``."""
 
     def connect(self) -> redis.Redis:
         """A new client with this process's settings (each reader thread has its own)."""
@@ -83,7 +87,8 @@ class Bus:
         observers: Sequence[Observer] = (),
         **options: Any,
     ) -> Consumer:
-        """The process's consumer, with the bus settings and bus metrics filled in.
+        """The process's consumer, with the bus settings, bus metrics and heartbeat filled in
+        (the heartbeat's TTL is the lease's: a process beats wherever it renews its lease).
 
         ``options`` are the consumer's own keyword arguments (``on_start``, ``on_idle``,
         ``count``, ``max_in_flight`` ...).
@@ -104,6 +109,9 @@ class Bus:
             lease_ttl_ms=c.lease_ttl_ms,
             lease_wait_s=c.lease_wait_s,
             observer=FanOut([bus_metrics, *observers]),
+            heartbeat=Heartbeat(
+                self.streams, self.role or self.name, self.name, ttl_ms=c.lease_ttl_ms
+            ),
             **options,
         )
 
@@ -114,12 +122,13 @@ def configure_logging(level: str) -> None:
     logging.getLogger().setLevel(level)
 
 
-def open_bus(config: BusConfig, name: str, *, max_block_ms: int = 0) -> Bus:
+def open_bus(config: BusConfig, name: str, *, max_block_ms: int = 0, role: str = "") -> Bus:
     """Connect and check the server's durability; raises UnsafeRedisError if it can lose data."""
     block = max(config.block_ms, max_block_ms)
     client = connect(config.redis_url, max_block_ms=block, name=name)
     check_durability(client, allow_unsafe=config.unsafe_redis)
-    return Bus(config, name, Streams(config.namespace), client, metrics_registry(), block)
+    registry = metrics_registry()
+    return Bus(config, name, Streams(config.namespace), client, registry, block, role=role)
 
 
 def run_process(
@@ -135,7 +144,7 @@ def run_process(
     name = config.name or default_name or role
     server: MetricsServer | None = None
     try:
-        bus = open_bus(config, name, max_block_ms=max_block_ms)
+        bus = open_bus(config, name, max_block_ms=max_block_ms, role=role)
         consumer = build(bus)
         if config.metrics_port:
             server = start_metrics_server(config.metrics_port, bus.registry)

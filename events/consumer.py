@@ -33,6 +33,10 @@ Delivery contract (at-least-once delivery, effectively-once effects):
   groups it deferred make full batches, and commits steps whose versions were written behind.
 - ``on_stop`` runs in the handler thread after a warm stop (or a drained burst), before the
   lease is released: the trainer commits the steps whose versions are still being written.
+- A :class:`~events.heartbeat.Heartbeat`, when given, beats once the lease is held, then
+  wherever the lease is renewed (the keeper thread); progress is marked where work moves forward
+  (a handler returned, a commit applied something); a run that returns (not one that raises)
+  marks it stopped. :mod:`events.heartbeat` gives the keys and what counts as progress.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import redis
 from events.codec import Decoder
 from events.effects import COMMIT_LUA, Effects
 from events.errors import BusError, HandlerError, LeaseError, SchemaError
+from events.heartbeat import Heartbeat
 from events.lease import Lease
 from events.schema import DeadLetter
 from events.streams import Streams
@@ -208,6 +213,7 @@ class Consumer:
         on_stop: Callable[[], None] | None = None,
         idle_s: float = 0.5,
         trim_interval_s: float = 30.0,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         if not subscriptions:
             raise ValueError("a consumer needs at least one subscription")
@@ -230,6 +236,7 @@ class Consumer:
         self.on_stop = on_stop
         self.idle_s = idle_s
         self.trim_interval_s = trim_interval_s
+        self.heartbeat = heartbeat
         self.stats = RunStats()
         self._queue: queue.PriorityQueue[_Item] = queue.PriorityQueue()
         self._seq = itertools.count()
@@ -283,6 +290,7 @@ class Consumer:
         """Process entries until stopped, ``max_events`` handled, or (``burst``) all drained."""
         self.lease.acquire(wait_s=self.lease_wait_s)
         self.ensure_groups()
+        self._beat(self.client)
         if self.on_start is not None:
             try:
                 self.commit(self.on_start(), [])
@@ -303,6 +311,7 @@ class Consumer:
         for t in threads:
             t.start()
         handled_here = 0
+        clean = False  # a crash or a cold stop leaves the beat key to expire: the process is dead
         try:
             while not self._stop.is_set():
                 if max_events is not None and handled_here >= max_events:
@@ -323,6 +332,7 @@ class Consumer:
                 handled_here += 1
             if self.on_stop is not None:
                 self.on_stop()  # a warm stop: the process commits what it still holds
+            clean = True
         finally:
             self._stop.set()
             with self._lock:
@@ -330,6 +340,8 @@ class Consumer:
             self._unblock_readers()
             for t in threads:
                 t.join(timeout=self.block_ms / 1000 + 2)
+            if clean:
+                self._mark_stopped()
             self.lease.release()
         return self.stats
 
@@ -386,6 +398,8 @@ class Consumer:
                 self._forget([d])  # stays pending; reclaimed after claim_idle_ms
             return
         if isinstance(result, _Defer):
+            if self.heartbeat is not None:
+                self.heartbeat.progress()
             return
         self.commit(result, [d])
         self.observer.handled(d, time.perf_counter() - t0)
@@ -403,6 +417,8 @@ class Consumer:
                 "commit refused: entry %s is no longer pending for %s", _s(entry), self.name
             )
             return False
+        if self.heartbeat is not None and (keys or effects.commands):
+            self.heartbeat.progress()
         return True
 
     def _forget(self, deliveries: list[Delivery]) -> None:
@@ -551,6 +567,7 @@ class Consumer:
                     if not lease.renew() and not lease.retake():
                         self._put(LeaseError(f"lost the lease on consumer name {self.name!r}"))
                         return
+                    self._beat(client)
                     with self._lock:
                         keys = list(self._in_flight)
                     for i in range(0, len(keys), 100):
@@ -560,6 +577,22 @@ class Consumer:
                     log.warning("keeper lost Redis (%s); retrying", exc)
         finally:
             client.close()
+
+    def _beat(self, client: redis.Redis) -> None:
+        if self.heartbeat is not None:
+            with self._lock:
+                in_flight = len(self._in_flight)
+            self.heartbeat.beat(client, in_flight=in_flight, handled=self.stats.handled)
+
+    def _mark_stopped(self) -> None:
+        """Mark the heartbeat stopped after a warm stop; a Redis that is gone right now leaves
+        the beat key to expire (the process reads as dead, which it is soon enough)."""
+        if self.heartbeat is None:
+            return
+        try:
+            self.heartbeat.stopped(self.client, handled=self.stats.handled)
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            log.warning("could not mark the heartbeat of %s stopped (%s)", self.name, exc)
 
 
 def dead_letter_effects(
