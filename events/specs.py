@@ -38,14 +38,23 @@ ConfigValue = Scalar | list[Scalar]
 ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$(?!\n)"
 """Adapter names: 1-63 lowercase letters, digits, ``.``, ``_``, ``-``, starting with a letter or
 digit (a name becomes part of keys, paths and URLs)."""
-REGISTRATION_ID_PATTERN = r"^[!-~]{0,128}$(?!\n)"
-"""Registration ids: up to 128 printable ASCII characters without spaces (empty: assigned)."""
+REGISTRATION_ID_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})?$(?!\n)"
+"""Registration ids: up to 128 of ``[A-Za-z0-9._-]``, starting with a letter or digit (an id
+names a directory of the artifact and checkpoint stores, so it is one safe path component:
+never ``..``, never a ``/``); empty: assigned."""
+PRODUCER_PATTERN = r"^([a-z0-9][a-z0-9._-]{0,62})?$(?!\n)"
+"""Producer names: like adapter names, or empty (anonymous)."""
 
 ADAPTER_NAME_RULE = (
     "use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
 )
 REGISTRATION_ID_RULE = (
-    "use up to 128 printable ASCII characters without spaces, or leave it empty to get one"
+    "use up to 128 printable ASCII characters from [A-Za-z0-9._-], starting with a letter or "
+    "digit (it names a directory), or leave it empty to get one"
+)
+PRODUCER_RULE = (
+    "use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit, "
+    "or leave it empty (anonymous)"
 )
 AdapterName = Annotated[
     str, msgspec.Meta(pattern=ADAPTER_NAME_PATTERN, description=ADAPTER_NAME_RULE)
@@ -53,6 +62,7 @@ AdapterName = Annotated[
 RegistrationId = Annotated[
     str, msgspec.Meta(pattern=REGISTRATION_ID_PATTERN, description=REGISTRATION_ID_RULE)
 ]
+ProducerName = Annotated[str, msgspec.Meta(pattern=PRODUCER_PATTERN, description=PRODUCER_RULE)]
 
 MAX_GROUP_SIZE = 256
 """Most samples per prompt one registration may ask for."""
@@ -229,6 +239,13 @@ class AdapterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     ``driver="client"``: a client-driven adapter (a Tinker-SDK client behind the gateway runs
     its own loop): no dataset, no rewards; ``steps`` bounds its optimizer steps, and its
     ``optim`` holds only defaults (each ``optim_step`` request carries its own Adam settings).
+
+    ``producer``: who asks (a team, a pipeline, a gateway tenant); ``""`` is anonymous, and all
+    anonymous registrations share one producer. The wait queue is fair across producers and
+    each producer may keep only so many registrations waiting (:mod:`orchestrator.fleet`,
+    :mod:`orchestrator.admission`). The field is trusted as far as the producer is: with Redis
+    ACLs each producer gets its own ingress credentials, and the operator can check that a
+    producer writes only its own name (see docs/SECURITY-paths.md); nothing here proves it.
     """
 
     @property
@@ -261,6 +278,9 @@ class AdapterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     checkpoint_interval: PositiveInt = 10
     keep_checkpoints: PositiveInt = 3
     priority: int = 0
+    producer: Annotated[
+        ProducerName, msgspec.Meta(description="who registers it ('' = anonymous): fair queueing")
+    ] = ""
     resume: bool = False
     init_from: Annotated[
         str,

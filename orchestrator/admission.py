@@ -13,13 +13,21 @@ carries them. Admission trusts the decoded event and checks only what needs this
 fleet or I/O, cheapest first, the first failure wins:
 
 1. the registration id is not already used (a retried registration must be dropped by the caller
-   before admission; this refuses a reused id of another adapter);
+   before admission; this refuses a reused id of another adapter), and it can name a directory
+   of the stores (an empty ``registration_id`` falls back to the event ``id``, which the schema
+   does not constrain: ``"../x"`` is refused here, on ``registration_id``);
 2. ``base_model`` (if set) equals the trainer's, and ``rank <= max_rank`` (the slot layers');
 3. every reward name is one the rollout registry knows (names are compared, never imported);
 4. the name has no live registration (deregister it or wait until it retires);
-5. the dataset can be read: ``probe_dataset(spec.dataset)`` returns its size or raises
+5. the producer (``spec.producer``; ``""`` for all anonymous registrations together) has fewer
+   than ``max_waiting_per_producer`` registrations waiting for a slot, so one producer's flood
+   cannot fill the queue (the queue itself is fair across producers:
+   :mod:`orchestrator.fleet`);
+6. the dataset can be read: ``probe_dataset(spec.dataset)`` returns its size or raises
    :class:`~events.errors.ConfigError` with the reason (the rollout package provides the probe,
-   which knows the operator's allowed roots; the orchestrator never imports rollout).
+   which knows the operator's allowed roots; the orchestrator never imports rollout). A path
+   outside those roots (``..``, absolute, a symlink or symlinked directory pointing out, a URL,
+   ``~``) raises :class:`~orchestrator.storage.PathEscape`, reported on ``spec.dataset.path``.
 
 A probe raising anything but ``ConfigError`` is a bug and propagates.
 """
@@ -35,6 +43,10 @@ from events.schema import RegisterRequested
 from events.specs import AdapterSpec, DatasetSpec
 from orchestrator.fleet import Fleet
 from orchestrator.lifecycle import registration_key
+from orchestrator.storage import PathEscape, is_name
+
+DEFAULT_MAX_WAITING_PER_PRODUCER = 256
+"""Registrations one producer may keep waiting for a slot unless configured (0: no limit)."""
 
 ProbeDataset = Callable[[DatasetSpec], int]
 """Returns the dataset's number of prompts, or raises ConfigError naming why it is unreadable."""
@@ -68,20 +80,36 @@ class Admission:
         known_rewards: frozenset[str],
         probe_dataset: ProbeDataset,
         max_rank: int,
+        max_waiting_per_producer: int = DEFAULT_MAX_WAITING_PER_PRODUCER,
     ) -> None:
         """``base_model``: the trainer's base model name; ``known_rewards``: the reward registry's
-        names; ``max_rank``: the slot layers' rank."""
+        names; ``max_rank``: the slot layers' rank; ``max_waiting_per_producer``: how many
+        registrations one producer may keep waiting (0: no limit)."""
         if max_rank < 1:
             raise ConfigError(f"max_rank must be >= 1, got {max_rank}")
+        if max_waiting_per_producer < 0:
+            raise ConfigError(
+                f"max_waiting_per_producer must be >= 0 (0: no limit), got "
+                f"{max_waiting_per_producer}"
+            )
         self.base_model = base_model
         self.known_rewards = known_rewards
         self.probe_dataset = probe_dataset
         self.max_rank = max_rank
+        self.max_waiting_per_producer = max_waiting_per_producer
 
     def check(self, event: RegisterRequested, fleet: Fleet) -> Verdict:
         """Admit or reject the decoded ``event`` given the trainer's ``fleet``."""
         name = event.adapter
-        known = fleet.get(registration_key(event))
+        key = registration_key(event)
+        if not is_name(key):
+            reason = (
+                f"registration id {key!r} cannot name a directory (it comes from the event "
+                "id when registration_id is empty); set registration_id to 1-128 characters "
+                "from [A-Za-z0-9._-], starting with a letter or digit"
+            )
+            return Reject(reason, "registration_id")
+        known = fleet.get(key)
         if known is not None:
             reason = (
                 f"registration_id {known.registration_id!r} is already used by adapter "
@@ -99,15 +127,35 @@ class Admission:
                 "it retires, or choose another name"
             )
             return Reject(reason, "adapter")
+        flood = self.flood_problem(event.spec.producer, fleet)
+        if flood is not None:
+            return flood
         if event.spec.dataset is None:
             return Admit(0)  # a client-driven adapter: its client brings the data
         try:
             size = self.probe_dataset(event.spec.dataset)
+        except PathEscape as exc:
+            return Reject(f"dataset path is not allowed: {exc}", "spec.dataset.path")
         except ConfigError as exc:
             return Reject(f"dataset is not readable: {exc}", "spec.dataset")
         if size < 1:
             return Reject("dataset has no prompts; point it at a non-empty file", "spec.dataset")
         return Admit(size)
+
+    def flood_problem(self, producer: str, fleet: Fleet) -> Reject | None:
+        """The rejection of one more waiting registration of ``producer``, or None."""
+        limit = self.max_waiting_per_producer
+        waiting = fleet.waiting_of(producer) if limit else 0
+        if not limit or waiting < limit:
+            return None
+        who = f"producer {producer!r}" if producer else "anonymous producers (spec.producer '')"
+        reason = (
+            f"{who} already has {waiting} waiting registrations (limit {limit}); wait for one "
+            "to be admitted or cancel one"
+        )
+        if not producer:
+            reason += ", or register under your own spec.producer name"
+        return Reject(reason, "spec.producer")
 
     def check_spec(self, spec: AdapterSpec) -> Reject | None:
         """The first problem of ``spec`` for this trainer (no fleet, no I/O), or None."""

@@ -22,8 +22,20 @@ duplicate it is not remembered, so it could apply if delivered again once it bec
 trainer checks :meth:`Fleet.explain` before it publishes an event, and publishes only ``APPLIED``
 ones.
 
-Wait queue order: ``(-priority, arrival)``: higher priority first, first come first served within
-a priority, where ``arrival`` counts registrations in the order the fleet first saw them.
+Wait queue order (fair admission): higher ``priority`` first; within a priority, fewest slots
+first, round-robin across producers; first come first served within one producer. Each waiting
+registration gets the key ``(-priority, share, arrival)`` where ``share`` is the number of slots
+its producer (``spec.producer``, ``""`` for every anonymous one) holds now plus the number of
+that producer's registrations of the same priority ahead of it in the queue, and ``arrival``
+counts registrations in the order the fleet first saw them. So the ``k``-th waiting
+registration of a producer holding ``h`` slots is served in round ``h + k``: a producer that
+floods the queue with 100 registrations delays another producer's one by at most one
+admission per round, and a producer that holds many slots yields to those that hold few
+(max-min fairness of the slot pool). With a single producer (or none named) this is exactly
+``(-priority, arrival)``. The key is a pure function of the fleet, so replay gives the same
+queue. Priority is not capped here: a producer trusted to set it can still jump the queue, and
+how many registrations one producer may keep waiting is admission's limit
+(:mod:`orchestrator.admission`).
 
 How the trainer drives it (every publish: ``new = fleet.apply(event)``, then commit the event and
 :func:`orchestrator.status.fleet_status_effects` ``(streams, fleet, new)`` with the ack)::
@@ -52,6 +64,7 @@ O(live registrations), an :meth:`apply` copies O(all registrations) references.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -208,9 +221,23 @@ class Fleet:
         return tuple(s for s in range(self._slots) if s not in self._owners)
 
     def waiting(self) -> tuple[AdapterState, ...]:
-        """The wait queue, head first: ordered by ``(-priority, arrival)``."""
-        queue = [self._states[k] for k in self._active.values()]
-        return tuple(sorted((s for s in queue if is_waiting(s)), key=_queue_order))
+        """The wait queue, head first: fair across producers (see the module docstring)."""
+        live = [self._states[k] for k in self._active.values()]
+        held = Counter(producer_of(s) for s in live if s.slot is not None)
+        ahead: Counter[tuple[str, int]] = Counter()
+        keyed: list[tuple[tuple[int, int, int], AdapterState]] = []
+        for state in sorted((s for s in live if is_waiting(s)), key=_arrival_order):
+            producer = producer_of(state)
+            share = held[producer] + ahead[producer, state.priority]
+            ahead[producer, state.priority] += 1
+            keyed.append((_queue_order(state, share), state))
+        keyed.sort(key=lambda pair: pair[0])
+        return tuple(state for _, state in keyed)
+
+    def waiting_of(self, producer: str) -> int:
+        """How many registrations of ``producer`` (``""``: the anonymous ones) wait for a slot."""
+        live = (self._states[k] for k in self._active.values())
+        return sum(1 for s in live if is_waiting(s) and producer_of(s) == producer)
 
     def queue_position(self, registration_id: str) -> int | None:
         """Position of a waiting registration (0 = admitted next); None if it does not wait."""
@@ -221,6 +248,9 @@ class Fleet:
 
     def next_admissions(self) -> list[tuple[AdapterState, int]]:
         """Who to admit now, and to which slot: the queue head onto the lowest free slots.
+
+        Several free slots go to the queue's first entries in order; their fair keys already
+        count the admissions before them (a producer's second entry is a round later).
 
         The trainer publishes one ``Admitted(adapter=state.name,
         registration_id=state.registration_id, epoch=state.epoch + 1, slot=slot,
@@ -274,5 +304,98 @@ class Fleet:
         return f"Fleet(slots={self._slots}, registrations={len(self._states)}, live=[{live}])"
 
 
-def _queue_order(state: AdapterState) -> tuple[int, int]:
+def producer_of(state: AdapterState) -> str:
+    """The producer a registration counts against (``""``: anonymous, or no spec)."""
+    return state.spec.producer if state.spec is not None else ""
+
+
+def _arrival_order(state: AdapterState) -> tuple[int, int]:
     return (-state.priority, state.arrival)
+
+
+def _queue_order(state: AdapterState, share: int) -> tuple[int, int, int]:
+    """The fair queue key: priority, then the producer's round, then arrival."""
+    return (-state.priority, share, state.arrival)
+
+
+# --- snapshots (written and read by orchestrator.compaction) ------------------------------------
+
+
+class FleetSnapshot(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A :class:`Fleet` as data: everything :meth:`Fleet.__eq__` compares, nothing derived.
+
+    ``states`` are in arrival order (the order :meth:`Fleet.states` returns); ``active``,
+    ``latest`` and ``owners`` are the fleet's indexes, stored rather than rebuilt so a restored
+    fleet is equal to the one that was saved, field for field.
+    """
+
+    slots: int
+    arrivals: int
+    states: tuple[AdapterState, ...] = ()
+    active: dict[str, str] = msgspec.field(default_factory=dict)
+    latest: dict[str, str] = msgspec.field(default_factory=dict)
+    owners: dict[int, str] = msgspec.field(default_factory=dict)
+
+
+def fleet_snapshot(fleet: Fleet) -> FleetSnapshot:
+    """The snapshot of ``fleet`` (:func:`restore_fleet` gives an equal fleet back)."""
+    return FleetSnapshot(
+        slots=fleet._slots,
+        arrivals=fleet._arrivals,
+        states=tuple(fleet._states.values()),
+        active=dict(fleet._active),
+        latest=dict(fleet._latest),
+        owners=dict(fleet._owners),
+    )
+
+
+def restore_fleet(snapshot: FleetSnapshot, slots: int | None = None) -> Fleet:
+    """The fleet ``snapshot`` was taken of, with ``slots`` adapter slots (None: the snapshot's).
+
+    A snapshot folded with a wider slot pool (the compactor folds with
+    :data:`orchestrator.compaction.READER_SLOTS`, wider than any trainer) restores onto a
+    trainer's ``S`` slots as long as no live registration holds a slot ``>= S``; otherwise
+    :class:`ConfigError` names the registration and the slot count it needs.
+    """
+    size = snapshot.slots if slots is None else slots
+    if size < 1:
+        raise ConfigError(f"a fleet needs at least one slot, got slots={size}")
+    high = [(slot, key) for slot, key in snapshot.owners.items() if slot >= size]
+    if high:
+        slot, key = max(high)
+        raise ConfigError(
+            f"registration {key!r} holds slot {slot} but this fleet has slots 0..{size - 1}; "
+            f"start the trainer with at least {slot + 1} slots (or retire that registration)"
+        )
+    fleet = Fleet.__new__(Fleet)
+    fleet._slots = size
+    fleet._arrivals = snapshot.arrivals
+    fleet._states = {s.registration_id: s for s in snapshot.states}
+    fleet._active = dict(snapshot.active)
+    fleet._latest = dict(snapshot.latest)
+    fleet._owners = dict(snapshot.owners)
+    return fleet
+
+
+def forget_ended(fleet: Fleet, registration_ids: Iterable[str]) -> Fleet:
+    """``fleet`` without the ended registrations ``registration_ids`` (a bounded snapshot).
+
+    Only ended registrations (:func:`~orchestrator.lifecycle.is_live` false) may go; the
+    arrival counter is kept, so registrations seen later get the arrival numbers a full replay
+    gives them. What a forgotten registration changes: its late events are ``UNKNOWN`` instead
+    of ``STALE`` (both no-ops), and a ``register_requested`` replayed with its id would start it
+    again, which is why the compactor forgets only registrations ended long before the log's
+    tail (:mod:`orchestrator.compaction`). Raises :class:`ConfigError` for a live one.
+    """
+    doomed = set(registration_ids)
+    live = sorted(k for k in doomed if (s := fleet._states.get(k)) is not None and is_live(s))
+    if live:
+        raise ConfigError(f"registrations {live} are live; only ended ones can be forgotten")
+    new = Fleet.__new__(Fleet)
+    new._slots = fleet._slots
+    new._arrivals = fleet._arrivals
+    new._states = {k: s for k, s in fleet._states.items() if k not in doomed}
+    new._active = dict(fleet._active)
+    new._latest = {name: k for name, k in fleet._latest.items() if k not in doomed}
+    new._owners = dict(fleet._owners)
+    return new

@@ -17,7 +17,8 @@ Prompt text is built in two steps: ``prompt_template`` with ``{input}`` replaced
 generation prompt appended.
 
 Security: file paths come from tenants, so a path must resolve (symlinks followed, ``..``
-collapsed) to a regular file under one of the operator's ``allowed_roots``. Every user-caused
+collapsed) to a regular file under one of the operator's ``allowed_roots``, by the one
+containment rule of :mod:`orchestrator.storage` (:func:`resolve_under_roots`). Every user-caused
 problem raises :class:`DataError` naming the file, the key or the value and the fix.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import difflib
 import json
 import operator
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +36,7 @@ import msgspec
 
 from events.errors import ConfigError
 from events.specs import DatasetSpec
+from orchestrator.storage import PathEscape, check_under
 
 INPUT_PLACEHOLDER = "{input}"
 
@@ -194,29 +197,53 @@ def to_jsonable(value: Any) -> Any:
     return msgspec.json.decode(msgspec.json.encode(value, enc_hook=repr))
 
 
+class DataPathError(DataError, PathEscape):
+    """A dataset path resolves outside the operator's allowed data roots (or is a URL, or
+    starts with ``~``): admission reports it on ``spec.dataset.path``."""
+
+    def __init__(self, message: str, *, value: str, roots: Sequence[str]) -> None:
+        PathEscape.__init__(self, message, value=value, roots=roots)
+
+
 def resolve_under_roots(path: str, allowed_roots: Sequence[Path]) -> Path:
     """The real path of an existing regular file under one of ``allowed_roots``.
 
-    A relative ``path`` is tried against each root in order. Symlinks are followed and ``..``
-    collapsed *before* the containment check, so neither can escape the roots.
+    A relative ``path`` is tried against each root in order; an absolute one must lie under a
+    root. Symlinks (of the file and of any parent directory) are followed and ``..`` collapsed
+    *before* the containment check, which compares whole path components
+    (:func:`orchestrator.storage.is_under`: ``/data-evil/x`` is not under ``/data``). URLs
+    (``file://`` included) and ``~`` paths are refused: a dataset is a local file, and ``~`` is
+    never expanded. Raises :class:`DataPathError` for an escape, :class:`DataError` otherwise.
     """
     if not path:
         raise DataError("dataset path is empty; set DatasetSpec.path to a file under a data root")
     if not allowed_roots:
         raise DataError(f"no data roots are configured, so {path!r} cannot be opened")
-    roots = [Path(r).resolve() for r in allowed_roots]
+    roots = [os.path.realpath(r) for r in allowed_roots]
+    fix = "give a path relative to a data root, or an absolute path inside one"
+    if "://" in path or path.startswith("~"):
+        kind = "a URL" if "://" in path else "a '~' path (never expanded)"
+        raise DataPathError(
+            f"dataset path {path!r} is {kind}; {fix} (allowed roots {roots})",
+            value=path,
+            roots=roots,
+        )
     given = Path(path)
-    candidates = [given] if given.is_absolute() else [root / given for root in roots]
+    candidates = [given] if given.is_absolute() else [Path(root) / given for root in roots]
     inside: list[Path] = []
     for candidate in candidates:
-        real = candidate.resolve()
-        if any(real.is_relative_to(root) for root in roots):
-            inside.append(real)
+        try:
+            inside.append(Path(check_under(str(candidate), roots, what="dataset path", fix=fix)))
+        except PathEscape:
+            continue
     if not inside:
-        raise DataError(
-            f"dataset path {path!r} resolves outside the allowed data roots "
-            f"{[str(r) for r in roots]}; move the file under a root (symlinks and '..' are "
-            "followed before this check)"
+        real = os.path.realpath(candidates[0])
+        raise DataPathError(
+            f"dataset path {path!r} resolves to {real!r}, outside the allowed data roots "
+            f"{roots}; move the file under a root ('..', symlinks and symlinked parent "
+            "directories are followed before this check)",
+            value=path,
+            roots=roots,
         )
     for real in inside:
         if real.is_file():
