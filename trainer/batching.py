@@ -9,6 +9,19 @@ tempered distribution.
 Samples whose reward failed are left out of their group (no advantage can be computed for them);
 a group with fewer than two usable samples gives no learning signal and is dropped, as is a group
 whose rewards are all equal when the adapter asked for ``filter_zero_variance``.
+
+**Token budget.** A row longer than the trainer's budget (``max_tokens``: the base model's
+``max_position_embeddings``, see :func:`trainer.mixed_step.token_budget`) cannot be trained on:
+positions past it are undefined, and one such row would pad every row of the mixed batch, all
+adapters', to its width (the memory of the whole step). Such a sample is *dropped alone* and
+counted as failed with the reason and the fix (:func:`trainer.skips.sample_too_long`), like a
+sample whose reward failed; its group's advantages are computed over the samples that remain.
+Dropping the sample rather than skipping the adapter's step keeps the rest of a mostly healthy
+step (an occasional run-on completion); an adapter whose samples are *all* too long gets no
+row, which :class:`~trainer.mixed_step.SlotOutcome` calls a skip with that reason, and
+``max_failures`` of those in a row fail it. (Dropping only the long samples biases the step
+against long completions, as DAPO's overlong filtering does on purpose; the reason tells the
+tenant to lower ``max_new_tokens`` so it does not happen.)
 """
 
 from __future__ import annotations
@@ -18,10 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from events.schema import PromptGroup
+from events.schema import PromptGroup, Sample
 from events.specs import LossSpec
 from trainer.batch import TrainBatch
 from trainer.rl_loss import group_advantages
+from trainer.skips import sample_too_long
 
 
 @dataclass(frozen=True)
@@ -42,7 +56,12 @@ class AdapterRows:
 
 @dataclass
 class RowStats:
-    """Per-slot statistics of what went into the batch (for ``step_done`` metrics)."""
+    """Per-slot statistics of what went into the batch (for ``step_done`` metrics).
+
+    ``samples``: samples trained on; ``samples_seen``: every sample of the slot's groups;
+    ``samples_failed``: those left out as unusable (failed, empty or too long), counted by
+    their reason in ``failures``.
+    """
 
     samples: int = 0
     groups: int = 0
@@ -51,6 +70,18 @@ class RowStats:
     reward_sum: float = 0.0
     length_sum: int = 0
     rewards: list[float] = field(default_factory=list)
+    samples_seen: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def all_failed(self) -> bool:
+        """The slot had samples and every one of them was unusable."""
+        return self.samples_seen > 0 and self.samples_failed == self.samples_seen
+
+    def unusable(self, reason: str) -> None:
+        """Count one sample left out for ``reason``."""
+        self.samples_failed += 1
+        self.failures[reason] = self.failures.get(reason, 0) + 1
 
     def metrics(self) -> dict[str, float]:
         n = max(self.samples, 1)
@@ -78,15 +109,36 @@ class PackedRow:
     temperature: float = 1.0
 
 
-def group_rows(adapters: Sequence[AdapterRows]) -> tuple[list[PackedRow], dict[int, RowStats]]:
-    """The rows of every usable sample group (see the module docstring) and per-slot stats."""
+def unusable_reason(sample: Sample, prompt_tokens: int, max_tokens: int | None) -> str:
+    """Why ``sample`` cannot be trained on (``""`` if it can): failed, empty, or too long."""
+    if sample.failed:
+        return sample.reason or "sample failed (no reason given)"
+    if not sample.completion_ids:
+        return "empty completion"
+    n = prompt_tokens + len(sample.completion_ids)
+    if max_tokens is not None and n > max_tokens:
+        return sample_too_long(n, max_tokens)
+    return ""
+
+
+def group_rows(
+    adapters: Sequence[AdapterRows], max_tokens: int | None = None
+) -> tuple[list[PackedRow], dict[int, RowStats]]:
+    """The rows of every usable sample group (see the module docstring) and per-slot stats;
+    samples over ``max_tokens`` tokens (``None``: no budget) are left out and counted."""
     rows: list[PackedRow] = []
     stats: dict[int, RowStats] = {}
     for item in adapters:
         st = stats.setdefault(item.slot, RowStats())
         for group in item.groups:
-            usable = [s for s in group.samples if not s.failed and len(s.completion_ids) > 0]
-            st.samples_failed += len(group.samples) - len(usable)
+            usable = []
+            for sample in group.samples:
+                reason = unusable_reason(sample, len(group.prompt_ids), max_tokens)
+                if reason:
+                    st.unusable(reason)
+                else:
+                    usable.append(sample)
+            st.samples_seen += len(group.samples)
             rewards = [s.reward for s in usable]
             flat = len(set(rewards)) <= 1
             if len(usable) < 2 or (flat and item.loss.filter_zero_variance):
@@ -143,8 +195,8 @@ def pack(rows: Sequence[PackedRow], pad_id: int) -> TrainBatch:
 
 
 def build_batch(
-    adapters: Sequence[AdapterRows], pad_id: int
+    adapters: Sequence[AdapterRows], pad_id: int, max_tokens: int | None = None
 ) -> tuple[TrainBatch | None, dict[int, RowStats]]:
     """The mixed batch (None when no adapter has a usable group) and per-slot stats."""
-    rows, stats = group_rows(adapters)
+    rows, stats = group_rows(adapters, max_tokens)
     return (pack(rows, pad_id) if rows else None), stats

@@ -8,9 +8,19 @@ slot, whether the step counts:
 
 - **trained**: the slot's weights and optimizer moved;
 - **skipped**: the slot had rows, but the train step left it untouched (no target tokens,
-  non-finite loss or gradient norm) — a failure, which the process counts;
-- **empty**: no sample group of the slot was usable (all rewards failed, or every group was
-  dropped by the filters), so it had no row — not a failure, the step is just redone.
+  non-finite loss or gradient norm), or it had no row because *every* sample of its step was
+  unusable (failed rewards: raised, hung past the deadline, NaN; failed prompts; samples over
+  the token budget) — a failure, which the process counts, with a reason naming the cause
+  (:func:`trainer.skips.every_sample_failed`: the samples' most common reason);
+- **empty**: some samples were usable but no group was (every group dropped by the filters:
+  fewer than two usable samples, or zero variance under ``filter_zero_variance``), so it had
+  no row — not a failure, the step is just redone.
+
+Isolation of failures: a skipped or empty slot contributes no loss and gets no optimizer step,
+so the other slots of the same step train exactly as they would alone (:mod:`trainer.step`).
+Rows longer than the trainer's token budget (:func:`token_budget`) never enter the batch
+(:mod:`trainer.batching`), so one adapter's run-on samples cannot pad the whole mixed batch
+to their width.
 
 It touches no bus and no store; what the outcome means for the lifecycle is the process's.
 The process is given its step function (:data:`StepFn`): :func:`mixed_step` in one process, or
@@ -33,6 +43,7 @@ from trainer.inject import MultiLoraModel
 from trainer.losses import LossFn
 from trainer.optim import SlotAdamW
 from trainer.rl_loss import PPOClipLoss
+from trainer.skips import every_sample_failed
 from trainer.step import HeldSlots, RowOutputs, SlotMetrics, train_step
 
 
@@ -50,13 +61,18 @@ class SlotOutcome:
 
     @property
     def failed(self) -> bool:
-        """The train step skipped the slot (rather than it having nothing to train on)."""
-        return self.result is not None and self.result.skipped
+        """The step was skipped: the train step skipped the slot, or every sample of the slot
+        was unusable (rather than the filters leaving it nothing to train on)."""
+        if self.result is None:
+            return self.stats.all_failed
+        return self.result.skipped
 
     @property
     def reason(self) -> str:
         """Why the step did not count (``""`` when it trained)."""
         if self.result is None:
+            if self.stats.all_failed:
+                return every_sample_failed(self.stats.failures, self.stats.samples_seen)
             return "no usable sample group"
         if not self.result.skipped:
             return ""
@@ -146,6 +162,13 @@ class StepFn(Protocol):
     ) -> MixedStep: ...
 
 
+def token_budget(model: MultiLoraModel) -> int | None:
+    """The most tokens (prompt + completion) one row may have: the base model's
+    ``max_position_embeddings`` (``None`` when its config gives none: no budget)."""
+    positions = getattr(model.hf_model.config, "max_position_embeddings", None)
+    return int(positions) if positions else None
+
+
 def mixed_step(
     model: MultiLoraModel,
     optimizer: SlotAdamW,
@@ -158,8 +181,9 @@ def mixed_step(
 ) -> MixedStep:
     """Train every adapter of ``rows`` (one per slot) by one step, in one forward/backward;
     with ``clients``, their rows join the same forward/backward (:mod:`trainer.client_step`):
-    gradients go to ``accumulators[slot]``, nothing is stepped for them."""
-    dataset_rows, stats = group_rows(rows)
+    gradients go to ``accumulators[slot]``, nothing is stepped for them. Samples over the
+    model's :func:`token_budget` are left out (counted in their slot's stats)."""
+    dataset_rows, stats = group_rows(rows, token_budget(model))
     loss_fn: LossFn = PPOClipLoss.from_specs({r.slot: r.loss for r in rows}, model.num_slots)
     held, outputs = None, None
     if clients:
