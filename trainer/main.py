@@ -135,6 +135,7 @@ def build(
         process.handle,
         on_start=process.recover,
         on_idle=process.on_idle,
+        on_stop=process.drain,
         idle_s=0.05,
     )
     process.consumer = consumer

@@ -11,7 +11,10 @@ A mixed train step is timed in four phases (label ``phase``):
 - ``forward_backward``: the forward and backward pass over the mixed batch (incl. the reference
   forward when a KL term is on);
 - ``optimizer``: gradient clipping and the per-slot AdamW update;
-- ``publish``: writing each new version to the artifact store (PEFT adapter + training state).
+- ``publish``: the rest of the step on the trainer's loop: copying each new version off the
+  device and deciding the step's events. The version's files are encoded and written behind
+  the step, on writer threads (``version_write_seconds``); the loop waits for a write only when
+  the next step is done first (``version_wait_seconds``).
 
 Exported:
 
@@ -30,6 +33,10 @@ name                                         kind     meaning
 ``multilora_trainer_slots``                  gauge    slots by ``state``: used, free
 ``multilora_trainer_queue_length``           gauge    registrations waiting for a slot
 ``multilora_trainer_deferred_groups``        gauge    rollout groups held for steps not yet run
+``multilora_trainer_version_write_seconds``  histo    a step's versions: from the step's end to
+                                                      durable on the artifact store
+``multilora_trainer_version_wait_seconds``   histo    the loop blocked on those writes (on the
+                                                      critical path; 0 when they kept up)
 ``multilora_trainer_gpu_memory_*_bytes``     gauge    CUDA allocator: allocated, reserved,
                                                       max_allocated (label ``device``); exported
                                                       without samples when CUDA is absent
@@ -116,6 +123,18 @@ class TrainerMetrics:
             ["kind", "outcome"],
             registry=registry,
         )
+        self.version_write_seconds = Histogram(
+            "multilora_trainer_version_write_seconds",
+            "From a step's end until its new versions are durable (written behind the step), s.",
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self.version_wait_seconds = Histogram(
+            "multilora_trainer_version_wait_seconds",
+            "Time the trainer's loop waited for a step's version writes, seconds.",
+            buckets=(0.0005, 0.001, 0.0025, *STEP_BUCKETS),
+            registry=registry,
+        )
         for phase in PHASES:  # export every phase from the start, so dashboards have the series
             self.phase_seconds.labels(phase)
             self.last_phase.labels(phase)
@@ -157,6 +176,11 @@ class TrainerMetrics:
         compute_s = forward_backward_s + optimizer_s
         if compute_s > 0:
             self.tokens_per_second.set(tokens / compute_s)
+
+    def write_behind(self, *, write_s: float, wait_s: float) -> None:
+        """A step's versions are durable after ``write_s``; the loop waited ``wait_s`` of it."""
+        self.version_write_seconds.observe(max(0.0, write_s))
+        self.version_wait_seconds.observe(max(0.0, wait_s))
 
     def client_request(self, kind: str, outcome: str) -> None:
         """One client request ended: ``outcome`` ``done``, ``failed`` or ``refused``."""

@@ -16,7 +16,10 @@ The loop, per adapter (all adapters at once):
 4. **Train** — when adapters have full batches (waiting up to ``max_batch_wait_s`` for others so
    they share it), one forward/backward over all of them; each adapter's step counts only if it
    trained. Each new version (PEFT adapter + full training state) is written to the artifact store
-   *before* ``step_done`` / ``sync_requested`` are published with the acks of the groups it used.
+   *behind* the step — the next step may train while it is written — and only once it is durable
+   are ``step_done`` / ``sync_requested`` published with the acks of the groups it used (one step
+   waits at most: :class:`Behind`). A crash before that loses the step, never applies it: its
+   groups are still pending, and the restart redoes it from the previous version.
 5. **Complete** — at the step budget or on cancel: ``completed`` (the checkpoint process takes the
    final checkpoint from the last version), ``retired``, the slot is reset for the next tenant.
 
@@ -28,11 +31,14 @@ restored cursor (the same sample order).
 Where the parts live: this module holds the state machine (handlers, admit, finish, recover) and
 the step (:meth:`TrainerProcess.on_idle` → :meth:`TrainerProcess.train`); the per-adapter record
 and its task issuing are :mod:`trainer.runs`, the numeric mixed step :mod:`trainer.mixed_step`,
-writing, announcing and restoring versions :mod:`trainer.versions`.
+writing, announcing and restoring versions :mod:`trainer.versions`, a step waiting for its
+versions :mod:`trainer.behind`. (Over 600 lines: it is the trainer's one state machine; its
+handlers share the fleet, the runs and the commit order, which splitting would spread out.)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -73,6 +79,7 @@ from orchestrator.ingress import dead_letter_effects, ingress_subscription
 from orchestrator.lifecycle import AdapterState, Phase
 from orchestrator.status import fleet_status_effects
 from trainer.batching import AdapterRows
+from trainer.behind import Behind, TrainedStep
 from trainer.clients import ClientRuns, max_in_flight
 from trainer.inject import MultiLoraModel
 from trainer.metrics import TrainerMetrics
@@ -85,9 +92,6 @@ log = logging.getLogger(__name__)
 SOURCE = "trainer"
 GROUP_MAX_BYTES = 64 << 20
 """Largest rollout group accepted (tokens and log-probs of every sample of a task, as JSON)."""
-
-TrainedStep = tuple[AdapterRun, dict[str, float]]
-"""A run whose step trained, with its ``step_done`` metrics."""
 
 UNFINISHED: dict[Phase, EndReason | None] = {
     Phase.COMPLETING: "budget",
@@ -156,6 +160,8 @@ class TrainerProcess:
         self.steps_trained = 0
         self.mixed_steps = 0
         """Mixed steps run (each one forward/backward); its number tags what each step did."""
+        self.behind: list[Behind] = []
+        """Trained steps not yet committed, oldest first (at most one once a step returns)."""
 
     # --- wiring ------------------------------------------------------------------------------
 
@@ -228,6 +234,8 @@ class TrainerProcess:
     # --- handlers ----------------------------------------------------------------------------
 
     def handle(self, d: Delivery[IngressEvent | GroupEvent | TrainRequest]) -> HandlerResult:
+        if isinstance(d.event, RegisterRequested | DeregisterRequested):
+            self.drain()  # lifecycle changes commit after every step trained before them
         match d.event:
             case ForwardBackward() | OptimStep() | SaveWeights() | LoadWeights() as request:
                 run = self.runs.get(request.adapter)
@@ -352,11 +360,42 @@ class TrainerProcess:
         """Between reads: carry out client requests that need no step, train the ready adapters
         together once the batch is worth it, and commit what that produced."""
         effects = Effects()
+        self.settle(effects, keep=len(self.behind))  # those already written
         for run in self.clients.serve(effects, self.runs, self.clock()):
             self._finish(effects, run, "budget")
         ready, clients, wait_s = self._collect()
         if ready or clients:
             effects.extend(self.train(ready, clients=clients, wait_s=wait_s))
+            self.settle(effects, keep=1)  # the step before this one, waiting for it if need be
+        self._commit(effects)
+
+    def drain(self) -> None:
+        """Commit every step still being written (waiting for the writes)."""
+        effects = Effects()
+        self.settle(effects, keep=0)
+        self._commit(effects)
+
+    def settle(self, effects: Effects, *, keep: int) -> None:
+        """Settle trained steps, oldest first, whose versions are durable — and, beyond the newest
+        ``keep``, those still being written (waiting for them): announce each version, then
+        what the step decided (``step_done``, ``sync_requested``, next tasks or completion;
+        skipped steps issued again or failed)."""
+        while self.behind and (len(self.behind) > keep or self.behind[0].durable()):
+            batch = self.behind.pop(0)
+            waited = time.perf_counter()
+            for version in batch.versions:
+                version.announce()  # a failed write raises: the process restarts from the log
+            if self.metrics is not None:
+                wait_s = time.perf_counter() - waited
+                written = batch.written or time.perf_counter()  # no versions: nothing to write
+                self.metrics.write_behind(write_s=written - batch.started, wait_s=wait_s)
+            effects.extend(batch.effects)
+            for run, outcome in batch.not_taken:
+                self._not_taken(effects, run, outcome)
+            self._publish_step(effects, batch.trained)
+            self._admit_waiting(effects)
+
+    def _commit(self, effects: Effects) -> None:
         if not effects.commands and not effects.extra_acks:
             return
         if self.consumer is None:
@@ -394,7 +433,7 @@ class TrainerProcess:
         per run its outcome — trained (next version, ``step_done``), skipped or empty (the step
         is redone with new prompts; ``max_failures`` skips in a row fail the adapter); per
         client request its answer. Returns the effects to commit, with the acks of every group
-        the step used."""
+        the step used, less what waits for its versions (:class:`Behind`, settled later)."""
         t0 = time.perf_counter()
         used = {run.name: run.take_next() for run in ready}
         rows = [_rows(run, used[run.name]) for run in ready]
@@ -417,22 +456,30 @@ class TrainerProcess:
         for run, held, _ in taken:
             timing = {"step_s": step_s}
             self.clients.answer(effects, run, held, step.clients[run.slot], {**shared, **timing})
-        trained: list[TrainedStep] = []
+        batch = Behind(Effects(), [], started=time.perf_counter())
         for run in ready:
-            effects.ack(*(d.ack_key for d, _ in used[run.name]))
+            batch.effects.ack(*(d.ack_key for d, _ in used[run.name]))
             outcome = step.outcomes[run.slot]
             if not outcome.trained:
-                self._not_taken(effects, run, outcome)
+                batch.not_taken.append((run, outcome))
                 continue
             behind = run.version - min(group.version for _, group in used[run.name])
             run.advance()
             self.steps_trained += 1
             metrics = outcome.step_metrics(staleness=float(behind), step_s=step_s)
-            trained.append((run, {**metrics, **shared}))
-        self._publish_step(effects, trained)
-        self._admit_waiting(effects)
-        self._report(step, trained, t0, step_s, wait_s)
+            batch.trained.append((run, {**metrics, **shared}))
+        batch.versions = self.versions.write_behind([run for run, _ in batch.trained])
+        self.behind.append(batch)
+        for version in batch.versions:  # settled by the next idle hook once written
+            version.write.add_done_callback(functools.partial(self._written, batch))
+        self._report(step, batch.trained, t0, step_s, wait_s)
         return effects
+
+    def _written(self, batch: Behind, _write: object) -> None:
+        """A writer thread finished one of ``batch``'s versions."""
+        batch.written = time.perf_counter()
+        if self.consumer is not None:
+            self.consumer.wake()
 
     def _not_taken(self, effects: Effects, run: AdapterRun, outcome: SlotOutcome) -> None:
         """A step that did not count: issued again, unless the adapter now has failed."""
@@ -445,13 +492,12 @@ class TrainerProcess:
         self._finish(effects, run, None)
 
     def _publish_step(self, effects: Effects, trained: Sequence[TrainedStep]) -> None:
-        """Write the new versions (concurrently), then per run ``step_done`` and
-        ``sync_requested``, and its next tasks or, at its budget, its completion."""
-        self.versions.publish([run for run, _ in trained])
+        """Per run whose new version is announced: ``step_done`` and ``sync_requested``, and its
+        next tasks or, at its budget, its completion."""
         for run, metrics in trained:
             self._publish(effects, run.step_done(metrics))
             self._publish(effects, self.versions.sync_requested(run))
-            if run.step >= run.spec.steps:
+            if run.announced_step >= run.spec.steps:
                 self._finish(effects, run, "budget")
             else:
                 self._issue(effects, run)

@@ -14,7 +14,14 @@ one directory (see :mod:`orchestrator.artifacts` for the layout and the atomic w
 
 So every published version is a complete resume point: the trainer restarting after a crash
 continues from the newest version the control log acknowledges, and the checkpoint process only
-has to copy a version to make a durable checkpoint.
+has to copy a version to make a durable checkpoint. The Adam moments are written with every
+version, not less often: any version a restart may resume from must resume exactly, and a
+version without its moments could only resume approximately.
+
+Two halves, so a version can be written *behind* the step (:mod:`trainer.versions`):
+:func:`capture_slot` runs on the step's critical path and only copies the slot's three ``[r, Q]``
+blocks off the device (asynchronously on CUDA); :func:`encode_version` builds the files from that
+copy on a writer thread, touching no slot, while the next step trains.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from events.adapter_format import (
     TrainingState,
     decode_state_tensors,
     decode_training_state,
+    encode_peft_adapter,
     encode_state_tensors,
     encode_training_state,
     parse_peft_weights,
@@ -40,11 +48,7 @@ from events.errors import ConfigError
 from events.specs import AdapterSpec
 from trainer.inject import MultiLoraModel
 from trainer.optim import SlotAdamW
-from trainer.peft_io import peft_files
-from trainer.slot_state import StateValue, load_slot_state, slot_state_dict
-
-MOMENTS = ("exp_avg_r_Q", "exp_avg_sq_r_Q")
-"""The slot-state tensors ``training_state.safetensors`` holds (the weights are the PEFT file's)."""
+from trainer.slot_state import StateValue, load_slot_state
 
 
 @dataclass(frozen=True)
@@ -60,31 +64,102 @@ class VersionInfo:
     spec: AdapterSpec
 
 
-def version_files(
-    model: MultiLoraModel, optimizer: SlotAdamW, slot: int, info: VersionInfo, base_model: str
-) -> dict[str, bytes | bytearray]:
-    """The four files of ``slot``'s current version, as bytes.
+@dataclass(frozen=True)
+class CapturedSlot:
+    """Host copies of one slot's weights and Adam moments at one moment, plus its scalars.
 
-    The slot's optimizer must run ``info.spec``'s settings (``optim``, ``steps``): the training
-    state stores them once, in the spec; a slot that runs others raises :class:`ConfigError`.
+    Taken right after a step (:func:`capture_slot`), so the next step may change the slot (or
+    a new tenant take it) while these are encoded and written. On CUDA the copies are
+    asynchronous (pinned host memory, ``non_blocking``): ``ready`` is the event recorded after
+    them on the current stream, and :meth:`wait` blocks until they have landed. The copies are
+    queued on the stream before the next step's kernels, so they see this step's values.
     """
-    spec = info.spec
+
+    weight_r_Q: torch.Tensor
+    exp_avg_r_Q: torch.Tensor
+    exp_avg_sq_r_Q: torch.Tensor
+    rank: int
+    alpha: float
+    step_count: int
+    layout_width: int
+    ready: torch.cuda.Event | None = None
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+
+def capture_slot(
+    model: MultiLoraModel, optimizer: SlotAdamW, slot: int, spec: AdapterSpec, adapter: str
+) -> CapturedSlot:
+    """Copy ``slot``'s state off the device (asynchronously on CUDA) for a version of ``spec``.
+
+    The slot's optimizer must run ``spec``'s settings (``optim``, ``steps``): the training state
+    stores them once, in the spec; a slot that runs others raises :class:`ConfigError`.
+    """
     if optimizer.spec(slot) != spec.optim or optimizer.total_steps(slot) != spec.steps:
         raise ConfigError(
             f"slot {slot} runs {optimizer.spec(slot)} for {optimizer.total_steps(slot)} steps but "
-            f"the spec of {info.adapter} asks for {spec.optim} for {spec.steps}; the training "
+            f"the spec of {adapter} asks for {spec.optim} for {spec.steps}; the training "
             "state stores the settings once, in the spec: call optimizer.update_settings(slot, "
             "spec.optim, spec.steps) first"
         )
-    state = slot_state_dict(model, optimizer, slot)
-    # the same host copy as the moments: one device-to-host transfer
-    files = peft_files(model, slot, base_model, weight_r_Q=_tensor(state, "weight_r_Q"))
-    files[STATE_TENSORS] = encode_state_tensors({k: _tensor(state, k) for k in MOMENTS})
-    scalars = SlotScalars(
-        rank=model.table.rank(slot),
+    rank = model.table.rank(slot)
+    if rank == 0:
+        raise ConfigError(f"slot {slot} is not configured; nothing to save")
+    blocks = (
+        model.store.weight_S_R_Q[slot, :rank],
+        optimizer.exp_avg_S_R_Q[slot, :rank],
+        optimizer.exp_avg_sq_S_R_Q[slot, :rank],
+    )
+    ready: torch.cuda.Event | None = None
+    if blocks[0].is_cuda:
+        copies = [torch.empty(b.shape, dtype=b.dtype, pin_memory=True) for b in blocks]
+        for host, block in zip(copies, blocks, strict=True):
+            host.copy_(block, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    else:
+        copies = [b.to("cpu", copy=True) for b in blocks]
+    return CapturedSlot(
+        weight_r_Q=copies[0],
+        exp_avg_r_Q=copies[1],
+        exp_avg_sq_r_Q=copies[2],
+        rank=rank,
         alpha=model.table.alpha(slot),
-        step=optimizer.step_count(slot),
+        step_count=optimizer.step_count(slot),
         layout_width=model.store.width,
+        ready=ready,
+    )
+
+
+def encode_version(
+    model: MultiLoraModel, captured: CapturedSlot, info: VersionInfo, base_model: str
+) -> dict[str, bytes | bytearray]:
+    """The four files of a captured version, as bytes (waits for the capture's copies).
+
+    Reads only the model's layer layout (names, offsets, target modules), never a slot, so it
+    may run on a writer thread while the model trains on.
+    """
+    captured.wait()
+    # strided views of the host copy: the encoder copies each once, into the file bytes
+    layers = (
+        (name, a_r_I, bt_r_O.T) for name, a_r_I, bt_r_O in model.split_layers(captured.weight_r_Q)
+    )
+    files = encode_peft_adapter(
+        layers,
+        rank=captured.rank,
+        alpha=captured.alpha,
+        target_modules=model.target_modules,
+        base_model_name_or_path=str(base_model),
+    )
+    moments = {"exp_avg_r_Q": captured.exp_avg_r_Q, "exp_avg_sq_r_Q": captured.exp_avg_sq_r_Q}
+    files[STATE_TENSORS] = encode_state_tensors(moments)
+    scalars = SlotScalars(
+        rank=captured.rank,
+        alpha=captured.alpha,
+        step=captured.step_count,
+        layout_width=captured.layout_width,
     )
     files[STATE_JSON] = encode_training_state(
         TrainingState(
@@ -94,11 +169,19 @@ def version_files(
             version=info.version,
             epoch=info.epoch,
             cursor=info.cursor,
-            spec=spec,
+            spec=info.spec,
             slot=scalars,
         )
     )
     return files
+
+
+def version_files(
+    model: MultiLoraModel, optimizer: SlotAdamW, slot: int, info: VersionInfo, base_model: str
+) -> dict[str, bytes | bytearray]:
+    """The four files of ``slot``'s current version, as bytes (capture, then encode)."""
+    captured = capture_slot(model, optimizer, slot, info.spec, info.adapter)
+    return encode_version(model, captured, info, base_model)
 
 
 def restore_slot(
@@ -170,12 +253,3 @@ def _weight_r_Q(
         a_r_I.copy_(pairs[name][0])
         bt_r_O.copy_(pairs[name][1].T)
     return weight_r_Q
-
-
-def _tensor(state: dict[str, StateValue], key: str) -> torch.Tensor:
-    value = state[key]
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(
-            f"slot state {key!r} is a {type(value).__name__}; slot_state_dict gives tensors"
-        )
-    return value

@@ -44,10 +44,14 @@ EndReason = Literal["budget", "cancelled"]
 class AdapterRun:
     """The trainer-side runtime of one admitted registration.
 
-    ``step`` is the number of steps trained and ``version`` the newest published weights; each
-    trained step publishes the next version. ``failures`` counts consecutive steps the train
-    step skipped (non-finite loss or gradient, no target tokens); ``published`` is the
-    ``(sha256, bytes)`` of the newest version's PEFT weights, ``None`` until known.
+    ``step`` is the number of steps trained and ``version`` the weights they made; each trained
+    step makes the next version. Versions are written behind the step, so the run may be a step
+    ahead of what is durable: ``announced_step`` / ``announced_version`` are the newest version
+    that is written and announced (``step_done`` / ``sync_requested``), at ``uri``, whose PEFT
+    weights have the ``(sha256, bytes)`` of ``published`` (``None`` until known). Tasks are issued
+    at the announced version only, so no worker is sent to weights that are not written yet.
+    ``failures`` counts consecutive steps the train step skipped (non-finite loss or gradient,
+    no target tokens).
     """
 
     name: str
@@ -66,6 +70,8 @@ class AdapterRun:
     ready_since: float | None = None
     failures: int = 0
     published: tuple[str, int] | None = None
+    announced_step: int = 0
+    announced_version: int = 0
 
     @property
     def next_step(self) -> int:
@@ -119,14 +125,19 @@ class AdapterRun:
             resumed_from=resumed_from,
         )
 
+    def announce(self, step: int, version: int, uri: str, published: tuple[str, int]) -> None:
+        """The version of ``step`` is durable at ``uri``: the newest a task may use."""
+        self.announced_step, self.announced_version = step, version
+        self.uri, self.published = uri, published
+
     def step_done(self, metrics: dict[str, float]) -> StepDone:
-        """The step just trained, whose version is at ``uri``."""
+        """The announced step, whose version is at ``uri``."""
         return StepDone(
             adapter=self.name,
             registration_id=self.registration_id,
             epoch=self.epoch,
-            step=self.step,
-            version=self.version,
+            step=self.announced_step,
+            version=self.announced_version,
             metrics=metrics,
             state_uri=self.uri,
         )
@@ -159,15 +170,16 @@ class AdapterRun:
         )
 
     def issue(self, prompts_per_task: int) -> list[RolloutTask]:
-        """The tasks of every step not yet issued up to ``max_staleness`` ahead of the weights."""
+        """The tasks of every step not yet issued up to ``max_staleness`` ahead of the announced
+        weights."""
         tasks: list[RolloutTask] = []
-        horizon = min(self.step + 1 + self.spec.max_staleness, self.spec.steps)
+        horizon = min(self.announced_step + 1 + self.spec.max_staleness, self.spec.steps)
         while self.issued_through < horizon:
             k = self.issued_through + 1
             self.cursor_before[k] = self.cursor.state()
             tasks += self._step_tasks(k, prompts_per_task)
             self.issued_through = k
-        for old in [s for s in self.cursor_before if s < self.step]:
+        for old in [s for s in self.cursor_before if s < self.announced_step]:
             del self.cursor_before[old]
         return tasks
 
@@ -189,7 +201,7 @@ class AdapterRun:
                 registration_id=self.registration_id,
                 epoch=self.epoch,
                 step=k,
-                version=self.version,
+                version=self.announced_version,
                 weights_uri=self.uri,
                 prompt_indices=tuple(indices[start : start + size]),
                 group_size=spec.group_size,

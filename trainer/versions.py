@@ -1,11 +1,18 @@
 """An adapter's versions on the artifact store: written, announced, restored.
 
 Every published version is a complete resume point (the four files of
-:mod:`events.adapter_format`, built by :func:`trainer.publish.version_files`). The trainer writes
-a run's version *before* any event refers to it: ``admitted`` publishes version 0 (or the
-resumed checkpoint), each trained step the next one, and only then are ``step_done`` and
+:mod:`events.adapter_format`, built by :mod:`trainer.publish`). The trainer writes a run's
+version *before* any event refers to it: ``admitted`` publishes version 0 (or the resumed
+checkpoint), each trained step the next one, and only then are ``step_done`` and
 ``sync_requested`` published, with the acks of the groups the step used. A crash in between
 leaves at most a version nobody refers to; the step is redone and the version written again.
+
+A trained step's versions are written *behind* the step (:meth:`VersionPublisher.write_behind`):
+the slot is copied off the device at once, and the files are encoded and written on writer
+threads while the next step trains; :meth:`PendingVersion.durable` says when a version is on
+the store, and only then may the process announce it (:meth:`AdapterRun.announce
+<trainer.runs.AdapterRun.announce>`) and commit the step. Admission and client requests write
+synchronously (:meth:`VersionPublisher.publish`): their answer waits for the version anyway.
 
 The training state stored with the version of step ``s`` holds the data cursor from before the
 tasks of step ``s + 1`` were issued (:attr:`~trainer.runs.AdapterRun.cursor_before`), so a
@@ -17,7 +24,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from events.adapter_format import (
     ADAPTER_WEIGHTS,
@@ -33,8 +41,30 @@ from orchestrator.cursor import DataCursor
 from orchestrator.storage import ArtifactError
 from trainer.inject import MultiLoraModel
 from trainer.optim import SlotAdamW
-from trainer.publish import VersionInfo, restore_slot, version_files
+from trainer.publish import CapturedSlot, VersionInfo, capture_slot, encode_version, restore_slot
 from trainer.runs import AdapterRun
+
+
+@dataclass(frozen=True)
+class PendingVersion:
+    """A run's version being written: the step and version it holds, and the write."""
+
+    run: AdapterRun
+    step: int
+    version: int
+    write: Future[PublishedVersion]
+
+    def durable(self) -> bool:
+        """The write has finished (successfully or not: :meth:`announce` raises its error)."""
+        return self.write.done()
+
+    def announce(self) -> PublishedVersion:
+        """Wait for the write; make it the run's announced version; return it."""
+        published = self.write.result()
+        self.run.announce(
+            self.step, self.version, published.uri, (published.sha256, published.bytes)
+        )
+        return published
 
 
 class VersionPublisher:
@@ -60,23 +90,29 @@ class VersionPublisher:
         self.base_model = base_model
         self._writers = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="publish")
 
+    def write_behind(self, runs: Sequence[AdapterRun]) -> list[PendingVersion]:
+        """Capture the current version of each run now (device-to-host copies of its slot) and
+        encode and write it on the writer threads; the runs may train on at once."""
+        pending = []
+        for run in runs:
+            info = self._info(run)
+            captured = capture_slot(self.model, self.optimizer, run.slot, run.spec, run.name)
+            write = self._writers.submit(self._write, info, captured)
+            pending.append(PendingVersion(run, run.step, run.version, write))
+        return pending
+
     def publish(self, runs: Sequence[AdapterRun]) -> list[str]:
-        """Write the current version of each run; set its ``uri`` and ``published``; return the
-        URIs (in order)."""
-        files = [self._files(run) for run in runs]
+        """Write the current version of each run and wait for it; announce it; return the URIs
+        (in order)."""
+        return [p.announce().uri for p in self.write_behind(runs)]
 
-        def write(i: int) -> PublishedVersion:
-            r = runs[i]
-            return self.artifacts.write_version(r.name, r.registration_id, r.version, files[i])
+    def _write(self, info: VersionInfo, captured: CapturedSlot) -> PublishedVersion:
+        files = encode_version(self.model, captured, info, self.base_model)
+        return self.artifacts.write_version(info.adapter, info.registration_id, info.version, files)
 
-        if len(runs) > 1:
-            published = list(self._writers.map(write, range(len(runs))))
-        else:
-            published = [write(i) for i in range(len(runs))]
-        for run, version in zip(runs, published, strict=True):
-            run.uri = version.uri
-            run.published = (version.sha256, version.bytes)
-        return [version.uri for version in published]
+    def close(self) -> None:
+        """Wait for writes in flight; stop the writer threads."""
+        self._writers.shutdown(wait=True)
 
     def sync_requested(self, run: AdapterRun) -> SyncRequested:
         """The ``sync_requested`` of the run's newest version (hashed from the store when the
@@ -89,8 +125,8 @@ class VersionPublisher:
             adapter=run.name,
             registration_id=run.registration_id,
             epoch=run.epoch,
-            version=run.version,
-            step=run.step,
+            version=run.announced_version,
+            step=run.announced_step,
             uri=run.uri,
             sha256=sha256,
             bytes=size,
@@ -121,6 +157,8 @@ class VersionPublisher:
             version=info.version,
             uri=uri,
             issued_through=info.step,
+            announced_step=info.step,
+            announced_version=info.version,
         )
 
     def start_from(self, slot: int, uri: str, spec: AdapterSpec) -> None:
@@ -158,8 +196,8 @@ class VersionPublisher:
             return f"init_from {uri!r} has rank {rank}; register it with rank = {rank}"
         return ""
 
-    def _files(self, run: AdapterRun) -> dict[str, bytes | bytearray]:
-        info = VersionInfo(
+    def _info(self, run: AdapterRun) -> VersionInfo:
+        return VersionInfo(
             adapter=run.name,
             registration_id=run.registration_id,
             step=run.step,
@@ -168,7 +206,6 @@ class VersionPublisher:
             cursor=run.cursor_before.get(run.next_step, run.cursor.state()),
             spec=run.spec,
         )
-        return version_files(self.model, self.optimizer, run.slot, info, self.base_model)
 
 
 def _under(uri: str, root: str) -> bool:

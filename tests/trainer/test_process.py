@@ -94,6 +94,7 @@ class Bus:
             block_ms=50,
             on_start=self.process.recover,
             on_idle=self.process.on_idle,
+            on_stop=self.process.drain,
             idle_s=0.01,
         )
         self.process.consumer = self.consumer

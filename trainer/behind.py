@@ -1,0 +1,55 @@
+"""A trained step waiting for its versions: what it commits once they are durable.
+
+The trainer writes versions *behind* the step (:meth:`trainer.versions.VersionPublisher.
+write_behind`): the step's slots are copied off the device at once, the files are encoded and
+written on writer threads, and the next step may train meanwhile. What the step decided that
+refers to its new versions — ``step_done``, ``sync_requested``, the next tasks (at the announced
+version), a completion at the budget, the skipped steps' retries or failures — waits in a
+:class:`Behind` until every version is durable; the process then settles it
+(:meth:`trainer.process.TrainerProcess.settle`), oldest first, and commits it with the acks of the
+groups the step used.
+
+Rules that keep "effectively once" and the log's order:
+
+- at most one step waits once a step returns: the loop settles the one before it first (and
+  waits for its writes if they are slower than a step), so a version is at most one step behind;
+- a registration or a cancel is handled only after every waiting step is settled (``drain``), so
+  lifecycle events never overtake a step that was trained before them;
+- a warm stop drains too (the consumer's ``on_stop``); a crash loses the waiting steps, never
+  applies them: their groups are still pending and the restart redoes them from the newest
+  version the log announced, with the same prompts (the cursor stored in that version).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from events.effects import Effects
+from trainer.mixed_step import SlotOutcome
+from trainer.runs import AdapterRun
+from trainer.versions import PendingVersion
+
+TrainedStep = tuple[AdapterRun, dict[str, float]]
+"""A run whose step trained, with its ``step_done`` metrics."""
+
+
+@dataclass
+class Behind:
+    """A trained mixed step whose versions are being written: what it commits once they are.
+
+    ``effects`` were decided at the step (the acks of the groups it used, client answers);
+    ``trained`` and ``not_taken`` are settled when the versions are durable
+    (:meth:`TrainerProcess.settle`), in step order, so the control log reads as if every step
+    had been written before the next one started.
+    """
+
+    effects: Effects
+    versions: list[PendingVersion]
+    trained: list[TrainedStep] = field(default_factory=list)
+    not_taken: list[tuple[AdapterRun, SlotOutcome]] = field(default_factory=list)
+    started: float = 0.0
+    written: float = 0.0
+    """``perf_counter`` times: the step's end, and when the last of its writes finished."""
+
+    def durable(self) -> bool:
+        return all(v.durable() for v in self.versions)
