@@ -21,15 +21,17 @@ term fails with ``"timeout after Xs"`` and the caller moves on. Python cannot ki
 a hung call is *abandoned*, not stopped: its thread keeps running (and holding what it holds)
 until the function returns, if ever. To bound that, the deadline counts the abandoned calls
 still running per reward name; once ``max_hung`` of them are, further calls of that reward are
-not started and fail at once (``"timeout after Xs (K earlier calls still running ...)"``) until
-one of them returns. So a reward that hangs for good costs one worker at most ``max_hung``
-threads and ``max_hung * timeout_s`` seconds of waiting, and every other reward (and every
-other adapter) keeps scoring normally. Limits: the bound is per process and per reward *name*
+not started and fail at once (``"timeout after Xs (not called: K earlier calls are still
+hung)"``) until one of them returns. So a reward that hangs for good costs one worker at most
+``max_hung`` threads and ``max_hung * timeout_s`` seconds of waiting (a single worker's other
+adapters wait that long once: it scores one task at a time), and every other reward (and
+every other adapter) keeps scoring normally. Limits: the bound is per process and per reward *name*
 (two adapters using one hanging reward with different parameters share it); a hung call's CPU
 use is not stopped (a reward spinning in pure Python also slows the GIL-bound worker), and its
 thread dies only with the process. The alternative, a subprocess pool that can be killed,
 would pickle every completion and item across a process boundary and fork a model-sized worker;
-rewards that may really spin belong on RQ workers (``remote=True``), whose jobs are killed.
+rewards that may really spin belong on RQ workers (a built-in named in ``remote_rewards``),
+whose jobs are killed at their timeout.
 
 Security: events only ever name registry keys. Operators may add rewards from their own code with
 :meth:`RewardRegistry.register_entry_point` (``"pkg.mod:fn"``), called from the rollout process's
@@ -301,8 +303,7 @@ class RewardDeadline:
         if hung >= self.max_hung:
             return TermValue(
                 failed=True,
-                reason=f"{timeout} ({hung} earlier calls still running past their deadline; "
-                "not called again until one returns)",
+                reason=f"{timeout} (not called: {hung} earlier calls are still hung)",
             )
         call = _Call()
         thread = threading.Thread(

@@ -127,7 +127,7 @@ def test_after_max_hung_calls_a_reward_fails_at_once_and_others_still_score(hang
     assert all(r.failed for r in results)
     assert [r.reason for r in results[:2]] == ["hangs: timeout after 0.2s"] * 2
     assert all(
-        r.reason.startswith("hangs: timeout after 0.2s (2 earlier calls still running")
+        r.reason == "hangs: timeout after 0.2s (not called: 2 earlier calls are still hung)"
         for r in results[2:]
     )
     assert hang.started == 2 and deadline.hung("hangs") == 2
