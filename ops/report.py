@@ -19,6 +19,16 @@ log no longer holds once it has been trimmed, and they give the rows of adapters
 lifecycle events were trimmed away entirely. A control entry that does not decode is never
 skipped silently: it is counted and the table says how many there were.
 
+Below the adapters, a table of processes: every process that ever sent a heartbeat
+(:func:`events.heartbeat.read_processes`) with its liveness, and every process ``multilora up``
+supervises (:func:`ops.supervise.read_supervisor`) with its restarts and last exit. The trainer
+has work while any adapter is in a training phase (``admitted``, ``running``, ``completing``);
+it is ``stalled`` when it then made no progress for ``stall_after_s`` (default
+:data:`events.heartbeat.DEFAULT_STALL_AFTER_S`, 120 s); other processes have work while they
+hold entries in flight. When no trainer is alive (dead, stalled or stopped; none that ever beat
+counts as unknown, not dead), the rows in a training phase say so: ``running (trainer dead)``,
+so frozen steps never read as a healthy run.
+
 Everything here only reads the bus; nothing is written.
 """
 
@@ -33,6 +43,14 @@ import redis
 
 from events.codec import Decoder
 from events.errors import SchemaError
+from events.heartbeat import (
+    DEFAULT_STALL_AFTER_S,
+    Liveness,
+    ProcessBeat,
+    ProcessStatus,
+    holds_entries,
+    read_processes,
+)
 from events.schema import (
     CheckpointSaved,
     ControlEvent,
@@ -42,8 +60,9 @@ from events.schema import (
     Synced,
 )
 from events.streams import Streams
+from ops.supervise import UnitRecord, read_supervisor
 from ops.tail import stream_entries
-from orchestrator.lifecycle import AdapterState, is_live, registration_key
+from orchestrator.lifecycle import AdapterState, Phase, is_live, registration_key
 from orchestrator.registrations import fold
 from orchestrator.status import AdapterStatus, ArtifactRef, WorkerSync, read_status, state_status
 
@@ -207,15 +226,18 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _cells(row: AdapterStatus) -> list[str]:
+def _cells(row: AdapterStatus, trainer: str = "") -> list[str]:
     total = str(row.steps_total) if row.steps_total else "?"
     sync = "-"
     if row.synced:
         version = max(v for _, v in row.synced)
         sync = f"v{version}/{_fmt(row.last_sync_latency_s, '.2f')}s"
+    phase = row.phase.value if row.phase is not None else "-"
+    if trainer and row.phase in TRAINING_PHASES:
+        phase = f"{phase} (trainer {trainer})"
     return [
         row.name,
-        row.phase.value if row.phase is not None else "-",
+        phase,
         "-" if row.slot is None else str(row.slot),
         f"{row.step}/{total}",
         _fmt(row.reward_mean),
@@ -224,14 +246,23 @@ def _cells(row: AdapterStatus) -> list[str]:
     ]
 
 
-def render_table(rows: Iterable[AdapterStatus], bad_entries: int = 0) -> str:
-    """A fixed-width text table, one line per adapter (the reason column is not padded)."""
-    lines = [list(HEADER)] + [_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER) - 1)]
-    text = []
-    for line in lines:
-        padded = [cell.ljust(w) for cell, w in zip(line[:-1], widths, strict=True)]
-        text.append("  ".join([*padded, line[-1]]).rstrip())
+def _aligned(lines: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell, the last one not padded."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
+    return [
+        "  ".join(
+            [*(c.ljust(w) for c, w in zip(line[:-1], widths, strict=True)), line[-1]]
+        ).rstrip()
+        for line in lines
+    ]
+
+
+def render_table(rows: Iterable[AdapterStatus], bad_entries: int = 0, trainer: str = "") -> str:
+    """A fixed-width text table, one line per adapter (the reason column is not padded).
+    ``trainer`` (``dead``, ``stalled``, ``stopped``; empty: fine or unknown) flags every row in a
+    training phase."""
+    lines = [list(HEADER)] + [_cells(r, trainer) for r in rows]
+    text = _aligned(lines)
     if len(lines) == 1:
         text.append("(no adapters)")
     if bad_entries:
@@ -239,7 +270,72 @@ def render_table(rows: Iterable[AdapterStatus], bad_entries: int = 0) -> str:
     return "\n".join(text)
 
 
-def status_table(client: redis.Redis, streams: Streams) -> str:
-    """The ``multilora status`` table of every adapter the deployment knows."""
+# --- processes ------------------------------------------------------------------------------
+
+TRAINING_PHASES = frozenset({Phase.ADMITTED, Phase.RUNNING, Phase.COMPLETING})
+"""Phases in which an adapter needs a live trainer to move."""
+
+PROCESS_HEADER = ("PROCESS", "ROLE", "HOST/PID", "BEAT", "PROGRESS", "STATE", "RESTARTS", "EXIT")
+
+
+def trainer_problem(processes: Iterable[ProcessStatus]) -> str:
+    """``""`` while some trainer is alive (or none ever beat: unknown), else the best state of
+    the trainers that beat: ``stalled``, ``stopped`` or ``dead``."""
+    states = {p.liveness for p in processes if p.beat.role == "trainer"}
+    if not states or Liveness.ALIVE in states:
+        return ""
+    for state in (Liveness.STALLED, Liveness.STOPPED, Liveness.DEAD):
+        if state in states:
+            return state.value
+    return ""
+
+
+def _age(seconds: float) -> str:
+    return f"{max(0.0, seconds):.1f}s ago" if seconds < 3600 else f"{seconds / 3600:.1f}h ago"
+
+
+def render_processes(processes: Iterable[ProcessStatus], supervised: dict[str, UnitRecord]) -> str:
+    """One line per process that beat, then per supervised process that does not beat
+    (the embedded Redis, the gateway); restarts and last exit come from ``up``'s supervisor."""
+    lines = [list(PROCESS_HEADER)]
+    beating = set()
+    for p in processes:
+        b, unit = p.beat, supervised.get(p.beat.name)
+        beating.add(b.name)
+        lines.append(
+            [
+                b.name,
+                b.role,
+                f"{b.host}/{b.pid}",
+                _age(p.beat_age_s),
+                _age(p.progress_age_s),
+                p.liveness.value,
+                str(unit.restarts) if unit else "-",
+                unit.last_exit if unit and unit.last_exit else "-",
+            ]
+        )
+    for name, unit in sorted(supervised.items()):
+        if name not in beating:
+            pid = f"-/{unit.pid}" if unit.pid else "-"
+            exit_ = unit.last_exit or "-"
+            lines.append([name, "-", pid, "-", "-", unit.state, str(unit.restarts), exit_])
+    text = _aligned(lines)
+    if len(lines) == 1:
+        text.append("(no process heartbeats)")
+    return "\n".join(text)
+
+
+def status_table(
+    client: redis.Redis, streams: Streams, *, stall_after_s: float = DEFAULT_STALL_AFTER_S
+) -> str:
+    """The ``multilora status`` tables: every adapter the deployment knows, then its processes
+    (module doc: liveness, and the flag on adapter rows when no trainer is alive)."""
     report = read_rows(client, streams)
-    return render_table(report.rows, report.bad_entries)
+    training = any(r.phase in TRAINING_PHASES for r in report.rows)
+
+    def has_work(beat: ProcessBeat) -> bool:
+        return training if beat.role == "trainer" else holds_entries(beat)
+
+    processes = read_processes(client, streams, stall_after_s=stall_after_s, has_work=has_work)
+    adapters = render_table(report.rows, report.bad_entries, trainer_problem(processes))
+    return adapters + "\n\n" + render_processes(processes, read_supervisor(client, streams))

@@ -84,6 +84,7 @@ def stack_options(
         "redis_port": 0,
         "metrics_port_base": 0,
         "extra_args": extra,
+        "max_restarts": 0,  # tests kill and restart children themselves; pass 5 to supervise
     }
     base.update(overrides)
     return StackOptions(**base)
@@ -231,6 +232,23 @@ class LiveStack:
             old.args, stdout=log, stderr=subprocess.STDOUT, env=env
         )
         self.down.discard(name)
+
+    def supervise_until(self, what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+        """Poll ``check`` until truthy while running ``up``'s supervision rounds
+        (:meth:`ops.launch.Stack.check`: children that exited are restarted by the stack's
+        supervisor, as under ``multilora up``); fail naming ``what`` on timeout or when the
+        supervisor gives up."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.stack.check()
+            value = check()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout_s:.0f} s waiting for {what}\n" + self.log_tails()
+                )
+            time.sleep(0.1)
 
     def lease_holder(self, consumer: str) -> dict[str, Any]:
         raw = self.client.get(self.streams.lease(consumer))
