@@ -237,9 +237,9 @@ def resolve_under_roots(path: str, allowed_roots: Sequence[Path]) -> Path:
         except PathEscape:
             continue
     if not inside:
-        real = os.path.realpath(candidates[0])
+        resolved = os.path.realpath(candidates[0])
         raise DataPathError(
-            f"dataset path {path!r} resolves to {real!r}, outside the allowed data roots "
+            f"dataset path {path!r} resolves to {resolved!r}, outside the allowed data roots "
             f"{roots}; move the file under a root ('..', symlinks and symlinked parent "
             "directories are followed before this check)",
             value=path,

@@ -266,10 +266,11 @@ def test_no_load_path_calls_torch_load() -> None:
         for path in sorted((REPO / package).rglob("*.py")):
             tree = ast.parse(path.read_text(), filename=str(path))
             for node in ast.walk(tree):
-                called = isinstance(node, ast.Attribute) and node.attr == "load"
-                if called and isinstance(node.value, ast.Name) and node.value.id == "torch":
-                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
-                imported = isinstance(node, ast.ImportFrom) and node.module == "torch"
-                if imported and any(alias.name == "load" for alias in node.names):
-                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+                match node:
+                    case ast.Attribute(value=ast.Name(id="torch"), attr="load"):
+                        offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+                    case ast.ImportFrom(module="torch", names=names) if any(
+                        alias.name == "load" for alias in names
+                    ):
+                        offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert offenders == []
