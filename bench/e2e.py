@@ -21,19 +21,19 @@ from the events they publish:
   two tasks, so the time one task takes (``task_s_p50``/``task_s_p99``: ``generate_s`` of the
   ``rollout.group`` events, generation plus scoring) bounds how long a sync can wait.
 * ``control_plane_share``: the share of a trainer step's critical path that is not forward,
-  backward or optimizer. The critical path of one trainer step (the ``step_done`` events it
-  commits together) is ``W = commit - ready``: ``ready`` is when the last rollout group it trains
-  on landed in Redis (that group's stream entry id) or, if later, when the trainer committed its
-  previous step (it trains one step at a time); ``commit`` is the stream entry id of its
-  ``step_done`` (Redis and the trainer share the host clock). The trainer's own phase timings
-  (Prometheus ``multilora_trainer_step_phase_seconds``: ``wait``, ``forward_backward``,
-  ``optimizer``, ``publish`` = batch assembly + writing each new version to the artifact store)
-  give the compute; ``share = (mean W - mean compute) / mean W``. ``share`` breaks ``W`` down:
-  ``compute``, ``publish`` and ``batch_wait`` (trainer phases), ``commit`` (from the last
-  ``step_done``'s ``time`` stamp to its entry id: the atomic commit of events and acks), and
-  ``bus_read_and_dispatch`` (the rest: reading the group, its handler, the loop picking the step
-  up; clipped at 0, the estimate's error is a few ms). ``max_batch_wait_s`` is 0 here, so
-  adapters are not held back to share a step.
+  backward or optimizer. Versions are written behind the step (:mod:`trainer.behind`), so the
+  critical path of a step runs from ``ready`` — when the last rollout group it trains on landed in
+  Redis (that group's stream entry id) or, if later, when the trainer's loop was free after its
+  previous step — until the loop is free to start the next one: ``bus_read_and_dispatch`` (ready
+  to the step's ``started_at``, a ``step_done`` metric; Redis and the trainer share the host
+  clock), then the step (Prometheus ``multilora_trainer_step_phase_seconds``: ``forward_backward``
+  and ``optimizer`` are the compute, ``publish`` the rest of the step: packing the batch, copying
+  the new versions off the device, deciding the events), then the tail
+  (``multilora_trainer_step_tail_seconds``: settling the step before it — waiting for its writes
+  if they are slower than a step — and the atomic commit). ``share = (W - compute) / W`` with
+  ``W`` the sum of the means. Writing the versions itself (``version_write_s``) is off the
+  critical path unless the loop had to wait for it (``version_wait_s``). ``max_batch_wait_s`` is 0
+  here, so adapters are not held back to share a step.
 
 Usage::
 
@@ -249,71 +249,80 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def step_windows(bus: Bus, control: list[tuple[str, Any]]) -> tuple[list[float], list[float]]:
-    """Per trainer step: its critical path ``W`` (seconds) and its commit time (see the module
-    doc). A trainer step is the set of ``step_done`` it committed together (same entry time and
-    ``step_s``)."""
+def step_windows(bus: Bus, control: list[tuple[str, Any]], loop_s: float) -> list[float]:
+    """Per trainer step: from ``ready`` to the trainer's loop picking it up (``started_at``),
+    seconds (see the module doc). A trainer step is the set of ``step_done`` with one
+    ``started_at``; ``loop_s`` is the loop's mean time from a step's start until it can start
+    the next one."""
     arrivals: dict[tuple[str, int, int], float] = {}
     for eid, g in bus.groups():
         key = (g.registration_id, g.epoch, g.step)
         arrivals[key] = max(arrivals.get(key, 0.0), entry_s(eid))
-    batches: dict[tuple[float, float], list[StepDone]] = {}
-    for eid, e in control:
-        if isinstance(e, StepDone):
-            batches.setdefault((entry_s(eid), e.metrics["step_s"]), []).append(e)
-    windows, commits = [], []
-    previous = 0.0  # the trainer is free again once it committed its previous step
-    for (commit, _), events in sorted(batches.items()):
+    steps: dict[float, list[StepDone]] = {}
+    for _, e in control:
+        if isinstance(e, StepDone) and "started_at" in e.metrics:
+            steps.setdefault(e.metrics["started_at"], []).append(e)
+    dispatch = []
+    free = 0.0  # when the loop was free again after the previous step
+    for started, events in sorted(steps.items()):
         landed = max(arrivals.get((e.registration_id, e.epoch, e.step), 0.0) for e in events)
-        ready, previous = max(landed, previous), commit
-        if landed and commit > ready:
-            windows.append(commit - ready)
-            commits.append(max(0.0, commit - max(e.time for e in events)))
-    return windows, commits
+        ready = max(landed, free)
+        if landed and started >= ready:
+            dispatch.append(started - ready)
+        free = started + loop_s
+    return dispatch
 
 
 def control_plane(
-    bus: Bus, control: list[tuple[str, Any]], phases: dict[str, tuple[float, int]]
+    bus: Bus, control: list[tuple[str, Any]], timings: dict[str, tuple[float, int]]
 ) -> dict[str, Any]:
     """The control-plane share of the step critical path, and its parts (module doc)."""
-    windows, commits = step_windows(bus, control)
-    steps = phases["forward_backward"][1]
-    mean = {phase: total / steps for phase, (total, _) in phases.items()}
-    window, commit = statistics.fmean(windows), statistics.fmean(commits)
+    steps = timings["forward_backward"][1]
+    mean = {phase: total / max(1, n) for phase, (total, n) in timings.items()}
     compute = mean["forward_backward"] + mean["optimizer"]
-    publish, batch_wait = mean["publish"], mean["wait"]
+    publish, tail = mean["publish"], mean["tail"]
+    dispatch_s = step_windows(bus, control, compute + publish + tail)
+    dispatch = statistics.fmean(dispatch_s) if dispatch_s else 0.0
+    window = dispatch + compute + publish + tail
     return {
         "control_plane_share": (window - compute) / window,
         "share": {
             "compute": compute / window,
+            "bus_read_and_dispatch": dispatch / window,
             "publish": publish / window,
-            "commit": commit / window,
-            "batch_wait": batch_wait / window,
-            "bus_read_and_dispatch": max(0.0, window - compute - publish - commit - batch_wait)
-            / window,
+            "settle_and_commit": tail / window,
         },
         "step_window_s": window,
         "step_compute_s": compute,
+        "version_write_s": mean.get("version_write", 0.0),
+        "version_wait_s": mean.get("version_wait", 0.0),
         "trainer_steps": steps,
-        "trainer_steps_timed": len(windows),
+        "trainer_steps_timed": len(dispatch_s),
     }
 
 
 def trainer_phases(port: int) -> dict[str, tuple[float, int]]:
-    """``{phase: (seconds summed, steps)}`` from the trainer's ``/metrics``."""
+    """``{phase: (seconds summed, count)}`` from the trainer's ``/metrics``: the step phases,
+    plus ``tail`` (settling and committing after a step), ``version_write`` and
+    ``version_wait``."""
     from urllib.request import urlopen
 
     from prometheus_client.parser import text_string_to_metric_families
 
     with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
+    families = {
+        "multilora_trainer_step_tail_seconds": "tail",
+        "multilora_trainer_version_write_seconds": "version_write",
+        "multilora_trainer_version_wait_seconds": "version_wait",
+    }
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != "multilora_trainer_step_phase_seconds":
+        if family.name != "multilora_trainer_step_phase_seconds" and family.name not in families:
             continue
         for sample in family.samples:
-            phase = sample.labels.get("phase", "")
+            phase = families.get(family.name) or sample.labels.get("phase", "")
             if sample.name.endswith("_sum"):
                 sums[phase] = sample.value
             elif sample.name.endswith("_count"):

@@ -37,6 +37,9 @@ name                                         kind     meaning
                                                       durable on the artifact store
 ``multilora_trainer_version_wait_seconds``   histo    the loop blocked on those writes (on the
                                                       critical path; 0 when they kept up)
+``multilora_trainer_step_tail_seconds``      histo    after a step, before the next can start:
+                                                      settling the step before it (that wait
+                                                      included) and committing
 ``multilora_trainer_gpu_memory_*_bytes``     gauge    CUDA allocator: allocated, reserved,
                                                       max_allocated (label ``device``); exported
                                                       without samples when CUDA is absent
@@ -135,6 +138,12 @@ class TrainerMetrics:
             buckets=(0.0005, 0.001, 0.0025, *STEP_BUCKETS),
             registry=registry,
         )
+        self.step_tail_seconds = Histogram(
+            "multilora_trainer_step_tail_seconds",
+            "After a step: settling the one before it and committing, seconds.",
+            buckets=(0.0005, 0.001, 0.0025, *STEP_BUCKETS),
+            registry=registry,
+        )
         for phase in PHASES:  # export every phase from the start, so dashboards have the series
             self.phase_seconds.labels(phase)
             self.last_phase.labels(phase)
@@ -181,6 +190,10 @@ class TrainerMetrics:
         """A step's versions are durable after ``write_s``; the loop waited ``wait_s`` of it."""
         self.version_write_seconds.observe(max(0.0, write_s))
         self.version_wait_seconds.observe(max(0.0, wait_s))
+
+    def step_tail(self, seconds: float) -> None:
+        """The loop settled the step before the last one and committed, in ``seconds``."""
+        self.step_tail_seconds.observe(max(0.0, seconds))
 
     def client_request(self, kind: str, outcome: str) -> None:
         """One client request ended: ``outcome`` ``done``, ``failed`` or ``refused``."""

@@ -366,7 +366,12 @@ class TrainerProcess:
         ready, clients, wait_s = self._collect()
         if ready or clients:
             effects.extend(self.train(ready, clients=clients, wait_s=wait_s))
+            t0 = time.perf_counter()
             self.settle(effects, keep=1)  # the step before this one, waiting for it if need be
+            self._commit(effects)
+            if self.metrics is not None:
+                self.metrics.step_tail(time.perf_counter() - t0)
+            return
         self._commit(effects)
 
     def drain(self) -> None:
@@ -434,7 +439,7 @@ class TrainerProcess:
         is redone with new prompts; ``max_failures`` skips in a row fail the adapter); per
         client request its answer. Returns the effects to commit, with the acks of every group
         the step used, less what waits for its versions (:class:`Behind`, settled later)."""
-        t0 = time.perf_counter()
+        t0, started_at = time.perf_counter(), time.time()  # wall clock: compared with entry ids
         used = {run.name: run.take_next() for run in ready}
         rows = [_rows(run, used[run.name]) for run in ready]
         taken = self.clients.take(self.runs) if clients else []
@@ -451,6 +456,9 @@ class TrainerProcess:
         shared = {
             "mixed_step": float(self.mixed_steps),
             "mixed_adapters": float(len(rows) + len(taken)),
+            "started_at": started_at,
+            "compute_s": step.timings.get("forward_backward", 0.0)
+            + step.timings.get("optimizer", 0.0),
         }
         effects = Effects()
         for run, held, _ in taken:
