@@ -197,9 +197,10 @@ def to_jsonable(value: Any) -> Any:
     return msgspec.json.decode(msgspec.json.encode(value, enc_hook=repr))
 
 
-class DataPathError(DataError, PathEscape):
+class PathDataError(DataError, PathEscape):
     """A dataset path resolves outside the operator's allowed data roots (or is a URL, or
-    starts with ``~``): admission reports it on ``spec.dataset.path``."""
+    starts with ``~``): admission reports it on ``spec.dataset.path``. (A failed task's reason
+    starts with the class name, so it keeps ``DataError`` in it.)"""
 
     def __init__(self, message: str, *, value: str, roots: Sequence[str]) -> None:
         PathEscape.__init__(self, message, value=value, roots=roots)
@@ -213,7 +214,7 @@ def resolve_under_roots(path: str, allowed_roots: Sequence[Path]) -> Path:
     *before* the containment check, which compares whole path components
     (:func:`orchestrator.storage.is_under`: ``/data-evil/x`` is not under ``/data``). URLs
     (``file://`` included) and ``~`` paths are refused: a dataset is a local file, and ``~`` is
-    never expanded. Raises :class:`DataPathError` for an escape, :class:`DataError` otherwise.
+    never expanded. Raises :class:`PathDataError` for an escape, :class:`DataError` otherwise.
     """
     if not path:
         raise DataError("dataset path is empty; set DatasetSpec.path to a file under a data root")
@@ -223,7 +224,7 @@ def resolve_under_roots(path: str, allowed_roots: Sequence[Path]) -> Path:
     fix = "give a path relative to a data root, or an absolute path inside one"
     if "://" in path or path.startswith("~"):
         kind = "a URL" if "://" in path else "a '~' path (never expanded)"
-        raise DataPathError(
+        raise PathDataError(
             f"dataset path {path!r} is {kind}; {fix} (allowed roots {roots})",
             value=path,
             roots=roots,
@@ -238,7 +239,7 @@ def resolve_under_roots(path: str, allowed_roots: Sequence[Path]) -> Path:
             continue
     if not inside:
         resolved = os.path.realpath(candidates[0])
-        raise DataPathError(
+        raise PathDataError(
             f"dataset path {path!r} resolves to {resolved!r}, outside the allowed data roots "
             f"{roots}; move the file under a root ('..', symlinks and symlinked parent "
             "directories are followed before this check)",

@@ -24,7 +24,7 @@ from orchestrator.checkpoint_store import MANIFEST, CheckpointStore, verify
 from orchestrator.fleet import Fleet
 from orchestrator.ingress import MAX_BYTES, invalid_rejection
 from orchestrator.storage import ArtifactError, Fs, PathEscape, check_under, is_under
-from rollout.data import DataPathError, open_source, resolve_under_roots
+from rollout.data import PathDataError, open_source, resolve_under_roots
 from tests.orchestrator import builders as b
 from tests.orchestrator.conftest import KNOWN_REWARDS
 
@@ -121,7 +121,7 @@ def test_every_escaping_dataset_path_is_refused_by_the_reader(layout: dict[str, 
     allowed = layout["allowed"]
     assert resolve_under_roots("ok.jsonl", [allowed]) == (allowed / "ok.jsonl").resolve()
     for path in _escaping_paths(layout):
-        with pytest.raises(DataPathError) as info:
+        with pytest.raises(PathDataError) as info:
             resolve_under_roots(path, [allowed])
         assert repr(path) in str(info.value) and str(allowed.resolve()) in str(info.value)
         assert isinstance(info.value, ConfigError)  # what admission's probe contract names
@@ -135,7 +135,7 @@ def test_a_symlink_swapped_in_after_admission_is_refused_when_opened(
     assert resolve_under_roots("later.jsonl", [allowed]).name == "later.jsonl"
     (allowed / "later.jsonl").unlink()
     (allowed / "later.jsonl").symlink_to(layout["secret"] / "t.jsonl")
-    with pytest.raises(DataPathError):
+    with pytest.raises(PathDataError):
         open_source(DatasetSpec(kind="jsonl", path="later.jsonl"), allowed_roots=[allowed])
 
 
