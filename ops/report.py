@@ -276,6 +276,7 @@ TRAINING_PHASES = frozenset({Phase.ADMITTED, Phase.RUNNING, Phase.COMPLETING})
 """Phases in which an adapter needs a live trainer to move."""
 
 PROCESS_HEADER = ("PROCESS", "ROLE", "HOST/PID", "BEAT", "PROGRESS", "STATE", "RESTARTS", "EXIT")
+"""BEAT and PROGRESS are ages: the time since the last beat, since the last progress."""
 
 
 def trainer_problem(processes: Iterable[ProcessStatus]) -> str:
@@ -291,7 +292,7 @@ def trainer_problem(processes: Iterable[ProcessStatus]) -> str:
 
 
 def _age(seconds: float) -> str:
-    return f"{max(0.0, seconds):.1f}s ago" if seconds < 3600 else f"{seconds / 3600:.1f}h ago"
+    return f"{max(0.0, seconds):.1f}s" if seconds < 3600 else f"{seconds / 3600:.1f}h"
 
 
 def render_processes(processes: Iterable[ProcessStatus], supervised: dict[str, UnitRecord]) -> str:
