@@ -249,9 +249,12 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def step_windows(bus: Bus, control: list[tuple[str, Any]], loop_s: float) -> list[float]:
+def step_windows(
+    bus: Bus, control: list[tuple[str, Any]], loop_s: float
+) -> tuple[list[float], list[float]]:
     """Per trainer step: from ``ready`` to the trainer's loop picking it up (``started_at``),
-    seconds (see the module doc). A trainer step is the set of ``step_done`` with one
+    and from ``ready`` to its handler holding the step's last group (``ready_at``), seconds
+    (see the module doc). A trainer step is the set of ``step_done`` with one
     ``started_at``; ``loop_s`` is the loop's mean time from a step's start until it can start
     the next one."""
     arrivals: dict[tuple[str, int, int], float] = {}
@@ -262,15 +265,17 @@ def step_windows(bus: Bus, control: list[tuple[str, Any]], loop_s: float) -> lis
     for _, e in control:
         if isinstance(e, StepDone) and "started_at" in e.metrics:
             steps.setdefault(e.metrics["started_at"], []).append(e)
-    dispatch = []
+    dispatch, read = [], []
     free = 0.0  # when the loop was free again after the previous step
     for started, events in sorted(steps.items()):
         landed = max(arrivals.get((e.registration_id, e.epoch, e.step), 0.0) for e in events)
         ready = max(landed, free)
         if landed and started >= ready:
             dispatch.append(started - ready)
+            held = max(e.metrics.get("ready_at", started) for e in events)
+            read.append(max(0.0, held - ready))
         free = started + loop_s
-    return dispatch
+    return dispatch, read
 
 
 def control_plane(
@@ -281,7 +286,7 @@ def control_plane(
     mean = {phase: total / max(1, n) for phase, (total, n) in timings.items()}
     compute = mean["forward_backward"] + mean["optimizer"]
     publish, tail = mean["publish"], mean["tail"]
-    dispatch_s = step_windows(bus, control, compute + publish + tail)
+    dispatch_s, read_s = step_windows(bus, control, compute + publish + tail)
     dispatch = statistics.fmean(dispatch_s) if dispatch_s else 0.0
     window = dispatch + compute + publish + tail
     return {
@@ -292,6 +297,8 @@ def control_plane(
             "publish": publish / window,
             "settle_and_commit": tail / window,
         },
+        "bus_read_s": statistics.fmean(read_s) if read_s else 0.0,
+        "dispatch_s": dispatch,
         "step_window_s": window,
         "step_compute_s": compute,
         "version_write_s": mean.get("version_write", 0.0),

@@ -440,6 +440,7 @@ class TrainerProcess:
         client request its answer. Returns the effects to commit, with the acks of every group
         the step used, less what waits for its versions (:class:`Behind`, settled later)."""
         t0, started_at = time.perf_counter(), time.time()  # wall clock: compared with entry ids
+        ready_at = {run.name: run.ready_since or started_at for run in ready}
         used = {run.name: run.take_next() for run in ready}
         rows = [_rows(run, used[run.name]) for run in ready]
         taken = self.clients.take(self.runs) if clients else []
@@ -475,7 +476,7 @@ class TrainerProcess:
             run.advance()
             self.steps_trained += 1
             metrics = outcome.step_metrics(staleness=float(behind), step_s=step_s)
-            batch.trained.append((run, {**metrics, **shared}))
+            batch.trained.append((run, {**metrics, **shared, "ready_at": ready_at[run.name]}))
         batch.versions = self.versions.write_behind([run for run, _ in batch.trained])
         self.behind.append(batch)
         for version in batch.versions:  # settled by the next idle hook once written
