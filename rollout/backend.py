@@ -42,7 +42,12 @@ from urllib.parse import urlparse
 import msgspec
 from safetensors import SafetensorError
 
-from events.adapter_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from events.adapter_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterFormatError,
+    refuse_pickles,
+)
 from events.errors import MultiLoraError
 from rollout.adapter_slots import AdapterNotLoadedError, AdapterRef, EngineError, RequestError
 from rollout.client import GenerateOutput, SGLangClient, SGLangError, SGLangUnavailableError
@@ -330,6 +335,11 @@ class WeightsFetcher:
         if parsed.scheme in ("", "file"):
             local = Path(parsed.path if parsed.scheme else uri)
             weights = local / ADAPTER_WEIGHTS
+            if local.is_dir() and not weights.is_file():
+                try:  # a pickled adapter is refused by name, never opened
+                    refuse_pickles([p.name for p in local.iterdir()], where=str(local))
+                except AdapterFormatError as err:
+                    raise WeightsError(str(err)) from err
             if not weights.is_file():
                 raise WeightsError(f"{weights} not found; the published version is incomplete")
             return local, file_sha256(weights)

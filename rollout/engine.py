@@ -165,8 +165,8 @@ class Engine:
         if not isinstance(torch_dtype, torch.dtype):
             raise EngineError(f"dtype {dtype!r} is not a torch dtype (float32, bfloat16, ...)")
         model: Any = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype, local_files_only=True
-        )
+            str(path), dtype=torch_dtype, local_files_only=True, use_safetensors=True
+        )  # a pickled base model (pytorch_model.bin) is refused, never unpickled
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         return cls(model.to(device), tokenizer, model_path=str(path), **kwargs)
 

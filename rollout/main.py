@@ -82,6 +82,7 @@ def build(config: RolloutConfig, bus: Bus) -> Consumer:
         remote=remote,
         allowed_roots=[Path(r) for r in config.allowed_roots],
         max_prompt_tokens=config.max_prompt_tokens,
+        reward_call_timeout_s=config.reward_call_timeout_s,
         history_until=last_entry_id(bus.client, bus.streams.control),
         metrics=RolloutMetrics(bus.registry),
     )

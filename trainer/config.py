@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from events.config import DEFAULT_ARTIFACTS, DEFAULT_CHECKPOINTS, BusConfig, Positive
+from orchestrator.admission import DEFAULT_MAX_WAITING_PER_PRODUCER
 
 
 def _doc(text: str, *flags: str) -> msgspec.Meta:
@@ -53,6 +54,13 @@ class TrainerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         int, msgspec.Meta(ge=0, description="prompts per rollout task (0: a step's all)")
     ] = 0
     max_failures: Annotated[Positive, _doc("skipped steps in a row that fail an adapter")] = 3
+    max_waiting_per_producer: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0,
+            description="registrations one producer may have waiting for a slot (0: no limit)",
+        ),
+    ] = DEFAULT_MAX_WAITING_PER_PRODUCER
     torch_threads: Annotated[
         int, msgspec.Meta(ge=0, description="intra-op threads (0: torch's default)")
     ] = 0

@@ -122,8 +122,8 @@ class MultiLoraModel(nn.Module):
                 f"no HF model at {str(path)!r} (config.json missing); pass a local dir"
             )
         hf_model: nn.Module = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, attn_implementation=attn_implementation
-        )
+            str(path), dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True
+        )  # a pickled base model (pytorch_model.bin) is refused, never unpickled
         hf_model.to(torch.device(device))
         return cls.wrap(
             hf_model,

@@ -112,6 +112,7 @@ def build(
         max_rank=config.max_rank,
         known_rewards=rewards | frozenset(config.extra_rewards),
         probe_dataset=lambda spec: dataset_size(spec, roots),
+        max_waiting_per_producer=config.max_waiting_per_producer,
     )
     process = TrainerProcess(
         client=bus.client,

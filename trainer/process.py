@@ -86,6 +86,7 @@ from trainer.metrics import TrainerMetrics
 from trainer.mixed_step import MixedStep, SlotOutcome, StepFn, mixed_step
 from trainer.optim import SlotAdamW
 from trainer.runs import AdapterRun, EndReason, Held
+from trainer.skips import SkipNote, failed_after, skip_status_fields
 from trainer.versions import VersionPublisher
 
 log = logging.getLogger(__name__)
@@ -491,13 +492,20 @@ class TrainerProcess:
             self.consumer.wake()
 
     def _not_taken(self, effects: Effects, run: AdapterRun, outcome: SlotOutcome) -> None:
-        """A step that did not count: issued again, unless the adapter now has failed."""
-        run.failures += 1 if outcome.failed else 0
+        """A step that did not count: issued again, unless the adapter now has failed. A skip
+        (a failure, not an empty step) is counted in the status, with its reason."""
         log.warning("%s step %d not taken: %s", run.name, run.next_step, outcome.reason)
+        if outcome.failed:
+            run.failures += 1
+            run.skips += 1
+            note = SkipNote(
+                step=run.next_step, reason=outcome.reason, in_a_row=run.failures, time=self.clock()
+            )
+            effects.hset(self.streams.status(run.name), skip_status_fields(note, run.skips))
         if run.failures < self.max_failures:
             self._issue(effects, run, again=True)
             return
-        self._publish(effects, run.failed(outcome.reason))
+        self._publish(effects, run.failed(failed_after(outcome.reason, run.failures)))
         self._finish(effects, run, None)
 
     def _publish_step(self, effects: Effects, trained: Sequence[TrainedStep]) -> None:

@@ -51,7 +51,7 @@ class AdapterRun:
     weights have the ``(sha256, bytes)`` of ``published`` (``None`` until known). Tasks are issued
     at the announced version only, so no worker is sent to weights that are not written yet.
     ``failures`` counts consecutive steps the train step skipped (non-finite loss or gradient,
-    no target tokens).
+    no target tokens, every sample failed), ``skips`` all of them.
     """
 
     name: str
@@ -70,6 +70,7 @@ class AdapterRun:
     ready_since: float | None = None
     failures: int = 0
     published: tuple[str, int] | None = None
+    skips: int = 0
     announced_step: int = 0
     announced_version: int = 0
 

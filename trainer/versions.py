@@ -22,7 +22,6 @@ restore from it issues the same prompts again.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from events.schema import SyncRequested
 from events.specs import AdapterSpec
 from orchestrator.artifacts import ArtifactStore, PublishedVersion
 from orchestrator.cursor import DataCursor
-from orchestrator.storage import ArtifactError
+from orchestrator.storage import ArtifactError, is_under
 from trainer.inject import MultiLoraModel
 from trainer.optim import SlotAdamW
 from trainer.publish import CapturedSlot, VersionInfo, capture_slot, encode_version, restore_slot
@@ -209,10 +208,6 @@ class VersionPublisher:
 
 
 def _under(uri: str, root: str) -> bool:
-    """``uri`` lies inside ``root``: a local path after resolving symlinks and ``..``; a URL
-    textually, with no ``..`` segment."""
-    if "://" in uri or "://" in root:
-        parts = uri.split("/")
-        return ".." not in parts and uri.startswith(root.rstrip("/") + "/")
-    real, base = os.path.realpath(uri), os.path.realpath(root)
-    return real.startswith(base.rstrip(os.sep) + os.sep)
+    """``uri`` lies inside ``root`` (the store's one containment rule: symlinks and ``..``
+    resolved, compared by path components)."""
+    return is_under(uri, root)

@@ -250,7 +250,7 @@ def test_an_adapter_fails_after_max_failures_skipped_steps(bus: Bus, caplog) -> 
     bus.producer.register("alpha", spec(steps=5))
     bus.run(lambda task: group_for(task, rewards=(1e308, 1.7e308)))
     (failed,) = bus.events(Failed, "alpha")
-    assert (failed.reason, failed.step) == ("non-finite loss", 0)
+    assert (failed.reason, failed.step) == ("2 steps in a row skipped: non-finite loss", 0)
     assert bus.events(Retired, "alpha") and not bus.events(StepDone, "alpha")
     assert not bus.events(Completed, "alpha")
     redone = [t.prompt_indices for t in bus.tasks() if t.step == 1]

@@ -118,8 +118,8 @@ def group(rewards: list[float], *, failed: bool = False, logprob: float = -1.0) 
 
 
 def test_mixed_step_outcome_per_slot(tiny_model_dir) -> None:
-    """Slot 0 trains; slot 1's rows give a non-finite loss (a failure); slot 2 has no usable
-    group (not a failure)."""
+    """Slot 0 trains; slot 1's rows give a non-finite loss (a failure); every sample of slot 2
+    failed (a failure too: an adapter whose samples always fail must end failed)."""
     model = MultiLoraModel.from_pretrained(tiny_model_dir("llama"), num_slots=3, max_rank=4)
     optimizer = SlotAdamW(model.store, model.table)
     for slot in range(3):
@@ -137,7 +137,9 @@ def test_mixed_step_outcome_per_slot(tiny_model_dir) -> None:
     metrics = trained.step_metrics(staleness=0.0, step_s=0.5)
     assert metrics["reward_mean"] == 0.5 and metrics["tokens"] == 4.0 and "ratio" in metrics
     assert skipped.failed and skipped.reason == "non-finite loss"
-    assert not empty.trained and not empty.failed and empty.reason == "no usable sample group"
+    # every sample failed: a failure (counted, it can fail the adapter), not an empty step
+    assert not empty.trained and empty.failed
+    assert empty.reason == "every sample failed: sample failed (no reason given) (2 of 2 samples)"
     assert (step.adapters, step.tokens) == (1, 4)
     assert set(step.timings) == {"forward_backward", "optimizer"}
     with pytest.raises(ValueError, match="did not train"):
