@@ -16,13 +16,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
-from ops.launch import Stack, StackOptions
+from ops.launch import Stack
 from ops.models import LEARNABLE_HEAD_SCALE, write_tiny_model
-from tests.chaos.harness import REMOTE_REWARD, ChaosOptions, ChaosStack
-from tests.e2e.harness import LiveStack, child_env, stack_options
+from tests.chaos.harness import ChaosOptions, ChaosStack, chaos_stack_options
+from tests.e2e.harness import LiveStack, child_env
 
 PROMPTS = ("x:", "y:", "z:", "w:", "v:", "u:", "t:", "s:")
 
@@ -41,16 +40,6 @@ def data_dir(tmp_path: Path) -> Path:
     rows = [json.dumps({"prompt": p, "answer": ""}) for p in PROMPTS]
     (folder / "prompts.jsonl").write_text("\n".join(rows) + "\n")
     return folder
-
-
-def chaos_stack_options(
-    run_dir: Path, namespace: str, data_dir: Path, model: Path, **overrides: Any
-) -> StackOptions:
-    """:func:`tests.e2e.harness.stack_options` with two workers and the remote reward."""
-    base = stack_options(run_dir, namespace, data_dir, model, workers=2, num_slots=3)
-    remote = ("--remote-reward", REMOTE_REWARD, "--reward-timeout-s", "10")
-    extra = {**base.extra_args, "rollout": (*base.extra_args["rollout"], *remote)}
-    return msgspec.structs.replace(base, extra_args=extra, **overrides)
 
 
 @pytest.fixture

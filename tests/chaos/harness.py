@@ -15,6 +15,8 @@ final checkpoint): killing faster than the processes can start would prove nothi
 starvation. A victim stays dead ``down_s`` (uniform). The harness is also the supervisor of
 processes that exit on their own (``exits``): they are restarted at most once per
 ``restart_backoff_s``. Kills stop once every adapter has ended and been finally checkpointed.
+(The stack's own supervisor, :mod:`ops.supervise`, acts only when :meth:`ops.launch.Stack.check`
+runs, which the harness never calls: restarts are the harness's alone, so they are counted.)
 
 Three observer consumer groups that never read (on the control log, ``rollout.tasks`` and
 ``rollout.groups``) keep every entry readable: trimming never passes a group's last-delivered
@@ -50,10 +52,10 @@ from events.schema import (
     TaskEvent,
 )
 from events.specs import AdapterSpec
-from ops.launch import LogFollower
+from ops.launch import LogFollower, StackOptions
 from orchestrator.lifecycle import AdapterState, is_ended
 from tests.chaos.history import CheckpointFacts, History
-from tests.e2e.harness import ROOT, LiveStack
+from tests.e2e.harness import ROOT, LiveStack, stack_options
 
 OBSERVER = "chaos-observer"
 REMOTE_REWARD = "regex"
@@ -115,6 +117,17 @@ class RunRecord:
     duration_s: float = 0.0
 
 
+def chaos_stack_options(
+    run_dir: Path, namespace: str, data_dir: Path, model: Path, **overrides: Any
+) -> StackOptions:
+    """:func:`tests.e2e.harness.stack_options` with two rollout workers, three slots, and the
+    ``regex`` reward scored remotely (``--remote-reward``, a 10 s deadline per batch)."""
+    base = stack_options(run_dir, namespace, data_dir, model, workers=2, num_slots=3)
+    remote = ("--remote-reward", REMOTE_REWARD, "--reward-timeout-s", "10")
+    extra = {**base.extra_args, "rollout": (*base.extra_args["rollout"], *remote)}
+    return msgspec.structs.replace(base, extra_args=extra, **overrides)
+
+
 def rewards_command(live: LiveStack, rewards: Sequence[str]) -> list[str]:
     """The ``multilora rewards`` command line serving ``rewards`` on the stack's bus."""
     bus = ["--redis-url", live.stack.url, "--namespace", live.streams.namespace]
@@ -169,11 +182,6 @@ class ChaosStack:
 
     # --- processes -----------------------------------------------------------------------------
 
-    @property
-    def names(self) -> list[str]:
-        """Every supervised process name, Redis included."""
-        return ["redis", *self.live.stack.procs]
-
     def respawn(self, name: str, args: Sequence[str]) -> None:
         """Start process ``name`` with ``args``, its output appended to ``logs/<name>.log``."""
         stack = self.live.stack
@@ -206,6 +214,8 @@ class ChaosStack:
             if server is None:
                 raise ValueError("the stack uses REDIS_URL: its Redis is not ours to restart")
             server.start()
+            if server.process is not None and name in self.live.stack.procs:
+                self.live.stack.procs[name] = server.process  # what the stack stops at exit
         else:
             self.respawn(name, self.live.stack.procs[name].args)
         self.restart_due.pop(name, None)
@@ -220,7 +230,7 @@ class ChaosStack:
             if now - self._last_restart.get(name, 0.0) < self.options.restart_backoff_s:
                 continue
             self.record.exits[name] += 1
-            self.respawn(name, proc.args)
+            self.restart(name)
 
     def bus(self, call: Callable[[], T], timeout_s: float = 60.0) -> T:
         """``call()`` on the bus, retried while Redis is unreachable (it may be restarting)."""
