@@ -34,7 +34,9 @@ from trainer.runs import AdapterRun
 
 
 def break_fencing() -> None:
-    def accepts_group(self: Fleet, adapter: str, registration_id: str, epoch: int, v: int) -> bool:
+    def accepts_group(
+        self: Fleet, adapter: str, registration_id: str, epoch: int, version: int
+    ) -> bool:
         return True
 
     def wants(self: AdapterRun, group: RolloutGroup) -> bool:

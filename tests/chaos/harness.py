@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -178,7 +179,7 @@ class ChaosStack:
         if trainer_command:
             old = live.stack.procs["trainer"]
             live.kill("trainer")
-            self.respawn("trainer", [*trainer_command, *old.args[4:]])
+            self.respawn("trainer", [*trainer_command, *_argv(old)[4:]])
 
     # --- processes -----------------------------------------------------------------------------
 
@@ -217,7 +218,7 @@ class ChaosStack:
             if server.process is not None and name in self.live.stack.procs:
                 self.live.stack.procs[name] = server.process  # what the stack stops at exit
         else:
-            self.respawn(name, self.live.stack.procs[name].args)
+            self.respawn(name, _argv(self.live.stack.procs[name]))
         self.restart_due.pop(name, None)
         self._last_restart[name] = time.monotonic()
 
@@ -344,7 +345,7 @@ class ChaosStack:
                     continue
             rid = new_id()  # chosen here, so a retried XADD registers once
             self.bus(
-                lambda p=plan, r=rid: self.live.producer.register(p.name, p.spec, registration_id=r)
+                partial(self.live.producer.register, plan.name, plan.spec, registration_id=rid)
             )
             pending.remove(plan)
             latest[plan.name] = rid
@@ -357,10 +358,9 @@ class ChaosStack:
             state = states.get(rid)
             if state is None or state.step < at:
                 continue
+            producer = self.live.producer
             self.bus(
-                lambda s=state: self.live.producer.deregister(
-                    s.name, registration_id=s.registration_id
-                )
+                partial(producer.deregister, state.name, registration_id=state.registration_id)
             )
             del cancels[rid]
             self.record.cancelled.add(rid)
@@ -413,6 +413,11 @@ class ChaosStack:
     def _read(self, stream: str, decoder: Decoder) -> list[tuple[str, Any]]:
         entries = self.bus(lambda: self.client.xrange(stream))
         return [(eid.decode(), decoder.decode(fields, eid.decode())) for eid, fields in entries]
+
+
+def _argv(proc: subprocess.Popen[bytes]) -> list[str]:
+    """The command line a process was started with (the stack starts every one from a list)."""
+    return [str(a) for a in proc.args]  # type: ignore[union-attr]
 
 
 def restore_checkpoints(

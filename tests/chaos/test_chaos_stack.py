@@ -90,7 +90,7 @@ def freeze_holding_groups(chaos: ChaosStack, timeout_s: float = 30.0) -> list[Ro
 def kill_trainer_once(at_step: int, *, frozen: bool) -> Callable[[ChaosStack, dict], None]:
     """An ``on_tick`` that kills the trainer (frozen while it holds groups, if asked) once the
     first two registrations both reached ``at_step``, and starts it again."""
-    done = []
+    done: list[bool] = []
 
     def tick(chaos: ChaosStack, states: dict) -> None:
         ids = [rid for _, rid in chaos.record.registrations[:2]]
