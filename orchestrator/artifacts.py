@@ -14,14 +14,25 @@ them as opaque bytes. A version directory is written under a temporary name and 
 ``adapter_config.json`` as the marker file on object stores, so a listed version is complete. A
 version written again (a trainer redoing a step after a crash) replaces the old directory; a
 crash between the two renames leaves the version missing, which readers see as gc'd. Versions
-are deleted only by :meth:`ArtifactStore.gc`; checkpoints are copies, never links into this
-store, so gc never breaks one. The checkpoint store is :mod:`orchestrator.checkpoint_store`.
+are deleted only by :meth:`ArtifactStore.delete_version` (the policy is
+:mod:`orchestrator.retention`'s, run by the checkpoint process); checkpoints are copies, never
+links into this store, so deleting a version never breaks one. The checkpoint store is
+:mod:`orchestrator.checkpoint_store`.
+
+Deleting is safe against a reader mid-load: on a local disk the version directory is first
+renamed to a temporary name (so it is no longer listed and its path no longer resolves) and
+then removed; a reader that opened its files before keeps reading them (POSIX), one that comes
+after finds nothing and fails with a clear "not found" (the rollout worker's load error, a
+failed task, retried by the trainer at a newer version). On object stores the marker file
+``adapter_config.json`` goes first, so the version stops being complete before its weights go.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -120,6 +131,65 @@ class ArtifactStore:
         """Complete versions of the registration, ascending (temporary directories excluded)."""
         return numbered(self._fs.names(self._fs.reg_dir(adapter, registration_id)), _VERSION_DIR)
 
+    def registrations(self) -> list[tuple[str, str]]:
+        """Every ``(adapter, registration_id)`` with a directory in the store, sorted (names
+        that are not safe names, and temporary directories, are skipped)."""
+        found = []
+        for adapter in self._fs.names(self._fs.root):
+            if not is_name(adapter) or adapter.startswith("."):
+                continue
+            for registration in self._fs.names(self._fs.join(adapter)):
+                if is_name(registration) and not registration.startswith("."):
+                    found.append((adapter, registration))
+        return found
+
+    def version_bytes(self, adapter: str, registration_id: str, version: int) -> int:
+        """Bytes the version's directory holds (0 when it does not exist)."""
+        path = f"{self._fs.reg_dir(adapter, registration_id)}/v{version:06d}"
+        return self._bytes(path)
+
+    def delete_version(self, adapter: str, registration_id: str, version: int) -> int:
+        """Delete one version (safe against readers: see the module doc); returns the bytes
+        freed, 0 when it was already gone (another process deleted it: idempotent)."""
+        parent = self._fs.reg_dir(adapter, registration_id)
+        path = f"{parent}/v{version:06d}"
+        size = self._bytes(path)
+        if self._fs.local:
+            doomed = f"{parent}/.tmp-gc-v{version:06d}-{uuid.uuid4().hex[:12]}"
+            try:
+                os.rename(path, doomed)
+            except FileNotFoundError:
+                return 0
+            self._fs.remove(doomed)
+            return size
+        if not self._fs.fs.exists(path):
+            return 0
+        marker = f"{path}/{ADAPTER_CONFIG}"
+        if self._fs.fs.exists(marker):
+            self._fs.fs.rm(marker)
+        self._fs.remove(path)
+        return size
+
+    def delete_registration(self, adapter: str, registration_id: str) -> int:
+        """Delete the registration's whole directory (every version and any temporary one);
+        returns the bytes freed. Only for a registration nobody writes to any more (ended)."""
+        path = self._fs.reg_dir(adapter, registration_id)
+        if not self._fs.fs.isdir(path):
+            return 0
+        freed = sum(
+            self.delete_version(adapter, registration_id, v)
+            for v in self.list_versions(adapter, registration_id)
+        )
+        rest = self._bytes(path)
+        self._fs.remove(path)
+        return freed + rest
+
+    def _bytes(self, path: str) -> int:
+        try:
+            return int(self._fs.fs.du(path, total=True)) if self._fs.fs.isdir(path) else 0
+        except FileNotFoundError:  # deleted meanwhile by another process
+            return 0
+
     def gc(
         self,
         adapter: str,
@@ -130,13 +200,13 @@ class ArtifactStore:
     ) -> list[int]:
         """Delete all but the newest ``keep_last`` versions and ``protect``; returns deleted ones.
 
-        Safe against the checkpointer: checkpoints are copies, never links into this store.
+        A plain count rule for tools and tests; the service's rule (staleness, checkpoints,
+        workers, saved paths) is :mod:`orchestrator.retention`'s.
         """
         if keep_last < 1:
             raise ConfigError(f"keep_last must be >= 1, got {keep_last}")
         versions = self.list_versions(adapter, registration_id)
         doomed = [v for v in versions[:-keep_last] if v not in protect]
-        parent = self._fs.reg_dir(adapter, registration_id)
         for v in doomed:
-            self._fs.remove(f"{parent}/v{v:06d}")
+            self.delete_version(adapter, registration_id, v)
         return doomed

@@ -29,6 +29,12 @@ fields ``checkpoint`` and ``export`` (:func:`orchestrator.status.checkpoint_effe
 the adapter's ``latest`` pointer names this checkpoint, so a redelivered old event or a late
 final of a previous registration never rolls status back).
 
+Bounded storage: the process's idle hook runs :class:`~orchestrator.housekeeping.Housekeeper`
+every ``housekeeping_interval_s``: it deletes the versions nothing needs any more
+(:mod:`orchestrator.retention`; this group's unacknowledged entries pin the versions they
+name), expires the status of ended registrations, caps the dead-letter stream, and snapshots
+and trims the control log (:mod:`orchestrator.compaction`). 1..N processes may run it.
+
 Failure policy: a crash after the rename but before the ack is redelivered, finds the verified
 step directory and only publishes (promotion is idempotent). A missing or inconsistent source
 version raises :class:`~events.errors.HandlerError` (retried, then dead-lettered with the reason).
@@ -54,7 +60,7 @@ import redis
 from events.adapter_format import STATE_JSON, AdapterFormatError, decode_training_state
 from events.bootstrap import EXIT_CONFIG, Bus, run_process
 from events.codec import Decoder, stamp
-from events.config import BusConfig, load
+from events.config import BusConfig, NonNegative, Positive, load
 from events.consumer import Consumer, Delivery, Subscription
 from events.effects import Effects
 from events.errors import ConfigError, HandlerError
@@ -73,8 +79,9 @@ from events.specs import AdapterSpec
 from events.streams import Streams
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.checkpoint_store import CheckpointRef, CheckpointStore
+from orchestrator.housekeeping import Housekeeper
 from orchestrator.lifecycle import AdapterState, Phase, transition
-from orchestrator.metrics import AdapterMetrics
+from orchestrator.metrics import AdapterMetrics, StorageMetrics
 from orchestrator.registrations import adopt
 from orchestrator.status import checkpoint_effects
 from orchestrator.storage import ArtifactError, StaleSource
@@ -336,6 +343,13 @@ class CheckpointConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     be the trainer's, so a deployment names them once for both, in ``MULTILORA_ARTIFACTS`` /
     ``MULTILORA_CHECKPOINTS`` (or the same flags as the trainer's). With
     ``bus.metrics_port`` it serves the bus and per-adapter series (``docs/OBSERVABILITY.md``).
+
+    Storage housekeeping (:mod:`orchestrator.housekeeping`; ``docs/ARCHITECTURE.md``,
+    "Storage"): a pass every ``housekeeping_interval_s`` (0: never); the control log is
+    compacted after ``compact_entries`` new entries or every ``compact_interval_s``; ended
+    registrations' status lives ``status_ttl_s``; the dead-letter stream keeps about
+    ``dead_maxlen`` letters; a control-log consumer group with no live consumer for
+    ``group_retention_s`` is destroyed.
     """
 
     bus: BusConfig = BusConfig()
@@ -347,6 +361,25 @@ class CheckpointConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         str,
         msgspec.Meta(description="where checkpoints go", extra={"flags": ("--checkpoints-root",)}),
     ]
+    housekeeping_interval_s: Annotated[
+        NonNegative, msgspec.Meta(description="seconds between storage passes (0: none)")
+    ] = 60.0
+    compact_entries: Annotated[
+        Positive, msgspec.Meta(description="compact the control log after this many entries")
+    ] = 10_000
+    compact_interval_s: Annotated[
+        NonNegative, msgspec.Meta(description="compact the control log at least this often")
+    ] = 600.0
+    status_ttl_s: Annotated[
+        Positive, msgspec.Meta(description="seconds an ended registration's status is kept")
+    ] = 7 * 24 * 3600
+    dead_maxlen: Annotated[
+        Positive, msgspec.Meta(description="dead letters kept (approximately)")
+    ] = 10_000
+    group_retention_s: Annotated[
+        Annotated[float, msgspec.Meta(gt=0)],
+        msgspec.Meta(description="seconds a control-log group may have no live consumer"),
+    ] = 24 * 3600.0
 
 
 def load_config(
@@ -375,8 +408,27 @@ def build(config: CheckpointConfig, bus: Bus) -> Consumer:
     )
     adapters = AdapterMetrics(bus.registry, known=process.stored)
     subscriptions = [process.subscription()]
+    idle = None
+    if config.housekeeping_interval_s > 0:
+        keeper = Housekeeper(
+            bus.client,
+            bus.streams,
+            process.artifacts,
+            checkpoint_group=GROUP,
+            interval_s=config.housekeeping_interval_s,
+            compact_interval_s=config.compact_interval_s,
+            compact_entries=config.compact_entries,
+            status_ttl_s=config.status_ttl_s,
+            dead_maxlen=config.dead_maxlen,
+            group_retention_s=config.group_retention_s,
+            metrics=StorageMetrics(bus.registry),
+        )
+        idle = keeper.on_idle
     return bus.consumer(
-        subscriptions, process.handle, observers=[adapters.observer(bus.streams.control)]
+        subscriptions,
+        process.handle,
+        observers=[adapters.observer(bus.streams.control)],
+        on_idle=idle,
     )
 
 

@@ -9,6 +9,10 @@ that decodes but that admission refuses gets the same pair: the trainer publishe
 and commits :func:`events.consumer.dead_letter_effects` (the runtime's own record) with it. So
 every bad registration leaves a dead letter an operator can fix and re-publish, and a rejection
 the tenant can read in ``multilora status``.
+
+The dead-letter stream is capped: :func:`dead_letter_effects` adds ``MAXLEN ~ DEAD_MAXLEN``
+(10,000 by default) to its ``XADD``, so the oldest letters go first; the checkpoint process
+trims it to the same cap on a timer, which also covers the runtime's own dead letters.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ import re
 from typing import Any
 
 from events.codec import Decoder, stamp
-from events.consumer import Subscription, dead_letter_effects
+from events.consumer import Delivery, Subscription
+from events.consumer import dead_letter_effects as _runtime_dead_letter
 from events.effects import Effects
 from events.schema import IngressEvent, Rejected
 from events.specs import ADAPTER_NAME_RULE, REGISTRATION_ID_RULE
 from events.streams import EVENT_FIELD, Streams
 from orchestrator.status import has_status, invalid_entry_name
+
+DEAD_MAXLEN = 10_000
+"""Dead letters kept (approximately: ``MAXLEN ~``); older ones are trimmed."""
 
 MAX_BYTES = 1 << 16
 """Largest ingress entry (64 KiB); the decoder refuses bigger ones (the only size check)."""
@@ -34,9 +42,35 @@ _NAMED_FIELD = re.compile(r"^(?:invalid event: )?(?P<field>[a-z_][a-z0-9_.]*) = 
 """A ``__post_init__`` message names its field first (see :mod:`events.specs`)."""
 _FIXES = {"adapter": ADAPTER_NAME_RULE, "registration_id": REGISTRATION_ID_RULE}
 """How to fix a value whose pattern msgspec names only as a regex."""
-__all__ = ["MAX_BYTES", "dead_letter_effects", "ingress_subscription", "invalid_rejection"]
+__all__ = [
+    "DEAD_MAXLEN",
+    "MAX_BYTES",
+    "dead_letter_effects",
+    "ingress_subscription",
+    "invalid_rejection",
+]
 _PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 _MAX_SHOWN = 80
+
+
+def dead_letter_effects(
+    streams: Streams,
+    d: Delivery[Any],
+    reason: str,
+    *,
+    consumer: str,
+    now: float,
+    maxlen: int = DEAD_MAXLEN,
+) -> Effects:
+    """:func:`events.consumer.dead_letter_effects` (the one dead-letter record), its ``XADD``
+    capped at about ``maxlen`` letters."""
+    if maxlen < 1:
+        raise ValueError(f"maxlen must be >= 1, got {maxlen}")
+    effects = _runtime_dead_letter(streams, d, reason, consumer=consumer, now=now)
+    for command in effects.commands:
+        if command[:2] == ["XADD", streams.dead]:
+            command[2:2] = ["MAXLEN", "~", str(maxlen)]
+    return effects
 
 
 def ingress_subscription(

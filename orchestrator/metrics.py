@@ -358,3 +358,46 @@ class _ControlObserver:
     def dead_lettered(self, delivery: Delivery, reason: str) -> None: ...
 
     def reclaimed(self, subscription: Subscription, count: int) -> None: ...
+
+
+class StorageMetrics:
+    """Series of the checkpoint process's storage housekeeping (:mod:`orchestrator.housekeeping`):
+
+    ==============================================  =======  =================================
+    ``multilora_gc_versions_deleted_total``         counter  adapter versions deleted
+    ``multilora_gc_bytes_deleted_total``            counter  bytes those versions held
+    ``multilora_control_log_trimmed_total``         counter  control-log entries trimmed
+    ``multilora_control_snapshot_entries``          gauge    control entries the newest
+                                                             snapshot covers
+    ``multilora_control_groups_destroyed_total``    counter  vanished consumer groups destroyed
+    ``multilora_status_expiring_total``             counter  status hashes given a TTL
+    ==============================================  =======  =================================
+
+    No ``adapter`` label: the per-adapter series are :class:`AdapterMetrics`'.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, registry=registry)
+
+        self.versions_deleted = counter(
+            "multilora_gc_versions_deleted_total", "Adapter versions deleted by retention."
+        )
+        self.bytes_deleted = counter(
+            "multilora_gc_bytes_deleted_total", "Bytes of the adapter versions deleted."
+        )
+        self.trimmed = counter(
+            "multilora_control_log_trimmed_total", "Control-log entries trimmed after a snapshot."
+        )
+        self.groups_destroyed = counter(
+            "multilora_control_groups_destroyed_total",
+            "Consumer groups of the control log destroyed (no live consumer for the window).",
+        )
+        self.expiring = counter(
+            "multilora_status_expiring_total", "Status hashes of ended registrations given a TTL."
+        )
+        self.snapshot_entries = Gauge(
+            "multilora_control_snapshot_entries",
+            "Control-log entries the newest snapshot covers.",
+            registry=registry,
+        )

@@ -38,6 +38,17 @@ characters: a rejected junk name) get no hash.
 An ingress entry that did not decode is reported under the adapter name its JSON gives, when it
 gives a usable one, else under :func:`invalid_entry_name` (``<invalid:ENTRY_ID>``): one key per
 entry, so one bad entry never hides another, and never a valid adapter name.
+
+Expiry (:func:`expire_status`, run by the checkpoint process on a timer): the hash of a name
+whose shown registration ended (:func:`~orchestrator.lifecycle.is_ended`) gets a TTL
+(``STATUS_TTL_S``, a week, by default) the first time the sweep sees it so; the expiry is set
+by a script only while the hash still shows that registration, so a new registration the
+trainer wrote meanwhile is never given it. A name whose shown registration is live has any TTL
+removed (``PERSIST``): a name registered again keeps its new status. Names whose hash expired
+leave the index set (again by a script, only while the hash is absent). The trainer's own
+writes do not touch the TTL, so between a re-registration and the next sweep (its interval, a
+minute by default) the hash may still carry the old TTL; it expires only if that TTL ran out
+in that window, and the trainer's next write recreates it.
 """
 
 from __future__ import annotations
@@ -52,7 +63,10 @@ from events.errors import SchemaError
 from events.schema import CheckpointSaved, Exported, Synced
 from events.streams import Streams
 from orchestrator.fleet import Fleet
-from orchestrator.lifecycle import AdapterState, Phase
+from orchestrator.lifecycle import AdapterState, Phase, is_ended
+
+STATUS_TTL_S = 7 * 24 * 3600
+"""How long the status of an ended registration stays readable (a week)."""
 
 MAX_STATUS_NAME = 256
 """Longest adapter name that gets a status hash (valid names have at most 63 characters)."""
@@ -353,3 +367,50 @@ def _text(value: Any) -> str:
 
 def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --- expiry ------------------------------------------------------------------------------------
+
+_EXPIRE_IF_SHOWN = """
+if redis.call('HGET', KEYS[1], 'registration_id') ~= ARGV[1] then return 0 end
+if redis.call('TTL', KEYS[1]) ~= -1 then return 0 end
+return redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+_UNINDEX_IF_GONE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+return redis.call('SREM', KEYS[2], ARGV[1])
+"""
+
+
+class Expiry(msgspec.Struct, frozen=True, kw_only=True):
+    """What one :func:`expire_status` did, by adapter name."""
+
+    expiring: tuple[str, ...] = ()
+    persisted: tuple[str, ...] = ()
+    unindexed: tuple[str, ...] = ()
+
+
+def expire_status(
+    client: redis.Redis, streams: Streams, fleet: Fleet, *, ttl_s: int = STATUS_TTL_S
+) -> Expiry:
+    """Give ended registrations' status hashes a TTL, remove it from live ones, and drop
+    expired names from the index (see the module docstring). ``fleet`` is the fold of the
+    control log; a name it does not know is left alone."""
+    if ttl_s < 1:
+        raise ValueError(f"ttl_s must be >= 1 second, got {ttl_s}")
+    names = sorted(_str(n) for n in client.smembers(streams.status_index))  # type: ignore[union-attr]
+    expiring, persisted, unindexed = [], [], []
+    for name in names:
+        key = streams.status(name)
+        state = fleet.current(name)
+        if not client.exists(key):
+            if client.eval(_UNINDEX_IF_GONE, 2, key, streams.status_index, name):
+                unindexed.append(name)
+        elif state is None:
+            continue
+        elif is_ended(state):
+            if client.eval(_EXPIRE_IF_SHOWN, 1, key, state.registration_id, ttl_s):
+                expiring.append(name)
+        elif client.persist(key):
+            persisted.append(name)
+    return Expiry(expiring=tuple(expiring), persisted=tuple(persisted), unindexed=tuple(unindexed))
