@@ -13,6 +13,7 @@ Tenants and operators::
     multilora up [--workers N] [--schedule FILE]   # embedded Redis + all processes, locally
     multilora cluster up|scale|status|down         # the same processes as Ray actors
     multilora submit adapter.toml | cancel NAME | status | watch | events tail
+    multilora storage [--json]                     # bytes per adapter, Redis memory, streams
     multilora run schedule.toml                    # one-time mode: exits when all are done
     multilora plot --out runs/curves.png           # reward/loss curves from step_done events
     multilora demo --model models/smollm2-135m     # the README's demo
@@ -219,6 +220,12 @@ def cmd_run(argv: Sequence[str]) -> int:
     return run_schedule_against(client, streams, args.schedule, timeout_s=args.timeout_s)
 
 
+def cmd_storage(argv: Sequence[str]) -> int:
+    from ops.storage_report import cmd_storage as storage
+
+    return storage(argv)
+
+
 def cmd_demo(argv: Sequence[str]) -> int:
     from ops.demo import main
 
@@ -241,6 +248,7 @@ COMMANDS = {
     "submit": cmd_submit,
     "cancel": cmd_cancel,
     "status": cmd_status,
+    "storage": cmd_storage,
     "watch": cmd_watch,
     "events": cmd_events,
     "run": cmd_run,
