@@ -250,13 +250,13 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
 
 
 def step_windows(
-    bus: Bus, control: list[tuple[str, Any]], loop_s: float
+    bus: Bus, control: list[tuple[str, Any]], after_s: float
 ) -> tuple[list[float], list[float]]:
     """Per trainer step: from ``ready`` to the trainer's loop picking it up (``started_at``),
     and from ``ready`` to its handler holding the step's last group (``ready_at``), seconds
     (see the module doc). A trainer step is the set of ``step_done`` with one
-    ``started_at``; ``loop_s`` is the loop's mean time from a step's start until it can start
-    the next one."""
+    ``started_at``; the loop is free again ``step_s`` (its own, a ``step_done`` metric) plus
+    ``after_s`` (the mean rest of a step and its tail) after it started."""
     arrivals: dict[tuple[str, int, int], float] = {}
     for eid, g in bus.groups():
         key = (g.registration_id, g.epoch, g.step)
@@ -274,7 +274,7 @@ def step_windows(
             dispatch.append(started - ready)
             held = max(e.metrics.get("ready_at", started) for e in events)
             read.append(max(0.0, held - ready))
-        free = started + loop_s
+        free = started + max(e.metrics.get("step_s", 0.0) for e in events) + after_s
     return dispatch, read
 
 
@@ -286,7 +286,9 @@ def control_plane(
     mean = {phase: total / max(1, n) for phase, (total, n) in timings.items()}
     compute = mean["forward_backward"] + mean["optimizer"]
     publish, tail = mean["publish"], mean["tail"]
-    dispatch_s, read_s = step_windows(bus, control, compute + publish + tail)
+    step_s = [e.metrics["step_s"] for _, e in control if isinstance(e, StepDone)]
+    packing = max(0.0, statistics.fmean(step_s) - compute) if step_s else 0.0
+    dispatch_s, read_s = step_windows(bus, control, max(0.0, publish - packing) + tail)
     dispatch = statistics.fmean(dispatch_s) if dispatch_s else 0.0
     window = dispatch + compute + publish + tail
     return {
