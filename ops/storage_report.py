@@ -27,7 +27,8 @@ from collections.abc import Mapping, Sequence
 import msgspec
 import redis
 
-from events.config import DEFAULT_ARTIFACTS, DEFAULT_CHECKPOINTS
+from events.config import DEFAULT_ARTIFACTS, DEFAULT_CHECKPOINTS, BusConfig, add_flags, load
+from events.connection import connect
 from events.streams import Streams
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.checkpoint_store import CheckpointStore
@@ -176,23 +177,29 @@ def render(report: StorageReport) -> str:
 
 
 def cmd_storage(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
-    """``multilora storage [--json] [--artifacts-root URL] [--checkpoints-root URL]``."""
-    from ops.cli import _tenant
-
+    """``multilora storage [--json] [--artifacts-root URL] [--checkpoints-root URL]`` plus the
+    bus target (``--redis-url``, ``--namespace``), read like every tenant command's."""
     env = os.environ if environ is None else environ
-
-    def declare(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--json", action="store_true", help="print the report as JSON")
-        p.add_argument(
-            "--artifacts-root", default=env.get("MULTILORA_ARTIFACTS", DEFAULT_ARTIFACTS)
-        )
-        p.add_argument(
-            "--checkpoints-root", default=env.get("MULTILORA_CHECKPOINTS", DEFAULT_CHECKPOINTS)
-        )
-
-    args, client, streams = _tenant("multilora storage", argv, declare)
-    report = storage_report(
-        client, streams, artifacts=args.artifacts_root, checkpoints=args.checkpoints_root
+    p = argparse.ArgumentParser(prog="multilora storage", description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--artifacts-root", default=env.get("MULTILORA_ARTIFACTS", DEFAULT_ARTIFACTS))
+    p.add_argument(
+        "--checkpoints-root", default=env.get("MULTILORA_CHECKPOINTS", DEFAULT_CHECKPOINTS)
     )
+    add_flags(p, BusConfig, only=("redis_url", "namespace"))
+    p.set_defaults(redis_url=None, namespace=None)
+    args = p.parse_args(argv)
+    given = {k: getattr(args, k) for k in ("redis_url", "namespace") if getattr(args, k)}
+    bus = load(BusConfig, role="client", argv=[], environ=env, overrides=given)
+    client = connect(bus.redis_url)
+    try:
+        report = storage_report(
+            client,
+            Streams(bus.namespace),
+            artifacts=args.artifacts_root,
+            checkpoints=args.checkpoints_root,
+        )
+    finally:
+        client.close()
     print(msgspec.json.encode(report).decode() if args.json else render(report))
     return 0
