@@ -19,10 +19,12 @@ processes that exit on their own (``exits``): they are restarted at most once pe
 runs, which the harness never calls: restarts are the harness's alone, so they are counted.)
 
 Three observer consumer groups that never read (on the control log, ``rollout.tasks`` and
-``rollout.groups``) keep every entry readable: trimming never passes a group's last-delivered
-id. :meth:`ChaosStack.history` reads the run back as a :class:`tests.chaos.history.History`,
-with every existing checkpoint verified against its manifest and restored into a fresh slot
-through the trainer's own restore path (:func:`restore_checkpoints`).
+``rollout.groups``) keep every entry readable: trimming (:mod:`events.trim`, the control log's
+compaction) never passes a group's floor, and a consumer-less group is destroyed only after
+``events.trim.GroupJanitor``'s retention (a day), far longer than any chaos run.
+:meth:`ChaosStack.history` reads the run back as a :class:`tests.chaos.history.History`, with
+every existing checkpoint verified against its manifest and restored into a fresh slot through
+the trainer's own restore path (:func:`restore_checkpoints`).
 """
 
 from __future__ import annotations
