@@ -11,7 +11,9 @@ printed as a table and written as JSON: ``duration_s``, ``kills`` (per process k
 (processes that died on their own and were restarted), ``adapters``, ``steps_applied``,
 ``lost``, ``applied_twice``, ``stale_trained``, ``max_artifact_bytes`` (sampled every second;
 ``--max-artifact-bytes`` > 0 makes it a checked bound), ``violations`` (per kind, and the
-first ones in full), ``date``, ``command``.
+first ones in full), ``date``, ``command``. Version GC runs in the checkpointer's storage pass,
+first ``housekeeping_interval_s`` (60 s) after the process starts, so a checkpointer killed more
+often than that never collects: ``--housekeeping-interval-s`` shortens the period.
 
 Usage::
 
@@ -36,6 +38,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from events.specs import AdapterSpec
 from ops.launch import Stack
@@ -115,6 +119,10 @@ def run(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         wait_for_finals=not args.broken,
     )
     stack_opts = chaos_stack_options(run_dir / "stack", "chaos", data, model)
+    if args.housekeeping_interval_s:
+        every = ("--housekeeping-interval-s", str(args.housekeeping_interval_s))
+        extra = {**stack_opts.extra_args, "checkpoint": every}
+        stack_opts = msgspec.structs.replace(stack_opts, extra_args=extra)
     broken = (
         [sys.executable, "-m", "tests.chaos.broken_trainer", "--break", args.broken, "trainer"]
         if args.broken
@@ -160,6 +168,7 @@ def run(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         "first_violations": [str(v) for v in verdict.violations[:10]],
         "ok": verdict.ok and finished,
         "seed": args.seed,
+        "housekeeping_interval_s": args.housekeeping_interval_s or None,
         "victims": list(victims),
         "broken": args.broken or None,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -199,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-gap-s", type=float, nargs=2, default=(3.0, 8.0), metavar=("LO", "HI"))
     p.add_argument("--steps", type=int, default=20, help="budget of a wave's main adapters")
     p.add_argument("--max-artifact-bytes", type=int, default=0, help="the bound (0: report)")
+    p.add_argument(
+        "--housekeeping-interval-s",
+        type=float,
+        default=0.0,
+        help="the checkpointer's storage pass period (0: its default)",
+    )
     p.add_argument(
         "--break", dest="broken", default="", choices=("", "no-epoch-check", "lose-version-write")
     )
