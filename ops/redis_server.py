@@ -12,14 +12,16 @@ acknowledged), ``maxmemory-policy noeviction`` and no RDB snapshots, in its own 
 loopback only.
 
 Access control (``auth=True``; :func:`resolve_server` and :func:`resolve_access`, which start the
-server of ``multilora up``, always use it): the ``default`` user is off, so a client must
-authenticate. On first start the server's data directory (mode 0700) gets ``credentials.json``
-(mode 0600: the admin password and every role user's password, in the clear, for building URLs)
-and ``users.acl`` (the server's ``aclfile``: the same users with hashed passwords). The server
-loads ``users.acl`` at every start, and provisioning saves into it (``ACL SAVE``), so a server
-killed and restarted on the same directory comes back with the same users and passwords.
+server of ``multilora up``, always use it): the ``default`` user is the admin and has a password,
+so a client must authenticate (it must be ``default``: the server replays the AOF's transactions as
+that user, see :func:`_acl_file_text`). On first start the server's data directory (mode 0700) gets
+``credentials.json`` (mode 0600: the admin password and every role user's password, in the clear,
+for building URLs) and ``users.acl`` (the server's ``aclfile``: the same users with hashed
+passwords). The server loads ``users.acl`` at every start, and provisioning saves into it (``ACL
+SAVE``), so a server killed and restarted on the same directory comes back with the same users and
+passwords.
 
-- :attr:`RedisServer.url` is the admin's URL (``redis://admin:<pw>@127.0.0.1:<port>/0``), what
+- :attr:`RedisServer.url` is the admin's URL (``redis://default:<pw>@127.0.0.1:<port>/0``), what
   :func:`resolve_server` returns, as it always did: existing callers keep working.
 - :meth:`RedisServer.access` provisions the role users of one namespace (:mod:`events.acl`,
   users ``<namespace>.<role>``) and returns a :class:`ServerAccess`, whose
@@ -52,7 +54,7 @@ from events.acl import ROLES, SERVICE_ROLES, Role, provision, user_name
 from events.errors import BusError, ConfigError
 from events.streams import Streams
 
-ADMIN_USER = "admin"
+ADMIN_USER = "default"
 """The embedded server's administrator (every key and command; provisions the role users)."""
 CREDENTIALS_FILE = "credentials.json"
 ACL_FILE = "users.acl"
@@ -165,9 +167,13 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _acl_file_text(admin_password: str) -> str:
-    """A fresh ``users.acl``: ``default`` off, the admin with every key, channel and command."""
+    """A fresh ``users.acl``: the admin is the ``default`` user, with every key, channel and
+    command, behind its password (``requirepass``, in ACL terms). It must be ``default``: the
+    server replays the AOF's transactions (every Lua commit) as the default user, so a default
+    user without every permission would drop them on a restart (``NOPERM``): acknowledged events
+    lost."""
     digest = hashlib.sha256(admin_password.encode()).hexdigest()
-    return f"user default off resetchannels -@all\nuser {ADMIN_USER} on #{digest} ~* &* +@all\n"
+    return f"user {ADMIN_USER} on #{digest} ~* &* +@all\n"
 
 
 def _url(host: str, port: int, user: str, password: str) -> str:

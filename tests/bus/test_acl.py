@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -474,7 +475,7 @@ def test_resolve_server_and_resolve_access(
     url, server = resolve_server(tmp_path / "a")
     assert server is not None
     try:
-        assert urlsplit(url).username == "admin" and connect(url).ping()
+        assert urlsplit(url).username == "default" and connect(url).ping()
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host="127.0.0.1", port=server.port).ping()
     finally:
@@ -598,3 +599,27 @@ def test_the_security_doc_shows_the_current_lines() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "SECURITY.md").read_text()
     for line in operator_lines(Streams("multilora")):
         assert line in doc.splitlines(), f"regenerate docs/SECURITY.md: {line[:60]}..."
+
+
+def test_a_killed_server_replays_every_lua_commit_under_access_control(tmp_path: Path) -> None:
+    """The bus commits through Lua scripts, which the AOF holds as MULTI/EXEC blocks; a server
+    with access control replays them as the ``default`` user after a crash, so that user must be
+    the unrestricted admin — with a restricted ``default`` the replay drops every one."""
+    server = RedisServer(tmp_path / "redis", auth=True).start()
+    client = redis.Redis.from_url(server.url)
+    commit = client.register_script(
+        "redis.call('XADD', KEYS[1], '*', 'n', ARGV[1]); redis.call('SET', KEYS[2], ARGV[1])"
+    )
+    for i in range(20):
+        commit(keys=["ns:stream", f"ns:k{i}"], args=[i])
+    time.sleep(1.2)  # appendfsync everysec
+    assert server.process is not None
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    again = RedisServer(tmp_path / "redis", auth=True, port=server.port).start()
+    try:
+        replayed = redis.Redis.from_url(again.url)
+        assert replayed.xlen("ns:stream") == 20
+        assert replayed.get("ns:k19") == b"19"
+    finally:
+        again.close()

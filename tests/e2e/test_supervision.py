@@ -122,12 +122,6 @@ def test_a_frozen_trainer_shows_dead_in_status_then_alive_again(
     assert read_supervisor(live.client, live.streams)["trainer"].restarts == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the embedded Redis runs with ACL users; on restart its AOF load refuses every "
-    "MULTI/EXEC block (NOPERM, see run/redis/server.log), so acknowledged state is lost and the "
-    "trainer's commit is refused: ops.redis_server must make the AOF replay under ACLs",
-)
 def test_up_restarts_a_killed_redis_and_every_process_keeps_running(
     live_stack: Callable[..., LiveStack], data_dir: Path
 ) -> None:
