@@ -595,16 +595,29 @@ class Consumer:
             log.warning("could not mark the heartbeat of %s stopped (%s)", self.name, exc)
 
 
+DEAD_MAXLEN = 10_000
+"""About how many dead letters the stream keeps (``XADD ... MAXLEN ~``): the newest ones."""
+
+
 def dead_letter_effects(
-    streams: Streams, d: Delivery[Any], reason: str, *, consumer: str, now: float
+    streams: Streams,
+    d: Delivery[Any],
+    reason: str,
+    *,
+    consumer: str,
+    now: float,
+    maxlen: int = DEAD_MAXLEN,
 ) -> Effects:
     """The write that moves delivery ``d`` to the dead-letter stream with ``reason``.
 
     One :class:`~events.schema.DeadLetter` record (original fields verbatim under ``payload``,
     so an operator can fix the cause and re-publish) for every dead letter: the runtime's own
     (undecodable, or failed ``max_deliveries`` times) and a handler's that refuses an entry it
-    decoded (admission's rejections), committed with the entry's ack.
+    decoded (admission's rejections), committed with the entry's ack. The stream is capped at
+    about ``maxlen`` letters.
     """
+    if maxlen < 1:
+        raise ValueError(f"maxlen must be >= 1, got {maxlen}")
     letter = DeadLetter(
         stream=d.subscription.stream,
         group=d.subscription.group,
@@ -615,7 +628,9 @@ def dead_letter_effects(
         time=now,
         payload=d.fields,
     )
-    return Effects().command("XADD", streams.dead, "*", "dead", msgspec.json.encode(letter))
+    return Effects().command(
+        "XADD", streams.dead, "MAXLEN", "~", maxlen, "*", "dead", msgspec.json.encode(letter)
+    )
 
 
 def _retrying(call: Callable[[], Any], stop: threading.Event, timeout_s: float = 120.0) -> Any:

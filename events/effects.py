@@ -21,8 +21,19 @@ from events.codec import encode
 
 _ALLOWED = frozenset(
     {
-        "XADD", "HSET", "HSETNX", "HDEL", "SET", "DEL", "SADD", "SREM",
-        "INCRBY", "HINCRBY", "EXPIRE", "ZADD",
+        "XADD",
+        "HSET",
+        "HSETNX",
+        "HDEL",
+        "SET",
+        "DEL",
+        "SADD",
+        "SREM",
+        "INCRBY",
+        "HINCRBY",
+        "EXPIRE",
+        "PERSIST",
+        "ZADD",
     }
 )
 

@@ -31,6 +31,7 @@ from events.errors import ConfigError
 from events.metrics import MetricsServer, metrics_registry, start_metrics_server
 from events.schema import CheckpointSaved, ControlEvent
 from events.streams import Streams
+from events.trim import older
 from ops.redis_server import RedisServer, resolve_server
 from ops.specfile import load_adapter, load_schedule
 from ops.supervise import (
@@ -42,7 +43,9 @@ from ops.supervise import (
     Supervisor,
 )
 from orchestrator.client import Producer
+from orchestrator.compaction import READER_SLOTS, fold
 from orchestrator.lifecycle import AdapterState, is_ended, registration_key, transition
+from orchestrator.status import ArtifactRef
 
 
 def _doc(text: str) -> msgspec.Meta:
@@ -285,6 +288,10 @@ class LogFollower:
     """The lifecycle state of every registration, kept current by folding new control-log
     entries through :func:`orchestrator.lifecycle.transition` (the one view of the log), plus
     which registrations have their final checkpoint (``checkpoint_saved(final)``, not lifecycle).
+
+    It starts from the control log's snapshot (:func:`orchestrator.compaction.fold`) and starts
+    over from it when the log was trimmed past what it had read; final checkpoints older than
+    the snapshot come from the status hashes (their ``checkpoint`` field).
     """
 
     def __init__(self, client: redis.Redis, streams: Streams) -> None:
@@ -292,11 +299,35 @@ class LogFollower:
         self.streams = streams
         self.states: dict[str, AdapterState] = {}
         self.final_checkpoints: set[str] = set()
-        self._last = "-"
+        self._last = ""
         self._decoder = Decoder(ControlEvent)
+
+    def _start_over(self) -> None:
+        folded = fold(self.client, self.streams, READER_SLOTS)
+        self.states = {s.registration_id: s for s in folded.fleet.states()}
+        self._last = folded.last_id
+        for state in self.states.values():
+            raw = self.client.hget(self.streams.status(state.name), "checkpoint")
+            if raw:
+                ref = msgspec.json.decode(raw, type=ArtifactRef)
+                if ref.final and ref.registration_id == state.registration_id:
+                    self.final_checkpoints.add(ref.registration_id)
+
+    def _trimmed_past(self) -> bool:
+        """Entries after the last one read were trimmed (the stream's newest deleted id, which
+        only trimming sets, is past it)."""
+        try:
+            info = self.client.xinfo_stream(self.streams.control)
+        except redis.ResponseError:  # no stream yet
+            return False
+        deleted = info.get("max-deleted-entry-id", b"0-0")
+        deleted = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
+        return older(self._last, deleted)
 
     def refresh(self) -> dict[str, AdapterState]:
         """Fold the entries added since the last call; returns the states by registration id."""
+        if not self._last or self._trimmed_past():
+            self._start_over()
         while True:
             entries = self.client.xrange(self.streams.control, min=self._last, count=1000)
             entries = [(i, f) for i, f in entries if i.decode() != self._last]

@@ -22,16 +22,13 @@ import re
 from typing import Any
 
 from events.codec import Decoder, stamp
-from events.consumer import Delivery, Subscription
+from events.consumer import DEAD_MAXLEN, Delivery, Subscription
 from events.consumer import dead_letter_effects as _runtime_dead_letter
 from events.effects import Effects
 from events.schema import IngressEvent, Rejected
 from events.specs import ADAPTER_NAME_RULE, REGISTRATION_ID_RULE
 from events.streams import EVENT_FIELD, Streams
 from orchestrator.status import has_status, invalid_entry_name
-
-DEAD_MAXLEN = 10_000
-"""Dead letters kept (approximately: ``MAXLEN ~``); older ones are trimmed."""
 
 MAX_BYTES = 1 << 16
 """Largest ingress entry (64 KiB); the decoder refuses bigger ones (the only size check)."""
@@ -64,13 +61,7 @@ def dead_letter_effects(
 ) -> Effects:
     """:func:`events.consumer.dead_letter_effects` (the one dead-letter record), its ``XADD``
     capped at about ``maxlen`` letters."""
-    if maxlen < 1:
-        raise ValueError(f"maxlen must be >= 1, got {maxlen}")
-    effects = _runtime_dead_letter(streams, d, reason, consumer=consumer, now=now)
-    for command in effects.commands:
-        if command[:2] == ["XADD", streams.dead]:
-            command[2:2] = ["MAXLEN", "~", str(maxlen)]
-    return effects
+    return _runtime_dead_letter(streams, d, reason, consumer=consumer, now=now, maxlen=maxlen)
 
 
 def ingress_subscription(

@@ -176,6 +176,8 @@ def status_effects(
     absent = [k for k, v in fields.items() if v is None]
     if absent:
         effects.command("HDEL", key, *absent)
+    if not is_ended(state):  # a name registered again keeps its status (no expiry pending)
+        effects.command("PERSIST", key)
     return effects.command("SADD", streams.status_index, state.name)
 
 

@@ -342,7 +342,10 @@ class WeightsFetcher:
                     raise WeightsError(str(err)) from err
             if not weights.is_file():
                 raise WeightsError(f"{weights} not found; the published version is incomplete")
-            return local, file_sha256(weights)
+            try:
+                return local, file_sha256(weights)
+            except OSError as err:  # deleted while read (a version retired by GC)
+                raise WeightsError(f"{weights} not found while read ({err}); retry") from err
         return self._copy(uri, name, version)
 
     def _copy(self, uri: str, name: str, version: int) -> tuple[Path, str]:

@@ -16,12 +16,13 @@ from pathlib import Path
 from events.bootstrap import EXIT_CONFIG, Bus, run_process
 from events.consumer import Consumer
 from events.errors import ConfigError
+from orchestrator.compaction import READER_SLOTS, load_fleet
 from rollout.backend import GenerationBackend, WeightsFetcher
 from rollout.config import RolloutConfig, load_config
 from rollout.metrics import RolloutMetrics
 from rollout.reward_builtins import builtin_registry
 from rollout.rewards import RemoteScorer, RewardRegistry
-from rollout.worker import RolloutWorker, last_entry_id
+from rollout.worker import RolloutWorker
 
 
 def build_backend(config: RolloutConfig) -> GenerationBackend:
@@ -73,6 +74,7 @@ def build(config: RolloutConfig, bus: Bus) -> Consumer:
         from rollout.reward_queue import RQRewardRunner
 
         remote = RQRewardRunner(bus.client, bus.streams.key("rewards"), config.reward_timeout_s)
+    fleet, history_until = load_fleet(bus.client, bus.streams, READER_SLOTS)
     worker = RolloutWorker(
         name=bus.name,
         streams=bus.streams,
@@ -83,9 +85,10 @@ def build(config: RolloutConfig, bus: Bus) -> Consumer:
         allowed_roots=[Path(r) for r in config.allowed_roots],
         max_prompt_tokens=config.max_prompt_tokens,
         reward_call_timeout_s=config.reward_call_timeout_s,
-        history_until=last_entry_id(bus.client, bus.streams.control),
+        history_until=history_until,
         metrics=RolloutMetrics(bus.registry),
     )
+    worker.seed(fleet)
     return bus.consumer(
         worker.subscriptions(), worker.handle, count=1, max_in_flight=config.prefetch + 1
     )

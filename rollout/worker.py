@@ -93,6 +93,7 @@ from events.schema import (
 )
 from events.specs import DatasetSpec, RewardSpec
 from events.streams import Streams
+from orchestrator.fleet import Fleet
 from orchestrator.lifecycle import (
     TRAINING,
     WAITING,
@@ -264,6 +265,14 @@ class RolloutWorker:
         self._epochs_ahead: dict[str, int] = {}  # registration id -> newest epoch of a task
         self._sources = _Lru(cache_size)
         self._rewards = _Lru(cache_size)
+
+    def seed(self, fleet: Fleet) -> None:
+        """Start the lifecycle view from ``fleet`` (the control log's snapshot and the entries
+        after it: :func:`orchestrator.compaction.load_fleet`), so a replica started after the
+        log was trimmed still knows every registration; the log's own entries then fold on top
+        (a state already known is kept)."""
+        for state in fleet.states():
+            self.states.setdefault(state.registration_id, state)
 
     def subscriptions(self) -> list[Subscription]:
         """Control log (own group, from the start) and the task queue (shared group)."""

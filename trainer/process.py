@@ -54,7 +54,6 @@ from events.errors import MultiLoraError
 from events.schema import (
     Admitted,
     Completed,
-    ControlEvent,
     DeregisterRequested,
     ForwardBackward,
     GroupEvent,
@@ -73,6 +72,7 @@ from events.streams import Streams
 from orchestrator.admission import Admission, Reject
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.checkpoint_store import load_latest
+from orchestrator.compaction import load_fleet
 from orchestrator.cursor import DataCursor
 from orchestrator.fleet import Fleet
 from orchestrator.ingress import dead_letter_effects, ingress_subscription
@@ -200,10 +200,9 @@ class TrainerProcess:
     # --- recovery ----------------------------------------------------------------------------
 
     def recover(self) -> Effects:
-        """Rebuild the fleet from the control log; resume live adapters under a new epoch."""
-        decoder = Decoder(ControlEvent)
-        for entry_id, fields in self.client.xrange(self.streams.control):
-            self.fleet = self.fleet.apply(decoder.decode(fields, entry_id.decode()))
+        """Rebuild the fleet from the control log (its snapshot, then the entries after it);
+        resume live adapters under a new epoch."""
+        self.fleet, _ = load_fleet(self.client, self.streams, self.model.num_slots)
         effects = Effects()
         for state in self.fleet.live():
             if state.slot is None:

@@ -79,7 +79,8 @@ def test_status_effects_write_trainer_fields_and_drop_absent_ones() -> None:
     assert fields["phase"] == "registered" and fields["queue_position"] == "3"
     assert fields["steps_total"] == "3" and fields["registered_at"] == "10.0"
     assert effects.commands[1] == ["HDEL", "ns:status:a", "slot", "reward_mean"]
-    assert effects.commands[2] == ["SADD", "ns:status", "a"]
+    assert effects.commands[2] == ["PERSIST", "ns:status:a"]  # live: no expiry pending
+    assert effects.commands[3] == ["SADD", "ns:status", "a"]
     junk = Fleet(1).apply(Rejected(adapter="x" * (MAX_STATUS_NAME + 1), reason="bad", id="e"))
     assert len(status_effects(streams, junk.states()[0])) == 0
 
