@@ -133,7 +133,12 @@ def chaos_stack_options(
 
 def rewards_command(live: LiveStack, rewards: Sequence[str]) -> list[str]:
     """The ``multilora rewards`` command line serving ``rewards`` on the stack's bus."""
-    bus = ["--redis-url", live.stack.url, "--namespace", live.streams.namespace]
+    bus = [
+        "--redis-url",
+        live.stack.redis_url_for("rewards"),
+        "--namespace",
+        live.streams.namespace,
+    ]
     names = [a for r in rewards for a in ("--reward", r)]
     return [sys.executable, "-m", "ops.cli", "rewards", *bus, *names]
 
