@@ -13,7 +13,8 @@ Chaos policy (:class:`ChaosOptions`): the next kill comes ``kill_gap_s`` (unifor
 last restart, but only once the run made progress since the last kill (a new ``step_done`` or
 final checkpoint): killing faster than the processes can start would prove nothing but
 starvation. A victim stays dead ``down_s`` (uniform). The harness is also the supervisor of
-processes that exit on their own (``exits``): they are restarted at most once per
+processes that exit on their own (``exits``): they are restarted (command line and environment
+as the stack started them) at most once per
 ``restart_backoff_s``. Kills stop once every adapter has ended and been finally checkpointed.
 (The stack's own supervisor, :mod:`ops.supervise`, acts only when :meth:`ops.launch.Stack.check`
 runs, which the harness never calls: restarts are the harness's alone, so they are counted.)
@@ -182,6 +183,11 @@ class ChaosStack:
         self.follower = LogFollower(self.client, self.streams)
         self.restart_due: dict[str, float] = {}  # killed on purpose -> when to restart it
         self._last_restart: dict[str, float] = {}
+        self._envs = {
+            name: _environ(proc.pid)
+            for name, proc in live.stack.procs.items()
+            if name != "redis" and proc.poll() is None
+        }
         self.respawn("rewards", rewards_command(live, rewards))
         if trainer_command:
             old = live.stack.procs["trainer"]
@@ -191,12 +197,17 @@ class ChaosStack:
     # --- processes -----------------------------------------------------------------------------
 
     def respawn(self, name: str, args: Sequence[str]) -> None:
-        """Start process ``name`` with ``args``, its output appended to ``logs/<name>.log``."""
+        """Start process ``name`` with ``args`` and the environment the stack gave it (read
+        from ``/proc`` when the harness started), its output appended to ``logs/<name>.log``."""
         stack = self.live.stack
         log = open(stack.run_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115
         stack.logs.append(log)  # closed by the stack's exit
         threads = stack.options.torch_threads
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        env = self._envs.get(name) or {
+            **os.environ,
+            **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
+        }
+        self._envs[name] = env
         stack.procs[name] = subprocess.Popen(
             list(args), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
         )
@@ -420,6 +431,13 @@ class ChaosStack:
     def _read(self, stream: str, decoder: Decoder) -> list[tuple[str, Any]]:
         entries = self.bus(lambda: self.client.xrange(stream))
         return [(eid.decode(), decoder.decode(fields, eid.decode())) for eid, fields in entries]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """The environment process ``pid`` was started with (Linux ``/proc``)."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
 def _argv(proc: subprocess.Popen[bytes]) -> list[str]:
