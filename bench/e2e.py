@@ -28,7 +28,8 @@ from the events they publish:
   to the step's ``started_at``, a ``step_done`` metric; Redis and the trainer share the host
   clock), then the step (Prometheus ``multilora_trainer_step_phase_seconds``: ``forward_backward``
   and ``optimizer`` are the compute, ``publish`` the rest of the step: packing the batch, copying
-  the new versions off the device, deciding the events), then the tail
+  the new versions off the device, deciding the events; ``pack_s``, a ``step_done`` metric, is
+  the packing part), then the tail
   (``multilora_trainer_step_tail_seconds``: settling the step before it — waiting for its writes
   if they are slower than a step — and the atomic commit). ``share = (W - compute) / W`` with
   ``W`` the sum of the means. Writing the versions itself (``version_write_s``) is off the
@@ -291,12 +292,17 @@ def control_plane(
     dispatch_s, read_s = step_windows(bus, control, max(0.0, publish - packing) + tail)
     dispatch = statistics.fmean(dispatch_s) if dispatch_s else 0.0
     window = dispatch + compute + publish + tail
+    pack_s = [
+        e.metrics["pack_s"] for _, e in control if isinstance(e, StepDone) and "pack_s" in e.metrics
+    ]
+    pack = statistics.fmean(pack_s) if pack_s else 0.0
     return {
         "control_plane_share": (window - compute) / window,
         "share": {
             "compute": compute / window,
             "bus_read_and_dispatch": dispatch / window,
             "publish": publish / window,
+            "  of which packing the batch": pack / window,
             "settle_and_commit": tail / window,
         },
         "bus_read_s": statistics.fmean(read_s) if read_s else 0.0,

@@ -168,28 +168,36 @@ def group_rows(
 
 
 def pack(rows: Sequence[PackedRow], pad_id: int) -> TrainBatch:
-    """The rows as one right-padded :class:`TrainBatch` (``rows`` must not be empty)."""
+    """The rows as one right-padded :class:`TrainBatch` (``rows`` must not be empty).
+
+    Padded as Python lists and turned into tensors once per field: one small tensor op per
+    row and field costs more than the whole list building (it is on the step's critical path).
+    """
     width = max(len(r.tokens) for r in rows)
-    b = len(rows)
-    tokens_B_T = torch.full((b, width), pad_id, dtype=torch.long)
-    attn_B_T = torch.zeros((b, width), dtype=torch.long)
-    loss_B_T = torch.zeros((b, width), dtype=torch.long)
-    adv_B_T = torch.zeros((b, width), dtype=torch.float32)
-    old_B_T = torch.zeros((b, width), dtype=torch.float32)
-    for i, row in enumerate(rows):
+    tokens: list[int] = []
+    attn: list[int] = []
+    loss: list[int] = []
+    adv: list[float] = []
+    old: list[float] = []
+    for row in rows:
         n = len(row.tokens)
-        tokens_B_T[i, :n] = torch.tensor(row.tokens)
-        attn_B_T[i, :n] = 1
-        loss_B_T[i, row.loss_from : n] = 1
-        adv_B_T[i, :n] = torch.tensor(row.advantages, dtype=torch.float32)
-        old_B_T[i, :n] = torch.tensor(row.old_logprobs, dtype=torch.float32)
+        pad = width - n
+        tokens += row.tokens
+        tokens += [pad_id] * pad
+        attn += [1] * n + [0] * pad
+        loss += [0] * row.loss_from + [1] * (n - row.loss_from) + [0] * pad
+        adv += row.advantages
+        adv += [0.0] * pad
+        old += row.old_logprobs
+        old += [0.0] * pad
+    shape = (len(rows), width)
     return TrainBatch(
         slot_ids_B=torch.tensor([r.slot for r in rows], dtype=torch.long),
-        tokens_B_T=tokens_B_T,
-        attention_mask_B_T=attn_B_T,
-        loss_mask_B_T=loss_B_T,
-        advantages_B_T=adv_B_T,
-        old_logprobs_B_T=old_B_T,
+        tokens_B_T=torch.tensor(tokens, dtype=torch.long).view(shape),
+        attention_mask_B_T=torch.tensor(attn, dtype=torch.long).view(shape),
+        loss_mask_B_T=torch.tensor(loss, dtype=torch.long).view(shape),
+        advantages_B_T=torch.tensor(adv, dtype=torch.float32).view(shape),
+        old_logprobs_B_T=torch.tensor(old, dtype=torch.float32).view(shape),
         temperature_B=torch.tensor([r.temperature for r in rows], dtype=torch.float32),
     )
 

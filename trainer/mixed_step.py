@@ -30,6 +30,7 @@ own ``train`` to :func:`mixed_step`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -183,6 +184,7 @@ def mixed_step(
     with ``clients``, their rows join the same forward/backward (:mod:`trainer.client_step`):
     gradients go to ``accumulators[slot]``, nothing is stepped for them. Samples over the
     model's :func:`token_budget` are left out (counted in their slot's stats)."""
+    t_start = time.perf_counter()
     dataset_rows, stats = group_rows(rows, token_budget(model))
     loss_fn: LossFn = PPOClipLoss.from_specs({r.slot: r.loss for r in rows}, model.num_slots)
     held, outputs = None, None
@@ -196,7 +198,7 @@ def mixed_step(
         outputs = RowOutputs()
     all_rows = dataset_rows + client_rows(clients)
     batch = pack(all_rows, pad_id) if all_rows else None
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"pack": time.perf_counter() - t_start}
     results = (
         train(model, optimizer, batch, loss_fn, timings=timings, held=held, outputs=outputs)
         if batch

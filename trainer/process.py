@@ -460,6 +460,7 @@ class TrainerProcess:
             "started_at": started_at,
             "compute_s": step.timings.get("forward_backward", 0.0)
             + step.timings.get("optimizer", 0.0),
+            "pack_s": step.timings.get("pack", 0.0),
         }
         effects = Effects()
         for run, held, _ in taken:
@@ -539,11 +540,13 @@ class TrainerProcess:
             summary += f"; {len(step.clients)} client request(s)"
         log.info("step: %s; %s", adapters or "no adapter trained", summary)
         if self.metrics is not None:
+            forward_backward_s = step.timings.get("forward_backward", 0.0)
+            optimizer_s = step.timings.get("optimizer", 0.0)
             self.metrics.step_phases(
                 wait_s=wait_s,
-                forward_backward_s=step.timings.get("forward_backward", 0.0),
-                optimizer_s=step.timings.get("optimizer", 0.0),
-                publish_s=max(0.0, total_s - sum(step.timings.values())),
+                forward_backward_s=forward_backward_s,
+                optimizer_s=optimizer_s,
+                publish_s=max(0.0, total_s - forward_backward_s - optimizer_s),
                 tokens=step.tokens,
                 adapters=step.adapters,
             )

@@ -141,6 +141,6 @@ def test_mixed_step_outcome_per_slot(tiny_model_dir) -> None:
     assert not empty.trained and empty.failed
     assert empty.reason == "every sample failed: sample failed (no reason given) (2 of 2 samples)"
     assert (step.adapters, step.tokens) == (1, 4)
-    assert set(step.timings) == {"forward_backward", "optimizer"}
+    assert set(step.timings) == {"pack", "forward_backward", "optimizer"}
     with pytest.raises(ValueError, match="did not train"):
         skipped.step_metrics(staleness=0.0, step_s=0.5)
