@@ -14,6 +14,10 @@ from the events they publish:
   long-running adapter, the interval between its two ``step_done`` around ``t`` is divided by its
   median interval; ``stall = interval / median - 1`` steps (0 = no stall). Reported: the worst
   (``stall_steps``) and the mean (``stall_steps_mean``) over all events and adapters.
+  ``trainer_stall_steps`` is the trainer's own part of it: for the step of a long-running adapter
+  whose interval spans the event, how much longer than usual the trainer took from its last
+  group landing to its ``step_done`` (in steps; the rest of a stall is the rollout side, e.g. one
+  worker generating the newcomer's tasks before theirs).
 * ``sync_p50_ms`` / ``sync_p99_ms``: ``adapter.synced`` ``latency_s`` — from the trainer
   publishing a version (its ``sync_requested`` time) to a worker serving it, every worker. A
   worker answers only syncs it has not already overtaken (a task may have loaded a newer version
@@ -222,13 +226,28 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
         if isinstance(e, Admitted | Completed) and e.registration_id in {reg[n] for n in joiners}
     ]
     stalls: list[float] = []
+    trainer_stalls: list[float] = []
+    landed: dict[tuple[str, int, int], float] = {}
+    for eid, g in bus.groups():
+        key = (g.registration_id, g.epoch, g.step)
+        landed[key] = max(landed.get(key, 0.0), entry_s(eid))
     for name in LONG:
-        times = [s.time for s in by_reg[reg[name]]]
+        done = by_reg[reg[name]]
+        times = [s.time for s in done]
+        # the trainer's turnaround of a step: its last group landed -> its step_done committed
+        turn = {
+            s.time: s.time - landed[(s.registration_id, s.epoch, s.step)]
+            for s in done
+            if (s.registration_id, s.epoch, s.step) in landed
+        }
+        usual = statistics.median(turn.values()) if turn else 0.0
         for t in moments:
             around = [(a, b) for a, b in itertools.pairwise(times) if a <= t < b]
             if around:
                 a, b = around[0]
                 stalls.append(max(0.0, (b - a) / medians[name] - 1.0))
+                extra = turn.get(b, usual) - usual
+                trainer_stalls.append(max(0.0, extra / medians[name]))
     # sync latency
     syncs_ms = [1000.0 * e.latency_s for _, e in control if isinstance(e, Synced)]
     requested = sum(isinstance(e, SyncRequested) for _, e in control)
@@ -240,6 +259,7 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
         "stall_steps": max(stalls, default=0.0),
         "stall_steps_mean": statistics.fmean(stalls) if stalls else 0.0,
         "stall_events": len(stalls),
+        "trainer_stall_steps": max(trainer_stalls, default=0.0),
         "sync_p50_ms": percentile(syncs_ms, 50),
         "sync_p99_ms": percentile(syncs_ms, 99),
         "syncs_answered": len(syncs_ms),
@@ -465,6 +485,7 @@ def print_table(out: dict[str, Any]) -> None:
         ("  forward/backward + optimizer", f"{out['step_compute_s']:.3f}", "s"),
         ("stall on join/leave (max)", f"{out['stall_steps']:.2f}", "steps"),
         ("stall on join/leave (mean)", f"{out['stall_steps_mean']:.2f}", "steps"),
+        ("  of it in the trainer (max)", f"{out['trainer_stall_steps']:.2f}", "steps"),
         ("sync latency p50", f"{out['sync_p50_ms']:.1f}", "ms"),
         ("sync latency p99", f"{out['sync_p99_ms']:.1f}", "ms"),
         ("syncs answered / requested", f"{out['syncs_answered']}/{out['syncs_requested']}", ""),

@@ -19,11 +19,12 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, Annotated, cast
 
 import msgspec
 import redis
 
+from events.acl import SERVICE_ROLES, Role
 from events.codec import Decoder
 from events.config import DEFAULT_NAMESPACE, Namespace, NonNegative, Port, Positive
 from events.connection import connect
@@ -32,7 +33,7 @@ from events.metrics import MetricsServer, metrics_registry, start_metrics_server
 from events.schema import CheckpointSaved, ControlEvent
 from events.streams import Streams
 from events.trim import older
-from ops.redis_server import RedisServer, resolve_server
+from ops.redis_server import RedisServer, ServerAccess, resolve_access
 from ops.specfile import load_adapter, load_schedule
 from ops.supervise import (
     ChildProcess,
@@ -111,14 +112,20 @@ class Stack:
         self.logs: list[IO[bytes]] = []
         self.server: RedisServer | None = None
         self.url = ""
+        self.access: ServerAccess | None = None
         self.streams = Streams(options.namespace)
         self.recorder: RedisRecorder | None = None
         self.metrics: MetricsServer | None = None
 
     def redis_url_for(self, role: str) -> str:
-        """The Redis URL a process of ``role`` connects with (``up`` itself: ``"up"``); the one
-        place that decides it."""
-        return self.url
+        """The Redis URL a process of ``role`` connects with; the one place that decides it.
+
+        On the embedded server each process role has its own ACL user (:mod:`events.acl`);
+        ``up`` itself (``"up"``: the supervisor's records, the schedule) is the admin. With
+        ``REDIS_URL`` every role gets that URL."""
+        if self.access is None or role not in SERVICE_ROLES:
+            return self.url
+        return self.access.url_for(cast(Role, role))
 
     def __enter__(self) -> Stack:
         # SIGTERM unwinds through __exit__ like Ctrl-C, so the children are stopped too
@@ -133,14 +140,17 @@ class Stack:
     def _start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
-        self.url, self.server = resolve_server(self.run_dir / "redis", port=self.options.redis_port)
+        self.access, self.server = resolve_access(
+            self.run_dir / "redis", self.streams, port=self.options.redis_port
+        )
+        self.url = self.access.admin_url
         if self.server is not None and self.server.process is not None:
             self.supervisor.add(RedisUnit(self.server), tier=0, process=self.server.process)
         model = self.options.model or self._tiny_model()
         o = self.options
 
-        def common(role: str) -> list[str]:
-            return ["--redis-url", self.redis_url_for(role), "--namespace", o.namespace]
+        def common(role: str) -> list[str]:  # the role's Redis URL travels in its environment
+            return ["--namespace", o.namespace]
 
         def port(offset: int) -> list[str]:
             return (
@@ -243,10 +253,17 @@ class Stack:
             write_tiny_model(path, head_scale=LEARNABLE_HEAD_SCALE)
         return str(path)
 
+    def child_env(self, role: str) -> dict[str, str]:
+        """The environment of a child of ``role``: this one's, plus its Redis URL (its ACL user)
+        and, with ``torch_threads``, its intra-op threads."""
+        env = {**os.environ, f"MULTILORA_{role.upper()}_REDIS_URL": self.redis_url_for(role)}
+        if self.options.torch_threads:
+            env["OMP_NUM_THREADS"] = str(self.options.torch_threads)
+        return env
+
     def _spawn(self, name: str, argv: list[str]) -> None:
         cmd = [sys.executable, "-m", "ops.cli", *argv, *self.options.extra_args.get(argv[0], ())]
-        threads = self.options.torch_threads
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        env = self.child_env(argv[0])
         log = self.run_dir / "logs" / f"{name}.log"
         self.supervisor.add(ChildProcess(name, cmd, log, env))
 

@@ -226,8 +226,7 @@ class LiveStack:
             raise AssertionError(f"{name} (pid {old.pid}) still runs; kill it first")
         log = open(self.stack.run_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115
         self.stack.logs.append(log)  # closed by the stack's exit
-        threads = self.stack.options.torch_threads
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        env = self.stack.child_env(old.args[3])  # [python, -m, ops.cli, ROLE, ...]
         self.stack.procs[name] = subprocess.Popen(
             old.args, stdout=log, stderr=subprocess.STDOUT, env=env
         )
