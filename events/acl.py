@@ -89,8 +89,11 @@ CONSUMER = (
     "+client|id", "+client|unblock",
     # the effects handlers commit (events.effects), as used by the processes
     "+xadd", "+hset", "+hsetnx", "+hdel", "+hget", "+hgetall", "+sadd", "+smembers", "+expire",
+    "+persist", "+srem", "+incrby", "+hincrby", "+zadd",
 )  # fmt: skip
-"""What a process running :class:`events.consumer.Consumer` needs, on its own keys."""
+"""What a process running :class:`events.consumer.Consumer` needs, on its own keys: every
+command an :class:`~events.effects.Effects` may queue is here (a commit runs them in one Lua
+script, which Redis checks command by command)."""
 
 HOUSEKEEPING = ("+hscan", "+ttl", "+persist", "+srem")
 """The checkpoint process's storage sweep (:mod:`orchestrator.housekeeping`): saved paths are

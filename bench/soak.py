@@ -1,0 +1,258 @@
+"""Soak: the local stack left running while adapters keep registering, training and leaving.
+
+Runs ``multilora up``'s stack (embedded Redis with its role users, trainer, two rollout workers,
+checkpointer) on a tiny random model and keeps ``--concurrent`` adapters in flight: each trains a
+few steps and completes, and a new one (a new name) registers in its place; every fifth is
+cancelled mid-run instead. The checkpointer's housekeeping runs often (version GC, status
+expiry, control-log snapshots and trimming), so what a week does to storage happens in minutes.
+
+Every ``--sample-s`` it records each child's resident memory (``VmRSS`` of ``/proc``), Redis's
+``used_memory``, the bytes of the version store (``artifacts``: bounded by GC) and of the
+checkpoint store (``checkpoints``: every completed adapter's final checkpoint and export, the
+product, which grows with the experiments finished by design), and each stream's length.
+``start`` is the first sample after ``--warmup-s`` (imports, first steps and caches are not
+growth); ``end`` the last. Reported per quantity: start, end, max and ``end / start``
+(goal: at most 1.10 after warm-up for RSS, Redis memory and artifact bytes).
+
+Usage::
+
+    python bench/soak.py                          # 20 minutes, CPU
+    python bench/soak.py --duration-s 180 --out /tmp/soak.json   # a quick look
+
+Writes ``bench/results/soak.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from e2e import random_model
+
+from events.connection import connect
+from events.specs import (
+    AdapterSpec,
+    DatasetSpec,
+    OptimSpec,
+    RewardSpec,
+    SamplingSpec,
+)
+from ops.launch import Stack, StackOptions
+from orchestrator.client import Producer
+from orchestrator.status import read_one
+
+GOAL = 1.10
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+
+
+def sample(stack: Stack, client: redis.Redis, run_dir: Path) -> dict[str, Any]:
+    streams = stack.streams
+    lengths = {}
+    for name in ("control", "ingress", "tasks", "groups", "dead"):
+        key = getattr(streams, name)
+        lengths[name] = int(client.xlen(key)) if client.exists(key) else 0
+    return {
+        "t": time.monotonic(),
+        "rss": {name: rss_bytes(p.pid) for name, p in stack.procs.items()},
+        "redis_used_memory": int(client.info("memory")["used_memory"]),
+        "artifact_bytes": tree_bytes(run_dir / "artifacts"),
+        "checkpoint_bytes": tree_bytes(run_dir / "checkpoints"),
+        "streams": lengths,
+        "redis_keys": int(client.dbsize()),
+    }
+
+
+def spec(data: Path, steps: int, seed: int) -> AdapterSpec:
+    return AdapterSpec(
+        rank=4,
+        alpha=8.0,
+        dataset=DatasetSpec(kind="jsonl", path=str(data / "prompts.jsonl")),
+        rewards=(RewardSpec(name="regex", params={"pattern": "[0-9]"}),),
+        sampling=SamplingSpec(temperature=1.0, max_new_tokens=4),
+        optim=OptimSpec(lr=1e-2),
+        group_size=4,
+        prompts_per_step=2,
+        steps=steps,
+        checkpoint_interval=steps,
+        seed=seed,
+    )
+
+
+def summary(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
+    t0 = samples[0]["t"]
+    steady = [s for s in samples if s["t"] - t0 >= warmup_s] or samples[-1:]
+    first, last = steady[0], steady[-1]
+
+    def row(get: Any) -> dict[str, float]:
+        values = [get(s) for s in steady]
+        start, end = float(get(first)), float(get(last))
+        return {
+            "start": start,
+            "end": end,
+            "max": float(max(values)),
+            "ratio": end / start if start else float("nan"),
+        }
+
+    out: dict[str, Any] = {
+        f"rss_{name}": row(lambda s, n=name: s["rss"].get(n, 0)) for name in first["rss"]
+    }
+    out["redis_used_memory"] = row(lambda s: s["redis_used_memory"])
+    out["redis_keys"] = row(lambda s: s["redis_keys"])
+    out["artifact_bytes"] = row(lambda s: s["artifact_bytes"])
+    out["checkpoint_bytes"] = row(lambda s: s["checkpoint_bytes"])
+    for name in first["streams"]:
+        out[f"stream_{name}"] = row(lambda s, n=name: s["streams"][n])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/soak.py", description=__doc__.split("\n")[0])
+    p.add_argument("--duration-s", type=float, default=1200.0)
+    p.add_argument("--warmup-s", type=float, default=180.0)
+    p.add_argument("--sample-s", type=float, default=20.0)
+    p.add_argument("--concurrent", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--housekeeping-interval-s", type=float, default=15.0)
+    p.add_argument("--run-dir", default="")
+    p.add_argument("--out", default="bench/results/soak.json")
+    args = p.parse_args(argv)
+
+    base = Path(args.run_dir or tempfile.mkdtemp(prefix="multilora-soak-"))
+    data = base / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    rows = [json.dumps({"prompt": f"{c}:", "answer": ""}) for c in "abcdefghijklmnop"]
+    (data / "prompts.jsonl").write_text("\n".join(rows) + "\n")
+    model = random_model(base / "model", 64, 2)
+    run_dir = base / "stack"
+    options = StackOptions(
+        model=str(model),
+        workers=2,
+        num_slots=4,
+        max_rank=8,
+        run_dir=str(run_dir),
+        namespace="soak",
+        max_batch_wait_s=0.5,
+        torch_threads=1,
+        redis_port=0,
+        metrics_port_base=0,
+        extra_args={
+            "trainer": ["--allowed-root", str(data)],
+            "rollout": ["--allowed-root", str(data)],
+            "checkpoint": [
+                "--housekeeping-interval-s",
+                str(args.housekeeping_interval_s),
+                "--compact-interval-s",
+                str(4 * args.housekeeping_interval_s),
+                "--compact-entries",
+                "2000",
+                "--status-ttl-s",
+                "120",
+            ],
+        },
+    )
+    samples: list[dict[str, Any]] = []
+    counts = {"registered": 0, "completed": 0, "cancelled": 0}
+    t0 = time.monotonic()
+    with Stack(options) as stack:
+        client = connect(stack.url)
+        producer = Producer(client, stack.streams, source="soak")
+        live: dict[str, int] = {}  # name -> index
+        names = (f"soak-{i:05d}" for i in itertools.count())
+        next_sample = time.monotonic()
+        while time.monotonic() - t0 < args.duration_s:
+            stack.check()
+            for name, i in list(live.items()):
+                status = read_one(client, stack.streams, name)
+                if status is None or status.phase is None:
+                    continue
+                if i % 5 == 4 and status.step >= 2 and not is_ended_phase(status.phase):
+                    producer.deregister(name)
+                    counts["cancelled"] += 1
+                    live[name] = -1  # cancel sent: wait for it to end
+                elif is_ended_phase(status.phase):
+                    counts["completed"] += status.phase.value in ("completed", "retired")
+                    del live[name]
+            while len(live) < args.concurrent:
+                name = next(names)
+                index = counts["registered"]
+                producer.register(name, spec(data, args.steps, seed=index))
+                live[name] = index
+                counts["registered"] += 1
+            if time.monotonic() >= next_sample:
+                samples.append(sample(stack, client, run_dir))
+                next_sample += args.sample_s
+                last = samples[-1]
+                print(
+                    f"{last['t'] - t0:7.0f} s  registered {counts['registered']:4d}  "
+                    f"redis {last['redis_used_memory'] / 2**20:6.1f} MiB  "
+                    f"artifacts {last['artifact_bytes'] / 2**20:6.1f} MiB  "
+                    f"trainer rss {last['rss'].get('trainer', 0) / 2**20:6.0f} MiB",
+                    flush=True,
+                )
+            time.sleep(0.5)
+        samples.append(sample(stack, client, run_dir))
+    result = summary(samples, args.warmup_s)
+    flat = ["redis_used_memory", "artifact_bytes", *[k for k in result if k.startswith("rss_")]]
+    worst = max(result[k]["ratio"] for k in flat if result[k]["start"])
+    out = {
+        "duration_s": time.monotonic() - t0,
+        "warmup_s": args.warmup_s,
+        "adapters": counts,
+        "worst_ratio": worst,
+        "goal_ratio": GOAL,
+        "quantities": result,
+        "samples": len(samples),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", *sys.argv]),
+    }
+    print_table(out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def is_ended_phase(phase: Any) -> bool:
+    return phase.value in ("completed", "cancelled", "failed", "retired", "rejected")
+
+
+def print_table(out: dict[str, Any]) -> None:
+    print(f"\nsoak {out['duration_s']:.0f} s, adapters {out['adapters']}")
+    print(f"{'quantity':28s} {'start':>12s} {'end':>12s} {'max':>12s} {'end/start':>9s}")
+    for name, row in out["quantities"].items():
+        print(
+            f"{name:28s} {row['start']:12.0f} {row['end']:12.0f} {row['max']:12.0f} "
+            f"{row['ratio']:9.3f}"
+        )
+    print(f"worst end/start of RSS, Redis memory, artifacts: {out['worst_ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
