@@ -1,8 +1,9 @@
 """Bounded storage: the checkpoint process's periodic sweep of versions, log and keys.
 
 :class:`Housekeeper` runs from the checkpoint process's idle hook (the consumer's ``on_idle``,
-so it never races the handler) every ``interval_s`` (a minute by default; the first pass one
-interval after start, so a crash loop never turns into a storage storm). One pass
+so it never races the handler) every ``interval_s`` (a minute by default; the first pass
+:data:`FIRST_PASS_S` after start: soon enough that a checkpointer restarted often still collects,
+late enough that a crash loop never turns into a storage storm). One pass
 (:meth:`Housekeeper.run_once`):
 
 1. folds the control log (:func:`orchestrator.compaction.fold`: snapshot plus tail);
@@ -59,6 +60,10 @@ class Pass(msgspec.Struct, frozen=True, kw_only=True):
     compaction: Compaction | None = None
 
 
+FIRST_PASS_S = 10.0
+"""Seconds from a checkpointer's start to its first housekeeping pass."""
+
+
 class Housekeeper:
     """Periodic storage work of one checkpoint process (see the module doc).
 
@@ -96,7 +101,8 @@ class Housekeeper:
         self.clock = clock
         self.gc = VersionGC(client, streams, artifacts, checkpoint_group=checkpoint_group)
         self.janitor = GroupJanitor(client, streams, retention_s=group_retention_s, clock=clock)
-        self._last_run = clock()
+        # the first pass FIRST_PASS_S after start (or one interval, if shorter)
+        self._last_run = clock() - interval_s + min(interval_s, FIRST_PASS_S)
         self._last_compaction = clock()
 
     def on_idle(self) -> None:

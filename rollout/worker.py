@@ -285,7 +285,8 @@ class RolloutWorker:
                 max_in_flight=CONTROL_READ_AHEAD,
                 count=CONTROL_READ_AHEAD,
             ),
-            Subscription(self.streams.tasks, TASK_GROUP, Decoder(TaskEvent)),
+            # trimmed once every group acknowledged it (the work queue stays bounded)
+            Subscription(self.streams.tasks, TASK_GROUP, Decoder(TaskEvent), trim=True),
         ]
 
     def handle(self, delivery: Delivery[ControlEvent | TaskEvent]) -> Effects:

@@ -40,7 +40,7 @@ def test_a_pass_deletes_compacts_and_counts(
         metrics=StorageMetrics(registry),
         clock=lambda: now[0],
     )
-    keeper.on_idle()  # not due yet: the first pass comes one interval after start
+    keeper.on_idle()  # not due yet: the first pass comes 10 s after start
     assert store.list_versions("ad", "r1") == list(range(11))
     now[0] = 60.0
     keeper.on_idle()

@@ -6,9 +6,9 @@ and kills (``SIGKILL``) and restarts child processes exactly as an operator woul
 command line, the same log file, the same consumer name (the new process takes the name's lease
 because the old holder's pid is dead).
 
-A consumer group ``OBSERVER`` that never reads is created on ``rollout.groups`` before anything
-is registered: trimming never passes a group's last-delivered id, so every group any worker
-published stays readable for the assertions.
+A consumer group ``OBSERVER`` that never reads is created on ``rollout.groups`` and
+``rollout.tasks`` before anything is registered: trimming never passes a group's last-delivered
+id, so every group and task stays readable for the assertions.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ class LiveStack:
         self.streams: Streams = stack.streams
         self.client: redis.Redis = connect(stack.url)
         self.producer = Producer(self.client, self.streams, source="e2e")
-        self.client.xgroup_create(self.streams.groups, OBSERVER, id="0", mkstream=True)
+        for stream in (self.streams.groups, self.streams.tasks):  # kept readable: never trimmed
+            self.client.xgroup_create(stream, OBSERVER, id="0", mkstream=True)
         self._control = Decoder(ControlEvent)
         self._groups = Decoder(GroupEvent)
         self._tasks = Decoder(TaskEvent)
