@@ -10,9 +10,10 @@ Every ``--sample-s`` it records each child's resident memory (``VmRSS`` of ``/pr
 ``used_memory``, the bytes of the version store (``artifacts``: bounded by GC) and of the
 checkpoint store (``checkpoints``: every completed adapter's final checkpoint and export, the
 product, which grows with the experiments finished by design), and each stream's length.
-``start`` is the first sample after ``--warmup-s`` (imports, first steps and caches are not
-growth); ``end`` the last. Reported per quantity: start, end, max and ``end / start``
-(goal: at most 1.10 after warm-up for RSS, Redis memory and artifact bytes).
+Samples before ``--warmup-s`` are left out (imports, first steps and caches are not growth).
+Reported per quantity: the first and last value after warm-up, the maximum, and the ratio of the
+peak in the last third of the run to the peak in the first third (goal: at most 1.10 for RSS,
+Redis memory and artifact bytes; a sweep bounds them in a sawtooth, so peaks are compared).
 
 Usage::
 
@@ -106,28 +107,32 @@ def spec(data: Path, steps: int, seed: int) -> AdapterSpec:
 
 
 def summary(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
+    """Per quantity over the samples after warm-up: the first and last value, the maximum, and
+    ``ratio`` = the maximum of the last third over the maximum of the first third (quantities
+    that a periodic sweep bounds move in a sawtooth; their peaks are what must not grow)."""
     t0 = samples[0]["t"]
     steady = [s for s in samples if s["t"] - t0 >= warmup_s] or samples[-1:]
-    first, last = steady[0], steady[-1]
+    third = max(1, len(steady) // 3)
+    early, late = steady[:third], steady[-third:]
 
     def row(get: Any) -> dict[str, float]:
-        values = [get(s) for s in steady]
-        start, end = float(get(first)), float(get(last))
+        peak_early = float(max(get(s) for s in early))
+        peak_late = float(max(get(s) for s in late))
         return {
-            "start": start,
-            "end": end,
-            "max": float(max(values)),
-            "ratio": end / start if start else float("nan"),
+            "start": float(get(steady[0])),
+            "end": float(get(steady[-1])),
+            "max": float(max(get(s) for s in steady)),
+            "ratio": peak_late / peak_early if peak_early else float("nan"),
         }
 
     out: dict[str, Any] = {
-        f"rss_{name}": row(lambda s, n=name: s["rss"].get(n, 0)) for name in first["rss"]
+        f"rss_{name}": row(lambda s, n=name: s["rss"].get(n, 0)) for name in steady[0]["rss"]
     }
     out["redis_used_memory"] = row(lambda s: s["redis_used_memory"])
     out["redis_keys"] = row(lambda s: s["redis_keys"])
     out["artifact_bytes"] = row(lambda s: s["artifact_bytes"])
     out["checkpoint_bytes"] = row(lambda s: s["checkpoint_bytes"])
-    for name in first["streams"]:
+    for name in steady[0]["streams"]:
         out[f"stream_{name}"] = row(lambda s, n=name: s["streams"][n])
     return out
 
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-s", type=float, default=180.0)
     p.add_argument("--sample-s", type=float, default=20.0)
     p.add_argument("--concurrent", type=int, default=4)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--housekeeping-interval-s", type=float, default=15.0)
     p.add_argument("--run-dir", default="")
     p.add_argument("--out", default="bench/results/soak.json")
@@ -245,13 +250,13 @@ def is_ended_phase(phase: Any) -> bool:
 
 def print_table(out: dict[str, Any]) -> None:
     print(f"\nsoak {out['duration_s']:.0f} s, adapters {out['adapters']}")
-    print(f"{'quantity':28s} {'start':>12s} {'end':>12s} {'max':>12s} {'end/start':>9s}")
+    print(f"{'quantity':28s} {'start':>12s} {'end':>12s} {'max':>12s} {'late/early':>10s}")
     for name, row in out["quantities"].items():
         print(
             f"{name:28s} {row['start']:12.0f} {row['end']:12.0f} {row['max']:12.0f} "
-            f"{row['ratio']:9.3f}"
+            f"{row['ratio']:10.3f}"
         )
-    print(f"worst end/start of RSS, Redis memory, artifacts: {out['worst_ratio']:.3f}")
+    print(f"worst late/early peak of RSS, Redis memory, artifacts: {out['worst_ratio']:.3f}")
 
 
 if __name__ == "__main__":
