@@ -342,7 +342,11 @@ class Consumer:
                 t.join(timeout=self.block_ms / 1000 + 2)
             if clean:
                 self._mark_stopped()
-            self.lease.release()
+            try:
+                self.lease.release()
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                # Redis is gone: the lease expires by itself; never hide the error that got here
+                log.warning("could not release the lease of %s (%s)", self.name, exc)
         return self.stats
 
     def _in_flight_for(self, sub: Subscription) -> int:

@@ -78,6 +78,10 @@ class RewardsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 def cmd_rewards(argv: Sequence[str]) -> int:
+    import time
+
+    import redis
+
     from events.bootstrap import configure_logging, open_bus
     from events.config import load
     from rollout.reward_queue import make_worker
@@ -91,9 +95,16 @@ def cmd_rewards(argv: Sequence[str]) -> int:
     )
     configure_logging(config.bus.log_level)
     bus = open_bus(config.bus, config.bus.name or "rewards", max_block_ms=60_000)
-    worker = make_worker(bus.client, bus.streams.key("rewards"), config.rewards)
-    worker.work(burst=config.bus.burst)
-    return 0
+    delay_s = 0.5
+    while True:  # Redis restarting is not the worker's failure: a new worker once it is back
+        worker = make_worker(bus.client, bus.streams.key("rewards"), config.rewards)
+        try:
+            worker.work(burst=config.bus.burst)
+            return 0
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            print(f"multilora rewards: lost Redis ({exc}); again in {delay_s:g} s", file=sys.stderr)
+            time.sleep(delay_s)
+            delay_s = min(2 * delay_s, 10.0)
 
 
 def _tenant(prog: str, argv: Sequence[str], declare: Callable[[argparse.ArgumentParser], object]):

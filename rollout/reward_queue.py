@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import redis
 from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
@@ -139,7 +140,11 @@ class RQRewardRunner:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 break
-            replies = self._redis.xread(dict.fromkeys(pending, "0-0"), block=remaining_ms)
+            try:
+                replies = self._redis.xread(dict.fromkeys(pending, "0-0"), block=remaining_ms)
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                time.sleep(min(0.2, remaining_ms / 1000))  # Redis restarting: wait, in budget
+                continue
             for stream_key, entries in replies or []:
                 key = stream_key.decode() if isinstance(stream_key, bytes) else stream_key
                 job = pending.pop(key)
