@@ -115,9 +115,10 @@ RQ_KEYS = ("~rq:*", "&rq:*")
 GATEWAY = (
     "+hget", "+hmget", "+hgetall", "+hset", "+hsetnx", "+expire", "+sadd", "+srem", "+smembers",
     "+zadd", "+zrem", "+zrangebyscore", "+xadd",
-    "+watch", "+unwatch", "+multi", "+exec", "+discard",
+    "+watch", "+unwatch", "+multi", "+exec", "+discard", "+pexpire", "+del",
 )  # fmt: skip
-"""The gateway's reads and its WATCH/MULTI/EXEC transactions (futures, sessions, models)."""
+"""The gateway's reads and its WATCH/MULTI/EXEC transactions (futures, sessions, models), and
+its heartbeat (a MULTI of HSET, PEXPIRE, DEL on its own beat key and the process registry)."""
 
 
 def user_name(streams: Streams, role: Role) -> str:
@@ -156,6 +157,7 @@ def _keys(streams: Streams, role: Role) -> list[str]:
         case "gateway":
             return [
                 f"~{s.key('gateway', '*')}", f"~{s.future('*')}", f"%R~{s.status('*')}",
+                f"~{s.key('heartbeat', 'gateway', '*')}", f"~{s.key('processes')}",
                 f"%R~{s.paths}", f"%W~{s.ingress}", f"%W~{s.requests}", f"%W~{s.tasks}",
             ]  # fmt: skip
         case "admin":

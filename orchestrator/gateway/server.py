@@ -32,6 +32,7 @@ import redis
 
 from events.bootstrap import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, configure_logging, open_bus, redact
 from events.errors import ConfigError, UnsafeRedisError
+from events.heartbeat import Heartbeat
 from events.metrics import start_metrics_server
 from events.streams import Streams
 from orchestrator.gateway.config import GatewayConfig, load_config
@@ -221,10 +222,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         len(app.tenants),
     )
     code, down_since = EXIT_OK, None
+    # the gateway's liveness for `multilora status`, beaten from the sweeper's loop
+    ttl_ms = int(max(15.0, 3 * config.sweep_interval_s) * 1000)
+    heartbeat = Heartbeat(bus.streams, "gateway", name, ttl_ms=ttl_ms)
     try:
+        heartbeat.beat(bus.client)
         while not stop.wait(config.sweep_interval_s):
             try:
                 app.sessions.sweep()
+                heartbeat.progress()
+                heartbeat.beat(bus.client)
                 down_since = None
             except redis.RedisError as exc:
                 down_since = down_since or time.monotonic()
@@ -235,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     break
     finally:
         server.stop()
+        with contextlib.suppress(redis.RedisError):  # Redis gone: the beat key expires anyway
+            heartbeat.stopped(bus.client)
         if metrics is not None:
             metrics.close()
         for sig, handler in previous.items():
