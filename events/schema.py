@@ -141,13 +141,16 @@ class StepDone(_Envelope, frozen=True, kw_only=True, tag="adapter.step_done"):
     checkpoint (promotes at the interval), status, metrics. ``metrics`` holds scalar training
     statistics (reward mean, loss, KL, clip fraction, ...). ``state_uri`` points at the full
     training state of this version (weights, optimizer, cursor, RNG) in the artifact store.
-    Idempotency key: (``registration_id``, ``step``); steps only increase.
+    ``tasks`` are the ids of the rollout tasks whose groups the step trained on, so fencing (only
+    groups of the registration's current epoch and of this step are trained) can be checked from
+    the log alone. Idempotency key: (``registration_id``, ``step``); steps only increase.
     """
 
     step: int
     version: int
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
     state_uri: str = ""
+    tasks: tuple[str, ...] = ()
 
 
 class SyncRequested(_Envelope, frozen=True, kw_only=True, tag="adapter.sync_requested"):

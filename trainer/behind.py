@@ -29,8 +29,8 @@ from trainer.mixed_step import SlotOutcome
 from trainer.runs import AdapterRun
 from trainer.versions import PendingVersion
 
-TrainedStep = tuple[AdapterRun, dict[str, float]]
-"""A run whose step trained, with its ``step_done`` metrics."""
+TrainedStep = tuple[AdapterRun, dict[str, float], tuple[str, ...]]
+"""A run whose step trained, with its ``step_done`` metrics and the task ids of its groups."""
 
 
 @dataclass

@@ -477,8 +477,10 @@ class TrainerProcess:
             run.advance()
             self.steps_trained += 1
             metrics = outcome.step_metrics(staleness=float(behind), step_s=step_s)
-            batch.trained.append((run, {**metrics, **shared, "ready_at": ready_at[run.name]}))
-        batch.versions = self.versions.write_behind([run for run, _ in batch.trained])
+            tasks = tuple(group.task_id for _, group in used[run.name])
+            metrics = {**metrics, **shared, "ready_at": ready_at[run.name]}
+            batch.trained.append((run, metrics, tasks))
+        batch.versions = self.versions.write_behind([run for run, _, _ in batch.trained])
         self.behind.append(batch)
         for version in batch.versions:  # settled by the next idle hook once written
             version.write.add_done_callback(functools.partial(self._written, batch))
@@ -511,8 +513,8 @@ class TrainerProcess:
     def _publish_step(self, effects: Effects, trained: Sequence[TrainedStep]) -> None:
         """Per run whose new version is announced: ``step_done`` and ``sync_requested``, and its
         next tasks or, at its budget, its completion."""
-        for run, metrics in trained:
-            self._publish(effects, run.step_done(metrics))
+        for run, metrics, tasks in trained:
+            self._publish(effects, run.step_done(metrics, tasks))
             self._publish(effects, self.versions.sync_requested(run))
             if run.announced_step >= run.spec.steps:
                 self._finish(effects, run, "budget")
@@ -532,7 +534,7 @@ class TrainerProcess:
         adapters = ", ".join(
             f"{run.name} {run.step}/{run.spec.steps} "
             f"(reward {m['reward_mean']:.3f}, loss {m['loss']:.4f})"
-            for run, m in trained
+            for run, m, _ in trained
         )
         publish_s = total_s - step_s
         summary = f"{step.tokens} tokens, {step_s:.2f} s + {publish_s:.2f} s publish"

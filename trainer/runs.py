@@ -131,8 +131,8 @@ class AdapterRun:
         self.announced_step, self.announced_version = step, version
         self.uri, self.published = uri, published
 
-    def step_done(self, metrics: dict[str, float]) -> StepDone:
-        """The announced step, whose version is at ``uri``."""
+    def step_done(self, metrics: dict[str, float], tasks: tuple[str, ...] = ()) -> StepDone:
+        """The announced step, whose version is at ``uri``, trained on the groups of ``tasks``."""
         return StepDone(
             adapter=self.name,
             registration_id=self.registration_id,
@@ -141,6 +141,7 @@ class AdapterRun:
             version=self.announced_version,
             metrics=metrics,
             state_uri=self.uri,
+            tasks=tasks,
         )
 
     def failed(self, reason: str) -> Failed:

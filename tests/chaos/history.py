@@ -16,16 +16,15 @@ The guarantees checked (DESIGN.md, "Invariants"):
   with no gap and no repeat, and versions strictly increase; ``applied_twice`` counts the
   ``step_done`` events of a step already done.
 - **fenced** — no step trained on work of an old epoch or of another (e.g. retired)
-  registration. ``step_done`` does not say which groups it trained on, so this is checked from
-  what it does say: its epoch is the registration's current one (the last ``admitted`` before
+  registration: its epoch is the registration's current one (the last ``admitted`` before
   it) and the registration has not ended before it; its ``staleness`` metric is at most
   ``spec.max_staleness``; and the prompt groups it consumed (metrics ``groups`` +
   ``groups_dropped``) are no more than the groups of *its own* registration, epoch and step
   that existed when it committed — one per task id, the task issued on ``rollout.tasks`` with
   those same fields, the group's entry no later than the ``step_done``'s. A step that consumed
   more than that must have trained on groups of another epoch or registration:
-  ``stale_trained`` counts such steps. (Naming the trained groups' task ids in ``step_done``
-  would make this exact; see the chaos harness's notes.)
+  ``stale_trained`` counts such steps. Exactly, too: ``step_done`` names the tasks whose groups
+  it trained on (``tasks``), and each must be a task of the registration, epoch and step.
 - **checkpoints** — every ``checkpoint_saved`` directory that still exists verifies against its
   manifest and restores through the trainer's restore path at the event's step; a final one
   never disappears; every registration that trained and completed has a final checkpoint.
@@ -299,6 +298,13 @@ def _check_fenced(
         staleness = done.metrics.get("staleness")
         if staleness is not None and staleness > max_staleness:
             problems.append(f"staleness {staleness:g} > max_staleness {max_staleness}")
+        own_tasks = {t for _, t, _ in index.get((rid, done.epoch, done.step), ())}
+        foreign = [t for t in done.tasks if t not in own_tasks]
+        if foreign:  # exact: the step names the tasks whose groups it trained on
+            problems.append(
+                f"trained on the groups of task(s) {foreign[:3]} that are not of its own "
+                f"registration, epoch {done.epoch} and step {done.step}"
+            )
         consumed = done.metrics.get("groups"), done.metrics.get("groups_dropped")
         if consumed[0] is None or consumed[1] is None:
             detail = f"step {done.step}: step_done metrics lack 'groups'/'groups_dropped'"

@@ -104,6 +104,13 @@ def test_the_next_step_trains_while_the_version_is_written(bus: Bus) -> None:
         assert store.describe(d.state_uri).version == d.version
     tasks = bus.tasks()  # tasks of step k were issued at a version that was already announced
     assert max(t.version for t in tasks if t.step == 3) <= 2
+    for d in done:  # each step names the tasks whose groups it trained on: its own
+        own = {
+            t.id
+            for t in tasks
+            if (t.registration_id, t.epoch, t.step) == (d.registration_id, d.epoch, d.step)
+        }
+        assert d.tasks and set(d.tasks) <= own
 
 
 def test_a_cancel_commits_after_the_step_being_written(bus: Bus) -> None:
