@@ -26,9 +26,11 @@ Writes ``bench/results/soak.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import itertools
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -70,7 +72,14 @@ def rss_bytes(pid: int) -> int:
 
 
 def tree_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+    """Bytes of the files under ``root``; files and directories deleted while it walks (GC runs
+    meanwhile) are skipped."""
+    total = 0
+    for parent, _dirs, files in os.walk(root):  # os.walk skips directories that vanish
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(parent, name)).st_size
+    return total
 
 
 def sample(stack: Stack, client: redis.Redis, run_dir: Path) -> dict[str, Any]:
