@@ -132,23 +132,25 @@ def test_deferred_entries_stay_owned_until_committed(redis_url, streams, rclient
         held.append(d)
         return DEFER
 
-    consumer = make_consumer(redis_url, streams, handle, claim_idle_ms=300, lease_ttl_ms=900)
+    # claim_idle 1 s, the keeper touching every 0.3 s: a 0.7 s margin on a loaded 2-core box
+    consumer = make_consumer(redis_url, streams, handle, claim_idle_ms=1000, lease_ttl_ms=900)
     consumer.run(max_events=6)
     assert rclient.xpending(streams.control, "g")["pending"] == 6
     # a second consumer cannot steal them while the first keeps them fresh
     thief_seen: list[Delivery] = []
-    c1 = make_consumer(redis_url, streams, handle, claim_idle_ms=300, lease_ttl_ms=900)
+    c1 = make_consumer(redis_url, streams, handle, claim_idle_ms=1000, lease_ttl_ms=900)
     c1._in_flight.update({d.ack_key: d for d in held})
     import threading
 
     keeper = threading.Thread(target=c1._keeper_loop, daemon=True)
     keeper.start()
+    time.sleep(1.5)  # past claim_idle: without the keeper's touches they would be stolen now
     thief = make_consumer(
         redis_url,
         streams,
         lambda d: thief_seen.append(d) or Effects(),
         name="thief",
-        claim_idle_ms=300,
+        claim_idle_ms=1000,
     )
     thief.run(burst=True)
     assert thief_seen == []

@@ -112,7 +112,11 @@ def test_checkpoint_process_serves_adapter_metrics(
         events.append(Synced(**env, worker="rollout.0", version=k, latency_s=0.3))
     publish(rclient, streams.control, *events)
 
-    s = wait_scrape(port, lambda s: get(s, "multilora_adapter_step", adapter="alpha") == 2, proc)
+    def caught_up(s: Any) -> bool:  # the last event (a sync) handled, not only the last step
+        sync = get(s, "multilora_adapter_sync_latency_seconds_count", adapter="alpha")
+        return get(s, "multilora_adapter_step", adapter="alpha") == 2 and sync == 2
+
+    s = wait_scrape(port, caught_up, proc)
     assert get(s, "multilora_adapter_reward_mean", adapter="alpha") == pytest.approx(0.6)
     assert get(s, "multilora_adapter_steps_total", adapter="alpha") == 2
     assert get(s, "multilora_adapter_sync_latency_seconds_count", adapter="alpha") == 2
