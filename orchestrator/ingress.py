@@ -10,7 +10,8 @@ and commits :func:`events.consumer.dead_letter_effects` (the runtime's own recor
 every bad registration leaves a dead letter an operator can fix and re-publish, and a rejection
 the tenant can read in ``multilora status``.
 
-The dead-letter stream is capped: :func:`dead_letter_effects` adds ``MAXLEN ~ DEAD_MAXLEN``
+The dead-letter stream is capped: :func:`dead_letter_effects` (re-exported here: the one
+writer, :func:`events.consumer.dead_letter_effects`) adds ``MAXLEN ~ DEAD_MAXLEN``
 (10,000 by default) to its ``XADD``, so the oldest letters go first; the checkpoint process
 trims it to the same cap on a timer, which also covers the runtime's own dead letters.
 """
@@ -22,8 +23,7 @@ import re
 from typing import Any
 
 from events.codec import Decoder, stamp
-from events.consumer import DEAD_MAXLEN, Delivery, Subscription
-from events.consumer import dead_letter_effects as _runtime_dead_letter
+from events.consumer import DEAD_MAXLEN, Subscription, dead_letter_effects
 from events.effects import Effects
 from events.schema import IngressEvent, Rejected
 from events.specs import ADAPTER_NAME_RULE, REGISTRATION_ID_RULE
@@ -48,20 +48,6 @@ __all__ = [
 ]
 _PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 _MAX_SHOWN = 80
-
-
-def dead_letter_effects(
-    streams: Streams,
-    d: Delivery[Any],
-    reason: str,
-    *,
-    consumer: str,
-    now: float,
-    maxlen: int = DEAD_MAXLEN,
-) -> Effects:
-    """:func:`events.consumer.dead_letter_effects` (the one dead-letter record), its ``XADD``
-    capped at about ``maxlen`` letters."""
-    return _runtime_dead_letter(streams, d, reason, consumer=consumer, now=now, maxlen=maxlen)
 
 
 def ingress_subscription(
