@@ -9,7 +9,6 @@ cannot do to a server it did not start.
 
 from __future__ import annotations
 
-import json
 import signal
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -21,9 +20,7 @@ import pytest
 from ops.launch import Stack
 from ops.models import LEARNABLE_HEAD_SCALE, write_tiny_model
 from tests.chaos.harness import ChaosOptions, ChaosStack, chaos_stack_options
-from tests.e2e.harness import LiveStack, child_env
-
-PROMPTS = ("x:", "y:", "z:", "w:", "v:", "u:", "t:", "s:")
+from tests.e2e.harness import LiveStack, child_env, write_prompts
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +31,8 @@ def chaos_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
-    """A folder with ``prompts.jsonl`` (8 one-character prompts like ``"x:"``, empty labels)."""
-    folder = tmp_path / "data"
-    folder.mkdir()
-    rows = [json.dumps({"prompt": p, "answer": ""}) for p in PROMPTS]
-    (folder / "prompts.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
+    """A folder with ``prompts.jsonl`` (:func:`tests.e2e.harness.write_prompts`)."""
+    return write_prompts(tmp_path / "data")
 
 
 @pytest.fixture

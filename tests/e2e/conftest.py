@@ -8,7 +8,6 @@ model ``multilora up`` trains without ``--model``.
 
 from __future__ import annotations
 
-import json
 import signal
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,9 +18,7 @@ import pytest
 
 from ops.launch import Stack
 from ops.models import LEARNABLE_HEAD_SCALE, write_tiny_model
-from tests.e2e.harness import LiveStack, child_env, stack_options
-
-PROMPTS = ("x:", "y:", "z:", "w:", "v:", "u:", "t:", "s:")
+from tests.e2e.harness import LiveStack, child_env, stack_options, write_prompts
 
 
 @pytest.fixture(scope="session")
@@ -32,12 +29,8 @@ def e2e_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
-    """A folder with ``prompts.jsonl`` (8 one-character prompts like ``"x:"``, empty labels)."""
-    folder = tmp_path / "data"
-    folder.mkdir()
-    rows = [json.dumps({"prompt": p, "answer": ""}) for p in PROMPTS]
-    (folder / "prompts.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
+    """A folder with ``prompts.jsonl`` (:func:`tests.e2e.harness.write_prompts`)."""
+    return write_prompts(tmp_path / "data")
 
 
 @pytest.fixture

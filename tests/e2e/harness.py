@@ -90,6 +90,17 @@ def stack_options(
     return StackOptions(**base)
 
 
+PROMPTS = ("x:", "y:", "z:", "w:", "v:", "u:", "t:", "s:")
+
+
+def write_prompts(folder: Path) -> Path:
+    """``folder`` with ``prompts.jsonl``: 8 one-character prompts like ``"x:"``, empty labels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [json.dumps({"prompt": p, "answer": ""}) for p in PROMPTS]
+    (folder / "prompts.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
 def child_env() -> dict[str, str]:
     """The environment children need to import :mod:`tests.e2e.rewards` (repo root on path)."""
     path = os.environ.get("PYTHONPATH", "")

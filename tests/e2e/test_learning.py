@@ -97,7 +97,7 @@ def likely_letters(model_dir: Path, k: int) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.e2e.conftest import PROMPTS
+    from tests.e2e.harness import PROMPTS
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
