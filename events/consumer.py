@@ -396,14 +396,7 @@ class Consumer:
         try:
             result = self.handler(d)
         except HandlerError as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            self.observer.failed(d, reason)
-            if d.deliveries >= self.max_deliveries:
-                self._dead_letter(d, f"{reason} (after {d.deliveries} deliveries)")
-            else:
-                log.warning("entry %s on %s failed (%s); will retry", d.entry_id, d.ack_key, reason)
-                self.stats.retried += 1
-                self._forget([d])  # stays pending; reclaimed after claim_idle_ms
+            self.retry_later([d], f"{type(exc).__name__}: {exc}")
             return
         if isinstance(result, _Defer):
             if self.heartbeat is not None:
@@ -412,6 +405,19 @@ class Consumer:
         self.commit(result, [d])
         self.observer.handled(d, time.perf_counter() - t0)
         self.stats.handled += 1
+
+    def retry_later(self, deliveries: list[Delivery], reason: str) -> None:
+        """What a :class:`HandlerError` does to an entry, for entries a handler deferred: each
+        stays pending and is reclaimed after ``claim_idle_ms`` (by any consumer of its group),
+        or is dead-lettered once it failed ``max_deliveries`` deliveries."""
+        for d in deliveries:
+            self.observer.failed(d, reason)
+            if d.deliveries >= self.max_deliveries:
+                self._dead_letter(d, f"{reason} (after {d.deliveries} deliveries)")
+            else:
+                log.warning("entry %s on %s failed (%s); will retry", d.entry_id, d.ack_key, reason)
+                self.stats.retried += 1
+                self._forget([d])  # stays pending; reclaimed after claim_idle_ms
 
     def commit(self, effects: Effects, deliveries: list[Delivery]) -> bool:
         """Apply ``effects`` and ack ``deliveries`` atomically; False if any is no longer ours."""

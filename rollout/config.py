@@ -39,8 +39,9 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     Bus (``bus``): the consumer name is also the worker id in ``adapter.synced`` and
     ``rollout.group`` (empty: :func:`default_worker_name` of ``index``); ``bus.claim_idle_ms``
     is how long a task held by a silent worker waits before another takes it over. ``prefetch``
-    is how many tasks are read ahead while one generates (1 keeps the load balanced across
-    replicas).
+    is how many tasks are read ahead while a batch generates (1 keeps the load balanced across
+    replicas); ``batch_tasks`` how many tasks, of any adapters, one engine batch may take (the
+    tasks waiting when the engine is free, up to this many: see :mod:`rollout.worker`).
 
     Engine: ``backend="embedded"`` runs the model in this process from ``model_path`` on
     ``device``/``dtype`` with ``max_slots`` LoRA slots of rank ``max_rank``, keeping the newest
@@ -86,6 +87,9 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         float, msgspec.Meta(gt=0, description="deadline of one in-process reward call, s")
     ] = 5.0
     prefetch: Annotated[Positive, _doc("tasks read ahead")] = 1
+    batch_tasks: Annotated[
+        Positive, _doc("tasks generated together in one mixed batch (1: one at a time)")
+    ] = 8
     max_prompt_tokens: Annotated[Positive, _doc("longer prompts fail their samples")] = 1024
     torch_threads: Annotated[
         int, msgspec.Meta(ge=0, description="intra-op threads (0: torch's default)")

@@ -64,7 +64,8 @@ def build_rewards(config: RolloutConfig) -> RewardRegistry:
 
 
 def build(config: RolloutConfig, bus: Bus) -> Consumer:
-    """The worker and its consumer: tasks one at a time, the control log read ahead in bulk."""
+    """The worker and its consumer: tasks in batches (held until the engine is free), the
+    control log read ahead in bulk."""
     if config.torch_threads:
         import torch
 
@@ -87,11 +88,19 @@ def build(config: RolloutConfig, bus: Bus) -> Consumer:
         reward_call_timeout_s=config.reward_call_timeout_s,
         history_until=history_until,
         metrics=RolloutMetrics(bus.registry),
+        batch_tasks=config.batch_tasks,
     )
     worker.seed(fleet)
-    return bus.consumer(
-        worker.subscriptions(), worker.handle, count=1, max_in_flight=config.prefetch + 1
+    consumer = bus.consumer(
+        worker.subscriptions(),
+        worker.handle,
+        count=1,
+        max_in_flight=config.batch_tasks + config.prefetch,
+        on_idle=worker.flush,
+        on_stop=worker.flush,
     )
+    worker.consumer = consumer
+    return consumer
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,6 +42,18 @@ task's ack. A worker whose entry was reclaimed by another (it was silent for ``c
 has its commit refused, so each task is published once in effect; the trainer still keys groups
 by ``task_id`` and fences them itself as a second line.
 
+**Batches across tasks** (``batch_tasks`` > 1, the process's setting). The handler holds each
+task (:data:`~events.consumer.DEFER`: it stays pending and owned) and the consumer's idle hook
+(:meth:`RolloutWorker.flush`) generates every held task — of any adapter, any registration —
+in ONE mixed engine batch as soon as nothing else waits to be read, or at ``batch_tasks``
+tasks. So a newly admitted adapter's first tasks ride in the same batch as the running
+adapters' instead of queueing in front of them. Control events are handled first (their
+subscription's priority), so the batch sees the newest syncs. Then each task is scored and its
+group committed with its own ack. A batch the engine refuses is run again task by task, so only
+the task with the offending rows fails; an unreachable engine hands every held task back for a
+retry (:meth:`~events.consumer.Consumer.retry_later`). Fencing, weights and rows are decided
+per task when its batch runs, exactly as for a task run alone.
+
 **Client samples** (``rollout.sample``, a Tinker client's ``sample`` / ``compute_logprobs``
 through the gateway) are served by :class:`~rollout.client_sampling.ClientSampler` with the same
 backend and version cache, and answered in the request's future with the task's ack. They are
@@ -71,6 +83,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +91,7 @@ import msgspec
 from prometheus_client import CollectorRegistry
 
 from events.codec import Decoder, stamp
-from events.consumer import Delivery, Subscription
+from events.consumer import DEFER, Consumer, Delivery, HandlerResult, Subscription
 from events.effects import Effects
 from events.errors import HandlerError
 from events.schema import (
@@ -172,6 +185,23 @@ _ANSWERED = frozenset({Verdict.APPLIED, Verdict.DUPLICATE, Verdict.UNKNOWN})
 redelivery), or for a registration it has no state for (nothing says the sync is stale)."""
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A task ready to generate: the version it uses, its tokenized prompts and engine rows."""
+
+    task: RolloutTask
+    version: int
+    prompts: list[Any]
+    rows: list[Any]
+    items: list[Any]
+    reward: RewardComposite
+
+
+def _check(task: RolloutTask) -> None:
+    if task.group_size < 1:
+        raise HandlerError(f"task {task.id}: group_size must be >= 1, got {task.group_size}")
+
+
 def entry_at_or_before(entry_id: str, bound: str) -> bool:
     """Whether stream entry ``entry_id`` is at or before ``bound`` (both ``"ms-seq"``)."""
     a, b = (tuple(int(x) for x in e.split("-")) for e in (entry_id, bound))
@@ -214,7 +244,8 @@ class RolloutWorker:
     in-process). ``reward_call_timeout_s`` / ``max_hung_reward_calls``: the deadline of each
     in-process reward call and how many hung calls of one reward stop it being called (see
     :class:`~rollout.rewards.RewardDeadline`). ``allowed_roots``: directories dataset files may
-    live under.
+    live under. ``batch_tasks``: how many held tasks one engine batch takes (1: one task at a
+    time; see the module doc).
     ``history_until``: the newest control entry when the process started (see the module
     doc). ``clock``: wall clock for ``latency_s``.
 
@@ -241,6 +272,7 @@ class RolloutWorker:
         clock: Callable[[], float] = time.time,
         cache_size: int = 16,
         metrics: RolloutMetrics | None = None,
+        batch_tasks: int = 1,
     ) -> None:
         self.name = name
         self.streams = streams
@@ -265,6 +297,9 @@ class RolloutWorker:
         self._epochs_ahead: dict[str, int] = {}  # registration id -> newest epoch of a task
         self._sources = _Lru(cache_size)
         self._rewards = _Lru(cache_size)
+        self.batch_tasks = batch_tasks
+        self._batch: list[Delivery[TaskEvent]] = []  # tasks held for the next batch
+        self.consumer: Consumer | None = None  # set by rollout.main.build (commits batches)
 
     def seed(self, fleet: Fleet) -> None:
         """Start the lifecycle view from ``fleet`` (the control log's snapshot and the entries
@@ -285,14 +320,24 @@ class RolloutWorker:
                 max_in_flight=CONTROL_READ_AHEAD,
                 count=CONTROL_READ_AHEAD,
             ),
-            # trimmed once every group acknowledged it (the work queue stays bounded)
-            Subscription(self.streams.tasks, TASK_GROUP, Decoder(TaskEvent), trim=True),
+            # trimmed once every group acknowledged it (the work queue stays bounded); one read
+            # takes up to a batch of the waiting tasks
+            Subscription(
+                self.streams.tasks,
+                TASK_GROUP,
+                Decoder(TaskEvent),
+                trim=True,
+                count=self.batch_tasks,
+            ),
         ]
 
-    def handle(self, delivery: Delivery[ControlEvent | TaskEvent]) -> Effects:
-        """The consumer's handler: a task, or an event of the control log."""
+    def handle(self, delivery: Delivery[ControlEvent | TaskEvent]) -> HandlerResult:
+        """The consumer's handler: a task (held for the next batch when ``batch_tasks`` > 1),
+        or an event of the control log."""
         match delivery.event:
             case RolloutTask() as task:
+                if self.batch_tasks > 1 and self.consumer is not None:
+                    return self.defer_task(delivery)  # type: ignore[arg-type]
                 return self.on_task(task)
             case SampleTask() as sample:
                 return self.on_sample(sample)
@@ -383,22 +428,135 @@ class RolloutWorker:
         return f"registration {reg!r} is {state.phase}, not admitted"
 
     def on_task(self, task: RolloutTask) -> Effects:
-        """Run one task; the group is published with the task's ack (or nothing if fenced)."""
-        why = self.fenced(task)
-        if why:
-            log.info("dropping task %s of %s: %s", task.id, task.adapter, why)
-            self.metrics.task_dropped()
-            return Effects()
-        if task.group_size < 1:
-            raise HandlerError(f"task {task.id}: group_size must be >= 1, got {task.group_size}")
-        start = time.perf_counter()
+        """Run one task alone; the group is published with the task's ack (or nothing if
+        fenced)."""
+        return self.run_tasks([task])[0]
+
+    def defer_task(self, delivery: Delivery[TaskEvent]) -> HandlerResult:
+        """Hold a task for the next batch (:meth:`flush`: at ``batch_tasks`` tasks, or when
+        nothing else waits to be read)."""
+        task = delivery.event
+        assert isinstance(task, RolloutTask)
+        _check(task)
+        self._batch.append(delivery)
+        if len(self._batch) >= self.batch_tasks:
+            self.flush()
+        return DEFER
+
+    def flush(self) -> None:
+        """The consumer's idle hook: generate every held task in ONE mixed batch, then commit
+        each task's group with its own ack (a task another replica took over is refused alone).
+        An unreachable engine hands the tasks back to be retried (:meth:`Consumer.retry_later`).
+        """
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        if self.consumer is None:
+            raise HandlerError("RolloutWorker.consumer is not set; build it with rollout.main")
         try:
-            version, groups = self._run(task)
-        except KNOWN_TASK_FAILURES as err:
-            log.warning("task %s of %s failed: %s", task.id, task.adapter, err)
-            version, groups = task.version, failed_groups(task, f"{type(err).__name__}: {err}")
+            results = self.run_tasks([d.event for d in batch])  # type: ignore[misc]
+        except HandlerError as exc:
+            self.consumer.retry_later(batch, f"{type(exc).__name__}: {exc}")
+            return
+        for delivery, effects in zip(batch, results, strict=True):
+            self.consumer.commit(effects, [delivery])
+
+    def run_tasks(self, tasks: Sequence[RolloutTask]) -> list[Effects]:
+        """Generate the tasks that are not fenced in ONE mixed batch (rows of every task and
+        adapter; a row's tokens do not depend on its batch-mates) and score each; returns, per
+        task in order, the effects that publish its group (none for a fenced task)."""
+        results: list[Effects] = [Effects() for _ in tasks]
+        ready: list[tuple[int, _Prepared]] = []
+        start = time.perf_counter()
+        for i, task in enumerate(tasks):
+            why = self.fenced(task)
+            if why:
+                log.info("dropping task %s of %s: %s", task.id, task.adapter, why)
+                self.metrics.task_dropped()
+                continue
+            _check(task)
+            try:
+                ready.append((i, self._prepare(task)))
+            except KNOWN_TASK_FAILURES as err:
+                results[i] = self._failed(task, err, start)
+            except BackendUnavailableError as err:
+                raise HandlerError(f"task {task.id}: engine unavailable: {err}") from err
+        try:
+            generated = self._generate([p for _, p in ready])
         except BackendUnavailableError as err:
-            raise HandlerError(f"task {task.id}: engine unavailable: {err}") from err
+            raise HandlerError(f"{len(ready)} tasks: engine unavailable: {err}") from err
+        for (i, p), completions in zip(ready, generated, strict=True):
+            try:
+                if isinstance(completions, Exception):
+                    raise completions
+                texts = [c.text for c in completions]
+                scores = p.reward.score_batch(texts, p.items, self.remote, self.deadline)
+                groups = prompt_groups(p.task, p.prompts, completions, scores)
+            except KNOWN_TASK_FAILURES as err:
+                results[i] = self._failed(p.task, err, start)
+                continue
+            results[i] = self._group(p.task, p.version, groups, start)
+        return results
+
+    def _prepare(self, task: RolloutTask) -> _Prepared:
+        """Weights served, prompts read and tokenized, rows built: the task ready to generate."""
+        version = self._ensure_weights(task)
+        source: DataSource = self._sources.get(
+            msgspec.json.encode(task.dataset), lambda: self._open(task.dataset)
+        )
+        reward: RewardComposite = self._rewards.get(
+            msgspec.json.encode(task.rewards), lambda: self._composite(task.rewards)
+        )
+        SamplingParams.from_spec(task.sampling)  # invalid sampling fails the task, not a row
+        prompts = [
+            tokenize_prompt(
+                source,
+                index,
+                self.backend.tokenizer,
+                chat_template=task.dataset.chat_template,
+                max_tokens=self.max_prompt_tokens,
+            )
+            for index in task.prompt_indices
+        ]
+        ref = AdapterRef(served_name(task.adapter, task.registration_id), version)
+        rows, items = task_rows(task, prompts, ref)
+        return _Prepared(task, version, prompts, rows, items, reward)
+
+    def _generate(self, ready: Sequence[_Prepared]) -> list[list[Any] | Exception]:
+        """Every task's rows as one engine batch; when the engine refuses the batch (a row of
+        one task: too long, an unknown adapter), each task again alone, so only the offending
+        task fails (its :class:`RowRefusedError` in its place)."""
+        if not ready:
+            return []
+        rows = [row for p in ready for row in p.rows]
+        try:
+            flat = self.backend.generate(rows)
+        except RowRefusedError as err:
+            if len(ready) == 1:
+                return [err]
+            alone: list[list[Any] | Exception] = []
+            for p in ready:
+                try:
+                    alone.append(self.backend.generate(p.rows))
+                except RowRefusedError as one:
+                    alone.append(one)
+            return alone
+        out: list[list[Any] | Exception] = []
+        at = 0
+        for p in ready:
+            out.append(flat[at : at + len(p.rows)])
+            at += len(p.rows)
+        return out
+
+    def _failed(self, task: RolloutTask, err: Exception, start: float) -> Effects:
+        log.warning("task %s of %s failed: %s", task.id, task.adapter, err)
+        reason = f"{type(err).__name__}: {err}"
+        return self._group(task, task.version, failed_groups(task, reason), start)
+
+    def _group(
+        self, task: RolloutTask, version: int, groups: Sequence[PromptGroup], start: float
+    ) -> Effects:
+        """The effects that publish ``task``'s group (``generate_s``: since its batch began)."""
         group = RolloutGroup(
             adapter=task.adapter,
             registration_id=task.registration_id,
@@ -423,33 +581,6 @@ class RolloutWorker:
         known = sync.sha256 if sync is not None and sync.version == task.version else ""
         live = state is not None and not ended
         return self.sampler.on_sample(task, live=live, ended=ended, sha256=known)
-
-    def _run(self, task: RolloutTask) -> tuple[int, list[PromptGroup]]:
-        """Generate and score ``task``; returns ``(version used, prompt groups in task order)``."""
-        version = self._ensure_weights(task)
-        source: DataSource = self._sources.get(
-            msgspec.json.encode(task.dataset), lambda: self._open(task.dataset)
-        )
-        reward: RewardComposite = self._rewards.get(
-            msgspec.json.encode(task.rewards), lambda: self._composite(task.rewards)
-        )
-        SamplingParams.from_spec(task.sampling)  # invalid sampling fails the task, not a row
-        prompts = [
-            tokenize_prompt(
-                source,
-                index,
-                self.backend.tokenizer,
-                chat_template=task.dataset.chat_template,
-                max_tokens=self.max_prompt_tokens,
-            )
-            for index in task.prompt_indices
-        ]
-        ref = AdapterRef(served_name(task.adapter, task.registration_id), version)
-        rows_B, items_B = task_rows(task, prompts, ref)
-        completions_B = self.backend.generate(rows_B)  # ONE mixed batch for the whole task
-        texts_B = [c.text for c in completions_B]
-        scores_B = reward.score_batch(texts_B, items_B, self.remote, self.deadline)
-        return version, prompt_groups(task, prompts, completions_B, scores_B)
 
     def _ensure_weights(self, task: RolloutTask) -> int:
         """Serve the task's version (or a newer loaded one); returns the version to use."""
