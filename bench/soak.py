@@ -4,7 +4,12 @@ Runs ``multilora up``'s stack (embedded Redis with its role users, trainer, two 
 checkpointer) on a tiny random model and keeps ``--concurrent`` adapters in flight: each trains a
 few steps and completes, and a new one (a new name) registers in its place; every fifth is
 cancelled mid-run instead. The checkpointer's housekeeping runs often (version GC, status
-expiry, control-log snapshots and trimming), so what a week does to storage happens in minutes.
+expiry, control-log snapshots and trimming), and its retention windows are compressed like the
+run (an ended registration's status lives ``--status-ttl-s``, keeps its spec in the snapshot
+``--tombstone-after-s`` and stays there as a tombstone ``--ended-retention-s``; in service: 7
+days, an hour, 30 days), so what weeks do to storage happens in minutes. ``snapshot_bytes``
+(the control-log snapshot) is what the retention window holds: its steady size over the
+registrations ended within the window gives the bytes one ended registration costs.
 
 Every ``--sample-s`` it records each child's resident memory (``VmRSS`` of ``/proc``), Redis's
 ``used_memory``, the bytes of the version store (``artifacts``: bounded by GC) and of the
@@ -55,6 +60,7 @@ from events.specs import (
 )
 from ops.launch import Stack, StackOptions
 from orchestrator.client import Producer
+from orchestrator.compaction import snapshot_key
 from orchestrator.status import read_one
 
 GOAL = 1.10
@@ -96,6 +102,7 @@ def sample(stack: Stack, client: redis.Redis, run_dir: Path) -> dict[str, Any]:
         "checkpoint_bytes": tree_bytes(run_dir / "checkpoints"),
         "streams": lengths,
         "redis_keys": int(client.dbsize()),
+        "snapshot_bytes": int(client.hstrlen(snapshot_key(streams), "fleet")),
     }
 
 
@@ -141,6 +148,7 @@ def summary(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
     out["redis_keys"] = row(lambda s: s["redis_keys"])
     out["artifact_bytes"] = row(lambda s: s["artifact_bytes"])
     out["checkpoint_bytes"] = row(lambda s: s["checkpoint_bytes"])
+    out["snapshot_bytes"] = row(lambda s: s.get("snapshot_bytes", 0))
     for name in steady[0]["streams"]:
         out[f"stream_{name}"] = row(lambda s, n=name: s["streams"][n])
     return out
@@ -150,10 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/soak.py", description=__doc__.split("\n")[0])
     p.add_argument("--duration-s", type=float, default=1200.0)
     p.add_argument("--warmup-s", type=float, default=180.0)
-    p.add_argument("--sample-s", type=float, default=20.0)
+    p.add_argument("--sample-s", type=float, default=5.0)
     p.add_argument("--concurrent", type=int, default=4)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--housekeeping-interval-s", type=float, default=15.0)
+    # the retention windows, compressed like the run (defaults: 7 days, an hour, 30 days)
+    p.add_argument("--status-ttl-s", type=int, default=120)
+    p.add_argument("--tombstone-after-s", type=float, default=30.0)
+    p.add_argument("--ended-retention-s", type=float, default=300.0)
     p.add_argument("--run-dir", default="")
     p.add_argument("--out", default="bench/results/soak.json")
     args = p.parse_args(argv)
@@ -187,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
                 "--compact-entries",
                 "2000",
                 "--status-ttl-s",
-                "120",
+                str(args.status_ttl_s),
+                "--tombstone-after-s",
+                str(args.tombstone_after_s),
+                "--ended-retention-s",
+                str(args.ended_retention_s),
             ],
         },
     )
@@ -232,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             time.sleep(0.5)
         samples.append(sample(stack, client, run_dir))
+        keys = largest_keys(client, 12)
     result = summary(samples, args.warmup_s)
     flat = ["redis_used_memory", "artifact_bytes", *[k for k in result if k.startswith("rss_")]]
     worst = max(result[k]["ratio"] for k in flat if result[k]["start"])
@@ -243,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal_ratio": GOAL,
         "quantities": result,
         "samples": len(samples),
+        "largest_keys": keys,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", *sys.argv]),
     }
@@ -251,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def largest_keys(client: redis.Redis, top: int) -> list[dict[str, Any]]:
+    """The ``top`` keys by ``MEMORY USAGE`` at the end of the run (where Redis's memory went)."""
+    sizes = []
+    for key in client.scan_iter(count=500):
+        used = client.memory_usage(key, samples=0)
+        if used is not None:
+            sizes.append({"key": key.decode() if isinstance(key, bytes) else key, "bytes": used})
+    sizes.sort(key=lambda row: -row["bytes"])
+    return sizes[:top]
 
 
 def is_ended_phase(phase: Any) -> bool:
@@ -265,6 +294,8 @@ def print_table(out: dict[str, Any]) -> None:
             f"{name:28s} {row['start']:12.0f} {row['end']:12.0f} {row['max']:12.0f} "
             f"{row['ratio']:10.3f}"
         )
+    for row in out.get("largest_keys", []):
+        print(f"  {row['bytes']:12d}  {row['key']}")
     print(f"worst late/early peak of RSS, Redis memory, artifacts: {out['worst_ratio']:.3f}")
 
 

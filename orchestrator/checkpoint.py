@@ -349,7 +349,9 @@ class CheckpointConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     compacted after ``compact_entries`` new entries or every ``compact_interval_s``; ended
     registrations' status lives ``status_ttl_s``; the dead-letter stream keeps about
     ``dead_maxlen`` letters; a control-log consumer group with no live consumer for
-    ``group_retention_s`` is destroyed.
+    ``group_retention_s`` is destroyed; in the control-log snapshot an ended registration
+    becomes a tombstone (its spec dropped) ``tombstone_after_s`` after its last change and is
+    forgotten after ``ended_retention_s`` (:mod:`orchestrator.compaction`).
     """
 
     bus: BusConfig = BusConfig()
@@ -380,6 +382,14 @@ class CheckpointConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         Annotated[float, msgspec.Meta(gt=0)],
         msgspec.Meta(description="seconds a control-log group may have no live consumer"),
     ] = 24 * 3600.0
+    tombstone_after_s: Annotated[
+        NonNegative,
+        msgspec.Meta(description="seconds an ended registration keeps its spec in the snapshot"),
+    ] = 3600.0
+    ended_retention_s: Annotated[
+        Annotated[float, msgspec.Meta(gt=0)],
+        msgspec.Meta(description="seconds an ended registration stays in the snapshot"),
+    ] = 30 * 24 * 3600.0
 
 
 def load_config(
@@ -421,6 +431,8 @@ def build(config: CheckpointConfig, bus: Bus) -> Consumer:
             status_ttl_s=config.status_ttl_s,
             dead_maxlen=config.dead_maxlen,
             group_retention_s=config.group_retention_s,
+            tombstone_after_s=config.tombstone_after_s,
+            ended_retention_s=config.ended_retention_s,
             metrics=StorageMetrics(bus.registry),
         )
         idle = keeper.on_idle

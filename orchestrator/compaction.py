@@ -25,14 +25,17 @@ Race with a reader: a compactor trims only entries at or below the id of a snaps
 means every trim so far stayed at or below the snapshot it started from, so its tail was
 complete; changed means it starts over from the newer snapshot.
 
-Bounding the snapshot: ended registrations stay (as the small states the fleet keeps; a
-retried registration id is recognised by them) until their last change is older than
-``ended_retention_s`` (default 30 days) before the newest event folded, and ``holds_data``
-(the caller's check, e.g. "versions of it are still stored") says nothing of theirs is left to
-clean up. Past that window a ``register_requested`` with the same id would start a new
+Bounding the snapshot: an ended registration whose last change is older than ``tombstone_after_s``
+(default an hour) before the newest event folded is kept as a tombstone
+(:func:`~orchestrator.fleet.tombstone_ended`: its state without its spec, about a sixth of its
+bytes; a retried registration id and late events are still recognised by it); it is forgotten once
+its last change is older than ``ended_retention_s`` (default 30 days) and ``holds_data`` (the
+caller's check, e.g. "versions of it are still stored") says nothing of theirs is left to clean up.
+So the snapshot holds the live registrations plus one tombstone per registration ended within the
+retention window. Past that window a ``register_requested`` with the same id would start a new
 registration; the status hash of such a registration expired long before (7 days,
-:mod:`orchestrator.status`). Event times, not the local clock, decide, so every compactor
-forgets the same registrations.
+:mod:`orchestrator.status`). Event times, not the local clock, decide, so every compactor forgets
+the same registrations.
 
 An entry of the control log that does not decode is skipped with a warning (consumers
 dead-letter it; the fleet would not change on it).
@@ -52,7 +55,14 @@ from events.errors import SchemaError
 from events.schema import ControlEvent
 from events.streams import Streams
 from events.trim import GroupJanitor, group_floors, lowest, next_id
-from orchestrator.fleet import Fleet, FleetSnapshot, fleet_snapshot, forget_ended, restore_fleet
+from orchestrator.fleet import (
+    Fleet,
+    FleetSnapshot,
+    fleet_snapshot,
+    forget_ended,
+    restore_fleet,
+    tombstone_ended,
+)
 from orchestrator.lifecycle import AdapterState, is_ended
 
 log = logging.getLogger(__name__)
@@ -64,6 +74,10 @@ restores a snapshot onto its own slot count (:func:`orchestrator.fleet.restore_f
 
 ENDED_RETENTION_S = 30 * 24 * 3600.0
 """How long an ended registration stays in the snapshot after its last change (event time)."""
+
+TOMBSTONE_AFTER_S = 3600.0
+"""How long after its last change (event time) an ended registration keeps its spec in the
+snapshot; after that it is a tombstone."""
 
 GROUP_RETENTION_S = 24 * 3600.0
 """How long a consumer group of the control log may have no live consumer before it is
@@ -110,13 +124,14 @@ class Folded(msgspec.Struct, frozen=True, kw_only=True):
 class Compaction(msgspec.Struct, frozen=True, kw_only=True):
     """What one :func:`compact` did: the snapshot now stored (``written``: by this call),
     entries folded since the previous snapshot, entries trimmed, ended registrations
-    forgotten, vanished groups destroyed."""
+    forgotten, ended registrations reduced to tombstones, vanished groups destroyed."""
 
     snapshot_id: str
     written: bool
     folded: int
     trimmed: int
     forgotten: tuple[str, ...] = ()
+    tombstoned: tuple[str, ...] = ()
     destroyed: tuple[str, ...] = ()
 
 
@@ -161,6 +176,7 @@ def compact(
     *,
     janitor: GroupJanitor | None = None,
     ended_retention_s: float = ENDED_RETENTION_S,
+    tombstone_after_s: float = TOMBSTONE_AFTER_S,
     holds_data: Callable[[AdapterState], bool] | None = None,
 ) -> Compaction:
     """Write a new snapshot of the control log and trim it (see the module doc).
@@ -172,6 +188,7 @@ def compact(
     """
     folded = fold(client, streams, slots)
     fleet, forgotten = _bounded(folded, ended_retention_s, holds_data)
+    fleet, tombstoned = _tombstoned(fleet, folded.time - tombstone_after_s)
     written = False
     if folded.tail:
         data = msgspec.msgpack.encode(fleet_snapshot(fleet))
@@ -196,6 +213,7 @@ def compact(
         folded=folded.tail,
         trimmed=trimmed,
         forgotten=forgotten if written else (),
+        tombstoned=tombstoned if written else (),
         destroyed=tuple(destroyed),
     )
 
@@ -213,6 +231,16 @@ def _bounded(
         if is_ended(s) and s.updated_at < cutoff and (holds_data is None or not holds_data(s))
     )
     return (forget_ended(folded.fleet, doomed), doomed) if doomed else (folded.fleet, ())
+
+
+def _tombstoned(fleet: Fleet, cutoff: float) -> tuple[Fleet, tuple[str, ...]]:
+    """``fleet`` with the ended registrations last changed before ``cutoff`` as tombstones."""
+    chosen = tuple(
+        s.registration_id
+        for s in fleet.states()
+        if is_ended(s) and s.spec is not None and s.updated_at < cutoff
+    )
+    return (tombstone_ended(fleet, chosen), chosen) if chosen else (fleet, ())
 
 
 def _read_snapshot(

@@ -56,10 +56,12 @@ How the trainer drives it (every publish: ``new = fleet.apply(event)``, then com
                                            weights from state.state_uri) and finish the ones
                                            that hold a slot in completing/cancelled/failed
 
-Memory: every registration ever seen stays (ended ones as small tombstones), so late events of a
-retired registration are recognised as stale and a retried registration id is never registered
-twice. The wait queue and the slot map are indexed; the queries a train step makes cost
-O(live registrations), an :meth:`apply` copies O(all registrations) references.
+Memory: every registration ever seen stays, so late events of a retired registration are recognised
+as stale and a retried registration id is never registered twice; the compactor reduces ended ones
+to tombstones (:func:`tombstone_ended`, their specs dropped) and forgets them after a retention
+window (:func:`forget_ended`, :mod:`orchestrator.compaction`). The wait queue and the slot map are
+indexed; the queries a train step makes cost O(live registrations), an :meth:`apply` copies O(all
+registrations) references.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ from orchestrator.lifecycle import (
     is_live,
     is_waiting,
     registration_key,
+    tombstone,
 )
 
 
@@ -397,5 +400,24 @@ def forget_ended(fleet: Fleet, registration_ids: Iterable[str]) -> Fleet:
     new._states = {k: s for k, s in fleet._states.items() if k not in doomed}
     new._active = dict(fleet._active)
     new._latest = {name: k for name, k in fleet._latest.items() if k not in doomed}
+    new._owners = dict(fleet._owners)
+    return new
+
+
+def tombstone_ended(fleet: Fleet, registration_ids: Iterable[str]) -> Fleet:
+    """``fleet`` with the ended registrations ``registration_ids`` reduced to tombstones
+    (:func:`~orchestrator.lifecycle.tombstone`: their specs dropped); everything else, the
+    indexes included, is unchanged, so every event applies to it as to ``fleet``. Raises
+    :class:`ConfigError` for a live one."""
+    chosen = set(registration_ids)
+    live = sorted(k for k in chosen if (s := fleet._states.get(k)) is not None and is_live(s))
+    if live:
+        raise ConfigError(f"registrations {live} are live; only ended ones become tombstones")
+    new = Fleet.__new__(Fleet)
+    new._slots = fleet._slots
+    new._arrivals = fleet._arrivals
+    new._states = {k: tombstone(s) if k in chosen else s for k, s in fleet._states.items()}
+    new._active = dict(fleet._active)
+    new._latest = dict(fleet._latest)
     new._owners = dict(fleet._owners)
     return new

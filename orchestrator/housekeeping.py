@@ -38,6 +38,7 @@ from orchestrator.compaction import (
     ENDED_RETENTION_S,
     GROUP_RETENTION_S,
     READER_SLOTS,
+    TOMBSTONE_AFTER_S,
     Compaction,
     compact,
     fold,
@@ -85,6 +86,7 @@ class Housekeeper:
         dead_maxlen: int = DEAD_MAXLEN,
         group_retention_s: float = GROUP_RETENTION_S,
         ended_retention_s: float = ENDED_RETENTION_S,
+        tombstone_after_s: float = TOMBSTONE_AFTER_S,
         metrics: StorageMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -97,6 +99,7 @@ class Housekeeper:
         self.status_ttl_s = status_ttl_s
         self.dead_maxlen = dead_maxlen
         self.ended_retention_s = ended_retention_s
+        self.tombstone_after_s = tombstone_after_s
         self.metrics = metrics
         self.clock = clock
         self.gc = VersionGC(client, streams, artifacts, checkpoint_group=checkpoint_group)
@@ -136,6 +139,7 @@ class Housekeeper:
                 READER_SLOTS,
                 janitor=self.janitor,
                 ended_retention_s=self.ended_retention_s,
+                tombstone_after_s=self.tombstone_after_s,
                 holds_data=lambda s: (s.name, s.registration_id) in stored,
             )
             self._last_compaction = self.clock()

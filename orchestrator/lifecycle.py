@@ -312,6 +312,16 @@ def is_ended(state: AdapterState) -> bool:
     return not is_live(state)
 
 
+def tombstone(state: AdapterState) -> AdapterState:
+    """An ended registration reduced to what recognising its late events and its id needs: the
+    same state without its spec (dataset, rewards, sampling, optimizer: most of its bytes), so
+    :attr:`AdapterState.steps_total` becomes None. Only ended states (:func:`is_ended`) may be
+    reduced: nothing reads an ended registration's spec (its status hash keeps the budget)."""
+    if not is_ended(state):
+        raise ValueError(f"registration {state.registration_id!r} is live: not a tombstone")
+    return state if state.spec is None else msgspec.structs.replace(state, spec=None)
+
+
 @overload
 def transition(state: AdapterState, event: Any) -> AdapterState: ...
 @overload

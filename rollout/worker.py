@@ -116,7 +116,9 @@ from orchestrator.lifecycle import (
     Verdict,
     accepts_work,
     decide,
+    is_ended,
     registration_key,
+    tombstone,
 )
 from orchestrator.status import sync_effects
 from rollout.adapter_slots import AdapterRef
@@ -364,7 +366,10 @@ class RolloutWorker:
         return Effects()
 
     def _end(self, state: AdapterState) -> None:
-        """The registration no longer needs weights: unload it, drop its cached weights."""
+        """The registration no longer needs weights: unload it, drop its cached weights, keep
+        its state as a tombstone (fencing needs no spec)."""
+        if is_ended(state):
+            self.states[state.registration_id] = tombstone(state)
         self.syncs.pop(state.registration_id, None)
         name = served_name(state.name, state.registration_id)
         self.served.drop(name)

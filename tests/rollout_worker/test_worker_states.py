@@ -185,8 +185,10 @@ def test_completing_stops_tasks_and_completion_unloads(make_fake_worker, fake_ve
     assert worker.backend.versions(NAME) == (1, 2)
     worker.on_control(Completed(adapter="math", registration_id="r1", epoch=1, step=2, version=2))
     assert worker.backend.versions(NAME) == () and "r1" not in worker.syncs
+    assert worker.states["r1"].spec is not None  # completed, still holding its slot
     worker.on_control(Retired(adapter="math", registration_id="r1", epoch=1, slot=0))
     assert worker.states["r1"].phase is Phase.RETIRED
+    assert worker.states["r1"].spec is None  # ended: kept as a tombstone
     late = worker.on_control(sync("math", "r1", 2, fake_versions[2], epoch=1), "9-9")
     assert not late.commands and worker.backend.versions(NAME) == ()
 
