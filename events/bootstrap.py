@@ -13,7 +13,9 @@ process's :class:`~events.consumer.Consumer` (built with :meth:`Bus.consumer`, s
 the same bus settings and bus metrics); serve Prometheus metrics; install the warm/cold shutdown
 signals; log one ``ready`` line; run the consumer (its lease, its ``on_start`` recovery, its
 handler, its heartbeat: :mod:`events.heartbeat`, under the process's role and name) until
-stopped or, with ``burst``, drained; log one ``stopped`` line.
+stopped or, with ``burst``, drained; log one ``stopped`` line. With ``MULTILORA_PROFILE_DIR``
+set (:data:`PROFILE_ENV`), the handler thread runs under :mod:`cProfile` and its profile is
+written there when the process stops.
 
 Exit codes: 0 after a warm stop or a drained burst; 2 when the configuration or the Redis server
 is refused at boot (the message names the value and the fix); 1 when the bus fails at run time in a
@@ -23,12 +25,15 @@ crash, which at-least-once delivery makes safe.
 
 from __future__ import annotations
 
+import cProfile
 import logging
+import os
 import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -131,6 +136,30 @@ def open_bus(config: BusConfig, name: str, *, max_block_ms: int = 0, role: str =
     return Bus(config, name, Streams(config.namespace), client, registry, block, role=role)
 
 
+PROFILE_ENV = "MULTILORA_PROFILE_DIR"
+"""When set, a process profiles its handler thread (where its state machine runs) with
+:mod:`cProfile` and writes ``<dir>/<role>.<name>.prof`` when it stops (read it with
+:mod:`pstats`). The profiler slows every Python call: use it to see where a process's time goes,
+never to time it."""
+
+
+def _profiler() -> cProfile.Profile | None:
+    if not os.environ.get(PROFILE_ENV):
+        return None
+    profiler = cProfile.Profile()
+    profiler.enable()
+    return profiler
+
+
+def _dump_profile(profiler: cProfile.Profile, role: str, name: str) -> None:
+    profiler.disable()
+    folder = Path(os.environ[PROFILE_ENV])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{role}.{name}.prof".replace("/", "_")
+    profiler.dump_stats(str(path))
+    log.info("profile of %s %s written to %s", role, name, path)
+
+
 def run_process(
     role: str,
     config: BusConfig,
@@ -157,6 +186,7 @@ def run_process(
     metrics = f"; metrics on :{server.port}" if server else ""
     url = redact(config.redis_url)
     log.info("%s %s ready: %s, reading %s%s", role, name, url, streams, metrics)
+    profiler = _profiler()
     try:
         stats = consumer.run(burst=config.burst)
     except BusError as exc:
@@ -167,5 +197,7 @@ def run_process(
             signal.signal(sig, handler)
         if server is not None:
             server.close()
+        if profiler is not None:
+            _dump_profile(profiler, role, name)
     log.info("%s %s stopped: %s", role, name, stats)
     return EXIT_OK

@@ -262,3 +262,24 @@ def test_main_refuses_an_unsafe_redis_unless_told(tmp_path, capsys) -> None:
         assert main(argv) == 2
         assert "appendonly" in capsys.readouterr().err
         assert main([*argv, "--unsafe-redis"]) == 0
+
+
+def test_a_process_profiles_its_handler_thread_when_asked(tmp_path, monkeypatch) -> None:
+    import pstats
+
+    from events.bootstrap import PROFILE_ENV
+
+    monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "prof"))
+    with RedisServer(tmp_path / "redis") as server:
+        argv = [
+            *("--redis-url", server.url),
+            *("--artifacts", str(tmp_path / "a")),
+            *("--checkpoints", str(tmp_path / "c")),
+            *("--name", "ck.1"),
+            "--burst",
+        ]
+        assert main(argv) == 0
+    (path,) = (tmp_path / "prof").iterdir()
+    assert path.name == "checkpoint.ck.1.prof"
+    functions = {name for _file, _line, name in pstats.Stats(str(path)).stats}  # type: ignore[attr-defined]
+    assert "run" in functions and "on_idle" in functions  # the consumer loop and its idle hook
