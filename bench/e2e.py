@@ -224,11 +224,14 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
         intervals[name] = [b - a for a, b in itertools.pairwise(times)]
     medians = {n: statistics.median(v) for n, v in intervals.items()}
     # stalls around admissions and departures of other adapters
+    names = {reg[n]: n for n in joiners}
     moments = [
-        e.time
+        (e.time, f"{type(e).__name__.lower()} {names[e.registration_id]}")
         for _, e in control
-        if isinstance(e, Admitted | Completed) and e.registration_id in {reg[n] for n in joiners}
+        if isinstance(e, Admitted | Completed) and e.registration_id in names
     ]
+    details: list[dict[str, Any]] = []
+    t_first = min((t for t, _ in moments), default=0.0)
     stalls: list[float] = []
     trainer_stalls: list[float] = []
     landed: dict[tuple[str, int, int], float] = {}
@@ -245,13 +248,22 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
             if (s.registration_id, s.epoch, s.step) in landed
         }
         usual = statistics.median(turn.values()) if turn else 0.0
-        for t in moments:
+        for t, what in moments:
             around = [(a, b) for a, b in itertools.pairwise(times) if a <= t < b]
             if around:
                 a, b = around[0]
                 stalls.append(max(0.0, (b - a) / medians[name] - 1.0))
                 extra = turn.get(b, usual) - usual
                 trainer_stalls.append(max(0.0, extra / medians[name]))
+                details.append(
+                    {
+                        "at_s": round(t - t_first, 3),
+                        "event": what,
+                        "adapter": name,
+                        "stall_steps": round(stalls[-1], 2),
+                        "trainer_steps": round(trainer_stalls[-1], 2),
+                    }
+                )
     # sync latency
     syncs_ms = [1000.0 * e.latency_s for _, e in control if isinstance(e, Synced)]
     requested = sum(isinstance(e, SyncRequested) for _, e in control)
@@ -271,6 +283,7 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
         "task_s_p50": percentile(generate_s, 50),
         "task_s_p99": percentile(generate_s, 99),
         "steps_total": sum(len(v) for v in by_reg.values()),
+        "stalls": sorted(details, key=lambda d: d["at_s"]),
     }
 
 
@@ -337,6 +350,11 @@ def control_plane(
         "version_wait_s": mean.get("version_wait", 0.0),
         "trainer_steps": steps,
         "trainer_steps_timed": len(dispatch_s),
+        "control_parts_ms": {
+            phase.removeprefix("control."): 1000.0 * value
+            for phase, value in mean.items()
+            if phase.startswith("control.")
+        },
     }
 
 
@@ -358,10 +376,14 @@ def trainer_phases(port: int) -> dict[str, tuple[float, int]]:
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != "multilora_trainer_step_phase_seconds" and family.name not in families:
+        control = family.name == "multilora_trainer_step_control_seconds"
+        phases = family.name == "multilora_trainer_step_phase_seconds"
+        if not (phases or control or family.name in families):
             continue
         for sample in family.samples:
             phase = families.get(family.name) or sample.labels.get("phase", "")
+            if control:
+                phase = "control." + sample.labels.get("part", "")
             if sample.name.endswith("_sum"):
                 sums[phase] = sample.value
             elif sample.name.endswith("_count"):
@@ -496,10 +518,17 @@ def print_table(out: dict[str, Any]) -> None:
         ("rollout task p50 / p99", f"{out['task_s_p50']:.3f}/{out['task_s_p99']:.3f}", "s"),
         ("control-plane share of step", f"{out['control_plane_share']:.1%}", ""),
         *[(f"  {part}", f"{share:.1%}", "") for part, share in out["share"].items()],
+        *[(f"  loop: {part}", f"{ms:.2f}", "ms") for part, ms in out["control_parts_ms"].items()],
     ]
     width = max(len(r[0]) for r in rows)
     for name, value, unit in rows:
         print(f"{name:<{width}}  {value:>10} {unit}")
+    print("stalls (s after the first join/leave, event, long-running adapter, steps, trainer's):")
+    for d in out["stalls"]:
+        print(
+            f"  {d['at_s']:7.2f}  {d['event']:<22} {d['adapter']:<8} {d['stall_steps']:5.2f} "
+            f"{d['trainer_steps']:5.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -406,6 +406,15 @@ class Consumer:
         self.observer.handled(d, time.perf_counter() - t0)
         self.stats.handled += 1
 
+    def complete(self, effects: Effects, delivery: Delivery, seconds: float) -> bool:
+        """Commit a deferred entry's effects with its ack and count it handled (it took
+        ``seconds``), as if its handler had returned them; False if it is no longer ours."""
+        if not self.commit(effects, [delivery]):
+            return False
+        self.observer.handled(delivery, seconds)
+        self.stats.handled += 1
+        return True
+
     def retry_later(self, deliveries: list[Delivery], reason: str) -> None:
         """What a :class:`HandlerError` does to an entry, for entries a handler deferred: each
         stays pending and is reclaimed after ``claim_idle_ms`` (by any consumer of its group),

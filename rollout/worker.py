@@ -42,16 +42,16 @@ task's ack. A worker whose entry was reclaimed by another (it was silent for ``c
 has its commit refused, so each task is published once in effect; the trainer still keys groups
 by ``task_id`` and fences them itself as a second line.
 
-**Batches across tasks** (``batch_tasks`` > 1, the process's setting). The handler holds each
-task (:data:`~events.consumer.DEFER`: it stays pending and owned) and the consumer's idle hook
-(:meth:`RolloutWorker.flush`) generates every held task — of any adapter, any registration —
-in ONE mixed engine batch as soon as nothing else waits to be read, or at ``batch_tasks``
-tasks. So a newly admitted adapter's first tasks ride in the same batch as the running
-adapters' instead of queueing in front of them. Control events are handled first (their
-subscription's priority), so the batch sees the newest syncs. Then each task is scored and its
-group committed with its own ack. A batch the engine refuses is run again task by task, so only
-the task with the offending rows fails; an unreachable engine hands every held task back for a
-retry (:meth:`~events.consumer.Consumer.retry_later`). Fencing, weights and rows are decided
+**Batches across tasks** (``batch_tasks`` > 1, the process's setting). The handler holds each task
+(:data:`~events.consumer.DEFER`: it stays pending and owned) and the consumer's idle hook
+(:meth:`RolloutWorker.flush`) generates every held task — of any adapter, any registration — in ONE
+mixed engine batch as soon as nothing else waits to be read, or at ``batch_tasks`` tasks. So a
+newly admitted adapter's first tasks ride in the same batch as the running adapters' instead of
+queueing in front of them. Control events are handled first (their subscription's priority), so the
+batch sees the newest syncs. Then each task is scored and its group committed with its own ack
+(:meth:`~events.consumer.Consumer.complete`). A batch the engine refuses is run again task by task,
+so only the task with the offending rows fails; an unreachable engine hands every held task back
+for a retry (:meth:`~events.consumer.Consumer.retry_later`). Fencing, weights and rows are decided
 per task when its batch runs, exactly as for a task run alone.
 
 **Client samples** (``rollout.sample``, a Tinker client's ``sample`` / ``compute_logprobs``
@@ -458,13 +458,15 @@ class RolloutWorker:
             return
         if self.consumer is None:
             raise HandlerError("RolloutWorker.consumer is not set; build it with rollout.main")
+        start = time.perf_counter()
         try:
             results = self.run_tasks([d.event for d in batch])  # type: ignore[misc]
         except HandlerError as exc:
             self.consumer.retry_later(batch, f"{type(exc).__name__}: {exc}")
             return
+        seconds = time.perf_counter() - start
         for delivery, effects in zip(batch, results, strict=True):
-            self.consumer.commit(effects, [delivery])
+            self.consumer.complete(effects, delivery, seconds)
 
     def run_tasks(self, tasks: Sequence[RolloutTask]) -> list[Effects]:
         """Generate the tasks that are not fenced in ONE mixed batch (rows of every task and

@@ -40,6 +40,9 @@ name                                         kind     meaning
 ``multilora_trainer_step_tail_seconds``      histo    after a step, before the next can start:
                                                       settling the step before it (that wait
                                                       included) and committing
+``multilora_trainer_step_control_seconds``   histo    the loop's own work in a step, by ``part``
+                                                      (:data:`CONTROL_PARTS`): where ``publish``
+                                                      and the packing go
 ``multilora_trainer_gpu_memory_*_bytes``     gauge    CUDA allocator: allocated, reserved,
                                                       max_allocated (label ``device``); exported
                                                       without samples when CUDA is absent
@@ -60,6 +63,14 @@ from orchestrator.fleet import Fleet
 
 PHASES = ("wait", "forward_backward", "optimizer", "publish")
 """``phase`` label values of the step-time metrics, in step order."""
+
+CONTROL_PARTS = ("rows", "pack", "metrics", "decide", "capture", "report")
+"""``part`` label values of ``multilora_trainer_step_control_seconds``, in step order: taking
+the held groups of each adapter (``rows``), turning them into the batch (``pack``: usable
+samples, advantages, padding), the per-slot results after the optimizer (``metrics``), the
+outcomes and what waits for the versions (``decide``), copying the new versions off the device
+and handing them to the writer threads (``capture``), the step's log line and phase metrics
+(``report``)."""
 
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 """Seconds: a tiny CPU model steps in ~10 ms, a 7B model with many adapters in tens of seconds."""
@@ -144,6 +155,15 @@ class TrainerMetrics:
             buckets=(0.0005, 0.001, 0.0025, *STEP_BUCKETS),
             registry=registry,
         )
+        self.control_seconds = Histogram(
+            "multilora_trainer_step_control_seconds",
+            "The trainer loop's own work in a mixed train step, by part, seconds.",
+            ["part"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, *STEP_BUCKETS),
+            registry=registry,
+        )
+        for part in CONTROL_PARTS:
+            self.control_seconds.labels(part)
         for phase in PHASES:  # export every phase from the start, so dashboards have the series
             self.phase_seconds.labels(phase)
             self.last_phase.labels(phase)
@@ -190,6 +210,11 @@ class TrainerMetrics:
         """A step's versions are durable after ``write_s``; the loop waited ``wait_s`` of it."""
         self.version_write_seconds.observe(max(0.0, write_s))
         self.version_wait_seconds.observe(max(0.0, wait_s))
+
+    def control_parts(self, parts: dict[str, float]) -> None:
+        """The loop's own work in one step, seconds per part (:data:`CONTROL_PARTS`)."""
+        for part, seconds in parts.items():
+            self.control_seconds.labels(part).observe(max(0.0, seconds))
 
     def step_tail(self, seconds: float) -> None:
         """The loop settled the step before the last one and committed, in ``seconds``."""

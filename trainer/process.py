@@ -444,6 +444,7 @@ class TrainerProcess:
         used = {run.name: run.take_next() for run in ready}
         rows = [_rows(run, used[run.name]) for run in ready]
         taken = self.clients.take(self.runs) if clients else []
+        t_rows = time.perf_counter()
         step = self.step_fn(
             self.model,
             self.optimizer,
@@ -480,11 +481,25 @@ class TrainerProcess:
             tasks = tuple(group.task_id for _, group in used[run.name])
             metrics = {**metrics, **shared, "ready_at": ready_at[run.name]}
             batch.trained.append((run, metrics, tasks))
+        t_decide = time.perf_counter()
         batch.versions = self.versions.write_behind([run for run, _, _ in batch.trained])
         self.behind.append(batch)
         for version in batch.versions:  # settled by the next idle hook once written
             version.write.add_done_callback(functools.partial(self._written, batch))
+        t_capture = time.perf_counter()
         self._report(step, batch.trained, t0, step_s, wait_s)
+        if self.metrics is not None:
+            timed = sum(step.timings.get(k, 0.0) for k in ("pack", "forward_backward", "optimizer"))
+            self.metrics.control_parts(
+                {
+                    "rows": t_rows - t0,
+                    "pack": step.timings.get("pack", 0.0),
+                    "metrics": step_s - (t_rows - t0) - timed,
+                    "decide": t_decide - t0 - step_s,
+                    "capture": t_capture - t_decide,
+                    "report": time.perf_counter() - t_capture,
+                }
+            )
         return effects
 
     def _written(self, batch: Behind, _write: object) -> None:
