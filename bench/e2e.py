@@ -257,6 +257,7 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
                 trainer_stalls.append(max(0.0, extra / medians[name]))
                 details.append(
                     {
+                        "window": (a, b),
                         "at_s": round(t - t_first, 3),
                         "event": what,
                         "adapter": name,
@@ -283,8 +284,37 @@ def analyse(bus: Bus, reg: dict[str, str]) -> dict[str, Any]:
         "task_s_p50": percentile(generate_s, 50),
         "task_s_p99": percentile(generate_s, 99),
         "steps_total": sum(len(v) for v in by_reg.values()),
-        "stalls": sorted(details, key=lambda d: d["at_s"]),
+        "stalls": [
+            {k: v for k, v in d.items() if k != "window"}
+            for d in sorted(details, key=lambda d: d["at_s"])
+        ],
+        "worst_stall_timeline": worst_timeline(bus, control, details),
     }
+
+
+def worst_timeline(
+    bus: Bus, control: list[tuple[str, Any]], details: list[dict[str, Any]]
+) -> list[str]:
+    """What happened on the bus during the worst stall's interval (from the long-running
+    adapter's ``step_done`` before it to the one after): control events, and groups landing
+    (adapter, step, generation time), seconds from the interval's start."""
+    if not details:
+        return []
+    worst = max(details, key=lambda d: d["stall_steps"])
+    a, b = worst["window"]
+    lines = [f"worst stall: {worst['event']}, {worst['adapter']} {worst['stall_steps']} steps"]
+    rows: list[tuple[float, str]] = []
+    for eid, e in control:
+        t = entry_s(eid)
+        if a - 0.05 <= t <= b + 0.05:
+            tag, step = type(e).__struct_config__.tag, getattr(e, "step", "")
+            rows.append((t, f"{tag:<22} {getattr(e, 'adapter', ''):<12} {step}"))
+    for eid, g in bus.groups():
+        t = entry_s(eid)
+        if a - 0.05 <= t <= b + 0.05:
+            rows.append((t, f"{'group lands':<22} {g.adapter:<12} {g.step} ({g.generate_s:.3f} s)"))
+    lines += [f"{t - a:+8.3f}  {what}" for t, what in sorted(rows)]
+    return lines
 
 
 def step_windows(
@@ -523,6 +553,8 @@ def print_table(out: dict[str, Any]) -> None:
     width = max(len(r[0]) for r in rows)
     for name, value, unit in rows:
         print(f"{name:<{width}}  {value:>10} {unit}")
+    for line in out.get("worst_stall_timeline", []):
+        print(line)
     print("stalls (s after the first join/leave, event, long-running adapter, steps, trainer's):")
     for d in out["stalls"]:
         print(
