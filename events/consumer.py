@@ -33,7 +33,8 @@ Delivery contract (at-least-once delivery, effectively-once effects):
 - ``on_start`` runs once the lease is held and the groups exist, before anything is read; its
   effects are committed (the trainer's recovery from the control log).
 - ``on_idle`` runs in the handler thread whenever no delivery is waiting (at least every
-  ``idle_s``, or at once after :meth:`Consumer.wake`): the trainer trains there, once the
+  ``idle_s``, or at once after :meth:`Consumer.wake`; the entries one read returned are all
+  handled first, so what arrived together is seen together): the trainer trains there, once the
   groups it deferred make full batches, and commits steps whose versions were written behind.
 - ``on_stop`` runs in the handler thread after a warm stop (or a drained burst), before the
   lease is released: the trainer commits the steps whose versions are still being written.
@@ -252,6 +253,7 @@ class Consumer:
         self._commit = self.client.register_script(COMMIT_LUA)
         self._touch = self.client.register_script(_TOUCH_LUA)
         self._signals = 0
+        self._max_events: int | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -292,6 +294,7 @@ class Consumer:
 
     def run(self, *, max_events: int | None = None, burst: bool = False) -> RunStats:
         """Process entries until stopped, ``max_events`` handled, or (``burst``) all drained."""
+        self._max_events = max_events
         self.lease.acquire(wait_s=self.lease_wait_s)
         self.ensure_groups()
         self._beat(self.client)
@@ -332,8 +335,9 @@ class Consumer:
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                self._dispatch(item)
-                handled_here += 1
+                for d in item if isinstance(item, tuple) else (item,):
+                    self._dispatch(d)
+                    handled_here += 1
             if self.on_stop is not None:
                 self.on_stop()  # a warm stop: the process commits what it still holds
             clean = True
@@ -499,9 +503,9 @@ class Consumer:
                     self._stop.wait(0.5)
                     continue
                 for _stream, entries in resp or []:
-                    for entry_id, fields in entries:
-                        self._push(sub, _s(entry_id), fields, 1)
-                        got += 1
+                    read = [self._delivery(sub, _s(eid), fields, 1) for eid, fields in entries]
+                    self._put_read(read)
+                    got += len(read)
                 if burst and got == 0:
                     with self._lock:
                         while any(k[0] == sub.stream for k in self._in_flight):
@@ -567,6 +571,10 @@ class Consumer:
         return int(info[0]["times_delivered"]) if info else 1
 
     def _push(self, sub: Subscription, entry_id: str, raw: Any, deliveries: int) -> None:
+        self._put(self._delivery(sub, entry_id, raw, deliveries))
+
+    def _delivery(self, sub: Subscription, entry_id: str, raw: Any, deliveries: int) -> Delivery:
+        """Decode one entry and record it in flight."""
         fields = {_s(k): _s(v) for k, v in (raw or {}).items()}
         try:
             event, error = sub.decoder.decode(raw or {}, entry_id), ""
@@ -575,7 +583,18 @@ class Consumer:
         d = Delivery(sub, entry_id, event, deliveries, fields, error)
         with self._lock:
             self._in_flight[d.ack_key] = d
-        self._put(d)
+        return d
+
+    def _put_read(self, read: list[Delivery]) -> None:
+        """Hand the entries of one read to the handler as one item: it handles them all before
+        its idle hook runs again, so a burst that arrived together (several adapters' groups,
+        a batch of tasks) is seen together. (Under ``max_events`` each goes alone, so a run
+        never handles more than asked.)"""
+        if len(read) == 1 or self._max_events is not None:
+            for d in read:
+                self._put(d)
+        elif read:
+            self._queue.put(_Item(read[0].subscription.priority, next(self._seq), tuple(read)))
 
     def _keeper_loop(self) -> None:
         """Renew the lease and keep in-flight entries owned (refresh their idle time)."""

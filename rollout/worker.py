@@ -50,9 +50,11 @@ newly admitted adapter's first tasks ride in the same batch as the running adapt
 queueing in front of them. Control events are handled first (their subscription's priority), so the
 batch sees the newest syncs. Then each task is scored and its group committed with its own ack
 (:meth:`~events.consumer.Consumer.complete`). A batch the engine refuses is run again task by task,
-so only the task with the offending rows fails; an unreachable engine hands every held task back
-for a retry (:meth:`~events.consumer.Consumer.retry_later`). Fencing, weights and rows are decided
-per task when its batch runs, exactly as for a task run alone.
+so only the task with the offending rows fails, and so is a batch whose loads evicted a version one
+of its tasks was prepared with (more versions or adapters than the engine keeps at once); an
+unreachable engine hands every held task back for a retry
+(:meth:`~events.consumer.Consumer.retry_later`). Fencing, weights and rows are decided per task
+when its batch runs, exactly as for a task run alone.
 
 **Client samples** (``rollout.sample``, a Tinker client's ``sample`` / ``compute_logprobs``
 through the gateway) are served by :class:`~rollout.client_sampling.ClientSampler` with the same
@@ -189,14 +191,20 @@ redelivery), or for a registration it has no state for (nothing says the sync is
 
 @dataclass(frozen=True)
 class _Prepared:
-    """A task ready to generate: the version it uses, its tokenized prompts and engine rows."""
+    """A task ready to generate: the version it uses (of the served adapter ``name``), its
+    tokenized prompts and engine rows."""
 
     task: RolloutTask
+    name: str
     version: int
     prompts: list[Any]
     rows: list[Any]
     items: list[Any]
     reward: RewardComposite
+
+
+def _newest_first(task: RolloutTask) -> tuple[str, int]:
+    return (task.registration_id, -task.version)
 
 
 def _check(task: RolloutTask) -> None:
@@ -488,6 +496,12 @@ class RolloutWorker:
                 results[i] = self._failed(task, err, start)
             except BackendUnavailableError as err:
                 raise HandlerError(f"task {task.id}: engine unavailable: {err}") from err
+        if self._evicted(ready):
+            # a later task's load retired the version an earlier one was prepared with (more
+            # versions or adapters than the engine keeps at once): the tasks run one at a time,
+            # each with its version or a newer loaded one, as a task alone always can
+            log.info("a batch of %d tasks evicted its own adapters: one at a time", len(tasks))
+            return [self.run_tasks([task])[0] for task in tasks]
         try:
             generated = self._generate([p for _, p in ready])
         except BackendUnavailableError as err:
@@ -504,6 +518,10 @@ class RolloutWorker:
                 continue
             results[i] = self._group(p.task, p.version, groups, start)
         return results
+
+    def _evicted(self, ready: Sequence[tuple[int, _Prepared]]) -> bool:
+        """Whether the engine no longer serves a version some of ``ready`` were prepared with."""
+        return any(p.version not in self.served.versions(p.name) for _, p in ready)
 
     def _prepare(self, task: RolloutTask) -> _Prepared:
         """Weights served, prompts read and tokenized, rows built: the task ready to generate."""
@@ -527,7 +545,7 @@ class RolloutWorker:
         ]
         ref = AdapterRef(served_name(task.adapter, task.registration_id), version)
         rows, items = task_rows(task, prompts, ref)
-        return _Prepared(task, version, prompts, rows, items, reward)
+        return _Prepared(task, ref.name, version, prompts, rows, items, reward)
 
     def _generate(self, ready: Sequence[_Prepared]) -> list[list[Any] | Exception]:
         """Every task's rows as one engine batch; when the engine refuses the batch (a row of

@@ -198,14 +198,6 @@ def test_a_refused_row_fails_only_its_own_task(make_worker, versions) -> None:
         assert_same_group(batched, group_of(alone_worker.on_task(t)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=HandlerError,
-    reason="BUG: a task prepared later in the batch loads a version that retires (keep_versions) "
-    "the version an earlier task of the batch was prepared with; the batch's generate then fails "
-    "as BackendUnavailableError -> HandlerError for EVERY task of the batch (all retried after "
-    "claim_idle_ms), although each task runs alone",
-)
 def test_a_batch_needing_more_versions_than_the_engine_keeps_still_runs(
     make_worker, versions
 ) -> None:
@@ -219,7 +211,8 @@ def test_a_batch_needing_more_versions_than_the_engine_keeps_still_runs(
     alone = [group_of(alone_worker.on_task(t)) for t in tasks]
     assert all(not s["failed"] for g in alone for s in samples_of(g))
 
-    groups = [group_of(e) for e in make_worker("batch").run_tasks(tasks)]  # raises HandlerError
+    # newest version first: the older tasks use the newer version their batch-mate loaded
+    groups = [group_of(e) for e in make_worker("batch").run_tasks(tasks)]
     for t, g in zip(tasks, groups, strict=True):
         assert g is not None and g["task_id"] == t.id
         assert not any(s["failed"] for s in samples_of(g))
