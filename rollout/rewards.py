@@ -16,7 +16,8 @@ touches another adapter.
 
 Deadlines: remote terms have one per batch (:mod:`rollout.reward_queue`). In-process terms get
 one per call when scored with a :class:`RewardDeadline` (the rollout worker always passes its
-own): each call runs in a daemon thread and the caller waits at most ``timeout_s``; past it the
+own): each call runs on one of its daemon runner threads (reused from call to call: one
+normally, one more per call still hung) and the caller waits at most ``timeout_s``; past it the
 term fails with ``"timeout after Xs"`` and the caller moves on. Python cannot kill a thread, so
 a hung call is *abandoned*, not stopped: its thread keeps running (and holding what it holds)
 until the function returns, if ever. To bound that, the deadline counts the abandoned calls
@@ -47,6 +48,7 @@ import importlib
 import inspect
 import math
 import numbers
+import queue
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -284,6 +286,11 @@ class RewardDeadline:
         self.max_hung = max_hung
         self._lock = threading.Lock()
         self._hung: dict[str, int] = {}
+        self._work: queue.SimpleQueue[tuple[_Call, RewardEntry, Params, str, PromptItem]] = (
+            queue.SimpleQueue()
+        )
+        self._idle = 0  # runner threads waiting for a call
+        self.runners = 0  # runner threads started, ever
 
     def hung(self, name: str) -> int:
         """Abandoned calls of reward ``name`` that have not returned yet."""
@@ -293,7 +300,7 @@ class RewardDeadline:
     def evaluate(
         self, entry: RewardEntry, params: Params, completion: str, item: PromptItem
     ) -> TermValue:
-        """:func:`evaluate_term` in a daemon thread, waited for at most ``timeout_s``.
+        """:func:`evaluate_term` on a runner thread, waited for at most ``timeout_s``.
 
         Never raises for the reward's failures; a call past the deadline comes back failed with
         ``"timeout after Xs"`` and is abandoned (counted until its thread returns).
@@ -306,13 +313,7 @@ class RewardDeadline:
                 reason=f"{timeout} (not called: {hung} earlier calls are still hung)",
             )
         call = _Call()
-        thread = threading.Thread(
-            target=self._run,
-            args=(call, entry, params, completion, item),
-            name=f"reward-{entry.name}",
-            daemon=True,  # a hung call must not keep the process from exiting
-        )
-        thread.start()
+        self._submit((call, entry, params, completion, item))
         finished = call.done.wait(self.timeout_s)
         with self._lock:
             if not finished and not call.done.is_set():
@@ -322,6 +323,26 @@ class RewardDeadline:
         if call.value is None:  # the thread ended by a BaseException (e.g. SystemExit)
             return TermValue(failed=True, reason="the reward call ended without a value")
         return call.value
+
+    def _submit(self, work: tuple[_Call, RewardEntry, Params, str, PromptItem]) -> None:
+        """Hand one call to an idle runner thread, starting one when none is idle (the runner
+        that a hung call holds stays held; the next call gets another)."""
+        with self._lock:
+            start = self._idle == 0
+            if start:
+                self.runners += 1
+            else:
+                self._idle -= 1
+        if start:
+            # daemon: a hung call must not keep the process from exiting
+            threading.Thread(target=self._runner, name="reward-runner", daemon=True).start()
+        self._work.put(work)
+
+    def _runner(self) -> None:
+        while True:
+            self._run(*self._work.get())
+            with self._lock:
+                self._idle += 1
 
     def _run(
         self, call: _Call, entry: RewardEntry, params: Params, completion: str, item: PromptItem

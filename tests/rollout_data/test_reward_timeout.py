@@ -135,6 +135,25 @@ def test_after_max_hung_calls_a_reward_fails_at_once_and_others_still_score(hang
     assert [r.failed for r in other] == [False, False]
 
 
+def test_calls_reuse_runner_threads_and_a_hung_one_holds_only_its_own(hang: Hang) -> None:
+    registry = registry_with(hang)
+    deadline = RewardDeadline(0.2, max_hung=2)
+    results = composite(registry, "one").score_batch(["a"] * 40, ITEMS * 10, deadline=deadline)
+    assert not any(r.failed for r in results)
+    assert deadline.runners == 1  # one thread ran all 40 calls, one after another
+    composite(registry, "hangs").score("hang", ITEMS[0], deadline)  # holds its runner
+    results = composite(registry, "one").score_batch(["a"] * 8, ITEMS * 2, deadline=deadline)
+    assert not any(r.failed for r in results)
+    assert deadline.runners == 2  # the hung call kept one; the others shared one more
+    hang.release.set()
+    for _ in range(100):
+        if deadline.hung("hangs") == 0:
+            break
+        time.sleep(0.01)
+    composite(registry, "one").score_batch(["a"] * 8, ITEMS * 2, deadline=deadline)
+    assert deadline.runners == 2  # the released runner went back to work: no new thread
+
+
 def test_bad_deadline_settings_are_refused() -> None:
     with pytest.raises(RewardError, match="timeout_s must be > 0, got 0"):
         RewardDeadline(0.0)
