@@ -52,6 +52,8 @@ class AdapterRows:
     groups: Sequence[PromptGroup]
     temperature: float = 1.0
     revision: str | None = None
+    prepared: Sequence[GroupRows] | None = None
+    """``groups`` already made into rows (:func:`rows_of_group`, in order), or None."""
 
 
 @dataclass
@@ -77,6 +79,19 @@ class RowStats:
     def all_failed(self) -> bool:
         """The slot had samples and every one of them was unusable."""
         return self.samples_seen > 0 and self.samples_failed == self.samples_seen
+
+    def add(self, other: RowStats) -> None:
+        """Count ``other``'s samples and groups in these."""
+        self.samples += other.samples
+        self.groups += other.groups
+        self.groups_dropped += other.groups_dropped
+        self.samples_failed += other.samples_failed
+        self.reward_sum += other.reward_sum
+        self.length_sum += other.length_sum
+        self.rewards.extend(other.rewards)
+        self.samples_seen += other.samples_seen
+        for reason, count in other.failures.items():
+            self.failures[reason] = self.failures.get(reason, 0) + count
 
     def unusable(self, reason: str) -> None:
         """Count one sample left out for ``reason``."""
@@ -121,49 +136,80 @@ def unusable_reason(sample: Sample, prompt_tokens: int, max_tokens: int | None) 
     return ""
 
 
+@dataclass
+class GroupRows:
+    """One sample group made into rows (:func:`rows_of_group`), with what it adds to its slot's
+    :class:`RowStats`. Computed when the group arrives, so a step only pads and stacks."""
+
+    rows: list[PackedRow]
+    stats: RowStats
+
+
+def rows_of_group(
+    group: PromptGroup,
+    slot: int,
+    loss: LossSpec,
+    temperature: float = 1.0,
+    max_tokens: int | None = None,
+) -> GroupRows:
+    """The rows of ``group``'s usable samples (none if it is dropped; see the module doc) and
+    its statistics; samples over ``max_tokens`` tokens (``None``: no budget) are left out."""
+    st = RowStats()
+    usable = []
+    for sample in group.samples:
+        reason = unusable_reason(sample, len(group.prompt_ids), max_tokens)
+        if reason:
+            st.unusable(reason)
+        else:
+            usable.append(sample)
+    st.samples_seen += len(group.samples)
+    rewards = [s.reward for s in usable]
+    flat = len(set(rewards)) <= 1
+    if len(usable) < 2 or (flat and loss.filter_zero_variance):
+        st.groups_dropped += 1
+        return GroupRows([], st)
+    st.groups += 1
+    n_prompt = len(group.prompt_ids)
+    rows = []
+    for sample, adv in zip(usable, group_advantages(rewards, loss.advantage), strict=True):
+        n = len(sample.completion_ids)
+        rows.append(
+            PackedRow(
+                slot=slot,
+                tokens=[*group.prompt_ids, *sample.completion_ids],
+                loss_from=n_prompt,
+                advantages=[0.0] * n_prompt + [adv] * n,
+                old_logprobs=[0.0] * n_prompt + list(sample.logprobs),
+                temperature=temperature,
+            )
+        )
+        st.samples += 1
+        st.reward_sum += sample.reward
+        st.length_sum += n
+        st.rewards.append(sample.reward)
+    return GroupRows(rows, st)
+
+
 def group_rows(
     adapters: Sequence[AdapterRows], max_tokens: int | None = None
 ) -> tuple[list[PackedRow], dict[int, RowStats]]:
     """The rows of every usable sample group (see the module docstring) and per-slot stats;
-    samples over ``max_tokens`` tokens (``None``: no budget) are left out and counted."""
+    samples over ``max_tokens`` tokens (``None``: no budget) are left out and counted. An
+    adapter's ``prepared`` rows (made as its groups arrived, with the same budget) are used as
+    they are."""
     rows: list[PackedRow] = []
     stats: dict[int, RowStats] = {}
     for item in adapters:
         st = stats.setdefault(item.slot, RowStats())
-        for group in item.groups:
-            usable = []
-            for sample in group.samples:
-                reason = unusable_reason(sample, len(group.prompt_ids), max_tokens)
-                if reason:
-                    st.unusable(reason)
-                else:
-                    usable.append(sample)
-            st.samples_seen += len(group.samples)
-            rewards = [s.reward for s in usable]
-            flat = len(set(rewards)) <= 1
-            if len(usable) < 2 or (flat and item.loss.filter_zero_variance):
-                st.groups_dropped += 1
-                continue
-            st.groups += 1
-            n_prompt = len(group.prompt_ids)
-            for sample, adv in zip(
-                usable, group_advantages(rewards, item.loss.advantage), strict=True
-            ):
-                n = len(sample.completion_ids)
-                rows.append(
-                    PackedRow(
-                        slot=item.slot,
-                        tokens=[*group.prompt_ids, *sample.completion_ids],
-                        loss_from=n_prompt,
-                        advantages=[0.0] * n_prompt + [adv] * n,
-                        old_logprobs=[0.0] * n_prompt + list(sample.logprobs),
-                        temperature=item.temperature,
-                    )
-                )
-                st.samples += 1
-                st.reward_sum += sample.reward
-                st.length_sum += n
-                st.rewards.append(sample.reward)
+        prepared = item.prepared
+        if prepared is None:
+            prepared = [
+                rows_of_group(g, item.slot, item.loss, item.temperature, max_tokens)
+                for g in item.groups
+            ]
+        for part in prepared:
+            rows.extend(part.rows)
+            st.add(part.stats)
     return rows, stats
 
 

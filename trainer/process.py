@@ -78,12 +78,12 @@ from orchestrator.fleet import Fleet
 from orchestrator.ingress import dead_letter_effects, ingress_subscription
 from orchestrator.lifecycle import AdapterState, Phase
 from orchestrator.status import fleet_status_effects
-from trainer.batching import AdapterRows
+from trainer.batching import AdapterRows, rows_of_group
 from trainer.behind import Behind, TrainedStep
 from trainer.clients import ClientRuns, max_in_flight
 from trainer.inject import MultiLoraModel
 from trainer.metrics import TrainerMetrics
-from trainer.mixed_step import MixedStep, SlotOutcome, StepFn, mixed_step
+from trainer.mixed_step import MixedStep, SlotOutcome, StepFn, mixed_step, token_budget
 from trainer.optim import SlotAdamW
 from trainer.runs import AdapterRun, EndReason, Held
 from trainer.skips import SkipNote, failed_after, skip_status_fields
@@ -155,6 +155,7 @@ class TrainerProcess:
             observe=metrics.client_request if metrics is not None else None,
         )
         self.fleet = Fleet(slots=model.num_slots)
+        self.max_tokens = token_budget(model)  # the row budget the train step applies
         self.runs: dict[str, AdapterRun] = {}
         self.dataset_sizes: dict[str, int] = {}
         self.consumer: Consumer | None = None
@@ -351,7 +352,13 @@ class TrainerProcess:
         ):
             log.info("dropping group %s of %s (stale or unknown)", event.task_id, event.adapter)
             return Effects()
-        run.hold(d, event, self.clock())
+        # made into rows now, while the step waits for the other groups: not on its critical path
+        temperature = run.spec.sampling.logprob_temperature
+        rows = [
+            rows_of_group(g, run.slot, run.spec.loss, temperature, self.max_tokens)
+            for g in event.groups
+        ]
+        run.hold(d, event, self.clock(), rows)
         return DEFER
 
     # --- the step ----------------------------------------------------------------------------
@@ -670,4 +677,11 @@ def _rows(run: AdapterRun, used: list[Held]) -> AdapterRows:
     groups = [g for _, event in used for g in event.groups]
     temperature = run.spec.sampling.logprob_temperature
     revision = run.registration_id  # a slot's state changes outside a step only on admission
-    return AdapterRows(run.slot, run.spec.loss, groups, temperature=temperature, revision=revision)
+    return AdapterRows(
+        run.slot,
+        run.spec.loss,
+        groups,
+        temperature=temperature,
+        revision=revision,
+        prepared=run.take_rows(used),
+    )

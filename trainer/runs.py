@@ -32,6 +32,7 @@ from events.schema import (
 )
 from events.specs import AdapterSpec
 from orchestrator.cursor import CursorState, DataCursor
+from trainer.batching import GroupRows
 
 Held = tuple[Delivery, RolloutGroup]
 """A deferred group: its delivery (acknowledged when its step trains or the run ends) and event."""
@@ -73,6 +74,8 @@ class AdapterRun:
     skips: int = 0
     announced_step: int = 0
     announced_version: int = 0
+    rows: dict[str, list[GroupRows]] = field(default_factory=dict)
+    """Task id -> its held group already made into rows (see :meth:`hold`)."""
 
     @property
     def next_step(self) -> int:
@@ -91,10 +94,15 @@ class AdapterRun:
         """``group`` answers a task of this run's current epoch that is still in flight."""
         return group.epoch == self.epoch and group.task_id in self.expected.get(group.step, ())
 
-    def hold(self, d: Delivery, group: RolloutGroup, now: float) -> None:
-        """Defer a wanted group until its step trains; note when the next step became ready."""
+    def hold(
+        self, d: Delivery, group: RolloutGroup, now: float, rows: list[GroupRows] | None = None
+    ) -> None:
+        """Defer a wanted group until its step trains (with its ``rows``, when made already:
+        :meth:`take_rows`); note when the next step became ready."""
         self.expected[group.step].discard(group.task_id)
         self.pending.setdefault(group.step, []).append((d, group))
+        if rows is not None:
+            self.rows[group.task_id] = rows
         if self.ready() and self.ready_since is None:
             self.ready_since = now
 
@@ -103,8 +111,16 @@ class AdapterRun:
         self.ready_since = None
         return self.pending.pop(self.next_step)
 
+    def take_rows(self, held: list[Held]) -> list[GroupRows] | None:
+        """The rows made of ``held`` groups as they arrived, in order (None if any was not)."""
+        parts = [self.rows.pop(group.task_id, None) for _, group in held]
+        if any(p is None for p in parts):
+            return None
+        return [row for p in parts if p is not None for row in p]
+
     def release(self) -> list[Delivery]:
         """Every held delivery (to acknowledge without training: the run ends)."""
+        self.rows.clear()
         return [d for step in list(self.pending) for d, _ in self.pending.pop(step)]
 
     def advance(self) -> None:

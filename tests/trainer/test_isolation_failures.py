@@ -20,7 +20,7 @@ from events.schema import Failed, PromptGroup, Retired, RolloutGroup, RolloutTas
 from events.specs import LossSpec, OptimSpec
 from tests.trainer.helpers import rel_diff, slot_weights
 from tests.trainer.test_process import Bus, group_for, spec
-from trainer.batching import AdapterRows, group_rows
+from trainer.batching import AdapterRows, group_rows, rows_of_group
 from trainer.inject import MultiLoraModel
 from trainer.mixed_step import SlotOutcome, mixed_step, token_budget
 from trainer.optim import SlotAdamW
@@ -121,6 +121,23 @@ def test_group_rows_drops_a_too_long_sample_alone_and_counts_it() -> None:
     assert rows == [] and stats[0].all_failed
     rows, _ = group_rows([AdapterRows(0, LOSS, [group(long, long)])])  # no budget: kept
     assert len(rows) == 2
+
+
+def test_rows_made_as_groups_arrive_equal_rows_made_at_the_step() -> None:
+    """The trainer makes each group's rows when it arrives (``AdapterRows.prepared``); a step
+    over them packs exactly what it would have made itself, stats included."""
+    failed = group(*(sample(failed=True, reason=TIMEOUT) for _ in range(4)))
+    mixed = group(sample(2), sample(3, reward=1.0), sample(600, reward=0.5), sample(2))
+    flat = group(sample(2, reward=1.0), sample(3, reward=1.0))
+    groups = [mixed, failed, flat, group(sample(4), sample(1, reward=2.0))]
+    filtered = LossSpec(filter_zero_variance=True)
+    for loss in (LOSS, filtered):
+        plain = AdapterRows(3, loss, groups, temperature=0.7)
+        made = [rows_of_group(g, 3, loss, 0.7, 512) for g in groups]
+        prepared = AdapterRows(3, loss, groups, temperature=0.7, prepared=made)
+        assert group_rows([plain], max_tokens=512) == group_rows([prepared], max_tokens=512)
+        rows, stats = group_rows([prepared], max_tokens=512)
+        assert rows and stats[3].samples_failed == 5 and stats[3].samples_seen == 12
 
 
 def test_every_sample_failed_is_a_skip_but_filtered_groups_are_not() -> None:
