@@ -112,6 +112,11 @@ class Subscription:
     """This subscription's cap on entries read but not yet committed (None: the consumer's)."""
     count: int | None = None
     """Entries per read (None: the consumer's ``count``)."""
+    prepare: Callable[[Any], Any] | None = None
+    """Work on each decoded event done in the reader thread, while the handler is busy (or
+    waits on a device): its result rides in :attr:`Delivery.prepared`. It must only read the
+    process's state (it runs beside the handler), and the handler must check the result still
+    fits; an exception leaves ``prepared`` None (the handler does the work itself)."""
 
 
 E = TypeVar("E")
@@ -132,6 +137,8 @@ class Delivery(Generic[E]):
     deliveries: int
     fields: dict[str, str] = field(default_factory=dict)
     error: str = ""
+    prepared: Any = None
+    """What the subscription's ``prepare`` made of ``event`` in the reader thread (or None)."""
 
     @property
     def ack_key(self) -> tuple[str, str, str]:
@@ -580,7 +587,13 @@ class Consumer:
             event, error = sub.decoder.decode(raw or {}, entry_id), ""
         except SchemaError as exc:
             event, error = None, str(exc)
-        d = Delivery(sub, entry_id, event, deliveries, fields, error)
+        prepared = None
+        if sub.prepare is not None and not error:
+            try:
+                prepared = sub.prepare(event)
+            except Exception:  # the handler does the work itself; never lose the entry
+                log.debug("prepare failed on %s of %s", entry_id, sub.stream, exc_info=True)
+        d = Delivery(sub, entry_id, event, deliveries, fields, error, prepared)
         with self._lock:
             self._in_flight[d.ack_key] = d
         return d

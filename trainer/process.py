@@ -67,7 +67,7 @@ from events.schema import (
     SaveWeights,
     TrainRequest,
 )
-from events.specs import AdapterSpec
+from events.specs import AdapterSpec, LossSpec
 from events.streams import Streams
 from orchestrator.admission import Admission, Reject
 from orchestrator.artifacts import ArtifactStore
@@ -78,7 +78,7 @@ from orchestrator.fleet import Fleet
 from orchestrator.ingress import dead_letter_effects, ingress_subscription
 from orchestrator.lifecycle import AdapterState, Phase
 from orchestrator.status import fleet_status_effects
-from trainer.batching import AdapterRows, rows_of_group
+from trainer.batching import AdapterRows, GroupRows, rows_of_group
 from trainer.behind import Behind, TrainedStep
 from trainer.clients import ClientRuns, max_in_flight
 from trainer.inject import MultiLoraModel
@@ -175,6 +175,7 @@ class TrainerProcess:
                 "trainer",
                 Decoder(GroupEvent, max_bytes=GROUP_MAX_BYTES),
                 trim=True,
+                prepare=self._group_rows,
             ),
             Subscription(
                 self.streams.requests,
@@ -352,14 +353,29 @@ class TrainerProcess:
         ):
             log.info("dropping group %s of %s (stale or unknown)", event.task_id, event.adapter)
             return Effects()
-        # made into rows now, while the step waits for the other groups: not on its critical path
-        temperature = run.spec.sampling.logprob_temperature
-        rows = [
-            rows_of_group(g, run.slot, run.spec.loss, temperature, self.max_tokens)
-            for g in event.groups
-        ]
-        run.hold(d, event, self.clock(), rows)
+        # made into rows by the reader thread (while a step computes), else now
+        made = d.prepared
+        if made is None or made[0] != self._row_key(run):
+            made = self._group_rows(event)
+        run.hold(d, event, self.clock(), made[1] if made is not None else None)
         return DEFER
+
+    def _row_key(self, run: AdapterRun) -> tuple[int, LossSpec, float]:
+        return (run.slot, run.spec.loss, run.spec.sampling.logprob_temperature)
+
+    def _group_rows(
+        self, event: object
+    ) -> tuple[tuple[int, LossSpec, float], list[GroupRows]] | None:
+        """A rollout group made into rows for its run as the run is now (with that run's slot,
+        loss and temperature, so the handler can tell they still fit), or None. Also called
+        from the groups' reader thread: it only reads."""
+        run = self.runs.get(event.adapter) if isinstance(event, RolloutGroup) else None
+        if run is None or not isinstance(event, RolloutGroup):
+            return None
+        key = self._row_key(run)
+        slot, loss, temperature = key
+        rows = [rows_of_group(g, slot, loss, temperature, self.max_tokens) for g in event.groups]
+        return key, rows
 
     # --- the step ----------------------------------------------------------------------------
 

@@ -53,6 +53,43 @@ def test_effects_applied_once_and_nothing_left_pending(redis_url, streams, rclie
     assert rclient.xpending(streams.control, "g")["pending"] == 0
 
 
+def test_prepare_runs_in_the_reader_and_a_read_reaches_the_handler_whole(
+    redis_url, streams, rclient
+) -> None:
+    """``Subscription.prepare`` runs beside the handler (its result rides in the delivery; a
+    failing one leaves None), and the entries one read returned are all handled before the
+    idle hook runs again."""
+    import threading
+
+    publish_failed(rclient, streams, 12)
+    handler_thread = threading.get_ident()
+    seen: list[tuple[str, object]] = []
+    idle_at: list[int] = []
+
+    def prepare(event: Failed) -> tuple[int, str]:
+        time.sleep(0.005)  # slower than the handler: entries pushed one by one would be seen apart
+        if event.registration_id == "3":
+            raise ValueError("cannot prepare this one")
+        return threading.get_ident(), event.registration_id
+
+    def handle(d: Delivery) -> Effects:
+        seen.append((d.event.registration_id, d.prepared))
+        return Effects()
+
+    sub = Subscription(streams.control, "g", Decoder(ControlEvent), prepare=prepare, count=12)
+    consumer = make_consumer(
+        redis_url, streams, handle, subs=[sub], on_idle=lambda: idle_at.append(len(seen))
+    )
+    stats = consumer.run(burst=True)
+    assert stats.handled == 12
+    assert [r for r, _ in seen] == [str(i) for i in range(12)]
+    assert seen[3][1] is None  # its prepare raised: the handler gets the entry anyway
+    made = [p for r, p in seen if r != "3"]
+    assert all(isinstance(p, tuple) and p[0] != handler_thread for p in made)
+    assert [p[1] for p in made if isinstance(p, tuple)] == [r for r, _ in seen if r != "3"]
+    assert set(idle_at) <= {0, 12}  # the one read of 12 was never seen in part
+
+
 def raw_xadd(url: str, *args: str) -> bytes:
     """XADD over a bare socket in RESP, as a producer in any language would."""
     parsed = urlparse(url)
