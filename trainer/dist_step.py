@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -264,7 +264,10 @@ class DataParallelStep:
         *,
         clients: Sequence[ClientRows] = (),
         accumulators: Mapping[int, Tensor] | None = None,
+        while_waiting: Callable[[], None] | None = None,
     ) -> MixedStep:
+        if while_waiting is not None:
+            while_waiting()  # the ranks' step syncs as it goes: nothing to overlap with here
         if clients:
             raise ConfigError(
                 "client-driven adapters (the Tinker gateway) train in a one-rank trainer for now; "
@@ -281,6 +284,7 @@ class DataParallelStep:
             timings: dict[str, float] | None = None,
             held: HeldSlots | None = None,
             outputs: RowOutputs | None = None,
+            while_waiting: Callable[[], None] | None = None,
         ) -> dict[int, SlotMetrics]:
             return self.train(model, optimizer, batch, loss_fn, revisions, timings=timings)
 

@@ -31,7 +31,7 @@ own ``train`` to :func:`mixed_step`.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -143,13 +143,15 @@ class TrainFn(Protocol):
         timings: dict[str, float] | None = None,
         held: HeldSlots | None = None,
         outputs: RowOutputs | None = None,
+        while_waiting: Callable[[], None] | None = None,
     ) -> dict[int, SlotMetrics]: ...
 
 
 class StepFn(Protocol):
-    """``(model, optimizer, rows, pad_id, clients=..., accumulators=...) -> MixedStep``: what the
-    trainer process calls per step (``clients``: client-driven slots' rows; ``accumulators``:
-    their gradient accumulators, by slot)."""
+    """``(model, optimizer, rows, pad_id, clients=..., accumulators=..., while_waiting=...) ->
+    MixedStep``: what the trainer process calls per step (``clients``: client-driven slots'
+    rows; ``accumulators``: their gradient accumulators, by slot; ``while_waiting``: called
+    once while the device computes, see :func:`trainer.step.train_step`)."""
 
     def __call__(
         self,
@@ -160,6 +162,7 @@ class StepFn(Protocol):
         *,
         clients: Sequence[ClientRows] = (),
         accumulators: Mapping[int, Tensor] | None = None,
+        while_waiting: Callable[[], None] | None = None,
     ) -> MixedStep: ...
 
 
@@ -179,6 +182,7 @@ def mixed_step(
     clients: Sequence[ClientRows] = (),
     accumulators: Mapping[int, Tensor] | None = None,
     train: TrainFn = train_step,
+    while_waiting: Callable[[], None] | None = None,
 ) -> MixedStep:
     """Train every adapter of ``rows`` (one per slot) by one step, in one forward/backward;
     with ``clients``, their rows join the same forward/backward (:mod:`trainer.client_step`):
@@ -200,10 +204,21 @@ def mixed_step(
     batch = pack(all_rows, pad_id) if all_rows else None
     timings: dict[str, float] = {"pack": time.perf_counter() - t_start}
     results = (
-        train(model, optimizer, batch, loss_fn, timings=timings, held=held, outputs=outputs)
+        train(
+            model,
+            optimizer,
+            batch,
+            loss_fn,
+            timings=timings,
+            held=held,
+            outputs=outputs,
+            while_waiting=while_waiting,
+        )
         if batch
         else {}
     )
+    if not batch and while_waiting is not None:
+        while_waiting()
     outcomes = {r.slot: SlotOutcome(stats[r.slot], results.get(r.slot)) for r in rows}
     client_outcomes = {}
     if outputs is not None:

@@ -387,6 +387,8 @@ class TrainerProcess:
         for run in self.clients.serve(effects, self.runs, self.clock()):
             self._finish(effects, run, "budget")
         ready, clients, wait_s = self._collect()
+        if not ready and not clients:
+            self.versions.release()  # nothing to train: the last step's versions are written now
         if ready or clients:
             effects.extend(self.train(ready, clients=clients, wait_s=wait_s))
             t0 = time.perf_counter()
@@ -475,6 +477,7 @@ class TrainerProcess:
             self.pad_id,
             clients=[client_rows for _, _, client_rows in taken],
             accumulators=self.clients.accumulators([run for run, _, _ in taken]),
+            while_waiting=self.versions.release,  # the last step's writes run beside this one
         )
         step_s = time.perf_counter() - t0
         self.mixed_steps += 1

@@ -29,7 +29,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -212,8 +212,13 @@ def train_step(
     reducer: StepReducer | None = None,
     held: HeldSlots | None = None,
     outputs: RowOutputs | None = None,
+    while_waiting: Callable[[], None] | None = None,
 ) -> dict[int, SlotMetrics]:
     """Train every slot present in ``batch`` by one step; return metrics keyed by slot.
+
+    ``while_waiting`` is called once the forward is launched, right before the host first
+    waits for the device (the trainer lets its version writers run then, so they do not
+    compete with the step's own host work for the interpreter).
 
     ``held`` slots are forwarded (and, unless forward-only, backwarded into their accumulators)
     but not stepped; their metrics' ``loss`` is the summed loss and ``step`` unchanged.
@@ -251,7 +256,10 @@ def train_step(
         summed = torch.tensor(sorted(held.slots), device=tokens_S.device)
         tokens_S = tokens_S.index_fill(0, summed, 1.0)
     loss_S = sums.loss_S / tokens_S  # local sum / global tokens: the ranks' parts add up
-    host = torch.cat([stats_N_S[:1], stats_N_S[1:] / tokens_S]).tolist()
+    host_N_S = torch.cat([stats_N_S[:1], stats_N_S[1:] / tokens_S])
+    if while_waiting is not None:
+        while_waiting()
+    host = host_N_S.tolist()
     tokens, losses, extra_rows = host[0], host[1], host[2:]
     if outputs is not None:
         inverse_B = torch.empty_like(order_B)

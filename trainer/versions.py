@@ -22,6 +22,7 @@ restore from it issues the same prompts again.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,22 +44,30 @@ from trainer.optim import SlotAdamW
 from trainer.publish import CapturedSlot, VersionInfo, capture_slot, encode_version, restore_slot
 from trainer.runs import AdapterRun
 
+GATE_MAX_S = 0.25
+"""Longest a captured version waits for :meth:`VersionPublisher.release` before it is encoded
+anyway (a safety net: the trainer releases every write within a step or when it goes idle)."""
+
 
 @dataclass(frozen=True)
 class PendingVersion:
-    """A run's version being written: the step and version it holds, and the write."""
+    """A run's version being written: the step and version it holds, the write, and the gate
+    the write waits at before it encodes (see :meth:`VersionPublisher.write_behind`)."""
 
     run: AdapterRun
     step: int
     version: int
     write: Future[PublishedVersion]
+    gate: threading.Event
 
     def durable(self) -> bool:
         """The write has finished (successfully or not: :meth:`announce` raises its error)."""
         return self.write.done()
 
     def announce(self) -> PublishedVersion:
-        """Wait for the write; make it the run's announced version; return it."""
+        """Wait for the write (opening its gate); make it the run's announced version; return
+        it."""
+        self.gate.set()
         published = self.write.result()
         self.run.announce(
             self.step, self.version, published.uri, (published.sha256, published.bytes)
@@ -88,29 +97,47 @@ class VersionPublisher:
         self.artifacts = artifacts
         self.base_model = base_model
         self._writers = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="publish")
+        self._gates: list[threading.Event] = []  # of captured versions not released yet
 
     def write_behind(self, runs: Sequence[AdapterRun]) -> list[PendingVersion]:
         """Capture the current version of each run now (device-to-host copies of its slot) and
-        encode and write it on the writer threads; the runs may train on at once."""
+        encode and write it on the writer threads; the runs may train on at once.
+
+        Encoding is Python work that would compete with the trainer loop's own (packing the
+        next step, launching its kernels) for the interpreter, so each write first waits at a
+        gate until :meth:`release` (the loop calls it once the next step's device work runs,
+        or when it goes idle), :meth:`PendingVersion.announce`, or :data:`GATE_MAX_S`."""
         pending = []
         for run in runs:
             info = self._info(run)
             captured = capture_slot(self.model, self.optimizer, run.slot, run.spec, run.name)
-            write = self._writers.submit(self._write, info, captured)
-            pending.append(PendingVersion(run, run.step, run.version, write))
+            gate = threading.Event()
+            write = self._writers.submit(self._write, info, captured, gate)
+            pending.append(PendingVersion(run, run.step, run.version, write, gate))
+            self._gates.append(gate)
         return pending
+
+    def release(self) -> None:
+        """Let every captured version waiting at its gate be encoded and written now."""
+        gates, self._gates = self._gates, []
+        for gate in gates:
+            gate.set()
 
     def publish(self, runs: Sequence[AdapterRun]) -> list[str]:
         """Write the current version of each run and wait for it; announce it; return the URIs
         (in order)."""
         return [p.announce().uri for p in self.write_behind(runs)]
 
-    def _write(self, info: VersionInfo, captured: CapturedSlot) -> PublishedVersion:
+    def _write(
+        self, info: VersionInfo, captured: CapturedSlot, gate: threading.Event
+    ) -> PublishedVersion:
+        gate.wait(GATE_MAX_S)
         files = encode_version(self.model, captured, info, self.base_model)
         return self.artifacts.write_version(info.adapter, info.registration_id, info.version, files)
 
     def close(self) -> None:
         """Wait for writes in flight; stop the writer threads."""
+        self.release()
         self._writers.shutdown(wait=True)
 
     def sync_requested(self, run: AdapterRun) -> SyncRequested:

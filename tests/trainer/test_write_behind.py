@@ -150,3 +150,37 @@ def test_a_warm_stop_commits_the_step_being_written(bus: Bus) -> None:
         range(1, bus.process.steps_trained + 1)
     )
     assert bus.process.behind == []
+
+
+def test_a_captured_version_is_encoded_once_released(bus: Bus, monkeypatch) -> None:
+    """A version's encoding (interpreter work) waits at its gate until the trainer releases it
+    (the next step's device work runs, or the loop goes idle), and at most GATE_MAX_S."""
+    import trainer.versions as versions
+
+    bus.producer.register("alpha", spec(steps=3))
+    thread, errors = run_in_thread(bus)
+    try:
+        wait_until("step 1 trained", lambda: bus.process.steps_trained >= 1, bus)
+    finally:
+        stop(bus, thread, errors)
+    run = bus.process.runs["alpha"]
+    started = threading.Event()
+    encode = versions.encode_version
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(versions, "encode_version", spy)
+    publisher = bus.process.versions
+    (held,) = publisher.write_behind([run])
+    assert not started.wait(0.1), "encoded before it was released"
+    publisher.release()
+    assert started.wait(5), "not encoded after release()"
+    held.write.exception(timeout=30)
+    started.clear()
+    t0 = time.monotonic()
+    (unreleased,) = publisher.write_behind([run])
+    assert started.wait(5)
+    assert time.monotonic() - t0 >= 0.9 * versions.GATE_MAX_S  # the safety net, not sooner
+    unreleased.write.exception(timeout=30)
