@@ -426,6 +426,22 @@ class Consumer:
         self.stats.handled += 1
         return True
 
+    def complete_all(self, done: list[tuple[Effects, Delivery]], seconds: float) -> int:
+        """:meth:`complete` for several deferred entries in ONE atomic commit (their effects
+        land together, e.g. one batch's groups); if any entry is no longer ours, each is
+        committed alone instead, so only that one is refused. Returns how many were applied."""
+        if not done:
+            return 0
+        effects = Effects()
+        for part, _ in done:
+            effects.extend(part)
+        if self.commit(effects, [d for _, d in done]):
+            for _, d in done:
+                self.observer.handled(d, seconds)
+                self.stats.handled += 1
+            return len(done)
+        return sum(self.complete(part, d, seconds) for part, d in done)
+
     def retry_later(self, deliveries: list[Delivery], reason: str) -> None:
         """What a :class:`HandlerError` does to an entry, for entries a handler deferred: each
         stays pending and is reclaimed after ``claim_idle_ms`` (by any consumer of its group),

@@ -48,11 +48,13 @@ by ``task_id`` and fences them itself as a second line.
 mixed engine batch as soon as nothing else waits to be read, or at ``batch_tasks`` tasks. So a
 newly admitted adapter's first tasks ride in the same batch as the running adapters' instead of
 queueing in front of them. Control events are handled first (their subscription's priority), so the
-batch sees the newest syncs. Then each task is scored and its group committed with its own ack
-(:meth:`~events.consumer.Consumer.complete`). A batch the engine refuses is run again task by task,
-so only the task with the offending rows fails, and so is a batch whose loads evicted a version one
-of its tasks was prepared with (more versions or adapters than the engine keeps at once); an
-unreachable engine hands every held task back for a retry
+batch sees the newest syncs. Then each task is scored, and the batch's groups are committed with
+their acks in ONE commit (:meth:`~events.consumer.Consumer.complete_all`), so they land together
+and the trainer reads them in one go; a task another replica took over meanwhile makes that commit
+refused, and the batch then commits task by task, so only that one is refused. A batch the engine
+refuses is run again task by task, so only the task with the offending rows fails, and so is a
+batch whose loads evicted a version one of its tasks was prepared with (more versions or adapters
+than the engine keeps at once); an unreachable engine hands every held task back for a retry
 (:meth:`~events.consumer.Consumer.retry_later`). Fencing, weights and rows are decided per task
 when its batch runs, exactly as for a task run alone.
 
@@ -458,7 +460,8 @@ class RolloutWorker:
 
     def flush(self) -> None:
         """The consumer's idle hook: generate every held task in ONE mixed batch, then commit
-        each task's group with its own ack (a task another replica took over is refused alone).
+        the groups with their acks in one commit (a task another replica took over is refused
+        alone: :meth:`~events.consumer.Consumer.complete_all`).
         An unreachable engine hands the tasks back to be retried (:meth:`Consumer.retry_later`).
         """
         batch, self._batch = self._batch, []
@@ -473,8 +476,8 @@ class RolloutWorker:
             self.consumer.retry_later(batch, f"{type(exc).__name__}: {exc}")
             return
         seconds = time.perf_counter() - start
-        for delivery, effects in zip(batch, results, strict=True):
-            self.consumer.complete(effects, delivery, seconds)
+        # one commit: the batch's groups land together, so the trainer reads them in one go
+        self.consumer.complete_all(list(zip(results, batch, strict=True)), seconds)
 
     def run_tasks(self, tasks: Sequence[RolloutTask]) -> list[Effects]:
         """Generate the tasks that are not fenced in ONE mixed batch (rows of every task and

@@ -312,3 +312,35 @@ def test_a_subscription_may_read_further_ahead_than_the_consumer_default(
     subs = [Subscription(streams.tasks, "w", Decoder(ControlEvent)), bulk]
     make_consumer(redis_url, streams, handle, subs=subs, max_in_flight=1).run(max_events=23)
     assert order[0] == "t0" and order[1:21] == [f"c{i}" for i in range(20)], order
+
+
+def test_complete_all_commits_together_and_refuses_only_a_stolen_entry(
+    redis_url, streams, rclient
+) -> None:
+    publish_failed(rclient, streams, 3)
+    held: list[Delivery] = []
+    applied: list[int] = []
+    key = streams.key("effects")
+
+    def handle(d: Delivery) -> object:
+        held.append(d)
+        return DEFER
+
+    def idle() -> None:
+        if len(held) == 3 and not applied:
+            stolen = held[1].entry_id  # another consumer took it over meanwhile
+            rclient.xclaim(streams.control, "g", "other", 0, [stolen])
+            done = [(Effects().command("HINCRBY", key, d.entry_id, 1), d) for d in held]
+            applied.append(consumer.complete_all(done, 0.1))
+            consumer.request_stop()
+
+    consumer = make_consumer(redis_url, streams, handle, on_idle=idle)
+    stats = consumer.run()
+    assert applied == [2] and stats.handled == 2
+    assert stats.commits_refused == 2  # the batch as one, then the stolen entry alone
+    counts = rclient.hgetall(key)
+    assert set(counts) == {held[0].entry_id.encode(), held[2].entry_id.encode()}
+    pending = rclient.xpending_range(streams.control, "g", "-", "+", 10)
+    assert [(p["message_id"].decode(), p["consumer"].decode()) for p in pending] == [
+        (held[1].entry_id, "other")
+    ]

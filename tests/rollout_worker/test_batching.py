@@ -70,10 +70,17 @@ class RecordingConsumer:
     def __init__(self) -> None:
         self.commits: list[tuple[Effects, list[Delivery]]] = []
         self.retries: list[tuple[list[Delivery], str]] = []
+        self.together: list[list[Delivery]] = []
 
     def complete(self, effects: Effects, delivery: Delivery, seconds: float) -> bool:
         assert seconds >= 0
         return self.commit(effects, [delivery])
+
+    def complete_all(self, done: list[tuple[Effects, Delivery]], seconds: float) -> int:
+        """One commit of several entries: recorded per entry (``commits``) and as one
+        (``together``: the entries of each such commit)."""
+        self.together.append([d for _, d in done])
+        return sum(self.complete(effects, d, seconds) for effects, d in done)
 
     def commit(self, effects: Effects, deliveries: list[Delivery]) -> bool:
         self.commits.append((effects, list(deliveries)))
@@ -250,7 +257,8 @@ def test_fenced_tasks_in_a_batch_publish_nothing_and_are_acked(
     worker.flush()
 
     assert worker.backend.batches == [9 + 9]  # one engine call, the live tasks' rows only
-    assert [ds for _, ds in consumer.commits] == [[d] for d in held]  # each acked on its own
+    assert [ds for _, ds in consumer.commits] == [[d] for d in held]  # each with its own group
+    assert consumer.together == [held]  # ... all in one commit
     published = {t.id: group_of(e) for t, (e, _) in zip(tasks, consumer.commits, strict=True)}
     assert published[stale.id] is None and published[ended.id] is None
     for t in (fresh, other):
