@@ -98,6 +98,7 @@ from events.codec import Decoder, stamp
 from events.consumer import DEFER, Consumer, Delivery, HandlerResult, Subscription
 from events.effects import Effects
 from events.errors import HandlerError
+from events.heap import HeapTrimmer
 from events.schema import (
     ControlEvent,
     PromptGroup,
@@ -312,6 +313,7 @@ class RolloutWorker:
         self.batch_tasks = batch_tasks
         self._batch: list[Delivery[TaskEvent]] = []  # tasks held for the next batch
         self.consumer: Consumer | None = None  # set by rollout.main.build (commits batches)
+        self.heap = HeapTrimmer()
 
     def seed(self, fleet: Fleet) -> None:
         """Start the lifecycle view from ``fleet`` (the control log's snapshot and the entries
@@ -466,6 +468,7 @@ class RolloutWorker:
         """
         batch, self._batch = self._batch, []
         if not batch:
+            self.heap.maybe()  # idle: give the heap's free pages back (see events.heap)
             return
         if self.consumer is None:
             raise HandlerError("RolloutWorker.consumer is not set; build it with rollout.main")
