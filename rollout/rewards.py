@@ -25,7 +25,7 @@ still running per reward name; once ``max_hung`` of them are, further calls of t
 not started and fail at once (``"timeout after Xs (not called: K earlier calls are still
 hung)"``) until one of them returns. So a reward that hangs for good costs one worker at most
 ``max_hung`` threads and ``max_hung * timeout_s`` seconds of waiting (a single worker's other
-adapters wait that long once: it scores one task at a time), and every other reward (and
+adapters wait that long once: it scores one task after another), and every other reward (and
 every other adapter) keeps scoring normally. Limits: the bound is per process and per reward *name*
 (two adapters using one hanging reward with different parameters share it); a hung call's CPU
 use is not stopped (a reward spinning in pure Python also slows the GIL-bound worker), and its
