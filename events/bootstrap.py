@@ -139,8 +139,8 @@ def open_bus(config: BusConfig, name: str, *, max_block_ms: int = 0, role: str =
 PROFILE_ENV = "MULTILORA_PROFILE_DIR"
 """When set, a process profiles its handler thread (where its state machine runs) with
 :mod:`cProfile` and writes ``<dir>/<role>.<name>.prof`` when it stops (read it with
-:mod:`pstats`; on Python 3.12 and later the profile also sees the other threads). The profiler slows every Python call: use it to see where a process's time goes,
-never to time it."""
+:mod:`pstats`; on Python 3.12 and later the profile also sees the other threads). The profiler
+slows every Python call: use it to see where a process's time goes, never to time it."""
 
 
 def _profiler() -> cProfile.Profile | None:
