@@ -1,5 +1,9 @@
 """The rollout worker process: a state machine over the control log and the task queue.
 
+(Over 600 lines: the lifecycle view, the weight syncs, fencing and the task batches share one
+state — the registrations, their syncs and what the engine serves — and each decision reads
+all of it; split, the parts would pass that state around.)
+
 Run ``multilora rollout --redis-url redis://... --model models/smollm2-135m`` (config in
 :mod:`rollout.config`, wiring in :mod:`rollout.main`); any number of replicas side by side.
 
@@ -97,7 +101,7 @@ from prometheus_client import CollectorRegistry
 from events.codec import Decoder, stamp
 from events.consumer import DEFER, Consumer, Delivery, HandlerResult, Subscription
 from events.effects import Effects
-from events.errors import HandlerError
+from events.errors import HandlerError, MultiLoraError
 from events.heap import HeapTrimmer
 from events.schema import (
     ControlEvent,
@@ -204,10 +208,6 @@ class _Prepared:
     rows: list[Any]
     items: list[Any]
     reward: RewardComposite
-
-
-def _newest_first(task: RolloutTask) -> tuple[str, int]:
-    return (task.registration_id, -task.version)
 
 
 def _check(task: RolloutTask) -> None:
@@ -471,7 +471,7 @@ class RolloutWorker:
             self.heap.maybe()  # idle: give the heap's free pages back (see events.heap)
             return
         if self.consumer is None:
-            raise HandlerError("RolloutWorker.consumer is not set; build it with rollout.main")
+            raise MultiLoraError("RolloutWorker.consumer is not set; build it with rollout.main")
         start = time.perf_counter()
         try:
             results = self.run_tasks([d.event for d in batch])  # type: ignore[misc]

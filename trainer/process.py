@@ -1,5 +1,10 @@
 """The trainer process: a state machine over ingress and rollout groups that owns the slots.
 
+(Over 600 lines: admission, the runs, the mixed step and the steps written behind it all move
+the same fleet, slots and held groups in one commit per event; the step's parts already live in
+their own modules — :mod:`trainer.runs`, :mod:`trainer.behind`, :mod:`trainer.versions`,
+:mod:`trainer.clients`.)
+
 Inputs (one consumer, group ``trainer``): registrations and cancels on ``ingress``, scored sample
 groups on ``rollout.groups``. Outputs (each committed atomically with the acks of the entries that
 caused it): lifecycle events on ``control``, tasks on ``rollout.tasks``, status fields.
