@@ -225,8 +225,6 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
     or the weights are not ``lora_A``/``lora_B`` pairs of rank ``r``; :class:`PickleRefused`
     for a directory holding ``adapter_model.bin`` (or another pickle) instead of safetensors.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     from events.safetensors_io import SafetensorsHeaderError, check_file
 
@@ -244,11 +242,9 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
         check_file(root / ADAPTER_WEIGHTS)
     except SafetensorsHeaderError as err:
         raise AdapterFormatError(str(err)) from None
-    try:
-        tensors = load_file(str(root / ADAPTER_WEIGHTS))
-    except SafetensorError as err:
-        raise _unreadable(str(root), err) from err
-    weights = _lora_pairs(tensors, rank, str(root))
+    # read as bytes and parsed in memory: safetensors' load_file (0.8) leaks two small objects
+    # per tensor on every call, which a worker loading versions for weeks would feel
+    weights = parse_peft_weights((root / ADAPTER_WEIGHTS).read_bytes(), rank, where=str(root))
     return PeftAdapter(
         path=str(root), rank=rank, alpha=alpha, use_rslora=use_rslora, weights=weights
     )

@@ -275,3 +275,35 @@ def test_the_checkpoint_process_stays_free_of_torch() -> None:
     code = "import sys, orchestrator.checkpoint; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_reading_an_adapter_again_and_again_keeps_no_memory(tmp_path: Path) -> None:
+    """A rollout worker reads every version it serves, for weeks: a read must leave nothing
+    behind (safetensors' ``load_file`` kept two small objects per tensor per call)."""
+    import gc
+    import tracemalloc
+
+    files = encode_peft_adapter(
+        [
+            (f"model.layers.{i}.self_attn.q_proj", torch.ones(2, 6), torch.ones(6, 2))
+            for i in range(16)
+        ],
+        rank=2,
+        alpha=4.0,
+        target_modules=["q_proj"],
+        base_model_name_or_path="tiny",
+    )
+    root = _write(tmp_path / "a", files)
+    for _ in range(3):
+        read_peft_adapter(root)
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.take_snapshot()
+        for _ in range(200):
+            read_peft_adapter(root)
+        gc.collect()
+        grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "lineno"))
+    finally:
+        tracemalloc.stop()
+    assert grown < 16_000, f"{grown} bytes kept by 200 reads"  # load_file kept ~360 KB here
