@@ -390,18 +390,10 @@ def forget_ended(fleet: Fleet, registration_ids: Iterable[str]) -> Fleet:
     again, which is why the compactor forgets only registrations ended long before the log's
     tail (:mod:`orchestrator.compaction`). Raises :class:`ConfigError` for a live one.
     """
-    doomed = set(registration_ids)
-    live = sorted(k for k in doomed if (s := fleet._states.get(k)) is not None and is_live(s))
-    if live:
-        raise ConfigError(f"registrations {live} are live; only ended ones can be forgotten")
-    new = Fleet.__new__(Fleet)
-    new._slots = fleet._slots
-    new._arrivals = fleet._arrivals
-    new._states = {k: s for k, s in fleet._states.items() if k not in doomed}
-    new._active = dict(fleet._active)
-    new._latest = {name: k for name, k in fleet._latest.items() if k not in doomed}
-    new._owners = dict(fleet._owners)
-    return new
+    doomed = _ended_only(fleet, registration_ids, "can be forgotten")
+    states = {k: s for k, s in fleet._states.items() if k not in doomed}
+    latest = {name: k for name, k in fleet._latest.items() if k not in doomed}
+    return _with(fleet, states, latest)
 
 
 def tombstone_ended(fleet: Fleet, registration_ids: Iterable[str]) -> Fleet:
@@ -409,15 +401,27 @@ def tombstone_ended(fleet: Fleet, registration_ids: Iterable[str]) -> Fleet:
     (:func:`~orchestrator.lifecycle.tombstone`: their specs dropped); everything else, the
     indexes included, is unchanged, so every event applies to it as to ``fleet``. Raises
     :class:`ConfigError` for a live one."""
+    chosen = _ended_only(fleet, registration_ids, "become tombstones")
+    states = {k: tombstone(s) if k in chosen else s for k, s in fleet._states.items()}
+    return _with(fleet, states, dict(fleet._latest))
+
+
+def _ended_only(fleet: Fleet, registration_ids: Iterable[str], what: str) -> set[str]:
+    """``registration_ids`` as a set; :class:`ConfigError` if any is live."""
     chosen = set(registration_ids)
     live = sorted(k for k in chosen if (s := fleet._states.get(k)) is not None and is_live(s))
     if live:
-        raise ConfigError(f"registrations {live} are live; only ended ones become tombstones")
+        raise ConfigError(f"registrations {live} are live; only ended ones {what}")
+    return chosen
+
+
+def _with(fleet: Fleet, states: dict[str, AdapterState], latest: dict[str, str]) -> Fleet:
+    """``fleet`` with other ``states`` and ``latest`` (slots, arrivals and indexes kept)."""
     new = Fleet.__new__(Fleet)
     new._slots = fleet._slots
     new._arrivals = fleet._arrivals
-    new._states = {k: tombstone(s) if k in chosen else s for k, s in fleet._states.items()}
+    new._states = states
     new._active = dict(fleet._active)
-    new._latest = dict(fleet._latest)
+    new._latest = latest
     new._owners = dict(fleet._owners)
     return new
