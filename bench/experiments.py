@@ -132,7 +132,8 @@ def write_schedule(folder: Path, label: str, specs: list[dict[str, Any]]) -> Pat
 
 
 def scrape(port: int) -> dict[str, float]:
-    """``{family_sum: seconds}`` of every histogram on a ``/metrics`` endpoint (label-summed)."""
+    """``{family_sum: seconds, family_count: n}`` of every histogram on a ``/metrics`` endpoint
+    (summed over labels)."""
     from urllib.request import urlopen
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -142,7 +143,7 @@ def scrape(port: int) -> dict[str, float]:
     sums: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.endswith("_sum"):
+            if sample.name.endswith(("_sum", "_count")):
                 sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
     return sums
 
@@ -256,6 +257,36 @@ def time_shares(
     }
 
 
+def details(bus: Bus, windows: list[tuple[float, float]]) -> dict[str, float]:
+    """How the rollout worker and the trainer ran inside ``windows``: medians of the tasks per
+    engine batch (groups that landed in one commit), a batch's ``generate_s``, the adapters per
+    trainer step (``step_done`` with one ``started_at``) and a step's ``step_s``."""
+
+    def inside(t: float) -> bool:
+        return any(t0 <= t <= t1 for t0, t1 in windows)
+
+    batches: dict[str, list[float]] = {}
+    for eid, g in bus.groups():
+        if inside(entry_s(eid)):
+            batches.setdefault(eid.split("-")[0], []).append(g.generate_s)
+    steps: dict[float, list[float]] = {}
+    for _, e in bus.control():
+        if isinstance(e, StepDone) and inside(e.metrics.get("started_at", -1.0)):
+            steps.setdefault(e.metrics["started_at"], []).append(e.metrics.get("step_s", 0.0))
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values) if values else math.nan
+
+    return {
+        "tasks_per_batch": median([len(b) for b in batches.values()]),
+        "batch_s": median([max(b) for b in batches.values()]),
+        "batches": len(batches),
+        "adapters_per_step": median([len(s) for s in steps.values()]),
+        "step_s": median([max(s) for s in steps.values()]),
+        "trainer_steps": len(steps),
+    }
+
+
 def sums(trainer_port: int, worker_port: int) -> dict[str, float]:
     """The histogram sums :func:`time_shares` differences, from both processes."""
     phases = {f"trainer.{k}": v for k, (v, _) in trainer_phases(trainer_port).items()}
@@ -287,6 +318,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 str(worker_port),
                 "--batch-tasks",
                 str(max(8, args.n)),
+                "--max-batch-rows",
+                str(max(256, args.n * args.group_size * args.prompts_per_step)),
             ],
         },
     )
@@ -322,15 +355,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         window = span(bus, set(together_ids.values()))
         alone_s: dict[str, float] = {}
         alone_ids: dict[str, str] = {}
-        for spec in specs:
+        for spec in [] if args.together_only else specs:
             name = spec["name"]
             alone_ids[name] = play(f"alone-{name}", [spec])[name]
             t0, t1 = span(bus, {alone_ids[name]})
             alone_s[name] = t1 - t0
         rewards = rewards_by_registration(bus)
         shares = time_shares(bus, window, before, after)
+        loads = "multilora_rollout_adapter_load_seconds"
+        ran = {
+            "together": {
+                **details(bus, [window]),
+                "load_ms": 1e3
+                * (after[f"{loads}_sum"] - before[f"{loads}_sum"])
+                / max(1.0, after[f"{loads}_count"] - before[f"{loads}_count"]),
+            },
+            "alone": details(bus, [span(bus, {rid}) for rid in alone_ids.values()]),
+        }
     together_s = window[1] - window[0]
-    sequential_s = sum(alone_s.values())
+    sequential_s = sum(alone_s.values()) if alone_s else math.nan
     per_hour = 3600.0 * args.n
     result = {
         "device": args.device,
@@ -347,11 +390,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "experiments_per_gpu_hour_together": per_hour / together_s,
         "experiments_per_gpu_hour_sequential": per_hour / sequential_s,
         "alone_s": alone_s,
+        "ran": ran,
         "trl_s": None,
         "trl_reason": args.trl_reason,
         "experiments": [
             {
-                **learning(n, rewards.get(together_ids[n], []), rewards.get(alone_ids[n], [])),
+                **learning(
+                    n, rewards.get(together_ids[n], []), rewards.get(alone_ids.get(n, ""), [])
+                ),
                 "task": s["dataset"]["name"],
                 "rewards": [r["name"] for r in s["rewards"]],
                 "lr": s["optim"]["lr"],
@@ -439,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=6)
     p.add_argument("--max-batch-wait-s", type=float, default=1.0)
     p.add_argument("--small", action="store_true", help="2 experiments x 3 steps (a quick check)")
+    p.add_argument(
+        "--together-only", action="store_true", help="skip the one-by-one runs (a diagnosis)"
+    )
     p.add_argument("--timeout-s", type=float, default=1800.0)
     p.add_argument("--run-dir", default="", help="keep the run here (default: a temp dir)")
     p.add_argument("--trl-reason", default="trl and its dependencies were not carried to the GPU")

@@ -57,6 +57,8 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     other reward call runs in-process with a deadline of ``reward_call_timeout_s`` per call (a
     call past it fails its sample, see :class:`rollout.rewards.RewardDeadline`).
     ``max_prompt_tokens``: longer prompts are not truncated; their samples come back failed.
+    ``max_batch_rows``: a batch of more rows decodes in turns of this many (the KV cache of one
+    turn must fit the device: raise it for small models and short sequences).
     ``weights_cache``: where versions published to a remote store (``s3://`` ...) are copied
     (empty: a folder per worker under the system temp dir).
     """
@@ -91,6 +93,9 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         Positive, _doc("tasks generated together in one mixed batch (1: one at a time)")
     ] = 8
     max_prompt_tokens: Annotated[Positive, _doc("longer prompts fail their samples")] = 1024
+    max_batch_rows: Annotated[
+        Positive, _doc("rows the embedded engine decodes at once (more run in turns)")
+    ] = 256
     torch_threads: Annotated[
         int, msgspec.Meta(ge=0, description="intra-op threads (0: torch's default)")
     ] = 0

@@ -187,6 +187,15 @@ class MultiLoraLinear(nn.Module):
 
     def set_slot(self, slot: int, a_r_I: torch.Tensor, b_O_r: torch.Tensor, scale: float) -> None:
         """Write one adapter into ``slot`` (zero-padded to ``max_rank``)."""
+        self.check_slot(a_r_I, b_O_r)
+        rank = a_r_I.shape[0]
+        self.clear_slot(slot)
+        self.lora_A_S_R_I[slot, :rank].copy_(a_r_I)
+        self.lora_B_S_O_R[slot, :, :rank].copy_(b_O_r)
+        self.scale_S[slot] = scale
+
+    def check_slot(self, a_r_I: torch.Tensor, b_O_r: torch.Tensor) -> None:
+        """Raise unless ``lora_A``/``lora_B`` fit a slot of this layer."""
         rank = a_r_I.shape[0]
         if rank > self.max_rank:
             raise AdapterRankError(
@@ -198,10 +207,6 @@ class MultiLoraLinear(nn.Module):
                 f"lora_A {tuple(a_r_I.shape)} / lora_B {tuple(b_O_r.shape)} do not fit a linear "
                 f"{self.base.in_features} -> {self.base.out_features}"
             )
-        self.clear_slot(slot)
-        self.lora_A_S_R_I[slot, :rank].copy_(a_r_I)
-        self.lora_B_S_O_R[slot, :, :rank].copy_(b_O_r)
-        self.scale_S[slot] = scale
 
     def clear_slot(self, slot: int) -> None:
         self.lora_A_S_R_I[slot].zero_()
@@ -351,10 +356,20 @@ class MultiLoraModel:
         return missing
 
     def load(self, slot: int, adapter: PeftAdapter, *, allow_wrap: bool = True) -> None:
-        """Write ``adapter`` into ``slot`` of every wrapped layer (zero where it has no tensors)."""
+        """Write ``adapter`` into ``slot`` of every wrapped layer (zero where it has no tensors).
+
+        One host-to-device copy of all the adapter's tensors (flattened into one buffer in the
+        slots' dtype), then one batched device copy into the slot views, one batched zeroing of
+        the rank padding and one of the scales: a few launches per adapter, not several per
+        layer (a synchronous copy per tensor made a load of a 30-layer model ~90 ms on a GPU).
+        """
         if not 0 <= slot < self.num_slots:
             raise SlotRoutingError(f"slot {slot} outside [0, {self.num_slots})")
         self.wrap(self.check(adapter, allow_wrap=allow_wrap))
+        sources: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
+        padding: list[torch.Tensor] = []
+        scales: list[torch.Tensor] = []
         for name, layer in self.layers.items():
             pair = adapter.weights.get(name)
             if pair is None:
@@ -362,16 +377,27 @@ class MultiLoraModel:
                 continue
             a, b = pair
             try:
-                layer.set_slot(
-                    slot,
-                    a.to(self.device, self.dtype),
-                    b.to(self.device, self.dtype),
-                    adapter.scale,
-                )
+                layer.check_slot(a, b)
             except AdapterFormatError as err:
                 raise AdapterFormatError(
                     f"{adapter.path}/{ADAPTER_WEIGHTS}: {name}: {err}"
                 ) from err
+            rank = a.shape[0]
+            sources += [a, b]
+            targets += [layer.lora_A_S_R_I[slot, :rank], layer.lora_B_S_O_R[slot, :, :rank]]
+            if rank < layer.max_rank:
+                padding += [layer.lora_A_S_R_I[slot, rank:], layer.lora_B_S_O_R[slot, :, rank:]]
+            scales.append(layer.scale_S[slot : slot + 1])
+        if not sources:
+            return
+        flat = torch.cat([t.reshape(-1) for t in sources]).to(self.device, self.dtype)
+        pieces = flat.split([t.numel() for t in sources])
+        views = [p.view(t.shape) for p, t in zip(pieces, sources, strict=True)]
+        torch._foreach_copy_(targets, views)
+        if padding:
+            torch._foreach_zero_(padding)
+        scale = torch.full((1,), adapter.scale, dtype=scales[0].dtype, device=self.device)
+        torch._foreach_copy_(scales, [scale] * len(scales))
 
     def clear(self, slot: int) -> None:
         """Zero ``slot`` in every wrapped layer (rows routed to it then run the base model)."""

@@ -182,3 +182,26 @@ def test_adapter_for_another_shape_fails_before_touching_a_slot(
     with pytest.raises(AdapterFormatError, match=r"q_proj\.lora_A\.weight.*\(4, 32\).*64 -> 64"):
         lora.load(0, read_peft_adapter(foreign))
     assert torch.equal(lora.layers["model.layers.0.self_attn.q_proj"].lora_A_S_R_I, before)
+
+
+def test_reloading_a_slot_leaves_nothing_of_the_adapter_before(
+    tiny_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    """A slot that held a rank-8 adapter on more modules, then loaded a smaller one, computes
+    exactly what a fresh slot with only the smaller one does (rank padding, modules the new
+    adapter lacks and the scale are all rewritten by the batched load)."""
+    from transformers import AutoModelForCausalLM
+
+    reused = MultiLoraModel(AutoModelForCausalLM.from_pretrained(tiny_dir), num_slots=2, max_rank=8)
+    reused.load(0, read_peft_adapter(adapter_dirs["b"]))
+    reused.load(1, read_peft_adapter(adapter_dirs["b"]))
+    reused.load(0, read_peft_adapter(adapter_dirs["c"]))
+    fresh = MultiLoraModel(AutoModelForCausalLM.from_pretrained(tiny_dir), num_slots=2, max_rank=8)
+    fresh.load(1, read_peft_adapter(adapter_dirs["b"]))  # the same modules wrapped in both
+    fresh.load(0, read_peft_adapter(adapter_dirs["c"]))
+    ids = torch.randint(4, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), reused.route([0, 1]):
+        got = reused.model(input_ids=ids).logits
+    with torch.no_grad(), fresh.route([0, 1]):
+        want = fresh.model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
