@@ -46,6 +46,7 @@ from events.adapter_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AdapterFormatError,
+    read_peft_adapter,
     refuse_pickles,
 )
 from events.errors import MultiLoraError
@@ -117,7 +118,12 @@ class GenerationBackend(Protocol):
 
     tokenizer: Any
 
-    def load(self, name: str, version: int, path: str) -> None: ...
+    def load(self, name: str, version: int, path: str, *, read: Any = None) -> None: ...
+
+    def read(self, path: str) -> Any:
+        """What :meth:`load` would read from ``path`` (its ``read``), or None: called off the
+        handler thread, so it must only read."""
+        ...
 
     def unload(self, name: str, version: int | None = None) -> None: ...
 
@@ -137,12 +143,16 @@ class EmbeddedBackend:
         self.engine = engine
         self.tokenizer: Any = engine.tokenizer
 
-    def load(self, name: str, version: int, path: str) -> None:
+    def load(self, name: str, version: int, path: str, *, read: Any = None) -> None:
         try:
-            self.engine.load_adapter(name, version, path)
+            self.engine.load_adapter(name, version, path, adapter=read)
         except (EngineError, LoraError, SafetensorError, OSError, ValueError) as err:
             # bad config JSON / unreadable or corrupt tensors / unfit rank or modules
             raise AdapterLoadError(f"cannot load {name}@{version} from {path}: {err}") from err
+
+    def read(self, path: str) -> Any:
+        """The PEFT adapter at ``path``, parsed (tensors on the host)."""
+        return read_peft_adapter(path)
 
     def unload(self, name: str, version: int | None = None) -> None:
         served = self.versions(name)
@@ -205,7 +215,10 @@ class HttpBackend:
         self.keep_versions = keep_versions
         self.loaded: dict[str, set[int]] = {}
 
-    def load(self, name: str, version: int, path: str) -> None:
+    def read(self, path: str) -> Any:
+        return None  # the server reads the files itself
+
+    def load(self, name: str, version: int, path: str, *, read: Any = None) -> None:
         have = self.loaded.setdefault(name, set())
         if version in have:
             return

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import msgspec
 import torch
 
-from events.adapter_format import read_peft_adapter
+from events.adapter_format import PeftAdapter, read_peft_adapter
 from rollout.adapter_slots import AdapterRef, AdapterSlots, EngineError, RequestError
 from rollout.lora import BASE_SLOT, LoraBackend, MultiLoraModel
 from rollout.sampling import SamplingParams, find_stop, sample_tokens_B, trim_at_stop
@@ -172,11 +172,14 @@ class Engine:
 
     # ---- adapters -------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, version: int, path: str | Path) -> LoadedAdapter:
-        """Load the PEFT directory ``path`` as ``name@version`` (idempotent; see module doc)."""
+    def load_adapter(
+        self, name: str, version: int, path: str | Path, *, adapter: PeftAdapter | None = None
+    ) -> LoadedAdapter:
+        """Load the PEFT directory ``path`` as ``name@version`` (idempotent; see module doc);
+        ``adapter``: its files already read (:func:`read_peft_adapter` of ``path``)."""
         ref = AdapterRef(name, version)
         start = time.perf_counter()
-        adapter = read_peft_adapter(path)
+        adapter = adapter if adapter is not None else read_peft_adapter(path)
         self.lora.check(adapter, allow_wrap=not self.fixed_targets)
         with self._lock:
             entry = self.slots.get(ref)

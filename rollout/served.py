@@ -20,9 +20,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from rollout.backend import GenerationBackend, WeightsError, WeightsFetcher
 from rollout.metrics import RolloutMetrics
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A version fetched and read ahead (:meth:`ServedVersions.fetch_ahead`): its local
+    directory, the sha256 of its weights, and what the backend read from it."""
+
+    uri: str
+    path: Path
+    sha256: str
+    read: Any
 
 
 class ServedVersions:
@@ -74,10 +88,28 @@ class ServedVersions:
         self.load(name, version, uri, expect_sha256=expect_sha256)
         return version
 
-    def load(self, name: str, version: int, uri: str, *, expect_sha256: str = "") -> None:
-        """Fetch, verify (when ``expect_sha256`` is given) and serve ``name@version``."""
+    def fetch_ahead(self, name: str, version: int, uri: str) -> Fetched:
+        """Fetch ``name@version`` and read its files, touching nothing this object serves: the
+        part of a load a consumer's reader thread can do while the handler generates."""
+        path, sha256 = self.weights.fetch(uri, name, version)
+        return Fetched(uri, path, sha256, self.backend.read(str(path)))
+
+    def load(
+        self,
+        name: str,
+        version: int,
+        uri: str,
+        *,
+        expect_sha256: str = "",
+        fetched: Fetched | None = None,
+    ) -> None:
+        """Fetch, verify (when ``expect_sha256`` is given) and serve ``name@version``
+        (``fetched``: fetched and read ahead from ``uri``)."""
         with self.metrics.load_timer():
-            path, sha256 = self.weights.fetch(uri, name, version)
+            if fetched is not None and fetched.uri == uri:
+                path, sha256, read = fetched.path, fetched.sha256, fetched.read
+            else:
+                (path, sha256), read = self.weights.fetch(uri, name, version), None
             if expect_sha256 and sha256 != expect_sha256:
                 raise WeightsError(
                     f"sha256 of {path}/adapter_model.safetensors is {sha256}, the sync event says "
@@ -85,7 +117,7 @@ class ServedVersions:
                 )
             if self.loaded_sha.get((name, version), sha256) != sha256:
                 self.backend.unload(name, version)
-            self.backend.load(name, version, str(path))
+            self.backend.load(name, version, str(path), read=read)
         self.loaded_sha[(name, version)] = sha256
         self.serving_since[(name, version)] = self.clock()
         self._forget_unserved(name)

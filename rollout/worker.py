@@ -157,7 +157,7 @@ from rollout.rewards import (
     RewardRegistry,
 )
 from rollout.sampling import SamplingParamError, SamplingParams
-from rollout.served import ServedVersions
+from rollout.served import Fetched, ServedVersions
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +297,7 @@ class RolloutWorker:
         self.allowed_roots = tuple(allowed_roots)
         self.max_prompt_tokens = max_prompt_tokens
         self.history_until = history_until
+        self.started_at = clock()  # syncs older than this are history: not read ahead
         self.metrics = metrics or RolloutMetrics(CollectorRegistry())  # default: not exported
         self.served = ServedVersions(backend, weights, self.metrics, clock=clock)
         self.sampler = ClientSampler(
@@ -333,6 +334,7 @@ class RolloutWorker:
                 priority=-1,
                 max_in_flight=CONTROL_READ_AHEAD,
                 count=CONTROL_READ_AHEAD,
+                prepare=self.fetch_ahead,
             ),
             # trimmed once every group acknowledged it (the work queue stays bounded); one read
             # takes up to a batch of the waiting tasks
@@ -356,12 +358,26 @@ class RolloutWorker:
             case SampleTask() as sample:
                 return self.on_sample(sample)
             case event:
-                return self.on_control(event, delivery.entry_id)
+                return self.on_control(event, delivery.entry_id, fetched=delivery.prepared)
 
     # --- control log ---------------------------------------------------------------------------
 
-    def on_control(self, event: ControlEvent, entry_id: str = "") -> Effects:
-        """Fold one control event into the lifecycle view; returns the effects of its ack."""
+    def fetch_ahead(self, event: ControlEvent) -> Fetched | None:
+        """The control subscription's ``prepare`` (the consumer's reader thread): a sync's
+        version fetched, checksummed and read, so the handler only copies it to the device
+        (while the handler generates a batch, the next syncs' files are read). Syncs the log
+        held at boot are skipped: a replica replaying history loads lazily."""
+        if not isinstance(event, SyncRequested) or event.time < self.started_at:
+            return None
+        return self.served.fetch_ahead(
+            served_name(event.adapter, event.registration_id), event.version, event.uri
+        )
+
+    def on_control(
+        self, event: ControlEvent, entry_id: str = "", *, fetched: Fetched | None = None
+    ) -> Effects:
+        """Fold one control event into the lifecycle view; returns the effects of its ack
+        (``fetched``: a sync's version read ahead, :meth:`fetch_ahead`)."""
         key = registration_key(event)
         outcome = decide(self.states.get(key), event)
         state = outcome.state
@@ -372,7 +388,7 @@ class RolloutWorker:
         match event:
             case SyncRequested():
                 replay = bool(entry_id) and entry_at_or_before(entry_id, self.history_until)
-                return self._on_sync(event, outcome, replay=replay)
+                return self._on_sync(event, outcome, replay=replay, fetched=fetched)
             case _ if outcome.verdict is Verdict.APPLIED and state and state.phase not in SERVING:
                 self._end(state)
         return Effects()
@@ -387,7 +403,14 @@ class RolloutWorker:
         self.served.drop(name)
         self.sampler.drop(name)
 
-    def _on_sync(self, event: SyncRequested, outcome: Outcome, *, replay: bool) -> Effects:
+    def _on_sync(
+        self,
+        event: SyncRequested,
+        outcome: Outcome,
+        *,
+        replay: bool,
+        fetched: Fetched | None = None,
+    ) -> Effects:
         if outcome.verdict not in _ANSWERED:
             log.info("not answering sync %s: %s", event.id, outcome.reason)
             return Effects()
@@ -402,7 +425,9 @@ class RolloutWorker:
             return Effects()  # a newer version is already served; this request is outdated
         if not self.served.serves(name, event.version, event.sha256):
             try:
-                self.served.load(name, event.version, event.uri, expect_sha256=event.sha256)
+                self.served.load(
+                    name, event.version, event.uri, expect_sha256=event.sha256, fetched=fetched
+                )
             except (WeightsError, AdapterLoadError, BackendUnavailableError) as err:
                 raise SyncError(f"sync of {name}@{event.version} failed: {err}") from err
         # A task may have loaded this version before its sync event got here: the worker has

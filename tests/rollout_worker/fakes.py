@@ -84,12 +84,19 @@ class FakeBackend:
         self.batches: list[int] = []
         self.calls: list[tuple[str, str, int | None]] = []
         self.scored: list[tuple[int, ...]] = []  # prompts of prompt_logprobs calls
+        self.read_ahead: list[tuple[str, int]] = []  # loads handed what read() returned
 
-    def load(self, name: str, version: int, path: str) -> None:
+    def read(self, path: str) -> Any:
+        return ("read", path)
+
+    def load(self, name: str, version: int, path: str, *, read: Any = None) -> None:
         self._reachable()
         have = self.served.setdefault(name, {})
         if version in have:
             return
+        if read is not None:
+            assert read == ("read", path), f"{read} was not read from {path}"
+            self.read_ahead.append((name, version))
         weights = Path(path) / "adapter_model.safetensors"
         if not (Path(path) / "adapter_config.json").is_file() or not weights.is_file():
             raise AdapterLoadError(f"cannot load {name}@{version} from {path}: not a PEFT dir")

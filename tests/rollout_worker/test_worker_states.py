@@ -226,6 +226,26 @@ def test_sync_loads_the_version_and_publishes_synced(
     assert worker.backend.versions(NAME) == (1,)
 
 
+def test_a_sync_is_read_ahead_in_the_reader_thread(
+    make_fake_worker, fake_versions, redis_url, streams, rclient
+) -> None:
+    """A sync published while the worker runs reaches the handler with its version already
+    fetched, checksummed and read (the handler only loads it); one from before the worker
+    started is loaded by the handler itself."""
+    worker = make_fake_worker("w1")
+    publish(
+        rclient,
+        streams.control,
+        registered("math", "r1"),
+        admitted("math", "r1", epoch=1),
+        sync("math", "r1", 0, fake_versions[0], epoch=1, time=worker.started_at - 1),
+        sync("math", "r1", 1, fake_versions[1], epoch=1),
+    )
+    run_burst(redis_url, streams, worker)
+    assert answers(rclient, streams) == [("w1", 0), ("w1", 1)]
+    assert worker.backend.read_ahead == [(NAME, 1)]
+
+
 def test_each_sync_is_answered_once_per_worker_and_history_never(
     make_fake_worker, fake_versions, redis_url, streams, rclient
 ) -> None:
