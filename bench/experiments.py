@@ -30,6 +30,11 @@ generation's intervals); ``training`` — forward, backward and optimizer
 (packing, version capture, events) and the commit after each; ``idle`` — no generation and no
 step running.
 
+The peer baseline: ``bench/trl_grpo.py`` trains one of the same experiments with TRL's
+``GRPOTrainer`` and a PEFT adapter; given its result (``--trl``), ``trl_s x N`` is the time of N
+such experiments one after another (``speedup_vs_trl_sequential = trl_s x N / together_s``;
+TRL's time is its ``train()`` alone, ours runs to the final checkpoint).
+
 Usage::
 
     python bench/experiments.py --small                    # CPU, tiny random model: a quick check
@@ -391,8 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "experiments_per_gpu_hour_sequential": per_hour / sequential_s,
         "alone_s": alone_s,
         "ran": ran,
-        "trl_s": None,
-        "trl_reason": args.trl_reason,
+        **trl_baseline(args, together_s),
         "experiments": [
             {
                 **learning(
@@ -412,6 +416,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.run_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def trl_baseline(args: argparse.Namespace, together_s: float) -> dict[str, Any]:
+    """TRL's time for one experiment (``bench/trl_grpo.py``'s result, ``--trl``) and the peer
+    baseline it gives: that time x N, one after another."""
+    if not args.trl:
+        return {"trl_s": None, "trl_reason": args.trl_reason}
+    trl = json.loads(Path(args.trl).read_text())
+    return {
+        "trl_s": trl["trl_s"],
+        "trl_experiment": trl["experiment"],
+        "trl_steps": trl["steps"],
+        "trl_end_reward": trl["end_reward"],
+        "trl_sequential_s": trl["trl_s"] * args.n,
+        "speedup_vs_trl_sequential": trl["trl_s"] * args.n / together_s,
+    }
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -456,6 +476,11 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"together     {result['together_s']:8.1f} s")
     print(f"one by one   {result['sequential_s']:8.1f} s")
     print(f"speedup      {result['speedup']:8.2f} x  (experiments per GPU-hour)")
+    if result.get("trl_s") is not None:
+        print(
+            f"TRL, one experiment {result['trl_s']:.1f} s; x {result['n_adapters']} one by one: "
+            f"{result['speedup_vs_trl_sequential']:.2f} x slower than together"
+        )
     head = f"{'experiment':<14}{'start':>7}{'together':>10}{'alone':>8}{'noise':>7}  agree rises"
     print(head)
     for row in result["experiments"]:
@@ -490,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--timeout-s", type=float, default=1800.0)
     p.add_argument("--run-dir", default="", help="keep the run here (default: a temp dir)")
-    p.add_argument("--trl-reason", default="trl and its dependencies were not carried to the GPU")
+    p.add_argument("--trl", default="", help="bench/trl_grpo.py's result for the same settings")
+    p.add_argument("--trl-reason", default="not run (no --trl result given)")
     p.add_argument("--out", default="bench/results/experiments.json")
     p.add_argument("--png", default="", help="the figure (default: beside --out)")
     p.add_argument("--plot", default="", help="only redraw the figure of this results file")

@@ -156,6 +156,8 @@ def convert_smollm2(
             gguf_dir, gguf_file=gguf_name, dtype=torch.float32
         )
         model.hf_quantizer = None  # dequantized on load; save as a plain fp32 checkpoint
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config  # else trainers refuse it as "GGUF-quantized"
         staging = out.with_name(out.name + ".partial")
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
