@@ -478,8 +478,8 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"speedup      {result['speedup']:8.2f} x  (experiments per GPU-hour)")
     if result.get("trl_s") is not None:
         print(
-            f"TRL, one experiment {result['trl_s']:.1f} s; x {result['n_adapters']} one by one: "
-            f"{result['speedup_vs_trl_sequential']:.2f} x slower than together"
+            f"TRL, one experiment {result['trl_s']:.1f} s; {result['n_adapters']} of them one by "
+            f"one take {result['speedup_vs_trl_sequential']:.2f} x as long as together"
         )
     head = f"{'experiment':<14}{'start':>7}{'together':>10}{'alone':>8}{'noise':>7}  agree rises"
     print(head)
