@@ -3,8 +3,8 @@ the same N run one after another.
 
 Each experiment is one adapter with its own reasoning-gym task, reward, learning rate and rank
 (:data:`BOOK`; past eight, the book repeats with other seeds), trained with GRPO for ``--steps``
-steps. One stack (embedded Redis, trainer with N slots, one rollout worker, checkpointer) serves
-three phases, in this order:
+steps. One stack (embedded Redis, trainer with N slots, ``--workers`` rollout workers sharing the
+device, checkpointer) serves three phases, in this order:
 
 1. **warm-up**: one short adapter, not counted (CUDA kernels, allocator, first loads);
 2. **together**: all N registered at once; ``together_s`` runs from the first registration until
@@ -24,8 +24,10 @@ differ by at most twice the combined standard error.
 Where the together run's time goes (``time_shares``, fractions of ``together_s``; the processes
 run at once, so they overlap and need not sum to 1): ``generation`` — the union of the rollout
 worker's batch intervals (each ``rollout.group`` lands ``generate_s`` after its batch began);
-``sync`` — the worker's adapter loads (``multilora_rollout_adapter_load_seconds``, inside
-generation's intervals); ``training`` — forward, backward and optimizer
+``sync`` — the workers' adapter loads on their handler threads
+(``multilora_rollout_adapter_load_seconds``, summed over workers; a load a sync needs happens
+between batches, one a task needs inside its batch's interval); ``training`` — forward,
+backward and optimizer
 (``multilora_trainer_step_phase_seconds``); ``control_plane`` — the rest of the trainer's steps
 (packing, version capture, events) and the commit after each; ``idle`` — no generation and no
 step running.
@@ -61,7 +63,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from e2e import OBSERVER, Bus, entry_s, free_port, random_model, trainer_phases
+from e2e import OBSERVER, Bus, entry_s, random_model, trainer_phases
 
 from events.connection import connect
 from events.schema import CheckpointSaved, Completed, RegisterRequested, StepDone
@@ -292,21 +294,44 @@ def details(bus: Bus, windows: list[tuple[float, float]]) -> dict[str, float]:
     }
 
 
-def sums(trainer_port: int, worker_port: int) -> dict[str, float]:
-    """The histogram sums :func:`time_shares` differences, from both processes."""
-    phases = {f"trainer.{k}": v for k, (v, _) in trainer_phases(trainer_port).items()}
-    return {**phases, **scrape(worker_port)}
+def sums(trainer_port: int, worker_ports: list[int]) -> dict[str, float]:
+    """The histogram sums :func:`time_shares` differences: the trainer's, and the workers'
+    added up."""
+    total = {f"trainer.{k}": v for k, (v, _) in trainer_phases(trainer_port).items()}
+    for port in worker_ports:
+        for name, value in scrape(port).items():
+            total[name] = total.get(name, 0.0) + value
+    return total
+
+
+def port_base(workers: int) -> int:
+    """A ``metrics_port_base`` whose ports are free: trainer at base, checkpoint base + 1, ``up``
+    base + 2, rollout worker ``i`` base + 10 + i (:class:`ops.launch.StackOptions`)."""
+    import random
+    import socket
+
+    for _ in range(100):
+        base = random.randrange(20000, 60000)
+        try:
+            for offset in (0, 1, 2, *range(10, 10 + workers)):
+                with socket.socket() as sock:
+                    sock.bind(("0.0.0.0", base + offset))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free range of metrics ports")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="multilora-experiments-"))
     model = args.model or str(random_model(run_dir / "model", 64, 2))
     device = ["--device", args.device, "--dtype", args.dtype]
-    trainer_port, worker_port = free_port(), free_port()
+    base = port_base(args.workers)
+    trainer_port, worker_ports = base, [base + 10 + i for i in range(args.workers)]
     specs = [experiment(i, args) for i in range(args.n)]
     options = StackOptions(
         model=model,
-        workers=1,
+        workers=args.workers,
         num_slots=args.n,
         max_rank=max(s["rank"] for s in specs),
         run_dir=str(run_dir / "stack"),
@@ -314,15 +339,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_batch_wait_s=args.max_batch_wait_s,
         torch_threads=1 if args.device == "cpu" else 0,
         redis_port=0,
-        metrics_port_base=0,
+        metrics_port_base=base,
         extra_args={
-            "trainer": [*device, "--metrics-port", str(trainer_port)],
+            "trainer": device,
             "rollout": [
                 *device,
-                "--metrics-port",
-                str(worker_port),
                 "--batch-tasks",
-                str(max(8, args.n)),
+                str(args.batch_tasks or max(1, -(-args.n // args.workers))),
                 "--max-batch-rows",
                 str(max(256, args.n * args.group_size * args.prompts_per_step)),
             ],
@@ -354,9 +377,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return ids
 
         play("warm-up", [warm])
-        before = sums(trainer_port, worker_port)
+        before = sums(trainer_port, worker_ports)
         together_ids = play("together", specs)
-        after = sums(trainer_port, worker_port)
+        after = sums(trainer_port, worker_ports)
         window = span(bus, set(together_ids.values()))
         alone_s: dict[str, float] = {}
         alone_ids: dict[str, str] = {}
@@ -389,6 +412,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "group_size": args.group_size,
         "prompts_per_step": args.prompts_per_step,
         "max_new_tokens": args.max_new_tokens,
+        "workers": args.workers,
         "together_s": together_s,
         "sequential_s": sequential_s,
         "speedup": sequential_s / together_s,
@@ -509,6 +533,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=6)
     p.add_argument("--max-batch-wait-s", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=1, help="rollout workers (one GPU: all share it)")
+    p.add_argument(
+        "--batch-tasks",
+        type=int,
+        default=0,
+        help="tasks per engine batch (default: N / workers, so each worker takes its share)",
+    )
     p.add_argument("--small", action="store_true", help="2 experiments x 3 steps (a quick check)")
     p.add_argument(
         "--together-only", action="store_true", help="skip the one-by-one runs (a diagnosis)"
