@@ -43,3 +43,15 @@ def test_smollm2_trains_four_slots_in_one_step():
         after = model.logprobs(batch.tokens_B_T, batch.attention_mask_B_T, batch.slot_ids_B)
     assert torch.equal(after[4], base_before[4])  # the base row is untouched
     assert not torch.equal(after[0], base_before[0])
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason=f"no model at {SMOLLM2}")
+def test_the_converted_model_is_a_plain_checkpoint():
+    """The GGUF is dequantized on conversion: the folder must not say it is GGUF-quantized
+    (Hugging Face's Trainer, used by the TRL baseline, refuses to train such a model)."""
+    import json
+
+    config = json.loads((SMOLLM2 / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["model_type"] == "llama"
