@@ -21,6 +21,7 @@ name                                           kind     meaning
                                                         (bad prompt, task-level failure)
 ``multilora_rollout_adapters_loaded``          gauge    adapter versions the engine serves
 ``multilora_rollout_adapter_load_seconds``     histo    fetch + verify + load of one version
+                                                        on the handler (not a sync's read-ahead)
 ``multilora_rollout_adapter_load_failures_total`` counter  loads that raised
 =============================================  =======  =======================================
 """
