@@ -88,6 +88,7 @@ a bug and crashes the process; at-least-once delivery makes that safe.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -183,6 +184,9 @@ KNOWN_TASK_FAILURES = (
 CONTROL_READ_AHEAD = 256
 """Control events a worker reads ahead (in bulk) while it generates: all of them are handled
 before its next task, so a weight sync never waits behind a backlog of other control events."""
+READ_AHEAD_VERSIONS = 16
+"""At most this many syncs' versions are held read ahead (host memory: one adapter's tensors
+each); past it the handler reads them itself."""
 
 LIVE = WAITING | TRAINING
 """Phases from which a registration may still train: its tasks are not fenced for good."""
@@ -298,6 +302,8 @@ class RolloutWorker:
         self.max_prompt_tokens = max_prompt_tokens
         self.history_until = history_until
         self.started_at = clock()  # syncs older than this are history: not read ahead
+        self._ahead = 0  # versions read ahead and not yet handled (READ_AHEAD_VERSIONS)
+        self._ahead_lock = threading.Lock()
         self.metrics = metrics or RolloutMetrics(CollectorRegistry())  # default: not exported
         self.served = ServedVersions(backend, weights, self.metrics, clock=clock)
         self.sampler = ClientSampler(
@@ -358,7 +364,11 @@ class RolloutWorker:
             case SampleTask() as sample:
                 return self.on_sample(sample)
             case event:
-                return self.on_control(event, delivery.entry_id, fetched=delivery.prepared)
+                fetched = delivery.prepared
+                if fetched is not None:
+                    with self._ahead_lock:
+                        self._ahead -= 1
+                return self.on_control(event, delivery.entry_id, fetched=fetched)
 
     # --- control log ---------------------------------------------------------------------------
 
@@ -366,12 +376,22 @@ class RolloutWorker:
         """The control subscription's ``prepare`` (the consumer's reader thread): a sync's
         version fetched, checksummed and read, so the handler only copies it to the device
         (while the handler generates a batch, the next syncs' files are read). Syncs the log
-        held at boot are skipped: a replica replaying history loads lazily."""
+        held at boot are skipped: a replica replaying history loads lazily; at most
+        :data:`READ_AHEAD_VERSIONS` are held read ahead at once."""
         if not isinstance(event, SyncRequested) or event.time < self.started_at:
             return None
-        return self.served.fetch_ahead(
-            served_name(event.adapter, event.registration_id), event.version, event.uri
-        )
+        with self._ahead_lock:
+            if self._ahead >= READ_AHEAD_VERSIONS:
+                return None
+            self._ahead += 1
+        try:
+            return self.served.fetch_ahead(
+                served_name(event.adapter, event.registration_id), event.version, event.uri
+            )
+        except BaseException:
+            with self._ahead_lock:
+                self._ahead -= 1
+            raise
 
     def on_control(
         self, event: ControlEvent, entry_id: str = "", *, fetched: Fetched | None = None

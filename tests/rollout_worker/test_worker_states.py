@@ -246,6 +246,28 @@ def test_a_sync_is_read_ahead_in_the_reader_thread(
     assert worker.backend.read_ahead == [(NAME, 1)]
 
 
+def test_read_ahead_holds_a_bounded_number_of_versions(
+    make_fake_worker, fake_versions, redis_url, streams, rclient, monkeypatch
+) -> None:
+    """Past ``READ_AHEAD_VERSIONS`` versions held read ahead, the reader leaves the rest to the
+    handler (a burst of syncs holds no unbounded host memory); every sync is still answered."""
+    import rollout.worker
+
+    monkeypatch.setattr(rollout.worker, "READ_AHEAD_VERSIONS", 1)
+    worker = make_fake_worker("w1")
+    publish(
+        rclient,
+        streams.control,
+        registered("math", "r1"),
+        admitted("math", "r1", epoch=1),
+        *[sync("math", "r1", v, fake_versions[v], epoch=1) for v in range(3)],
+    )
+    run_burst(redis_url, streams, worker)
+    assert answers(rclient, streams) == [("w1", 0), ("w1", 1), ("w1", 2)]
+    assert worker.backend.read_ahead == [(NAME, 0)]
+    assert worker._ahead == 0
+
+
 def test_each_sync_is_answered_once_per_worker_and_history_never(
     make_fake_worker, fake_versions, redis_url, streams, rclient
 ) -> None:
