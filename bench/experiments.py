@@ -359,8 +359,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client.xgroup_create(stack.streams.groups, OBSERVER, id="0", mkstream=True)
         bus = Bus(client, stack.streams)
 
-        def play(label: str, batch: list[dict[str, Any]]) -> dict[str, str]:
-            """Register ``batch``, wait until all have finished; their registration ids."""
+        def play(
+            label: str, batch: list[dict[str, Any]]
+        ) -> tuple[dict[str, str], tuple[float, float]]:
+            """Register ``batch``, wait until all have finished; their registration ids by
+            name, and the span from the first registration to the last finish."""
             path = write_schedule(schedules, label, batch)
             since = int(time.time() * 1000) - 1
             run_schedule_against(
@@ -374,20 +377,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ids = registrations_since(bus, since)
             t0, t1 = span(bus, set(ids.values()))
             print(f"[experiments] {label}: {t1 - t0:.1f} s", flush=True)
-            return ids
+            return ids, (t0, t1)
 
         play("warm-up", [warm])
         before = sums(trainer_port, worker_ports)
-        together_ids = play("together", specs)
+        together_ids, window = play("together", specs)
         after = sums(trainer_port, worker_ports)
-        window = span(bus, set(together_ids.values()))
-        alone_s: dict[str, float] = {}
         alone_ids: dict[str, str] = {}
+        alone_windows: dict[str, tuple[float, float]] = {}
         for spec in [] if args.together_only else specs:
             name = spec["name"]
-            alone_ids[name] = play(f"alone-{name}", [spec])[name]
-            t0, t1 = span(bus, {alone_ids[name]})
-            alone_s[name] = t1 - t0
+            ids, alone_windows[name] = play(f"alone-{name}", [spec])
+            alone_ids[name] = ids[name]
+        alone_s = {name: t1 - t0 for name, (t0, t1) in alone_windows.items()}
         rewards = rewards_by_registration(bus)
         shares = time_shares(bus, window, before, after)
         loads = "multilora_rollout_adapter_load_seconds"
@@ -398,7 +400,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 * (after[f"{loads}_sum"] - before[f"{loads}_sum"])
                 / max(1.0, after[f"{loads}_count"] - before[f"{loads}_count"]),
             },
-            "alone": details(bus, [span(bus, {rid}) for rid in alone_ids.values()]),
+            "alone": details(bus, list(alone_windows.values())),
         }
     together_s = window[1] - window[0]
     sequential_s = sum(alone_s.values()) if alone_s else math.nan
