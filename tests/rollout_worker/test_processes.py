@@ -46,6 +46,9 @@ def start_worker(url: str, streams: Streams, name: str, tiny: Path, data: Path, 
         "--block-ms=300",
         "--torch-threads=1",
         "--max-prompt-tokens=64",
+        # small batches: each worker keeps taking tasks (with the default 8, one worker could
+        # take every task left in one read, and w1 might never hold one to be frozen with)
+        "--batch-tasks=2",
     ]
     if unsafe:
         cmd.append("--unsafe-redis")
