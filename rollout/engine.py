@@ -153,6 +153,11 @@ class Engine:
         self._wrapping = 0  # loads waiting to wrap new target modules
         self._decode_lock = threading.Lock()
         self._cache_kw = _cache_keyword(model)
+        # the prefill keeps one position (``logits_to_keep=1``): HF slices ``hidden[:, -1:]``,
+        # a strided view, and ``linear`` then broadcasts the head's weight over the batch (a
+        # batched GEMV reading the whole head once per row: 10x a plain GEMM on a CPU at 512
+        # rows); a contiguous input makes it one matrix product
+        model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
 
     @classmethod
     def from_pretrained(
@@ -438,6 +443,10 @@ class Engine:
             adapter=row.request.adapter,
             seed=row.seed,
         )
+
+
+def _contiguous_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(), *args[1:])
 
 
 def _new_cache(model: Any) -> Any:
