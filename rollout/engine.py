@@ -5,10 +5,12 @@ directories; the worker calls :meth:`Engine.load_adapter` (name, version, path) 
 :meth:`Engine.generate` with rows that each name their own ``(adapter, version)`` or none.
 
 Decoding is plain Hugging Face ``model(...)`` with a ``DynamicCache``: prompts are left-padded,
-``position_ids = cumsum(attention_mask) - 1``, one token per step for every live row. Rows that
-finish are dropped from the batch (cache rows included) once a quarter of the batch has finished,
-so a long row does not make the whole batch pay for its length. Each row samples with its own
-seeded generator (:mod:`rollout.sampling`), so its tokens do not depend on its batch-mates.
+``position_ids = cumsum(attention_mask) - 1``, one token per step for every live row. Rows with
+the same prompt and the same adapter version (the samples of a GRPO group) are prefilled once and
+each continues from a copy of that prompt's cache row. Rows that finish are dropped from the
+batch (cache rows included) once a quarter of the batch has finished, so a long row does not make
+the whole batch pay for its length. Each row samples with its own seeded generator
+(:mod:`rollout.sampling`), so its tokens do not depend on its batch-mates.
 
 **Versions and slots.** Each loaded ``(name, version)`` occupies one LoRA slot; the bookkeeping
 (retirement beyond ``keep_versions``, LRU eviction, pins of batches in flight) is
@@ -343,19 +345,33 @@ class Engine:
     def _decode(self, rows: list[_Row]) -> None:
         """Run ``rows`` to completion as one batch (prefill, then one token per step)."""
         device = self.lora.device
-        width = max(len(r.request.input_ids) for r in rows)
-        ids_B_T = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask_B_T = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
+        # rows with one prompt and one slot (a GRPO group's samples) share one prefill row
+        first: dict[tuple[tuple[int, ...], int], int] = {}
+        prefill: list[_Row] = []
+        source_B: list[int] = []
+        for row in rows:
+            key = (row.request.input_ids, row.slot)
+            if key not in first:
+                first[key] = len(prefill)
+                prefill.append(row)
+            source_B.append(first[key])
+        width = max(len(r.request.input_ids) for r in prefill)
+        ids_U_T = torch.full((len(prefill), width), self.pad_id, dtype=torch.long)
+        mask_U_T = torch.zeros((len(prefill), width), dtype=torch.long)
+        for u, row in enumerate(prefill):
             prompt = row.request.input_ids
-            ids_B_T[b, width - len(prompt) :] = torch.tensor(prompt)
-            mask_B_T[b, width - len(prompt) :] = 1
-        ids_B_T, mask_B_T = ids_B_T.to(device), mask_B_T.to(device)
-        pos_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
+            ids_U_T[u, width - len(prompt) :] = torch.tensor(prompt)
+            mask_U_T[u, width - len(prompt) :] = 1
+        ids_U_T, mask_U_T = ids_U_T.to(device), mask_U_T.to(device)
+        pos_U_T = (mask_U_T.cumsum(-1) - 1).clamp(min=0)
         cache = _new_cache(self.model)
+        logits_B_V = self._forward(ids_U_T, mask_U_T, pos_U_T, cache, prefill)
+        mask_B_T, next_pos_B = mask_U_T, pos_U_T[:, -1] + 1
+        if len(prefill) < len(rows):  # each row gets a copy of its prompt's cache row
+            index = torch.tensor(source_B, device=device)
+            cache.batch_select_indices(index)
+            logits_B_V, mask_B_T, next_pos_B = logits_B_V[index], mask_B_T[index], next_pos_B[index]
         live = list(rows)
-        logits_B_V = self._forward(ids_B_T, mask_B_T, pos_B_T, cache, live)
-        next_pos_B = pos_B_T[:, -1] + 1
         while True:
             tokens_B = self._step(live, logits_B_V)
             keep = [b for b, row in enumerate(live) if row.finish is None]

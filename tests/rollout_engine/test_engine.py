@@ -137,6 +137,44 @@ def test_sampling_is_deterministic_per_seed_whatever_the_batch(engine: Engine) -
     assert other_seed.completion_ids != alone.completion_ids
 
 
+def test_group_rows_share_one_prefill_row_and_equal_solo_rows(engine: Engine) -> None:
+    """A GRPO group's samples (one prompt, one adapter version, their own seeds) are prefilled
+    as one row; each still draws exactly what it draws alone. The same prompt on another
+    adapter, or on the base model, is a prefill row of its own."""
+    prefill_rows: list[int] = []
+    forward = engine._forward
+
+    def counted(ids_B_T: torch.Tensor, *args: Any) -> torch.Tensor:
+        if ids_B_T.shape[1] > 1 or not prefill_rows:
+            prefill_rows.append(ids_B_T.shape[0])
+        return forward(ids_B_T, *args)
+
+    engine._forward = counted  # type: ignore[method-assign]
+    hello, fox = (tuple(engine.tokenizer.encode(p)) for p in ("Hello world", "The quick fox"))
+    rows = [
+        GenerateRequest(
+            input_ids=prompt,
+            adapter=adapter,
+            sampling=SamplingParams(temperature=1.0, max_new_tokens=8, seed=seed, ignore_eos=True),
+        )
+        for seed, (prompt, adapter) in enumerate(
+            [(hello, AdapterRef("a", 1))] * 4
+            + [(fox, AdapterRef("a", 1))] * 3
+            + [(hello, AdapterRef("b", 1))] * 2
+            + [(hello, None)] * 2
+        )
+    ]
+    grouped = engine.generate(rows)
+    assert prefill_rows == [4]  # hello@a, fox@a, hello@b, hello on the base model
+    assert len({r.completion_ids for r in grouped[:4]}) > 1  # the seeds differ, so do the draws
+    for request, got in zip(rows, grouped, strict=True):
+        solo = engine.generate([request])[0]
+        assert got.completion_ids == solo.completion_ids
+        torch.testing.assert_close(
+            torch.tensor(got.logprobs), torch.tensor(solo.logprobs), rtol=0, atol=1e-5
+        )
+
+
 def test_sampled_logprobs_are_temperature_scaled_policy(engine: Engine, tiny_dir: Path) -> None:
     """The returned log-prob equals log_softmax(logits / T) of a teacher-forced HF forward."""
     from transformers import AutoModelForCausalLM
