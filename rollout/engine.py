@@ -247,14 +247,16 @@ class Engine:
     # ---- generation -----------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        """Generate every request (any mix of adapters and base rows); results in input order."""
+        """Generate every request (any mix of adapters and base rows); results in input order.
+        A row with ``max_new_tokens=0`` gets no token (``finish_reason`` ``"length"``)."""
         for i, request in enumerate(requests):
             self._validate(i, request)
         with self._pinned(requests) as slots_B:
             rows = [self._row(r, slot) for r, slot in zip(requests, slots_B, strict=True)]
+            todo = [row for row in rows if row.finish is None]  # max_new_tokens=0 rows are done
             with self._decode_lock:
-                for lo in range(0, len(rows), self.max_batch_size):
-                    self._decode(rows[lo : lo + self.max_batch_size])
+                for lo in range(0, len(todo), self.max_batch_size):
+                    self._decode(todo[lo : lo + self.max_batch_size])
         return [self._result(row) for row in rows]
 
     def prompt_logprobs(
@@ -339,7 +341,10 @@ class Engine:
         seed = sp.seed if sp.seed is not None else self._seeds.randrange(2**63)
         stop_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_ids)
         generator = torch.Generator().manual_seed(seed)
-        return _Row(request=request, slot=slot, seed=seed, generator=generator, stop_ids=stop_ids)
+        row = _Row(request=request, slot=slot, seed=seed, generator=generator, stop_ids=stop_ids)
+        if sp.max_new_tokens == 0:
+            row.finish = "length"
+        return row
 
     @torch.inference_mode()
     def _decode(self, rows: list[_Row]) -> None:

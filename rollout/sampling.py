@@ -74,8 +74,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise SamplingParamError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k != -1 and self.top_k < 1:
             raise SamplingParamError("top_k", f"must be -1 (off) or >= 1, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise SamplingParamError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:  # 0: no new token, the prompt only (scoring), as SGLang
+            raise SamplingParamError("max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
         if any(not s for s in self.stop):
             raise SamplingParamError("stop", f"stop strings must be non-empty, got {self.stop!r}")
         if any(t < 0 for t in self.stop_token_ids):

@@ -1,8 +1,10 @@
 """SGLang-compatible HTTP front of the embedded engine, so one client speaks to both.
 
 Endpoints, with SGLang's request and response shapes (the subset is listed in
-``docs/SGLANG.md``): ``GET /health``, ``GET /health_generate``, ``GET /get_model_info``,
-``POST /generate``, ``POST /load_lora_adapter``, ``POST /unload_lora_adapter``. Bodies are parsed
+``docs/SGLANG.md``): ``GET /health``, ``GET /health_generate``, ``GET /get_model_info`` (also
+``/model_info``), ``GET /get_server_info`` (also ``/server_info``), ``GET|POST /flush_cache``
+(nothing to flush: no KV cache outlives a batch), ``POST /generate``, ``POST /load_lora_adapter``,
+``POST /unload_lora_adapter``. Bodies are parsed
 and rendered by :mod:`rollout.sglang_api`; concurrent ``/generate`` calls are merged into engine
 batches by :class:`~rollout.batcher.Batcher`.
 
@@ -73,6 +75,11 @@ class RolloutServer:
             ("GET", "/health"): lambda _: (200, None),
             ("GET", "/health_generate"): self._health_generate,
             ("GET", "/get_model_info"): self._model_info,
+            ("GET", "/model_info"): self._model_info,
+            ("GET", "/get_server_info"): self._server_info,
+            ("GET", "/server_info"): self._server_info,
+            ("GET", "/flush_cache"): self._flush_cache,
+            ("POST", "/flush_cache"): self._flush_cache,
             ("POST", "/generate"): self._generate,
             ("POST", "/load_lora_adapter"): self._load,
             ("POST", "/unload_lora_adapter"): self._unload,
@@ -172,6 +179,30 @@ class RolloutServer:
             "has_audio_understanding": False,
         }
 
+    def _server_info(self, _: Any) -> Response:
+        """SGLang's server arguments that apply here, plus ``internal_states``."""
+        engine = self.engine
+        targets = sorted({name.rsplit(".", 1)[-1] for name in engine.lora.layers})
+        return 200, {
+            "model_path": engine.model_path,
+            "tokenizer_path": engine.model_path,
+            "served_model_name": engine.model_path,
+            "dtype": str(engine.lora.dtype).removeprefix("torch."),
+            "device": engine.lora.device.type,
+            "enable_lora": True,
+            "max_loras_per_batch": engine.lora.num_slots,
+            "max_lora_rank": engine.lora.max_rank,
+            "lora_target_modules": targets,
+            "max_running_requests": self.batcher.max_batch_rows,
+            "context_length": engine.max_positions or None,
+            "version": f"multilora-embedded {_version()}",
+            "internal_states": [{"loaded_lora_adapters": sorted(self._loaded())}],
+        }
+
+    def _flush_cache(self, _: Any) -> Response:
+        """200 as SGLang's: the engine keeps no KV cache between batches, so nothing is held."""
+        return 200, None
+
     def _loaded(self) -> dict[str, str]:
         return {str(ref): path for ref, path in self.engine.adapter_paths().items()}
 
@@ -231,6 +262,15 @@ class RolloutServer:
                 "the server with --allowed-root for the artifact directory",
             )
         return path
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("multilora")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown"
 
 
 def _error(field: str, message: str) -> dict[str, Any]:

@@ -111,7 +111,7 @@ def test_stop_detection_and_trim() -> None:
         ("temperature", {"temperature": -0.1}),
         ("top_p", {"top_p": 0.0}),
         ("top_k", {"top_k": 0}),
-        ("max_new_tokens", {"max_new_tokens": 0}),
+        ("max_new_tokens", {"max_new_tokens": -1}),
         ("stop", {"stop": ("",)}),
         ("stop_token_ids", {"stop_token_ids": (-1,)}),
     ],

@@ -96,6 +96,56 @@ def test_health_and_model_info(served: Served, tiny_dir: Path) -> None:
     assert not SGLangClient("http://127.0.0.1:1", timeout=2).health()
 
 
+def test_native_routes_rl_clients_call(served: Served, tiny_dir: Path) -> None:
+    """``/model_info`` and ``/server_info`` (with their ``get_`` forms) and ``/flush_cache``,
+    which RL loops call after a weight update, answer as SGLang's do."""
+    assert (
+        httpx.get(served.url + "/model_info").json()
+        == httpx.get(served.url + "/get_model_info").json()
+    )
+    info = httpx.get(served.url + "/get_server_info").json()
+    assert info == httpx.get(served.url + "/server_info").json()
+    assert info["model_path"] == str(tiny_dir) and info["enable_lora"] is True
+    assert (info["max_loras_per_batch"], info["max_lora_rank"]) == (4, 8)
+    assert set(info["lora_target_modules"]) >= {"q_proj", "v_proj"}  # adapter "a" targets these
+    assert {"a@1", "b@1"} <= set(info["internal_states"][0]["loaded_lora_adapters"])
+    assert info["dtype"] == "float32" and info["device"] == "cpu"
+    assert httpx.post(served.url + "/flush_cache").status_code == 200
+    assert httpx.get(served.url + "/flush_cache").status_code == 200
+
+
+def test_max_new_tokens_zero_scores_the_prompt_without_generating(served: Served) -> None:
+    ids = served.engine.tokenizer.encode("Hello")
+    body = {
+        "input_ids": ids,
+        "sampling_params": {"max_new_tokens": 0},
+        "lora_path": "a@1",
+        "return_logprob": True,
+        "logprob_start_len": 0,
+    }
+    response = httpx.post(served.url + "/generate", json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert (out["text"], out["output_ids"]) == ("", [])
+    meta = out["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 0}
+    assert meta["completion_tokens"] == 0 and meta["output_token_logprobs"] == []
+    scored = served.engine.prompt_logprobs(
+        [GenerateRequest(input_ids=tuple(ids), adapter=AdapterRef.parse("a@1"))]
+    )[0]
+    assert [lp for lp, _, _ in meta["input_token_logprobs"]] == list(scored)
+    assert [tok for _, tok, _ in meta["input_token_logprobs"]] == ids
+    # mixed with rows that do generate, in one batch
+    mixed = served.engine.generate(
+        [
+            GenerateRequest(input_ids=tuple(ids), sampling=SamplingParams(max_new_tokens=0)),
+            GenerateRequest(input_ids=tuple(ids), sampling=GREEDY),
+        ]
+    )
+    assert mixed[0].completion_ids == () and len(mixed[1].completion_ids) > 0
+    assert mixed[1].completion_ids == _direct(served.engine, ids, None).completion_ids
+
+
 def test_generate_single_text(served: Served) -> None:
     out = served.client.generate(text="Hello", sampling_params=GREEDY, lora_path="a@1", rid="r1")
     assert isinstance(out, GenerateOutput)
