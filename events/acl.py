@@ -95,10 +95,11 @@ CONSUMER = (
 command an :class:`~events.effects.Effects` may queue is here (a commit runs them in one Lua
 script, which Redis checks command by command)."""
 
-HOUSEKEEPING = ("+hscan", "+ttl", "+persist", "+srem")
+HOUSEKEEPING = ("+hscan", "+ttl", "+persist", "+srem", "+time")
 """The checkpoint process's storage sweep (:mod:`orchestrator.housekeeping`): saved paths are
 scanned, status hashes of ended registrations expire (live ones' TTL is taken back), status index
-entries of expired hashes are removed; plus the compaction of the control log (its snapshot)."""
+entries of expired hashes are removed, processes gone for a day leave the heartbeat registry (by
+the server's clock); plus the compaction of the control log (its snapshot)."""
 
 RQ = (
     "+@list", "+@hash", "+@set", "+@sortedset", "+@string", "+@stream", "+@transaction",

@@ -13,7 +13,10 @@ Keys of namespace ``ns`` (built with :meth:`events.streams.Streams.key`):
     A hash that never expires: field ``<role>:<name>`` holds the JSON :class:`ProcessBeat` of
     that process's latest beat (written in the same transaction as the beat key). It keeps a
     process visible after its beat key expired: that is how ``status`` shows a dead process.
-    A warm stop writes ``stopped_at`` there and deletes the beat key.
+    A warm stop writes ``stopped_at`` there and deletes the beat key. A process gone (dead or
+    stopped) for longer than a retention window (:data:`PROCESS_RETENTION_S`, a day) is removed
+    from it by the storage sweep (:func:`prune_processes`), so replicas that come and go under
+    new names (a new host each restart) do not make it grow for the life of the service.
 
 Who writes: the consumer runtime (:class:`events.consumer.Consumer`), for every process built
 with :meth:`events.bootstrap.Bus.consumer`: one beat when the lease is taken, then one from the
@@ -60,6 +63,20 @@ DEFAULT_STALL_AFTER_S = 120.0
 makes progress at least once per delivery or step: a trainer step of a large model takes
 seconds to tens of seconds, a rollout group about as long; two minutes leaves room for the
 slowest step we run while a wedged process still shows within minutes."""
+
+PROCESS_RETENTION_S = 24 * 3600.0
+"""How long a process that stopped beating stays in the registry (``status`` shows it dead or
+stopped meanwhile); the same window after which its consumer groups are destroyed
+(:data:`orchestrator.compaction.GROUP_RETENTION_S`)."""
+
+_PRUNE = """
+if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+"""Remove one registry field if its process still does not beat and its record is the one read
+(KEYS: registry, beat key; ARGV: field, record): a process that beat meanwhile stays."""
 
 _FIXED_FIELDS = frozenset(
     ("role", "name", "host", "pid", "started_at", "beat_at", "progress_at", "ttl_s", "in_flight")
@@ -257,3 +274,27 @@ def read_processes(
         )
         out.append(ProcessStatus(beat, state, at - beat.beat_at, at - beat.progress_at))
     return out
+
+
+def prune_processes(
+    client: redis.Redis,
+    streams: Streams,
+    *,
+    retention_s: float = PROCESS_RETENTION_S,
+    now: float | None = None,
+) -> list[str]:
+    """Forget the processes whose last beat (or warm stop) is older than ``retention_s`` and
+    whose beat key is gone; returns their ``<role>:<name>``. Safe beside running processes and
+    other sweepers: each removal is one script that re-checks the beat key and the record."""
+    registry: Mapping[bytes, bytes] = client.hgetall(registry_key(streams))
+    at = server_time(client) if now is None else now
+    script = client.register_script(_PRUNE)
+    forgotten = []
+    for field, raw in registry.items():
+        beat = msgspec.json.decode(raw, type=ProcessBeat)
+        if at - max(beat.beat_at, beat.stopped_at) <= retention_s:
+            continue
+        keys = [registry_key(streams), heartbeat_key(streams, beat.role, beat.name)]
+        if script(keys=keys, args=[field, raw]):
+            forgotten.append(field.decode())
+    return sorted(forgotten)

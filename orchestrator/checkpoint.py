@@ -351,7 +351,8 @@ class CheckpointConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     ``dead_maxlen`` letters; a control-log consumer group with no live consumer for
     ``group_retention_s`` is destroyed; in the control-log snapshot an ended registration
     becomes a tombstone (its spec dropped) ``tombstone_after_s`` after its last change and is
-    forgotten after ``ended_retention_s`` (:mod:`orchestrator.compaction`).
+    forgotten after ``ended_retention_s`` (:mod:`orchestrator.compaction`); a process that
+    stopped beating leaves the heartbeat registry after ``process_retention_s``.
     """
 
     bus: BusConfig = BusConfig()
@@ -390,6 +391,10 @@ class CheckpointConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         Annotated[float, msgspec.Meta(gt=0)],
         msgspec.Meta(description="seconds an ended registration stays in the snapshot"),
     ] = 30 * 24 * 3600.0
+    process_retention_s: Annotated[
+        Annotated[float, msgspec.Meta(gt=0)],
+        msgspec.Meta(description="seconds a process that stopped beating stays in status"),
+    ] = 24 * 3600.0
 
 
 def load_config(
@@ -433,6 +438,7 @@ def build(config: CheckpointConfig, bus: Bus) -> Consumer:
             group_retention_s=config.group_retention_s,
             tombstone_after_s=config.tombstone_after_s,
             ended_retention_s=config.ended_retention_s,
+            process_retention_s=config.process_retention_s,
             metrics=StorageMetrics(bus.registry),
         )
         idle = keeper.on_idle

@@ -11,7 +11,9 @@ late enough that a crash loop never turns into a storage storm). One pass
 3. expires the status of ended registrations and keeps live ones' (:func:`expire_status`);
 4. trims the dead-letter stream to ``dead_maxlen`` (``MAXLEN ~``: the runtime's own dead
    letters are written uncapped);
-5. compacts the control log (:func:`orchestrator.compaction.compact`) when ``compact_entries``
+5. forgets processes gone for longer than ``process_retention_s`` from the heartbeat registry
+   (:func:`events.heartbeat.prune_processes`; ``status`` shows them dead until then);
+6. compacts the control log (:func:`orchestrator.compaction.compact`) when ``compact_entries``
    entries came after the snapshot, or ``compact_interval_s`` passed since the last compaction
    and any did.
 
@@ -31,6 +33,7 @@ from collections.abc import Callable
 import msgspec
 import redis
 
+from events.heartbeat import PROCESS_RETENTION_S, prune_processes
 from events.streams import Streams
 from events.trim import GroupJanitor
 from orchestrator.artifacts import ArtifactStore
@@ -58,6 +61,7 @@ class Pass(msgspec.Struct, frozen=True, kw_only=True):
     swept: Swept
     expiry: Expiry
     dead_trimmed: int
+    processes_forgotten: tuple[str, ...] = ()
     compaction: Compaction | None = None
 
 
@@ -87,6 +91,7 @@ class Housekeeper:
         group_retention_s: float = GROUP_RETENTION_S,
         ended_retention_s: float = ENDED_RETENTION_S,
         tombstone_after_s: float = TOMBSTONE_AFTER_S,
+        process_retention_s: float = PROCESS_RETENTION_S,
         metrics: StorageMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -100,6 +105,7 @@ class Housekeeper:
         self.dead_maxlen = dead_maxlen
         self.ended_retention_s = ended_retention_s
         self.tombstone_after_s = tombstone_after_s
+        self.process_retention_s = process_retention_s
         self.metrics = metrics
         self.clock = clock
         self.gc = VersionGC(client, streams, artifacts, checkpoint_group=checkpoint_group)
@@ -127,6 +133,14 @@ class Housekeeper:
         swept = self.gc.sweep(folded.fleet)
         expiry = expire_status(self.client, self.streams, folded.fleet, ttl_s=self.status_ttl_s)
         dead_trimmed = int(self.client.xtrim(self.streams.dead, maxlen=self.dead_maxlen))
+        forgotten = prune_processes(self.client, self.streams, retention_s=self.process_retention_s)
+        if forgotten:
+            log.info(
+                "forgot %d processes gone for over %.0f s: %s",
+                len(forgotten),
+                self.process_retention_s,
+                ", ".join(forgotten),
+            )
         due = folded.tail >= self.compact_entries or (
             folded.tail > 0 and self.clock() - self._last_compaction >= self.compact_interval_s
         )
@@ -145,7 +159,13 @@ class Housekeeper:
             self._last_compaction = self.clock()
             log.info("control log compacted: %s", compaction)
         self._observe(swept, expiry, folded.entries, compaction)
-        return Pass(swept=swept, expiry=expiry, dead_trimmed=dead_trimmed, compaction=compaction)
+        return Pass(
+            swept=swept,
+            expiry=expiry,
+            dead_trimmed=dead_trimmed,
+            processes_forgotten=tuple(forgotten),
+            compaction=compaction,
+        )
 
     def _observe(
         self, swept: Swept, expiry: Expiry, entries: int, compaction: Compaction | None

@@ -38,6 +38,7 @@ from events.consumer import Consumer, Delivery, Subscription
 from events.effects import Effects
 from events.errors import ConfigError
 from events.futures import PathRecord, SampleResult, complete, record_path, sampler_path
+from events.heartbeat import Heartbeat
 from events.lease import Lease
 from events.metrics import instrument_consumer
 from events.schema import (
@@ -357,11 +358,14 @@ def test_the_checkpoint_role_runs_the_checkpoint_process(
     # control log (snapshot, trim) and the janitor destroying a replica's vanished group
     admin.xgroup_create(streams.control, "rollout.gone", id="0")
     ticks = itertools.count(0, 1_000)
+    Heartbeat(streams, "rollout", "rollout.gone", ttl_ms=100).beat(admin)
+    time.sleep(0.2)  # its beat key expired: a process gone for longer than the retention below
     keeper = Housekeeper(
         as_role("checkpoint"), streams, artifacts, checkpoint_group=GROUP,
-        group_retention_s=1, clock=lambda: float(next(ticks)),
+        group_retention_s=1, process_retention_s=0.1, clock=lambda: float(next(ticks)),
     )  # fmt: skip
-    keeper.run_once(force_compaction=True)
+    first = keeper.run_once(force_compaction=True)
+    assert first.processes_forgotten == ("rollout:rollout.gone",)
     done = keeper.run_once(force_compaction=True)
     assert done.compaction is not None and done.compaction.destroyed == ("rollout.gone",)
     assert admin.hexists(streams.key("control", "snapshot"), "id")

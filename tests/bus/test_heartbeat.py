@@ -18,6 +18,7 @@ from events.heartbeat import (
     Liveness,
     ProcessBeat,
     heartbeat_key,
+    prune_processes,
     read_processes,
     registry_key,
 )
@@ -94,6 +95,35 @@ def test_a_process_that_stops_beating_stays_visible_as_dead(redis_url, streams, 
     assert rclient.exists(hb.key)
     (late,) = read_processes(rclient, streams, now=beat.beat_at + 10)
     assert late.liveness is Liveness.DEAD
+
+
+def test_processes_gone_past_the_retention_are_forgotten_the_others_kept(
+    redis_url, streams, rclient
+) -> None:
+    old_dead = Heartbeat(streams, "rollout", "rollout.host-a.0", ttl_ms=300)
+    old_stopped = Heartbeat(streams, "rollout", "rollout.host-b.0", ttl_ms=300)
+    dead = Heartbeat(streams, "trainer", "trainer", ttl_ms=300)
+    alive = Heartbeat(streams, "checkpoint", "checkpoint", ttl_ms=60_000)
+    dead_at = old_dead.beat(rclient).beat_at
+    old_stopped.beat(rclient)
+    old_stopped.stopped(rclient)
+    time.sleep(0.4)  # the short TTLs expire: dead, or stopped warm
+    dead.beat(rclient)
+    beat = alive.beat(rclient)
+    time.sleep(0.4)
+    now = beat.beat_at + 100.0  # pretend 100 s later; the alive one beat "just now" (its key)
+    assert prune_processes(rclient, streams, retention_s=1000.0, now=now) == []
+    forgotten = prune_processes(rclient, streams, retention_s=50.0, now=now)
+    assert forgotten == ["rollout:rollout.host-a.0", "rollout:rollout.host-b.0", "trainer:trainer"]
+    # the alive process's record is as old, but its beat key exists: it stays
+    assert [p.beat.name for p in read_processes(rclient, streams)] == ["checkpoint"]
+    # a process that beats again between the read and the removal keeps its record
+    old_dead.beat(rclient)
+    assert prune_processes(rclient, streams, retention_s=0.0, now=dead_at + 10**6) == []
+    assert {p.beat.name for p in read_processes(rclient, streams)} == {
+        "checkpoint",
+        "rollout.host-a.0",
+    }
 
 
 def test_progress_is_a_handled_or_deferred_delivery_or_a_commit_not_an_idle_hook(

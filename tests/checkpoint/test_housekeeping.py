@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
+from events.heartbeat import Heartbeat, registry_key
 from events.streams import Streams
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.checkpoint import GROUP, load_config
@@ -59,11 +61,26 @@ def test_a_pass_deletes_compacts_and_counts(
     assert store.list_versions("ad", "r1") == [8, 9, 10, 11]
 
 
+def test_a_pass_forgets_processes_gone_past_the_retention(
+    rclient: redis.Redis, streams: Streams, tmp_path: Path
+) -> None:
+    gone = Heartbeat(streams, "rollout", "rollout.old-host.0", ttl_ms=200)
+    gone.beat(rclient)
+    time.sleep(0.3)  # its beat key expired: dead
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    keep = Housekeeper(rclient, streams, store, checkpoint_group=GROUP)
+    assert keep.run_once().processes_forgotten == ()  # dead for less than a day: still shown
+    assert rclient.hexists(registry_key(streams), "rollout:rollout.old-host.0")
+    prune = Housekeeper(rclient, streams, store, checkpoint_group=GROUP, process_retention_s=0.1)
+    assert prune.run_once().processes_forgotten == ("rollout:rollout.old-host.0",)
+    assert not rclient.hexists(registry_key(streams), "rollout:rollout.old-host.0")
+
+
 def test_housekeeping_settings_have_defaults() -> None:
     config = load_config(["--artifacts-root", "a", "--checkpoints-root", "c"], environ={})
     assert config.housekeeping_interval_s == 60.0
     assert config.status_ttl_s == 7 * 24 * 3600 and config.dead_maxlen == 10_000
-    assert config.group_retention_s == 24 * 3600.0
+    assert config.group_retention_s == 24 * 3600.0 == config.process_retention_s
     tuned = load_config(
         ["--artifacts-root", "a", "--checkpoints-root", "c", "--dead-maxlen", "50"], environ={}
     )
