@@ -242,8 +242,17 @@ def _cells(row: AdapterStatus, trainer: str = "") -> list[str]:
         f"{row.step}/{total}",
         _fmt(row.reward_mean),
         sync,
-        row.reason,
+        _reason(row),
     ]
+
+
+def _reason(row: AdapterStatus) -> str:
+    """The row's reason, then its skipped steps (count, and the latest skip's step and why)."""
+    if not row.skips or row.last_skip is None:
+        return row.reason
+    skipped = "step" if row.skips == 1 else "steps"
+    note = f"{row.skips} {skipped} skipped, last {row.last_skip.step}: {row.last_skip.reason}"
+    return f"{row.reason}; {note}" if row.reason else note
 
 
 def _aligned(lines: list[list[str]]) -> list[str]:

@@ -20,6 +20,9 @@ field                    written by     value
 ``updated_at``           trainer        event time of the last change
 ``last_rejection``       trainer        JSON :class:`RejectionNote` of the latest rejected
                                         registration of this name that is not the one shown
+``skips`` ``last_skip``  trainer        skipped steps of the registration named in
+                                        ``last_skip``, the JSON :class:`SkipNote` of its
+                                        latest skip (step, reason, skips in a row)
 ``sync:<worker>``        rollout        JSON :class:`WorkerSync`: version the worker serves
 ``checkpoint``           checkpoint     JSON :class:`ArtifactRef`: last durable checkpoint
 ``export``               checkpoint     JSON :class:`ArtifactRef`: last PEFT export
@@ -75,6 +78,8 @@ SYNC_PREFIX = "sync:"
 CHECKPOINT_FIELD = "checkpoint"
 EXPORT_FIELD = "export"
 REJECTION_FIELD = "last_rejection"
+SKIPS_FIELD = "skips"
+SKIP_FIELD = "last_skip"
 
 T = TypeVar("T")
 
@@ -96,6 +101,23 @@ class ArtifactRef(msgspec.Struct, frozen=True, kw_only=True):
     step: int
     uri: str
     final: bool = False
+
+
+class SkipNote(msgspec.Struct, frozen=True, kw_only=True):
+    """The latest skipped step of a registration, as the status hash's ``last_skip`` shows it.
+
+    ``step``: the step that was skipped (issued again, unless the adapter failed); ``reason``:
+    why (:attr:`trainer.mixed_step.SlotOutcome.reason`); ``in_a_row``: skips in a row so far,
+    this one included; ``time``: when (s since the epoch); ``registration_id``: whose skip it
+    is (a note of an earlier registration of the name is not shown; ``""`` in notes written
+    before it was recorded).
+    """
+
+    step: int
+    reason: str
+    in_a_row: int
+    time: float
+    registration_id: str = ""
 
 
 class RejectionNote(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,6 +157,8 @@ class AdapterStatus(msgspec.Struct, frozen=True, kw_only=True):
     last_checkpoint_uri: str = ""
     export_uri: str = ""
     last_rejection: RejectionNote | None = None
+    skips: int | None = None
+    last_skip: SkipNote | None = None
 
 
 def has_status(name: str) -> bool:
@@ -311,6 +335,10 @@ def _parse_row(name: str, fields: dict[str, str]) -> AdapterStatus:
     checkpoint = _artifact(fields, CHECKPOINT_FIELD, registration)
     export = _artifact(fields, EXPORT_FIELD, registration)
     rejection = fields.get(REJECTION_FIELD)
+    raw_skip = fields.get(SKIP_FIELD)
+    skip = _decode(SKIP_FIELD, raw_skip, SkipNote) if raw_skip is not None else None
+    if skip is not None and skip.registration_id != registration:
+        skip = None  # an earlier registration's skips
     return AdapterStatus(
         name=name,
         registration_id=registration,
@@ -333,6 +361,8 @@ def _parse_row(name: str, fields: dict[str, str]) -> AdapterStatus:
         last_rejection=(
             _decode(REJECTION_FIELD, rejection, RejectionNote) if rejection is not None else None
         ),
+        skips=int(fields.get(SKIPS_FIELD, 0)) if skip is not None else None,
+        last_skip=skip,
     )
 
 

@@ -82,7 +82,7 @@ from orchestrator.cursor import DataCursor
 from orchestrator.fleet import Fleet
 from orchestrator.ingress import dead_letter_effects, ingress_subscription
 from orchestrator.lifecycle import AdapterState, Phase
-from orchestrator.status import fleet_status_effects
+from orchestrator.status import SkipNote, fleet_status_effects
 from trainer.batching import AdapterRows, GroupRows, rows_of_group
 from trainer.behind import Behind, TrainedStep
 from trainer.clients import ClientRuns, max_in_flight
@@ -91,7 +91,7 @@ from trainer.metrics import TrainerMetrics
 from trainer.mixed_step import MixedStep, SlotOutcome, StepFn, mixed_step, token_budget
 from trainer.optim import SlotAdamW
 from trainer.runs import AdapterRun, EndReason, Held
-from trainer.skips import SkipNote, failed_after, skip_status_fields
+from trainer.skips import failed_after, skip_status_fields
 from trainer.versions import VersionPublisher
 
 log = logging.getLogger(__name__)
@@ -547,7 +547,11 @@ class TrainerProcess:
             run.failures += 1
             run.skips += 1
             note = SkipNote(
-                step=run.next_step, reason=outcome.reason, in_a_row=run.failures, time=self.clock()
+                step=run.next_step,
+                reason=outcome.reason,
+                in_a_row=run.failures,
+                time=self.clock(),
+                registration_id=run.registration_id,
             )
             effects.hset(self.streams.status(run.name), skip_status_fields(note, run.skips))
         if run.failures < self.max_failures:

@@ -11,8 +11,8 @@ its symptom (``"no usable sample group"``), so the pieces that build it live her
   returns NaN on every call; a dataset that cannot be read; samples too long): the most common
   of the samples' own reasons, with its count;
 - :func:`failed_after` — the ``adapter.failed`` reason once the skips in a row reach the limit;
-- :class:`SkipNote` and :func:`skip_status_fields` — the ``skips`` count and the ``last_skip``
-  JSON of the adapter's status hash.
+- :func:`skip_status_fields` — the ``skips`` count and the ``last_skip`` JSON
+  (:class:`~orchestrator.status.SkipNote`, which names its registration) of the status hash.
 
 Which outcome is a skip (and which is an "empty" step that is simply redone, like groups all
 dropped by ``filter_zero_variance``) is :class:`~trainer.mixed_step.SlotOutcome`'s decision.
@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import msgspec
+
+from orchestrator.status import SKIP_FIELD, SKIPS_FIELD, SkipNote
 
 MAX_REASON_CHARS = 300
 """Longest sample reason quoted in a skip reason (a reward's message may be a whole traceback)."""
@@ -66,23 +68,9 @@ def failed_after(reason: str, skips: int) -> str:
     return f"{skips} steps in a row skipped: {reason}"
 
 
-class SkipNote(msgspec.Struct, frozen=True, kw_only=True):
-    """The latest skipped step of an adapter, as the status hash's ``last_skip`` shows it.
-
-    ``step``: the step that was skipped (issued again, unless the adapter failed);
-    ``reason``: :attr:`SlotOutcome.reason <trainer.mixed_step.SlotOutcome.reason>`;
-    ``in_a_row``: skips in a row so far, this one included; ``time``: when (s since the epoch).
-    """
-
-    step: int
-    reason: str
-    in_a_row: int
-    time: float
-
-
 def skip_status_fields(note: SkipNote, skips: int) -> dict[str, str]:
     """The trainer's status fields of a skip: ``skips`` (the registration's skipped steps in
     all, a counter that never resets) and ``last_skip`` (``note`` as JSON)."""
     if skips < note.in_a_row:
         raise ValueError(f"skips={skips} is fewer than the {note.in_a_row} skips in a row")
-    return {"skips": str(skips), "last_skip": msgspec.json.encode(note).decode()}
+    return {SKIPS_FIELD: str(skips), SKIP_FIELD: msgspec.json.encode(note).decode()}

@@ -7,7 +7,7 @@ import msgspec
 from events.schema import Admitted, StepDone
 from ops.plots import step_history
 from ops.report import fold_control, status_table
-from orchestrator.status import WorkerSync
+from orchestrator.status import SKIP_FIELD, SKIPS_FIELD, SkipNote, WorkerSync
 from tests.ops_report.log import SPEC, lifecycle, publish
 
 
@@ -29,6 +29,28 @@ def test_status_table_shows_phase_slot_step_reward_sync_reason(rclient, streams)
     eps = _line(table, "eps")
     assert eps[:4] == ["eps", "failed", "3", "4/10"]
     assert "non-finite loss 3 times" in " ".join(eps)
+
+
+def test_status_table_counts_the_shown_registrations_skips(rclient, streams):
+    lifecycle(rclient, streams)
+    shown = "ra"  # alpha's registration in the log (tests.ops_report.log)
+    for registration, count in (("an-earlier-one", 7), (shown, 2)):
+        note = SkipNote(
+            step=3, reason="non-finite loss", in_a_row=1, time=1.0, registration_id=registration
+        )
+        fields = {
+            "registration_id": shown,  # the trainer's field: the registration the hash shows
+            SKIPS_FIELD: str(count),
+            SKIP_FIELD: msgspec.json.encode(note).decode(),
+        }
+        rclient.hset(streams.status("alpha"), mapping=fields)
+        rclient.sadd(streams.status_index, "alpha")
+        table = status_table(rclient, streams)
+        alpha = " ".join(_line(table, "alpha"))
+        if registration == shown:
+            assert alpha.endswith("2 steps skipped, last 3: non-finite loss"), alpha
+        else:  # a note of another registration of the name is not this one's
+            assert "skipped" not in alpha, alpha
 
 
 def test_status_table_empty_and_undecodable_entries_are_reported(rclient, streams):

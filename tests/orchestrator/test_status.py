@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 
@@ -16,8 +17,11 @@ from orchestrator.ingress import invalid_rejection
 from orchestrator.lifecycle import Phase
 from orchestrator.status import (
     MAX_STATUS_NAME,
+    SKIP_FIELD,
+    SKIPS_FIELD,
     AdapterStatus,
     RejectionNote,
+    SkipNote,
     checkpoint_effects,
     fleet_status_effects,
     has_status,
@@ -113,6 +117,9 @@ def test_status_round_trip(rclient: redis.Redis, streams: Streams) -> None:
             streams, Exported(adapter="a", registration_id="r1", step=1, uri="file:///e/a/r1/1")
         )
     )
+    skip = SkipNote(step=2, reason="non-finite loss", in_a_row=1, time=6.0, registration_id="r1")
+    fields = {SKIPS_FIELD: "3", SKIP_FIELD: msgspec.json.encode(skip).decode()}
+    p.commit(Effects().hset(streams.status("a"), fields))  # the trainer's write of a skip
 
     rows = p.rows()
     assert list(rows) == ["Bad Name", "a", "b", "c"]
@@ -124,6 +131,7 @@ def test_status_round_trip(rclient: redis.Redis, streams: Streams) -> None:
     assert a.last_sync_latency_s == 0.2
     assert (a.last_checkpoint_step, a.last_checkpoint_uri) == (1, "file:///c/a/r1/1")
     assert a.export_uri == "file:///e/a/r1/1"
+    assert (a.skips, a.last_skip) == (3, skip) and rows["b"].last_skip is None
     assert a.last_rejection == RejectionNote(
         registration_id="r4", reason="adapter 'a' is already registered", time=8.0
     )
@@ -154,6 +162,7 @@ def test_status_round_trip(rclient: redis.Redis, streams: Streams) -> None:
     assert (a.registration_id, a.phase, a.queue_position, a.step) == ("r6", "registered", 1, 0)
     assert a.synced == () and a.last_sync_latency_s is None
     assert a.last_checkpoint_step is None and a.export_uri == ""
+    assert (a.skips, a.last_skip) == (None, None)  # r1's skips were r1's
     assert p.fleet.get("r6") is not None and p.fleet.get("r6").phase is Phase.REGISTERED  # type: ignore[union-attr]
 
 

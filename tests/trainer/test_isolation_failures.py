@@ -18,6 +18,7 @@ import torch
 
 from events.schema import Failed, PromptGroup, Retired, RolloutGroup, RolloutTask, Sample, StepDone
 from events.specs import LossSpec, OptimSpec
+from orchestrator.status import SkipNote, read_one
 from tests.trainer.helpers import rel_diff, slot_weights
 from tests.trainer.test_process import Bus, group_for, spec
 from trainer.batching import AdapterRows, group_rows, rows_of_group
@@ -25,7 +26,6 @@ from trainer.inject import MultiLoraModel
 from trainer.mixed_step import SlotOutcome, mixed_step, token_budget
 from trainer.optim import SlotAdamW
 from trainer.skips import (
-    SkipNote,
     every_sample_failed,
     failed_after,
     most_common,
@@ -303,3 +303,6 @@ def test_skips_are_counted_in_status_and_the_failure_says_how_many(bus2: Bus) ->
     assert fields["skips"] == "2"
     note = msgspec.json.decode(fields["last_skip"], type=SkipNote)
     assert (note.step, note.in_a_row) == (1, 2) and TIMEOUT in note.reason
+    assert note.registration_id == failed.registration_id
+    shown = read_one(bus2.client, bus2.streams, "alpha")  # what `multilora status` shows
+    assert shown is not None and (shown.skips, shown.last_skip) == (2, note)
