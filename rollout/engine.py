@@ -370,12 +370,12 @@ class Engine:
         ids_U_T, mask_U_T = ids_U_T.to(device), mask_U_T.to(device)
         pos_U_T = (mask_U_T.cumsum(-1) - 1).clamp(min=0)
         cache = _new_cache(self.model)
-        logits_B_V = self._forward(ids_U_T, mask_U_T, pos_U_T, cache, prefill)
-        mask_B_T, next_pos_B = mask_U_T, pos_U_T[:, -1] + 1
+        logits_U_V = self._forward(ids_U_T, mask_U_T, pos_U_T, cache, prefill)
+        logits_B_V, mask_B_T, next_pos_B = logits_U_V, mask_U_T, pos_U_T[:, -1] + 1
         if len(prefill) < len(rows):  # each row gets a copy of its prompt's cache row
             index = torch.tensor(source_B, device=device)
             cache.batch_select_indices(index)
-            logits_B_V, mask_B_T, next_pos_B = logits_B_V[index], mask_B_T[index], next_pos_B[index]
+            logits_B_V, mask_B_T, next_pos_B = logits_U_V[index], mask_B_T[index], next_pos_B[index]
         live = list(rows)
         while True:
             tokens_B = self._step(live, logits_B_V)

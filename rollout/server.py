@@ -4,9 +4,8 @@ Endpoints, with SGLang's request and response shapes (the subset is listed in
 ``docs/SGLANG.md``): ``GET /health``, ``GET /health_generate``, ``GET /get_model_info`` (also
 ``/model_info``), ``GET /get_server_info`` (also ``/server_info``), ``GET|POST /flush_cache``
 (nothing to flush: no KV cache outlives a batch), ``POST /generate``, ``POST /load_lora_adapter``,
-``POST /unload_lora_adapter``. Bodies are parsed
-and rendered by :mod:`rollout.sglang_api`; concurrent ``/generate`` calls are merged into engine
-batches by :class:`~rollout.batcher.Batcher`.
+``POST /unload_lora_adapter``. Bodies are parsed and rendered by :mod:`rollout.sglang_api`;
+concurrent ``/generate`` calls are merged into engine batches by :class:`~rollout.batcher.Batcher`.
 
 Adapter names carry the version (``"math@7"``); the same names work on a real SGLang server,
 where each version is simply a distinct adapter. ``lora_path`` of ``/load_lora_adapter`` must lie
