@@ -119,6 +119,71 @@ def timed(device: str, fn: Any) -> float:
     return time.perf_counter() - start
 
 
+def run_batch(
+    args: argparse.Namespace,
+    engine: Engine,
+    peft_model: Any,
+    decoders: list[str],
+    prompts: list[tuple[int, ...]],
+    batch: int,
+) -> dict[str, Any]:
+    """Time every decoder on base and mixed rows (and PEFT), interleaved; medians and ratios."""
+    sp = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    adapters = [AdapterRef(f"a{b % args.adapters}", 2) for b in range(batch)]
+    base_rows = [GenerateRequest(input_ids=p, sampling=sp) for p in prompts]
+    mixed_rows = [
+        GenerateRequest(input_ids=p, adapter=a, sampling=sp)
+        for p, a in zip(prompts, adapters, strict=True)
+    ]
+    ids = torch.tensor(prompts, device=args.device)
+    names = [f"a{b % args.adapters}" for b in range(batch)]
+
+    def peft_generate(new_tokens: int) -> None:
+        with torch.no_grad():
+            peft_model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                adapter_names=names,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=engine.pad_id,
+            )
+
+    def on(decoder: str, rows: list[GenerateRequest]) -> Any:
+        def run() -> None:
+            engine.use_decoder(decoder)  # type: ignore[arg-type]
+            engine.generate(rows)
+
+        return run
+
+    runs: dict[str, Any] = {}
+    for decoder in decoders:
+        runs[f"{decoder}_base"] = on(decoder, base_rows)
+        runs[f"{decoder}_mixed8"] = on(decoder, mixed_rows)
+    if batch <= args.peft_max_rows:
+        runs["peft_mixed8"] = lambda: peft_generate(args.new_tokens)
+    for run in runs.values():  # warm-up at the timed shapes (graphs are captured here)
+        run()
+    samples: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
+        for key, run in runs.items():
+            samples[key].append(timed(args.device, run))
+    seconds = {key: statistics.median(values) for key, values in samples.items()}
+    tps = {k: batch * args.new_tokens / v for k, v in seconds.items()}
+    out: dict[str, Any] = {"tokens_per_s": tps, "seconds": seconds, "samples": samples}
+    main = decoders[-1]
+    out["mixed8_vs_base"] = tps[f"{main}_mixed8"] / tps[f"{main}_base"]
+    for decoder in decoders:
+        out[f"{decoder}_mixed8_vs_base"] = tps[f"{decoder}_mixed8"] / tps[f"{decoder}_base"]
+    if "peft_mixed8" in tps:
+        out["mixed8_vs_peft"] = tps[f"{main}_mixed8"] / tps["peft_mixed8"]
+    if len(decoders) > 1:
+        for kind in ("base", "mixed8"):
+            out[f"{main}_{kind}_vs_hf"] = tps[f"{main}_{kind}"] / tps[f"hf_{kind}"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -131,7 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--small", action="store_true", help="tiny model, few tokens (smoke run)")
     parser.add_argument("--dtype", default="")
-    parser.add_argument("--batch", type=int, default=0, help="rows (default 16 cpu / 64 cuda)")
+    parser.add_argument(
+        "--batch", default="", help="rows, comma-separated sizes (default 16 cpu / 64,256 cuda)"
+    )
+    parser.add_argument(
+        "--decoders",
+        default="",
+        help="engine decoders to time side by side (default hf on cpu, hf,static on cuda)",
+    )
+    parser.add_argument("--peft-max-rows", type=int, default=64, help="time PEFT up to this")
+    parser.add_argument(
+        "--bandwidth-gbs", type=float, default=4300.0, help="memory bandwidth for the bound"
+    )
     parser.add_argument("--new-tokens", type=int, default=0, help="default 32 cpu / 128 cuda")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--adapters", type=int, default=8)
@@ -143,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    args.batch = args.batch or (8 if args.small else 64 if cuda else 16)
+    default_batch = "8" if args.small else "64,256" if cuda else "16"
+    args.batch = [int(b) for b in (args.batch or default_batch).split(",")]
+    args.decoders = args.decoders or ("hf,static" if cuda else "hf")
     args.new_tokens = args.new_tokens or (8 if args.small else 128 if cuda else 32)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,57 +244,24 @@ def main(argv: list[str] | None = None) -> int:
     steady = [engine.load_adapter(f"a{i}", 2, d).load_ms for i, d in enumerate(dirs)]
 
     vocab = engine.vocab_size
+    weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    decoders = [d for d in args.decoders.split(",") if d]
     gen = torch.Generator().manual_seed(1)
-    prompts = [
-        tuple(torch.randint(10, min(vocab, 30000), (args.prompt_len,), generator=gen).tolist())
-        for _ in range(args.batch)
-    ]
-    sp = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
-    adapters = [AdapterRef(f"a{b % args.adapters}", 2) for b in range(args.batch)]
-    base_rows = [GenerateRequest(input_ids=p, sampling=sp) for p in prompts]
-    mixed_rows = [
-        GenerateRequest(input_ids=p, adapter=a, sampling=sp)
-        for p, a in zip(prompts, adapters, strict=True)
-    ]
-    ids = torch.tensor(prompts, device=args.device)
-    names = [f"a{b % args.adapters}" for b in range(args.batch)]
-
-    def peft_generate(new_tokens: int) -> None:
-        with torch.no_grad():
-            peft_model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                adapter_names=names,
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=engine.pad_id,
-            )
-
-    warm = SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True)
-    engine.generate(
-        [
-            GenerateRequest(input_ids=r.input_ids, adapter=r.adapter, sampling=warm)
-            for r in mixed_rows
+    per_batch: dict[str, Any] = {}
+    for batch in args.batch:
+        prompts = [
+            tuple(torch.randint(10, min(vocab, 30000), (args.prompt_len,), generator=gen).tolist())
+            for _ in range(batch)
         ]
-    )
-    peft_generate(2)
-    runs: dict[str, Any] = {
-        "engine_base": lambda: engine.generate(base_rows),
-        "engine_mixed8": lambda: engine.generate(mixed_rows),
-        "peft_mixed8": lambda: peft_generate(args.new_tokens),
-    }
-    samples: dict[str, list[float]] = {key: [] for key in runs}
-    for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
-        for key, run in runs.items():
-            samples[key].append(timed(args.device, run))
-    seconds = {key: statistics.median(values) for key, values in samples.items()}
-    tokens = args.batch * args.new_tokens
-    tps = {k: tokens / v for k, v in seconds.items()}
+        per_batch[str(batch)] = run_batch(args, engine, peft_model, decoders, prompts, batch)
+    for batch, res in per_batch.items():
+        # decode reads every weight once per step: rows / (weight bytes / bandwidth) tokens/s
+        res["weight_bound_tokens_per_s"] = int(batch) * args.bandwidth_gbs * 1e9 / weight_bytes
+    first = per_batch[str(args.batch[0])]
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "mixed8_vs_base": tps["engine_mixed8"] / tps["engine_base"],
-        "mixed8_vs_peft": tps["engine_mixed8"] / tps["peft_mixed8"],
+        "mixed8_vs_base": first["mixed8_vs_base"],
+        "mixed8_vs_peft": first.get("mixed8_vs_peft"),
         "adapter_load_ms": statistics.median(steady),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python "
@@ -229,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         "adapters": args.adapters,
         "rank": args.rank,
         "lora_backend": engine.lora.backend,
-        "tokens_per_s": tps,
-        "seconds_per_run": samples,
+        "decoders": decoders,
+        "weight_bytes": weight_bytes,
+        "bandwidth_gbs": args.bandwidth_gbs,
+        "per_batch": per_batch,
         "repeats": args.repeats,
         "adapter_load_ms_cold": cold,
         "adapter_load_ms_steady": steady,
@@ -239,14 +286,20 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
     }
     print(
-        f"model {label}  device {result['device']}  dtype {args.dtype}  batch {args.batch}  "
+        f"model {label}  device {result['device']}  dtype {args.dtype}  "
         f"new tokens {args.new_tokens}  rank {args.rank}  lora backend {engine.lora.backend}"
     )
-    print(f"{'run':<16}{'tokens/s':>12}{'seconds':>10}")
-    for key in seconds:
-        print(f"{key:<16}{tps[key]:>12.1f}{seconds[key]:>10.2f}")
-    print(f"mixed8 / base   {result['mixed8_vs_base']:.3f}")
-    print(f"mixed8 / peft   {result['mixed8_vs_peft']:.3f}")
+    print(f"{'rows':>5}  {'run':<22}{'tokens/s':>12}{'seconds':>10}{'of bound':>10}")
+    for batch, res in per_batch.items():
+        bound = res["weight_bound_tokens_per_s"]
+        for key, tps in res["tokens_per_s"].items():
+            print(
+                f"{batch:>5}  {key:<22}{tps:>12.1f}{res['seconds'][key]:>10.2f}{tps / bound:>10.3f}"
+            )
+        print(f"{batch:>5}  weight-bandwidth bound {bound:,.0f} tokens/s")
+        for key, value in res.items():
+            if key.endswith(("_vs_base", "_vs_peft", "_vs_hf")):
+                print(f"{batch:>5}  {key:<22}{value:>12.3f}")
     print(
         f"adapter load    {result['adapter_load_ms']:.1f} ms median (steady), "
         f"{cold[0]:.1f} ms first load, {result['adapter_mb']:.2f} MiB per adapter"

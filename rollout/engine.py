@@ -45,8 +45,14 @@ import torch
 
 from events.adapter_format import PeftAdapter, read_peft_adapter
 from rollout.adapter_slots import AdapterRef, AdapterSlots, EngineError, RequestError
+from rollout.graph_decode import StaticDecoder, unsupported_reason
 from rollout.lora import BASE_SLOT, LoraBackend, MultiLoraModel
 from rollout.sampling import SamplingParams, find_stop, sample_tokens_B, trim_at_stop
+
+Decoder = Literal["auto", "hf", "static", "static-eager"]
+"""How tokens after the prefill are decoded: ``hf`` the eager Hugging Face loop (exact on CPU),
+``static`` :mod:`rollout.graph_decode` with CUDA graphs (eagerly off CUDA), ``static-eager`` the
+same without graphs; ``auto``: ``static`` on CUDA for a model it supports, else ``hf``."""
 
 SCORE_CHUNK = 512
 """Tokens per log-softmax chunk of :meth:`Engine.prompt_logprobs` (bounds the float32 copy)."""
@@ -132,6 +138,7 @@ class Engine:
         max_batch_size: int = 256,
         seed: int = 0,
         model_path: str = "",
+        decoder: Decoder = "auto",
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer: Any = tokenizer  # None: no text, no stop strings
@@ -160,6 +167,27 @@ class Engine:
         # batched GEMV reading the whole head once per row: 10x a plain GEMM on a CPU at 512
         # rows); a contiguous input makes it one matrix product
         model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
+        self.static = self._static_decoder(decoder)
+        self.decoder = "hf" if self.static is None else "static"
+
+    def use_decoder(self, decoder: Decoder) -> None:
+        """Switch how later batches decode (:data:`Decoder`); waits for a running batch."""
+        with self._decode_lock:
+            self.static = self._static_decoder(decoder)
+            self.decoder = "hf" if self.static is None else "static"
+
+    def _static_decoder(self, decoder: Decoder) -> StaticDecoder | None:
+        if decoder not in ("auto", "hf", "static", "static-eager"):
+            raise EngineError(f"decoder {decoder!r}; use 'auto', 'hf', 'static' or 'static-eager'")
+        if decoder == "hf" or (decoder == "auto" and self.lora.device.type != "cuda"):
+            return None
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            if decoder == "auto":
+                return None
+            raise EngineError(f"decoder {decoder!r} does not support this model: {reason}")
+        graphs = decoder != "static-eager"
+        return StaticDecoder(self.model, self.lora, max_rows=self.max_batch_size, graphs=graphs)
 
     @classmethod
     def from_pretrained(
@@ -371,6 +399,9 @@ class Engine:
         pos_U_T = (mask_U_T.cumsum(-1) - 1).clamp(min=0)
         cache = _new_cache(self.model)
         logits_U_V = self._forward(ids_U_T, mask_U_T, pos_U_T, cache, prefill)
+        if self.static is not None:
+            self._static_decode(self.static, rows, source_B, logits_U_V, cache, width)
+            return
         logits_B_V, mask_B_T, next_pos_B = logits_U_V, mask_U_T, pos_U_T[:, -1] + 1
         if len(prefill) < len(rows):  # each row gets a copy of its prompt's cache row
             index = torch.tensor(source_B, device=device)
@@ -392,6 +423,45 @@ class Engine:
                 tokens_B[:, None], mask_B_T, next_pos_B[:, None], cache, live
             )
             next_pos_B = next_pos_B + 1
+
+    def _static_decode(
+        self,
+        static: StaticDecoder,
+        rows: list[_Row],
+        source_B: list[int],
+        logits_U_V: Any,
+        cache: Any,
+        width: int,
+    ) -> None:
+        """Decode after the prefill with :class:`~rollout.graph_decode.StaticDecoder`; then
+        apply each row's stops and length to its tokens (the rule :meth:`_append` keeps)."""
+        index = torch.tensor(source_B, device=logits_U_V.device)
+        sps = [row.request.sampling for row in rows]
+        steps = max(sp.max_new_tokens for sp in sps)
+        uniform_B_N = torch.zeros(len(rows), steps)
+        for b, row in enumerate(rows):  # the draws the eager loop makes one step at a time
+            uniform_B_N[b, : sps[b].max_new_tokens] = torch.rand(
+                sps[b].max_new_tokens, generator=row.generator
+            )
+        tokens_B_N, logprobs_B_N = static.decode(
+            slots_B=[row.slot for row in rows],
+            cache=cache,
+            source_B=index,
+            width=width,
+            prompt_len_B=[len(row.request.input_ids) for row in rows],
+            first_logits_B_V=logits_U_V[index],
+            sampling_B=[(sp.temperature, sp.top_k, sp.top_p) for sp in sps],
+            uniform_B_N=uniform_B_N,
+            stop_ids_B=[row.stop_ids for row in rows],
+            max_new_B=[sp.max_new_tokens for sp in sps],
+        )
+        for row, tokens, logprobs in zip(
+            rows, tokens_B_N.tolist(), logprobs_B_N.tolist(), strict=True
+        ):
+            for token, logprob in zip(tokens, logprobs, strict=True):
+                self._append(row, token, logprob)
+                if row.finish is not None:
+                    break
 
     def _forward(
         self,

@@ -186,6 +186,34 @@ def sample_tokens_B(
     return tokens_B, logprobs_B_V.gather(-1, tokens_B[:, None]).squeeze(-1)
 
 
+def sample_tokens_static_B(
+    logits_B_V: torch.Tensor,
+    temperature_B: torch.Tensor,
+    top_k_B: torch.Tensor,
+    top_p_B: torch.Tensor,
+    uniform_B: torch.Tensor,
+    *,
+    filtered: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_tokens_B` without a host synchronisation (CUDA-graph safe): every row's
+    greedy and drawn tokens are both computed and the row's rule picks one. ``filtered``: some
+    row uses top-k / top-p (decided by the caller, once per batch); rows that do not filter keep
+    every token either way, so the tokens equal :func:`sample_tokens_B`'s exactly.
+    """
+    logprobs_B_V = policy_logprobs_B_V(logits_B_V, temperature_B)
+    greedy_B = temperature_B < GREEDY_TEMPERATURE
+    probs_B_V = logprobs_B_V.exp()
+    if filtered:
+        probs_B_V = probs_B_V * keep_mask_B_V(logprobs_B_V, top_k_B, top_p_B)
+    cdf_B_V = probs_B_V.cumsum(dim=-1)
+    target_B = uniform_B.to(cdf_B_V)[:, None] * cdf_B_V[:, -1:]
+    vocab = probs_B_V.shape[-1]
+    last_kept_B = vocab - 1 - (probs_B_V > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+    pos_B = torch.searchsorted(cdf_B_V, target_B, right=True).clamp(max=last_kept_B)
+    tokens_B = torch.where(greedy_B, logits_B_V.argmax(dim=-1), pos_B.squeeze(-1))
+    return tokens_B, logprobs_B_V.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
 def find_stop(text: str, stops: Sequence[str], search_from: int = 0) -> tuple[int, str] | None:
     """The earliest stop string occurring in ``text`` at or after ``search_from``.
 

@@ -1,0 +1,215 @@
+"""The static decoder (preallocated cache, the step CUDA graphs capture) against the eager loop.
+
+On CPU the static step runs eagerly in fp32: every row's tokens equal the eager Hugging Face
+loop's and the log-probs agree to float rounding, for Llama, Qwen2 and Qwen3 shapes, mixed
+adapters and base rows, sampled and greedy rows, top-k / top-p, stops and lengths. The ``gpu``
+tests repeat it on CUDA with the graphs captured, across adapter loads between batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from ops.models import write_tiny_model
+from rollout.adapter_slots import AdapterRef, EngineError
+from rollout.engine import Engine, GenerateRequest, GenerateResult
+from rollout.graph_decode import row_bucket, slot_bucket, unsupported_reason
+from rollout.sampling import SamplingParams, sample_tokens_B, sample_tokens_static_B
+from tests.rollout_engine.conftest import ALL_LINEARS, write_peft_adapter
+
+
+def _requests(with_adapters: bool) -> list[GenerateRequest]:
+    prompts = [(5, 6, 7), (9, 10, 11, 12, 13, 14), (20,), (5, 6, 7), (31, 32, 33, 34)]
+    sampling = [
+        SamplingParams(temperature=1.0, max_new_tokens=12, seed=1, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_new_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_k=5, max_new_tokens=20, seed=3),
+        SamplingParams(temperature=1.0, max_new_tokens=12, seed=4, ignore_eos=True),
+        SamplingParams(temperature=1.2, top_p=0.7, max_new_tokens=7, seed=5, stop_token_ids=(3,)),
+    ]
+    adapters: list[AdapterRef | None] = [None] * 5
+    if with_adapters:
+        adapters = [AdapterRef("a", 1), AdapterRef("b", 1), None, AdapterRef("a", 1), None]
+    return [
+        GenerateRequest(input_ids=p, adapter=a, sampling=s)
+        for p, a, s in zip(prompts, adapters, sampling, strict=True)
+    ]
+
+
+def _assert_same(got: list[GenerateResult], want: list[GenerateResult], tol: float = 1e-4) -> None:
+    for b, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.completion_ids == w.completion_ids, f"row {b}"
+        assert g.finish_reason == w.finish_reason, f"row {b}"
+        assert g.matched == w.matched
+        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=tol), b
+
+
+def _engines(model_dir: Path, adapters: dict[str, Path], **kwargs: object) -> list[Engine]:
+    engines = []
+    for decoder in ("hf", "static"):
+        engine = Engine.from_pretrained(
+            model_dir,
+            max_loras=4,
+            max_lora_rank=8,
+            decoder=decoder,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        for name, path in adapters.items():
+            engine.load_adapter(name, 1, path)
+        engines.append(engine)
+    return engines
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp(request.param) / "m", request.param)
+
+
+@pytest.fixture(scope="module")
+def family_adapters(family_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ad")
+    return {
+        "a": write_peft_adapter(family_dir, root / "a", rank=4, alpha=8, targets=ALL_LINEARS),
+        "b": write_peft_adapter(
+            family_dir, root / "b", rank=8, alpha=16, targets=["q_proj", "down_proj"], seed=2
+        ),
+    }
+
+
+def test_static_decode_equals_the_eager_loop(
+    family_dir: Path, family_adapters: dict[str, Path]
+) -> None:
+    hf, static = _engines(family_dir, family_adapters)
+    assert (hf.decoder, static.decoder) == ("hf", "static")
+    for with_adapters in (False, True):
+        requests = _requests(with_adapters)
+        _assert_same(static.generate(requests), hf.generate(requests))
+    assert static.static is not None and static.static._buffers  # the static step ran
+
+
+def test_static_decode_rows_do_not_depend_on_batch_mates(
+    tiny_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    (static,) = _engines(tiny_dir, adapter_dirs)[1:]
+    requests = _requests(with_adapters=True)
+    together = static.generate(requests)
+    for b, request in enumerate(requests):
+        _assert_same(static.generate([request]), [together[b]])
+
+
+def test_static_decode_stop_string_and_eos_as_the_eager_loop(
+    tiny_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    hf, static = _engines(tiny_dir, adapter_dirs)
+    stops = [
+        SamplingParams(temperature=1.0, max_new_tokens=30, seed=s, stop=("a", "e"))
+        for s in range(6)
+    ]
+    requests = [GenerateRequest(input_ids=(4, 5, 6), sampling=sp) for sp in stops]
+    got, want = static.generate(requests), hf.generate(requests)
+    _assert_same(got, want)
+    assert [g.text for g in got] == [w.text for w in want]
+
+
+def test_static_sampler_equals_the_eager_sampler() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits_B_V = torch.randn(6, 50, generator=gen) * 3
+    temperature_B = torch.tensor([0.0, 1.0, 0.7, 1.3, 1.0, 0.0])
+    top_k_B = torch.tensor([-1, -1, 5, -1, 1, 3])
+    top_p_B = torch.tensor([1.0, 0.9, 1.0, 0.5, 1.0, 1.0])
+    uniform_B = torch.rand(6, generator=gen)
+    want = sample_tokens_B(logits_B_V, temperature_B, top_k_B, top_p_B, uniform_B)
+    got = sample_tokens_static_B(
+        logits_B_V, temperature_B, top_k_B, top_p_B, uniform_B, filtered=True
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    plain = (torch.full((6,), -1), torch.ones(6))
+    want = sample_tokens_B(logits_B_V, temperature_B, *plain, uniform_B)
+    got = sample_tokens_static_B(logits_B_V, temperature_B, *plain, uniform_B, filtered=False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_buckets_and_support() -> None:
+    assert [row_bucket(n) for n in (1, 3, 64, 65, 200)] == [1, 4, 64, 128, 256]
+    assert [slot_bucket(n, 8) for n in (0, 1, 3, 8)] == [0, 1, 4, 8]
+    assert slot_bucket(5, 6) == 6
+
+    class Config:
+        model_type = "gpt2"
+
+    class Model:
+        config = Config()
+
+    assert "gpt2" in (unsupported_reason(Model()) or "")
+
+
+def test_auto_is_the_eager_loop_on_cpu_and_a_bad_decoder_is_named(
+    make_engine: Callable[..., Engine],
+) -> None:
+    assert make_engine().decoder == "hf"
+    with pytest.raises(EngineError, match="'fast'"):
+        make_engine(decoder="fast")
+
+
+# ---- on CUDA: the same with the graphs captured -----------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_graph_decode_equals_the_eager_loop_on_cuda(
+    family_dir: Path, family_adapters: dict[str, Path]
+) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hf, static = _engines(family_dir, family_adapters, device="cuda")
+    assert static.static is not None and static.static.graphs
+    for with_adapters in (False, True, True):  # the third replays the captured graphs
+        requests = _requests(with_adapters)
+        _assert_same(static.generate(requests), hf.generate(requests), tol=1e-3)
+
+
+@pytest.mark.gpu
+@cuda
+def test_graph_replays_see_adapters_loaded_between_batches(
+    tiny_dir: Path, version_dirs: dict[int, Path]
+) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hf, static = _engines(tiny_dir, {}, device="cuda")
+    for version in (1, 2, 3):
+        for engine in (hf, static):
+            engine.load_adapter("v", version, version_dirs[version])
+        requests = [
+            GenerateRequest(
+                input_ids=(4, 5, 6, 7),
+                adapter=AdapterRef("v", version),
+                sampling=SamplingParams(temperature=1.0, max_new_tokens=16, seed=s),
+            )
+            for s in range(8)
+        ]
+        _assert_same(static.generate(requests), hf.generate(requests), tol=1e-3)
+
+
+@pytest.mark.gpu
+@cuda
+def test_graph_decode_in_bf16_follows_the_eager_loop(
+    tiny_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    hf, static = _engines(tiny_dir, adapter_dirs, device="cuda", dtype="bfloat16")
+    requests = [
+        GenerateRequest(
+            input_ids=(4 + b, 5, 6),
+            adapter=[None, AdapterRef("a", 1), AdapterRef("b", 1)][b % 3],
+            sampling=SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True),
+        )
+        for b in range(12)
+    ]
+    got, want = static.generate(requests), hf.generate(requests)
+    first = [g.completion_ids[0] == w.completion_ids[0] for g, w in zip(got, want, strict=True)]
+    assert sum(first) >= 11  # bf16 rounding may flip a near tie, rarely
+    for g, w in zip(got, want, strict=True):
+        assert abs(g.logprobs[0] - w.logprobs[0]) < 0.05
