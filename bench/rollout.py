@@ -163,12 +163,13 @@ def run_batch(
         runs[f"{decoder}_mixed8"] = on(decoder, mixed_rows)
     if batch <= args.peft_max_rows:
         runs["peft_mixed8"] = lambda: peft_generate(args.new_tokens)
-    for run in runs.values():  # warm-up at the timed shapes (graphs are captured here)
-        run()
+    for key, run in runs.items():  # warm-up at the timed shapes (graphs are captured here)
+        print(f"{batch:>5}  warm-up {key:<22}{timed(args.device, run):>8.2f} s", flush=True)
     samples: dict[str, list[float]] = {key: [] for key in runs}
     for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
         for key, run in runs.items():
             samples[key].append(timed(args.device, run))
+            print(f"{batch:>5}  {key:<30}{samples[key][-1]:>8.2f} s", flush=True)
     seconds = {key: statistics.median(values) for key, values in samples.items()}
     tps = {k: batch * args.new_tokens / v for k, v in seconds.items()}
     out: dict[str, Any] = {"tokens_per_s": tps, "seconds": seconds, "samples": samples}
@@ -182,6 +183,33 @@ def run_batch(
         for kind in ("base", "mixed8"):
             out[f"{main}_{kind}_vs_hf"] = tps[f"{main}_{kind}"] / tps[f"hf_{kind}"]
     return out
+
+
+def profile_batch(
+    args: argparse.Namespace, engine: Engine, decoder: str, prompts: list[tuple[int, ...]]
+) -> None:
+    """One mixed batch under the profiler: the kernels that take the GPU's time, and how many."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sp = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    rows = [
+        GenerateRequest(input_ids=p, adapter=AdapterRef(f"a{b % args.adapters}", 2), sampling=sp)
+        for b, p in enumerate(prompts)
+    ]
+    engine.use_decoder(decoder)  # type: ignore[arg-type]
+    engine.generate(rows)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate(rows)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    launches = sum(e.count for e in events)
+    print(
+        f"profile: {len(rows)} rows, {launches} kernels ({launches / args.new_tokens:.0f} a token)"
+    )
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-backend", default="auto", choices=["auto", "gather", "grouped"])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs each (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the top CUDA kernels of one mixed batch"
+    )
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
@@ -248,12 +279,19 @@ def main(argv: list[str] | None = None) -> int:
     decoders = [d for d in args.decoders.split(",") if d]
     gen = torch.Generator().manual_seed(1)
     per_batch: dict[str, Any] = {}
+    per_batch_prompts: list[list[tuple[int, ...]]] = []
     for batch in args.batch:
         prompts = [
             tuple(torch.randint(10, min(vocab, 30000), (args.prompt_len,), generator=gen).tolist())
             for _ in range(batch)
         ]
         per_batch[str(batch)] = run_batch(args, engine, peft_model, decoders, prompts, batch)
+        per_batch_prompts.append(prompts)
+    if args.profile and cuda:
+        try:
+            profile_batch(args, engine, decoders[-1], per_batch_prompts[-1])
+        except Exception as exc:  # the profile is a diagnostic; the timings stand without it
+            print(f"profile failed: {exc!r}")
     for batch, res in per_batch.items():
         # decode reads every weight once per step: rows / (weight bytes / bandwidth) tokens/s
         res["weight_bound_tokens_per_s"] = int(batch) * args.bandwidth_gbs * 1e9 / weight_bytes

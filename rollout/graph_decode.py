@@ -340,6 +340,11 @@ class StaticDecoder:
         def eager() -> None:
             self._step(buf, snap, filtered)
 
+        if self.graphs:
+            # the warm-up runs really execute: point them at valid columns (a fresh buffer's
+            # step 0 would write column -1); the batch's fill overwrites what they scribble
+            buf.step.fill_(1)
+            buf.col0.fill_(0)
         fn = self._capture(eager) if self.graphs else eager
         while len(self._graphs) >= MAX_GRAPHS:
             self._graphs.popitem(last=False)
@@ -376,20 +381,23 @@ class StaticDecoder:
         )[:, None, None, :]
         x_B_1_H = inner.embed_tokens(buf.token_B[:, None])
         cos, sin = inner.rotary_emb(x_B_1_H, pos_B_1)
-        cos_B_1_1_D, sin_B_1_1_D = cos[:, None], sin[:, None]
+        cos_B_1_1_D = cos[:, None]
+        # rotate-half as a swap of the halves times a sign-folded sine: 3 kernels, not 5
+        half = self.head_dim // 2
+        sin_B_1_1_D = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
         x_B_H = x_B_1_H[:, 0]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h_B_H = layer.input_layernorm(x_B_H)
+            h_B_H = _rms_norm(layer.input_layernorm, x_B_H)
             q = self._proj(attn.q_proj, h_B_H, snap).view(rows, self.heads, self.head_dim)
             k = self._proj(attn.k_proj, h_B_H, snap).view(rows, self.kv_heads, self.head_dim)
             v = self._proj(attn.v_proj, h_B_H, snap).view(rows, self.kv_heads, self.head_dim)
             if hasattr(attn, "q_norm"):
-                q, k = attn.q_norm(q), attn.k_norm(k)
+                q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
             q_B_1_1_D = q[:, :, None]  # (rows, heads, 1, head_dim)
             k_B_1_1_D = k[:, :, None]
-            q_B_1_1_D = q_B_1_1_D * cos_B_1_1_D + _rotate_half(q_B_1_1_D) * sin_B_1_1_D
-            k_B_1_1_D = k_B_1_1_D * cos_B_1_1_D + _rotate_half(k_B_1_1_D) * sin_B_1_1_D
+            q_B_1_1_D = _rope(q_B_1_1_D, cos_B_1_1_D, sin_B_1_1_D)
+            k_B_1_1_D = _rope(k_B_1_1_D, cos_B_1_1_D, sin_B_1_1_D)
             buf.k_L[i].index_copy_(2, col_1, k_B_1_1_D)
             buf.v_L[i].index_copy_(2, col_1, v[:, :, None])
             out = F.scaled_dot_product_attention(
@@ -402,11 +410,11 @@ class StaticDecoder:
             )
             x_B_H = x_B_H + self._proj(attn.o_proj, out.reshape(rows, -1), snap)
             mlp = layer.mlp
-            h_B_H = layer.post_attention_layernorm(x_B_H)
+            h_B_H = _rms_norm(layer.post_attention_layernorm, x_B_H)
             gate = self._proj(mlp.gate_proj, h_B_H, snap)
             up = self._proj(mlp.up_proj, h_B_H, snap)
             x_B_H = x_B_H + self._proj(mlp.down_proj, mlp.act_fn(gate) * up, snap)
-        logits_B_V = self.model.get_output_embeddings()(inner.norm(x_B_H)).float()
+        logits_B_V = self.model.get_output_embeddings()(_rms_norm(inner.norm, x_B_H)).float()
         self._sample_into(buf, logits_B_V, filtered)
         buf.step.add_(1)
 
@@ -435,9 +443,19 @@ class StaticDecoder:
         buf.done_B.logical_or_(stopped_B)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF's ``x * cos + rotate_half(x) * sin``, with ``signed_sin`` = ``[-sin_1, sin_2]``:
+    ``rotate_half(x) * sin`` is ``[x_2, x_1] * [-sin_1, sin_2]``, the same products."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, signed_sin)
+
+
+def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An HF RMSNorm module as one fused ``F.rms_norm`` (HF's is about eight kernels)."""
+    eps: float = getattr(module, "variance_epsilon", None) or getattr(module, "eps")  # noqa: B009
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
