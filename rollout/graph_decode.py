@@ -31,8 +31,11 @@ applied on the host from the returned tokens, with the eager loop's own rule, so
 behave the same. Rows that finish keep decoding (their extra tokens are dropped) until every row
 of the batch is done, checked every :data:`CHECK_EVERY` steps.
 
-**Shapes.** A graph is keyed by ``(rows bucket, cache length bucket, adapter bucket, filtered)``;
-rows pad up to the bucket (padding rows attend to zeros and are ignored). Buffers for one
+**Shapes.** A graph is keyed by ``(rows bucket, cache length bucket, adapter bucket, sampling
+mode, attention span)``; rows pad up to the bucket (padding rows attend to zeros and are
+ignored). Attention reads only the cache columns written so far, rounded up to a
+:data:`SPAN_BUCKET` multiple (a batch captures one graph per span it passes through, before it
+starts). An all-greedy batch skips the sampler's cumulative sum. Buffers for one
 ``(rows, length)`` are shared by its graphs. On CPU (tests) the same step runs eagerly.
 
 Supported: Llama, Mistral, Qwen2 and Qwen3 decoder layers (full attention, RMSNorm, gated MLP);
@@ -44,14 +47,17 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from events.specs import GREEDY_TEMPERATURE
 from rollout.lora import BASE_SLOT, MultiLoraLinear, MultiLoraModel
 from rollout.sampling import sample_tokens_static_B
+
+SamplingMode = Literal["greedy", "sample", "filtered"]
 
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -59,7 +65,9 @@ CHECK_EVERY = 16
 """Decode steps between two host checks of "is every row done" (one sync each)."""
 LENGTH_BUCKET = 64
 """Cache lengths round up to a multiple of this (one graph serves many prompt widths)."""
-MAX_GRAPHS = 16
+SPAN_BUCKET = 32
+"""Attention reads the cache up to the next multiple of this past the current column."""
+MAX_GRAPHS = 64
 MAX_BUFFERS = 3
 
 
@@ -84,6 +92,19 @@ def row_bucket(rows: int) -> int:
     if rows <= 64:
         return 1 << max(0, (rows - 1).bit_length())
     return -(-rows // 64) * 64
+
+
+def attention_span(columns: int, length: int) -> int:
+    """The cache columns a step that needs ``columns`` of them reads: a :data:`SPAN_BUCKET`
+    multiple, at most the buffer's ``length``."""
+    return min(length, -(-columns // SPAN_BUCKET) * SPAN_BUCKET)
+
+
+def sampling_mode(sampling_B: Sequence[tuple[float, int, float]]) -> SamplingMode:
+    """``greedy`` when every row is, ``filtered`` when some row uses top-k / top-p."""
+    if all(t < GREEDY_TEMPERATURE for t, _, _ in sampling_B):
+        return "greedy"
+    return "filtered" if any(k > 0 or p < 1.0 for _, k, p in sampling_B) else "sample"
 
 
 def slot_bucket(slots: int, num_slots: int) -> int:
@@ -149,7 +170,9 @@ class StaticDecoder:
         )
         self._buffers: OrderedDict[tuple[int, int], _Buffers] = OrderedDict()
         self._snapshots: dict[tuple[int, int], _Snapshot] = {}
-        self._graphs: OrderedDict[tuple[int, int, int, bool], Callable[[], None]] = OrderedDict()
+        self._graphs: OrderedDict[tuple[int, int, int, str, int], Callable[[], None]] = (
+            OrderedDict()
+        )
         self._pool: Any = None
         self._name_of: dict[int, str] = {}
 
@@ -183,10 +206,15 @@ class StaticDecoder:
         length = -(-(width + steps) // LENGTH_BUCKET) * LENGTH_BUCKET
         used = sorted({s for s in slots_B if s != BASE_SLOT})
         u_bucket = slot_bucket(len(used), self.lora.num_slots)
-        filtered = any(k > 0 or p < 1.0 for _, k, p in sampling_B)
+        mode = sampling_mode(sampling_B)
+        total = max(max_new_B)
         buf = self._buffers_for(bucket, length)
         snap = self._snapshot_for(bucket, u_bucket)
-        step_fn = self._step_for(buf, snap, bucket, length, u_bucket, filtered)
+        # step n attends to the cache's first width + n columns: a graph per span bucket
+        spans = sorted({attention_span(width + n, length) for n in range(1, max(total, 2))})
+        step_fns = {
+            span: self._step_for(buf, snap, bucket, length, u_bucket, mode, span) for span in spans
+        }
         self._fill(
             buf, snap, used, slots_B, cache, source_B, width, prompt_len_B, sampling_B,
             uniform_B_N, stop_ids_B, max_new_B,
@@ -195,11 +223,10 @@ class StaticDecoder:
         first_B = torch.zeros(bucket, first_logits_B_V.shape[1], device=self.device)
         first_B[:rows] = first_logits_B_V.float()
         buf.step.fill_(0)
-        self._sample_into(buf, first_B, filtered)
+        self._sample_into(buf, first_B, mode)
         buf.step.fill_(1)
-        total = max(max_new_B)
         for n in range(1, total):
-            step_fn()
+            step_fns[attention_span(width + n, length)]()
             if n % CHECK_EVERY == 0 and bool(buf.done_B[:rows].all()):
                 break
         return buf.token_B_N[:rows].cpu(), buf.logprob_B_N[:rows].cpu()
@@ -329,16 +356,23 @@ class StaticDecoder:
         return snap
 
     def _step_for(
-        self, buf: _Buffers, snap: _Snapshot, rows: int, length: int, u: int, filtered: bool
+        self,
+        buf: _Buffers,
+        snap: _Snapshot,
+        rows: int,
+        length: int,
+        u: int,
+        mode: SamplingMode,
+        span: int,
     ) -> Callable[[], None]:
-        key = (rows, length, u, filtered)
+        key = (rows, length, u, mode, span)
         fn = self._graphs.get(key)
         if fn is not None:
             self._graphs.move_to_end(key)
             return fn
 
         def eager() -> None:
-            self._step(buf, snap, filtered)
+            self._step(buf, snap, mode, span)
 
         if self.graphs:
             # the warm-up runs really execute: point them at valid columns (a fresh buffer's
@@ -369,16 +403,18 @@ class StaticDecoder:
 
     # ---- the step --------------------------------------------------------------------------
 
-    def _step(self, buf: _Buffers, snap: _Snapshot, filtered: bool) -> None:
-        """One token for every row: reads ``token_B`` and ``step``, writes column ``step``."""
+    def _step(self, buf: _Buffers, snap: _Snapshot, mode: SamplingMode, span: int) -> None:
+        """One token for every row: reads ``token_B`` and ``step``, writes column ``step``;
+        attention reads the cache's first ``span`` columns (the rest are masked anyway)."""
         inner = self.model.model
         rows = buf.token_B.shape[0]
         step_1 = buf.step.view(1)
         col_1 = buf.col0.view(1) + step_1 - 1
         pos_B_1 = (buf.pos0_B + buf.step - 1)[:, None]
-        mask_B_1_1_T = (
-            (buf.arange_T[None, :] >= buf.pad_B[:, None]) & (buf.arange_T[None, :] <= col_1)
-        )[:, None, None, :]
+        arange_T = buf.arange_T[:span]
+        mask_B_1_1_T = ((arange_T[None, :] >= buf.pad_B[:, None]) & (arange_T[None, :] <= col_1))[
+            :, None, None, :
+        ]
         x_B_1_H = inner.embed_tokens(buf.token_B[:, None])
         cos, sin = inner.rotary_emb(x_B_1_H, pos_B_1)
         cos_B_1_1_D = cos[:, None]
@@ -402,8 +438,8 @@ class StaticDecoder:
             buf.v_L[i].index_copy_(2, col_1, v[:, :, None])
             out = F.scaled_dot_product_attention(
                 q_B_1_1_D,
-                buf.k_L[i],
-                buf.v_L[i],
+                buf.k_L[i][:, :, :span],
+                buf.v_L[i][:, :, :span],
                 attn_mask=mask_B_1_1_T,
                 scale=attn.scaling,
                 enable_gqa=self.kv_heads != self.heads,
@@ -415,7 +451,7 @@ class StaticDecoder:
             up = self._proj(mlp.up_proj, h_B_H, snap)
             x_B_H = x_B_H + self._proj(mlp.down_proj, mlp.act_fn(gate) * up, snap)
         logits_B_V = self.model.get_output_embeddings()(_rms_norm(inner.norm, x_B_H)).float()
-        self._sample_into(buf, logits_B_V, filtered)
+        self._sample_into(buf, logits_B_V, mode)
         buf.step.add_(1)
 
     def _proj(self, module: nn.Module, x_B_I: torch.Tensor, snap: _Snapshot) -> torch.Tensor:
@@ -430,11 +466,17 @@ class StaticDecoder:
         u_B_UR = (x_B_I @ snap.a_P[name].T) * snap.mix_B_UR
         return torch.addmm(y_B_O, u_B_UR, snap.bt_P[name])
 
-    def _sample_into(self, buf: _Buffers, logits_B_V: torch.Tensor, filtered: bool) -> None:
+    def _sample_into(self, buf: _Buffers, logits_B_V: torch.Tensor, mode: SamplingMode) -> None:
         step_1 = buf.step.view(1)
         uniform_B = buf.uniform_B_N.index_select(1, step_1)[:, 0]
         token_B, logprob_B = sample_tokens_static_B(
-            logits_B_V, buf.temperature_B, buf.top_k_B, buf.top_p_B, uniform_B, filtered=filtered
+            logits_B_V,
+            buf.temperature_B,
+            buf.top_k_B,
+            buf.top_p_B,
+            uniform_B,
+            filtered=mode == "filtered",
+            greedy_only=mode == "greedy",
         )
         buf.token_B_N.index_copy_(1, step_1, token_B[:, None])
         buf.logprob_B_N.index_copy_(1, step_1, logprob_B[:, None])

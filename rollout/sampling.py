@@ -194,13 +194,18 @@ def sample_tokens_static_B(
     uniform_B: torch.Tensor,
     *,
     filtered: bool,
+    greedy_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sample_tokens_B` without a host synchronisation (CUDA-graph safe): every row's
     greedy and drawn tokens are both computed and the row's rule picks one. ``filtered``: some
     row uses top-k / top-p (decided by the caller, once per batch); rows that do not filter keep
     every token either way, so the tokens equal :func:`sample_tokens_B`'s exactly.
+    ``greedy_only``: every row is greedy (the caller knows), so no draw is computed.
     """
     logprobs_B_V = policy_logprobs_B_V(logits_B_V, temperature_B)
+    if greedy_only:
+        tokens_B = logits_B_V.argmax(dim=-1)
+        return tokens_B, logprobs_B_V.gather(-1, tokens_B[:, None]).squeeze(-1)
     greedy_B = temperature_B < GREEDY_TEMPERATURE
     probs_B_V = logprobs_B_V.exp()
     if filtered:

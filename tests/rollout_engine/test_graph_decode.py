@@ -17,7 +17,13 @@ import torch
 from ops.models import write_tiny_model
 from rollout.adapter_slots import AdapterRef, EngineError
 from rollout.engine import Engine, GenerateRequest, GenerateResult
-from rollout.graph_decode import row_bucket, slot_bucket, unsupported_reason
+from rollout.graph_decode import (
+    attention_span,
+    row_bucket,
+    sampling_mode,
+    slot_bucket,
+    unsupported_reason,
+)
 from rollout.sampling import SamplingParams, sample_tokens_B, sample_tokens_static_B
 from tests.rollout_engine.conftest import ALL_LINEARS, write_peft_adapter
 
@@ -91,6 +97,31 @@ def test_static_decode_equals_the_eager_loop(
     assert static.static is not None and static.static._buffers  # the static step ran
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_decode_across_attention_spans_and_sampling_modes(
+    tiny_dir: Path, adapter_dirs: dict[str, Path], temperature: float
+) -> None:
+    """An all-greedy (or all plain-sampled) batch long enough to pass through four attention
+    spans still equals the eager loop row for row."""
+    hf, static = _engines(tiny_dir, adapter_dirs)
+    requests = [
+        GenerateRequest(
+            input_ids=tuple(range(4, 4 + 3 * b + 1)),
+            adapter=[None, AdapterRef("a", 1)][b % 2],
+            sampling=SamplingParams(
+                temperature=temperature, max_new_tokens=90 - 7 * b, seed=b, ignore_eos=True
+            ),
+        )
+        for b in range(5)
+    ]
+    _assert_same(static.generate(requests), hf.generate(requests))
+    assert static.static is not None
+    spans = {key[4] for key in static.static._graphs}
+    assert len(spans) >= 3 and {key[3] for key in static.static._graphs} == {
+        "greedy" if temperature == 0.0 else "sample"
+    }
+
+
 def test_static_decode_rows_do_not_depend_on_batch_mates(
     tiny_dir: Path, adapter_dirs: dict[str, Path]
 ) -> None:
@@ -127,6 +158,12 @@ def test_static_sampler_equals_the_eager_sampler() -> None:
         logits_B_V, temperature_B, top_k_B, top_p_B, uniform_B, filtered=True
     )
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    greedy_B = torch.zeros(6)
+    want = sample_tokens_B(logits_B_V, greedy_B, top_k_B, top_p_B, uniform_B)
+    got = sample_tokens_static_B(
+        logits_B_V, greedy_B, top_k_B, top_p_B, uniform_B, filtered=True, greedy_only=True
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     plain = (torch.full((6,), -1), torch.ones(6))
     want = sample_tokens_B(logits_B_V, temperature_B, *plain, uniform_B)
     got = sample_tokens_static_B(logits_B_V, temperature_B, *plain, uniform_B, filtered=False)
@@ -137,6 +174,10 @@ def test_buckets_and_support() -> None:
     assert [row_bucket(n) for n in (1, 3, 64, 65, 200)] == [1, 4, 64, 128, 256]
     assert [slot_bucket(n, 8) for n in (0, 1, 3, 8)] == [0, 1, 4, 8]
     assert slot_bucket(5, 6) == 6
+    assert [attention_span(n, 192) for n in (1, 32, 33, 160, 190)] == [32, 32, 64, 160, 192]
+    assert sampling_mode([(0.0, -1, 1.0), (0.0, 5, 0.5)]) == "greedy"
+    assert sampling_mode([(0.0, -1, 1.0), (1.0, -1, 1.0)]) == "sample"
+    assert sampling_mode([(1.0, -1, 0.9), (0.0, -1, 1.0)]) == "filtered"
 
     class Config:
         model_type = "gpt2"
