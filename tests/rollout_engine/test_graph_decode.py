@@ -18,7 +18,6 @@ from ops.models import write_tiny_model
 from rollout.adapter_slots import AdapterRef, EngineError
 from rollout.engine import Engine, GenerateRequest, GenerateResult
 from rollout.graph_decode import (
-    attention_span,
     row_bucket,
     sampling_mode,
     slot_bucket,
@@ -98,11 +97,10 @@ def test_static_decode_equals_the_eager_loop(
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_static_decode_across_attention_spans_and_sampling_modes(
+def test_static_decode_long_batches_in_each_sampling_mode(
     tiny_dir: Path, adapter_dirs: dict[str, Path], temperature: float
 ) -> None:
-    """An all-greedy (or all plain-sampled) batch long enough to pass through four attention
-    spans still equals the eager loop row for row."""
+    """A long all-greedy (or all plain-sampled) batch equals the eager loop row for row."""
     hf, static = _engines(tiny_dir, adapter_dirs)
     requests = [
         GenerateRequest(
@@ -116,8 +114,7 @@ def test_static_decode_across_attention_spans_and_sampling_modes(
     ]
     _assert_same(static.generate(requests), hf.generate(requests))
     assert static.static is not None
-    spans = {key[4] for key in static.static._graphs}
-    assert len(spans) >= 3 and {key[3] for key in static.static._graphs} == {
+    assert {key[3] for key in static.static._graphs} == {
         "greedy" if temperature == 0.0 else "sample"
     }
 
@@ -174,7 +171,6 @@ def test_buckets_and_support() -> None:
     assert [row_bucket(n) for n in (1, 3, 64, 65, 200)] == [1, 4, 64, 128, 256]
     assert [slot_bucket(n, 8) for n in (0, 1, 3, 8)] == [0, 1, 4, 8]
     assert slot_bucket(5, 6) == 6
-    assert [attention_span(n, 192) for n in (1, 32, 33, 160, 190)] == [32, 32, 64, 160, 192]
     assert sampling_mode([(0.0, -1, 1.0), (0.0, 5, 0.5)]) == "greedy"
     assert sampling_mode([(0.0, -1, 1.0), (1.0, -1, 1.0)]) == "sample"
     assert sampling_mode([(1.0, -1, 0.9), (0.0, -1, 1.0)]) == "filtered"
