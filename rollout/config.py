@@ -59,6 +59,9 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ``max_prompt_tokens``: longer prompts are not truncated; their samples come back failed.
     ``max_batch_rows``: a batch of more rows decodes in turns of this many (the KV cache of one
     turn must fit the device: raise it for small models and short sequences).
+    ``decoder``: the embedded engine's decode loop (:mod:`rollout.graph_decode`): ``auto``
+    takes the static CUDA-graph decoder on CUDA for the model families it covers and the HF
+    eager loop otherwise; ``hf`` forces the eager loop off the fast path.
     ``weights_cache``: where versions published to a remote store (``s3://`` ...) are copied
     (empty: a folder per worker under the system temp dir).
     """
@@ -100,6 +103,10 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         int, msgspec.Meta(ge=0, description="intra-op threads (0: torch's default)")
     ] = 0
     weights_cache: Annotated[str, _doc("local copy of remote versions")] = ""
+    decoder: Annotated[
+        Literal["auto", "hf", "static", "static-eager"],
+        _doc("embedded decode loop (auto: CUDA-graph static on CUDA, HF eager otherwise)"),
+    ] = "auto"
 
     def __post_init__(self) -> None:
         if not self.model_path:

@@ -4,7 +4,13 @@ A rollout worker holds one :class:`Engine`. The trainer publishes adapter versio
 directories; the worker calls :meth:`Engine.load_adapter` (name, version, path) and then
 :meth:`Engine.generate` with rows that each name their own ``(adapter, version)`` or none.
 
-Decoding is plain Hugging Face ``model(...)`` with a ``DynamicCache``: prompts are left-padded,
+**Two decode loops** (``decoder``). On CUDA, for Llama, Mistral, Qwen2 and Qwen3, ``auto``
+takes the static decoder of :mod:`rollout.graph_decode`: after the HF prefill it copies the cache
+into preallocated buffers and runs its own decode step, captured as CUDA graphs, with sampling
+on the GPU (the same draws as below). Elsewhere (CPU, other models, ``decoder="hf"``) the eager
+loop below runs; ``static-eager`` runs the static step without graphs (tests).
+
+The eager loop: plain HF ``model(...)`` with a ``DynamicCache``: prompts are left-padded,
 ``position_ids = cumsum(attention_mask) - 1``, one token per step for every live row. Rows with
 the same prompt and the same adapter version (the samples of a GRPO group) are prefilled once and
 each continues from a copy of that prompt's cache row. Rows that finish are dropped from the

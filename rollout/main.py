@@ -47,6 +47,7 @@ def build_backend(config: RolloutConfig) -> GenerationBackend:
         max_lora_rank=config.max_rank,
         keep_versions=config.keep_versions,
         max_batch_size=config.max_batch_rows,
+        decoder=config.decoder,
     )
     return EmbeddedBackend(engine)
 

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -338,6 +338,10 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     allowed_roots: Annotated[
         tuple[str, ...], _doc("directories adapters may be loaded from", "--allowed-root")
     ] = ()
+    decoder: Annotated[
+        Literal["auto", "hf", "static", "static-eager"],
+        _doc("decode loop (auto: CUDA-graph static on CUDA, HF eager otherwise)"),
+    ] = "auto"
     max_wait_ms: Annotated[
         float, msgspec.Meta(ge=0, description="longest wait for a batch to fill, ms")
     ] = 5.0
@@ -377,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_lora_rank=config.max_lora_rank,
         keep_versions=config.keep_versions,
         target_modules=list(config.lora_target_modules) or None,
+        decoder=config.decoder,
     )
     server = RolloutServer(
         engine,

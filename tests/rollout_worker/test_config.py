@@ -29,6 +29,8 @@ def test_flags_override_env_override_file(tmp_path) -> None:
     assert config.max_slots == 7 and config.allowed_roots == ("/a", "/b")  # flags
     assert config.reward_entry_points == {"mine": "pkg.mod:fn"}
     assert config.worker_name == "w1"
+    assert config.decoder == "auto"
+    assert load_config(["--model", "/m", "--decoder", "hf"], {}).decoder == "hf"
 
 
 def test_default_name_is_stable_per_host_and_index() -> None:
@@ -47,6 +49,7 @@ def test_default_name_is_stable_per_host_and_index() -> None:
         (["--model", "/m", "--reward", "no-equals"], {}, "NAME=VALUE"),
         (["--model", "/m"], {"MULTILORA_ROLLOUT_BLOCK_MS": "soon"}, "block_ms"),
         (["--model", "/m", "--name", "bad name"], {}, r"\$.bus.name"),
+        (["--model", "/m"], {"MULTILORA_ROLLOUT_DECODER": "fast"}, r"\$.decoder.*fast"),
     ],
 )
 def test_bad_values_are_named(argv, env, message) -> None:
