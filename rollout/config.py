@@ -61,7 +61,9 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     turn must fit the device: raise it for small models and short sequences).
     ``decoder``: the embedded engine's decode loop (:mod:`rollout.graph_decode`): ``auto``
     takes the static CUDA-graph decoder on CUDA for the model families it covers and the HF
-    eager loop otherwise; ``hf`` forces the eager loop off the fast path.
+    eager loop otherwise; ``hf`` forces the eager loop off the fast path. ``static_cache_gb``
+    caps the K/V buffers the static decoder keeps between batches (0: half the device memory
+    free at start).
     ``weights_cache``: where versions published to a remote store (``s3://`` ...) are copied
     (empty: a folder per worker under the system temp dir).
     """
@@ -107,6 +109,10 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         Literal["auto", "hf", "static", "static-eager"],
         _doc("embedded decode loop (auto: CUDA-graph static on CUDA, HF eager otherwise)"),
     ] = "auto"
+    static_cache_gb: Annotated[
+        float,
+        msgspec.Meta(ge=0, description="most GB the static decoder keeps cached (0: half free)"),
+    ] = 0.0
 
     def __post_init__(self) -> None:
         if not self.model_path:

@@ -145,8 +145,10 @@ class Engine:
         seed: int = 0,
         model_path: str = "",
         decoder: Decoder = "auto",
+        static_cache_bytes: int | None = None,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
+        self.static_cache_bytes = static_cache_bytes
         self.tokenizer: Any = tokenizer  # None: no text, no stop strings
         self.model_path = model_path
         self.lora = MultiLoraModel(
@@ -193,7 +195,13 @@ class Engine:
                 return None
             raise EngineError(f"decoder {decoder!r} does not support this model: {reason}")
         graphs = decoder != "static-eager"
-        return StaticDecoder(self.model, self.lora, max_rows=self.max_batch_size, graphs=graphs)
+        return StaticDecoder(
+            self.model,
+            self.lora,
+            max_rows=self.max_batch_size,
+            graphs=graphs,
+            cache_bytes=self.static_cache_bytes,
+        )
 
     @classmethod
     def from_pretrained(

@@ -67,6 +67,7 @@ LENGTH_BUCKET = 64
 """Cache lengths round up to a multiple of this (one graph serves many prompt widths)."""
 MAX_GRAPHS = 16
 MAX_BUFFERS = 3
+CPU_CACHE_BYTES = 4 << 30
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -140,10 +141,20 @@ class StaticDecoder:
 
     ``model`` is the engine's HF causal LM (its wrapped linears read through ``lora``);
     ``graphs``: capture CUDA graphs (only on CUDA; ``False`` runs the same step eagerly).
+    ``cache_bytes``: the most the buffers kept between batches may hold (K/V caches dominate);
+    the least recently used are freed first, and a batch whose buffers alone exceed it frees
+    them when it ends. ``None``: half the device memory free when the decoder is made
+    (:data:`CPU_CACHE_BYTES` on CPU).
     """
 
     def __init__(
-        self, model: Any, lora: MultiLoraModel, *, max_rows: int, graphs: bool = True
+        self,
+        model: Any,
+        lora: MultiLoraModel,
+        *,
+        max_rows: int,
+        graphs: bool = True,
+        cache_bytes: int | None = None,
     ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
@@ -161,6 +172,10 @@ class StaticDecoder:
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
         self._buffers: OrderedDict[tuple[int, int], _Buffers] = OrderedDict()
+        if cache_bytes is None:
+            cuda = self.device.type == "cuda"
+            cache_bytes = torch.cuda.mem_get_info(self.device)[0] // 2 if cuda else CPU_CACHE_BYTES
+        self.cache_bytes = cache_bytes
         self._snapshots: dict[tuple[int, int], _Snapshot] = {}
         self._graphs: OrderedDict[tuple[int, int, int, str], Callable[[], None]] = OrderedDict()
         self._pool: Any = None
@@ -215,7 +230,10 @@ class StaticDecoder:
             step_fn()
             if n % CHECK_EVERY == 0 and bool(buf.done_B[:rows].all()):
                 break
-        return buf.token_B_N[:rows].cpu(), buf.logprob_B_N[:rows].cpu()
+        tokens_B_N, logprobs_B_N = buf.token_B_N[:rows].cpu(), buf.logprob_B_N[:rows].cpu()
+        if self.buffer_bytes(bucket, length) > self.cache_bytes:
+            self._drop_buffers((bucket, length))  # too big to keep for the next batch
+        return tokens_B_N, logprobs_B_N
 
     def _fill(
         self,
@@ -283,13 +301,26 @@ class StaticDecoder:
 
     # ---- buffers and graphs ----------------------------------------------------------------
 
+    def buffer_bytes(self, rows: int, length: int) -> int:
+        """Bytes of the K/V buffers for ``rows`` x ``length`` (the rest is small)."""
+        per = rows * self.kv_heads * length * self.head_dim * self.lora.dtype.itemsize
+        return 2 * len(self.layers) * per
+
+    @property
+    def cached_bytes(self) -> int:
+        """K/V bytes the kept buffers hold now."""
+        return sum(self.buffer_bytes(rows, length) for rows, length in self._buffers)
+
     def _buffers_for(self, rows: int, length: int) -> _Buffers:
         key = (rows, length)
         buf = self._buffers.get(key)
         if buf is not None:
             self._buffers.move_to_end(key)
             return buf
-        while len(self._buffers) >= MAX_BUFFERS:
+        need = self.buffer_bytes(rows, length)
+        while self._buffers and (
+            len(self._buffers) >= MAX_BUFFERS or self.cached_bytes + need > self.cache_bytes
+        ):
             self._drop_buffers(next(iter(self._buffers)))
         dev, dtype = self.device, self.lora.dtype
         shape = (rows, self.kv_heads, length, self.head_dim)

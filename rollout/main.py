@@ -48,6 +48,7 @@ def build_backend(config: RolloutConfig) -> GenerationBackend:
         keep_versions=config.keep_versions,
         max_batch_size=config.max_batch_rows,
         decoder=config.decoder,
+        static_cache_bytes=int(config.static_cache_gb * 2**30) or None,
     )
     return EmbeddedBackend(engine)
 

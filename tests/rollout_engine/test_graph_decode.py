@@ -119,6 +119,29 @@ def test_static_decode_long_batches_in_each_sampling_mode(
     }
 
 
+def test_static_buffers_stay_within_the_cache_budget(
+    tiny_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    def rows(new_tokens: int) -> list[GenerateRequest]:
+        sp = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
+        return [GenerateRequest(input_ids=(4, 5, 6 + b), sampling=sp) for b in range(3)]
+
+    hf = _engines(tiny_dir, adapter_dirs)[0]
+    probe = _engines(tiny_dir, adapter_dirs)[1].static
+    assert probe is not None
+    short, long = probe.buffer_bytes(4, 64), probe.buffer_bytes(4, 128)  # 3 rows pad to 4
+    static = _engines(tiny_dir, adapter_dirs, static_cache_bytes=long)[1]
+    assert static.static is not None and static.static.cache_bytes == long
+    for new_tokens in (8, 100, 8):  # cache lengths 64, 128, 64: never both kept
+        _assert_same(static.generate(rows(new_tokens)), hf.generate(rows(new_tokens)))
+        assert static.static.cached_bytes <= long
+    assert static.static.cached_bytes == short
+    tight = _engines(tiny_dir, adapter_dirs, static_cache_bytes=short - 1)[1]
+    assert tight.static is not None
+    _assert_same(tight.generate(rows(8)), hf.generate(rows(8)))
+    assert tight.static.cached_bytes == 0  # too big to keep: freed when the batch ended
+
+
 def test_static_decode_rows_do_not_depend_on_batch_mates(
     tiny_dir: Path, adapter_dirs: dict[str, Path]
 ) -> None:

@@ -31,6 +31,7 @@ def test_flags_override_env_override_file(tmp_path) -> None:
     assert config.worker_name == "w1"
     assert config.decoder == "auto"
     assert load_config(["--model", "/m", "--decoder", "hf"], {}).decoder == "hf"
+    assert load_config(["--model", "/m", "--static-cache-gb", "2.5"], {}).static_cache_gb == 2.5
 
 
 def test_default_name_is_stable_per_host_and_index() -> None:
@@ -50,6 +51,7 @@ def test_default_name_is_stable_per_host_and_index() -> None:
         (["--model", "/m"], {"MULTILORA_ROLLOUT_BLOCK_MS": "soon"}, "block_ms"),
         (["--model", "/m", "--name", "bad name"], {}, r"\$.bus.name"),
         (["--model", "/m"], {"MULTILORA_ROLLOUT_DECODER": "fast"}, r"\$.decoder.*fast"),
+        (["--model", "/m", "--static-cache-gb", "-1"], {}, r"\$.static_cache_gb"),
     ],
 )
 def test_bad_values_are_named(argv, env, message) -> None:
