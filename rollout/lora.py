@@ -35,6 +35,7 @@ PEFT features); tensor names ``base_model.model.<module>.lora_A.weight`` map to 
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -244,6 +245,27 @@ class MultiLoraLinear(nn.Module):
         return y
 
 
+Signature = tuple[int, tuple[tuple[str, torch.Size, torch.Size], ...]]
+"""An adapter's rank and per-module ``(A, B)`` shapes: all a load's bookkeeping depends on."""
+PLANS_KEPT_PER_SLOT = 4
+
+
+def adapter_signature(adapter: PeftAdapter) -> Signature:
+    return adapter.rank, tuple((m, a.shape, b.shape) for m, (a, b) in adapter.weights.items())
+
+
+@dataclass
+class _LoadPlan:
+    """What loading an adapter of one signature into one slot writes: the slot's views."""
+
+    modules: list[str] = dataclasses.field(default_factory=list)  # the adapter's, layer order
+    sizes: list[int] = dataclasses.field(default_factory=list)  # numel of A, B per module
+    shapes: list[torch.Size] = dataclasses.field(default_factory=list)
+    targets: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    zeros: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    scales: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
 class MultiLoraModel:
     """A causal LM whose linear layers get LoRA slots on demand; loads PEFT adapters into slots.
 
@@ -268,6 +290,10 @@ class MultiLoraModel:
             raise LoraError(f"lora backend {backend!r}; use 'auto', 'gather' or 'grouped'")
         self.backend: str = backend
         self.layers: dict[str, MultiLoraLinear] = {}
+        # a load's Python work (which views to copy into and zero) depends only on the slot and
+        # the adapter's shapes, the same for every version of an adapter: cached per both
+        self._fits: set[Signature] = set()
+        self._plans: OrderedDict[tuple[int, Signature], _LoadPlan] = OrderedDict()
 
     @property
     def num_slots(self) -> int:
@@ -294,6 +320,9 @@ class MultiLoraModel:
 
     def wrap(self, names: Iterable[str]) -> None:
         """Wrap the named ``nn.Linear`` modules (already wrapped ones are left alone)."""
+        names = [name for name in names if name not in self.layers]
+        if names:
+            self._plans.clear()  # their views of modules an adapter lacks are stale
         for name in names:
             if name in self.layers:
                 continue
@@ -315,6 +344,9 @@ class MultiLoraModel:
     def check(self, adapter: PeftAdapter, *, allow_wrap: bool) -> list[str]:
         """Validate ``adapter`` against the model (module names, linear shapes, rank) before any
         slot is touched; return the modules that still need wrapping."""
+        signature = adapter_signature(adapter)
+        if signature in self._fits:
+            return []
         if adapter.rank > self.max_rank:
             raise AdapterRankError(
                 f"{adapter.path}: rank {adapter.rank} > max_lora_rank "
@@ -353,6 +385,8 @@ class MultiLoraModel:
                 f"{adapter.path}: targets {missing[:3]}... which are not LoRA "
                 "target modules of this engine; add them to target_modules"
             )
+        if not missing:
+            self._fits.add(signature)
         return missing
 
     def load(self, slot: int, adapter: PeftAdapter, *, allow_wrap: bool = True) -> None:
@@ -367,15 +401,33 @@ class MultiLoraModel:
         if not 0 <= slot < self.num_slots:
             raise SlotRoutingError(f"slot {slot} outside [0, {self.num_slots})")
         self.wrap(self.check(adapter, allow_wrap=allow_wrap))
-        sources: list[torch.Tensor] = []
-        targets: list[torch.Tensor] = []
-        zeros: list[torch.Tensor] = []  # rank padding, and whole slots of modules it lacks
-        scales: list[torch.Tensor] = []
+        plan = self._plan(slot, adapter)
+        if plan.zeros:
+            torch._foreach_zero_(plan.zeros)
+        if not plan.modules:
+            return
+        weights = adapter.weights
+        sources = [t.reshape(-1) for name in plan.modules for t in weights[name]]
+        flat = torch.cat(sources).to(self.device, self.dtype)
+        pieces = flat.split(plan.sizes)
+        views = [p.view(shape) for p, shape in zip(pieces, plan.shapes, strict=True)]
+        torch._foreach_copy_(plan.targets, views)
+        scale = torch.full((1,), adapter.scale, dtype=self.dtype, device=self.device)
+        torch._foreach_copy_(plan.scales, [scale] * len(plan.scales))
+
+    def _plan(self, slot: int, adapter: PeftAdapter) -> _LoadPlan:
+        """The views a load of ``adapter`` into ``slot`` writes (cached per slot and shapes)."""
+        key = (slot, adapter_signature(adapter))
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        plan = _LoadPlan()
         for name, layer in self.layers.items():
             pair = adapter.weights.get(name)
-            if pair is None:
-                zeros += [layer.lora_A_S_R_I[slot], layer.lora_B_S_O_R[slot]]
-                zeros.append(layer.scale_S[slot : slot + 1])
+            if pair is None:  # the whole slot of a module the adapter lacks is zero
+                plan.zeros += [layer.lora_A_S_R_I[slot], layer.lora_B_S_O_R[slot]]
+                plan.zeros.append(layer.scale_S[slot : slot + 1])
                 continue
             a, b = pair
             try:
@@ -385,21 +437,17 @@ class MultiLoraModel:
                     f"{adapter.path}/{ADAPTER_WEIGHTS}: {name}: {err}"
                 ) from err
             rank = a.shape[0]
-            sources += [a, b]
-            targets += [layer.lora_A_S_R_I[slot, :rank], layer.lora_B_S_O_R[slot, :, :rank]]
-            if rank < layer.max_rank:
-                zeros += [layer.lora_A_S_R_I[slot, rank:], layer.lora_B_S_O_R[slot, :, rank:]]
-            scales.append(layer.scale_S[slot : slot + 1])
-        if zeros:
-            torch._foreach_zero_(zeros)
-        if not sources:
-            return
-        flat = torch.cat([t.reshape(-1) for t in sources]).to(self.device, self.dtype)
-        pieces = flat.split([t.numel() for t in sources])
-        views = [p.view(t.shape) for p, t in zip(pieces, sources, strict=True)]
-        torch._foreach_copy_(targets, views)
-        scale = torch.full((1,), adapter.scale, dtype=scales[0].dtype, device=self.device)
-        torch._foreach_copy_(scales, [scale] * len(scales))
+            plan.modules.append(name)
+            plan.sizes += [a.numel(), b.numel()]
+            plan.shapes += [a.shape, b.shape]
+            plan.targets += [layer.lora_A_S_R_I[slot, :rank], layer.lora_B_S_O_R[slot, :, :rank]]
+            if rank < layer.max_rank:  # the rank padding
+                plan.zeros += [layer.lora_A_S_R_I[slot, rank:], layer.lora_B_S_O_R[slot, :, rank:]]
+            plan.scales.append(layer.scale_S[slot : slot + 1])
+        while len(self._plans) >= PLANS_KEPT_PER_SLOT * self.num_slots:
+            self._plans.popitem(last=False)
+        self._plans[key] = plan
+        return plan
 
     def clear(self, slot: int) -> None:
         """Zero ``slot`` in every wrapped layer (rows routed to it then run the base model)."""

@@ -205,3 +205,38 @@ def test_reloading_a_slot_leaves_nothing_of_the_adapter_before(
     with torch.no_grad(), fresh.route([0, 1]):
         want = fresh.model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_cached_load_plans_follow_new_wraps_and_new_shapes(
+    tiny_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A load's plan (the views it writes) is cached per slot and adapter shapes: reloading a
+    slot after other adapters wrapped more modules, or with other shapes, still zeroes what the
+    adapter lacks, and every version gets its own values."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.rollout_engine.conftest import ALL_LINEARS, write_peft_adapter
+
+    q_only = read_peft_adapter(
+        write_peft_adapter(tiny_dir, tmp_path / "q", rank=4, alpha=8, targets=["q_proj"])
+    )
+    full = read_peft_adapter(
+        write_peft_adapter(tiny_dir, tmp_path / "f", rank=8, alpha=8, targets=ALL_LINEARS, seed=5)
+    )
+    q_v2 = read_peft_adapter(
+        write_peft_adapter(tiny_dir, tmp_path / "q2", rank=4, alpha=8, targets=["q_proj"], seed=9)
+    )
+    lora = MultiLoraModel(AutoModelForCausalLM.from_pretrained(tiny_dir), num_slots=1, max_rank=8)
+    lora.load(0, q_only)  # plans made while only q_proj is wrapped
+    lora.load(0, full)  # wraps every linear, fills them
+    lora.load(0, q_v2)  # same shapes as q_only: a plan that must zero the new wraps too
+    for name, layer in lora.layers.items():
+        if name.endswith("q_proj"):
+            a, _ = q_v2.weights[name]
+            assert torch.equal(layer.lora_A_S_R_I[0, :4], a) and not layer.lora_A_S_R_I[0, 4:].any()
+        else:
+            assert not layer.lora_A_S_R_I[0].any() and not layer.lora_B_S_O_R[0].any(), name
+            assert float(layer.scale_S[0]) == 0.0
+    lora.load(0, q_only)  # the cached plan, another version's values
+    name = next(n for n in lora.layers if n.endswith("q_proj"))
+    assert torch.equal(lora.layers[name].lora_A_S_R_I[0, :4], q_only.weights[name][0])
