@@ -7,8 +7,10 @@ directories; the worker calls :meth:`Engine.load_adapter` (name, version, path) 
 **Two decode loops** (``decoder``). On CUDA, for Llama, Mistral, Qwen2 and Qwen3, ``auto``
 takes the static decoder of :mod:`rollout.graph_decode`: after the HF prefill it copies the cache
 into preallocated buffers and runs its own decode step, captured as CUDA graphs, with sampling
-on the GPU (the same draws as below). Elsewhere (CPU, other models, ``decoder="hf"``) the eager
-loop below runs; ``static-eager`` runs the static step without graphs (tests).
+on the GPU (the same draws as below), and batches continuously: the call's rows share up to
+``max_batch_size`` buffer rows and waiting rows join as others finish. Elsewhere (CPU, other
+models, ``decoder="hf"``) the eager loop below runs; ``static-eager`` runs the static step
+without graphs (tests).
 
 The eager loop: plain HF ``model(...)`` with a ``DynamicCache``: prompts are left-padded,
 ``position_ids = cumsum(attention_mask) - 1``, one token per step for every live row. Rows with
@@ -40,6 +42,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,7 +54,7 @@ import torch
 
 from events.adapter_format import PeftAdapter, read_peft_adapter
 from rollout.adapter_slots import AdapterRef, AdapterSlots, EngineError, RequestError
-from rollout.graph_decode import StaticDecoder, unsupported_reason
+from rollout.graph_decode import CHECK_EVERY, StaticDecoder, sampling_mode, unsupported_reason
 from rollout.lora import BASE_SLOT, LoraBackend, MultiLoraModel
 from rollout.sampling import SamplingParams, find_stop, sample_tokens_B, trim_at_stop
 
@@ -62,6 +65,9 @@ same without graphs; ``auto``: ``static`` on CUDA for a model it supports, else 
 
 SCORE_CHUNK = 512
 """Tokens per log-softmax chunk of :meth:`Engine.prompt_logprobs` (bounds the float32 copy)."""
+JOIN_FRACTION = 8
+"""Static decoding: waiting rows join once 1/this of the buffer rows are free (or none run), so
+their prefill is shared by a few rows rather than run for each finished row alone."""
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,6 +125,19 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     finish: Literal["stop", "length"] | None = None
     matched: int | str | None = None
+
+
+@dataclass
+class _Prefill:
+    """One prefill: its HF cache and last logits (``U`` unique rows), and each row's source."""
+
+    cache: Any
+    logits_U_V: torch.Tensor
+    mask_U_T: torch.Tensor
+    pos_U_T: torch.Tensor
+    source_B: list[int]
+    width: int
+    unique: int
 
 
 class Engine:
@@ -297,8 +316,11 @@ class Engine:
             rows = [self._row(r, slot) for r, slot in zip(requests, slots_B, strict=True)]
             todo = [row for row in rows if row.finish is None]  # max_new_tokens=0 rows are done
             with self._decode_lock:
-                for lo in range(0, len(todo), self.max_batch_size):
-                    self._decode(todo[lo : lo + self.max_batch_size])
+                if self.static is not None and todo:
+                    self._static_generate(self.static, todo)
+                else:
+                    for lo in range(0, len(todo), self.max_batch_size):
+                        self._decode(todo[lo : lo + self.max_batch_size])
         return [self._result(row) for row in rows]
 
     def prompt_logprobs(
@@ -388,11 +410,10 @@ class Engine:
             row.finish = "length"
         return row
 
-    @torch.inference_mode()
-    def _decode(self, rows: list[_Row]) -> None:
-        """Run ``rows`` to completion as one batch (prefill, then one token per step)."""
+    def _prefill(self, rows: list[_Row]) -> _Prefill:
+        """One forward over the rows' prompts, left-padded; rows with one prompt and one slot
+        (a GRPO group's samples) share one prefill row."""
         device = self.lora.device
-        # rows with one prompt and one slot (a GRPO group's samples) share one prefill row
         first: dict[tuple[tuple[int, ...], int], int] = {}
         prefill: list[_Row] = []
         source_B: list[int] = []
@@ -413,14 +434,20 @@ class Engine:
         pos_U_T = (mask_U_T.cumsum(-1) - 1).clamp(min=0)
         cache = _new_cache(self.model)
         logits_U_V = self._forward(ids_U_T, mask_U_T, pos_U_T, cache, prefill)
-        if self.static is not None:
-            self._static_decode(self.static, rows, source_B, logits_U_V, cache, width)
-            return
-        logits_B_V, mask_B_T, next_pos_B = logits_U_V, mask_U_T, pos_U_T[:, -1] + 1
-        if len(prefill) < len(rows):  # each row gets a copy of its prompt's cache row
-            index = torch.tensor(source_B, device=device)
+        return _Prefill(cache, logits_U_V, mask_U_T, pos_U_T, source_B, width, len(prefill))
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[_Row]) -> None:
+        """Run ``rows`` to completion as one batch with the eager loop (prefill, then one
+        token per step)."""
+        device = self.lora.device
+        pre = self._prefill(rows)
+        cache = pre.cache
+        logits_B_V, mask_B_T, next_pos_B = pre.logits_U_V, pre.mask_U_T, pre.pos_U_T[:, -1] + 1
+        if pre.unique < len(rows):  # each row gets a copy of its prompt's cache row
+            index = torch.tensor(pre.source_B, device=device)
             cache.batch_select_indices(index)
-            logits_B_V, mask_B_T, next_pos_B = logits_U_V[index], mask_B_T[index], next_pos_B[index]
+            logits_B_V, mask_B_T, next_pos_B = logits_B_V[index], mask_B_T[index], next_pos_B[index]
         live = list(rows)
         while True:
             tokens_B = self._step(live, logits_B_V)
@@ -438,44 +465,80 @@ class Engine:
             )
             next_pos_B = next_pos_B + 1
 
-    def _static_decode(
-        self,
-        static: StaticDecoder,
-        rows: list[_Row],
-        source_B: list[int],
-        logits_U_V: Any,
-        cache: Any,
-        width: int,
-    ) -> None:
-        """Decode after the prefill with :class:`~rollout.graph_decode.StaticDecoder`; then
-        apply each row's stops and length to its tokens (the rule :meth:`_append` keeps)."""
-        index = torch.tensor(source_B, device=logits_U_V.device)
+    @torch.inference_mode()
+    def _static_generate(self, static: StaticDecoder, rows: list[_Row]) -> None:
+        """Run ``rows`` through :class:`~rollout.graph_decode.StaticDecoder` with continuous
+        batching: up to ``max_batch_size`` buffer rows decode at once, and waiting rows join
+        (prefilled together, a few at a time) as others finish; then each row's stops and
+        length are applied to its tokens (the rule :meth:`_append` keeps)."""
         sps = [row.request.sampling for row in rows]
-        steps = max(sp.max_new_tokens for sp in sps)
-        uniform_B_N = torch.zeros(len(rows), steps)
-        for b, row in enumerate(rows):  # the draws the eager loop makes one step at a time
-            uniform_B_N[b, : sps[b].max_new_tokens] = torch.rand(
-                sps[b].max_new_tokens, generator=row.generator
-            )
-        tokens_B_N, logprobs_B_N = static.decode(
-            slots_B=[row.slot for row in rows],
-            cache=cache,
-            source_B=index,
-            width=width,
-            prompt_len_B=[len(row.request.input_ids) for row in rows],
-            first_logits_B_V=logits_U_V[index],
-            sampling_B=[(sp.temperature, sp.top_k, sp.top_p) for sp in sps],
-            uniform_B_N=uniform_B_N,
-            stop_ids_B=[row.stop_ids for row in rows],
-            max_new_B=[sp.max_new_tokens for sp in sps],
+        capacity = min(len(rows), self.max_batch_size)
+        static.begin(
+            rows=capacity,
+            length=max(len(r.request.input_ids) + r.request.sampling.max_new_tokens for r in rows),
+            slots=[row.slot for row in rows],
+            mode=sampling_mode([(sp.temperature, sp.top_k, sp.top_p) for sp in sps]),
         )
-        for row, tokens, logprobs in zip(
-            rows, tokens_B_N.tolist(), logprobs_B_N.tolist(), strict=True
-        ):
-            for token, logprob in zip(tokens, logprobs, strict=True):
-                self._append(row, token, logprob)
-                if row.finish is not None:
-                    break
+        pending = deque(rows)
+        free = deque(range(capacity))
+        active: dict[int, _Row] = {}
+        left: dict[int, int] = {}  # tokens each active row may still make
+        join_at = max(1, capacity // JOIN_FRACTION)
+        try:
+            while pending or active:
+                if pending and (not active or len(free) >= min(join_at, len(pending))):
+                    joining = [pending.popleft() for _ in range(min(len(free), len(pending)))]
+                    index = [free.popleft() for _ in joining]
+                    self._static_join(static, index, joining)
+                    for b, row in zip(index, joining, strict=True):
+                        active[b] = row
+                        left[b] = row.request.sampling.max_new_tokens - 1
+                steps = min(CHECK_EVERY, max(left.values()))
+                done = static.run(steps)
+                finished = []
+                for b in active:
+                    left[b] = max(0, left[b] - steps)
+                    if b in done or left[b] == 0:
+                        finished.append(b)
+                if not finished:
+                    continue
+                tokens_F_N, logprobs_F_N = static.take(finished)
+                for b, tokens, logprobs in zip(
+                    finished, tokens_F_N.tolist(), logprobs_F_N.tolist(), strict=True
+                ):
+                    row = active.pop(b)
+                    del left[b]
+                    free.append(b)
+                    for token, logprob in zip(tokens, logprobs, strict=False):
+                        self._append(row, token, logprob)
+                        if row.finish is not None:
+                            break
+        finally:
+            static.end()
+
+    def _static_join(self, static: StaticDecoder, index: list[int], rows: list[_Row]) -> None:
+        """Prefill ``rows`` and hand them to the static decoder's free rows ``index``."""
+        pre = self._prefill(rows)
+        source = torch.tensor(pre.source_B, device=pre.logits_U_V.device)
+        sps = [row.request.sampling for row in rows]
+        uniform_J_N = torch.zeros(len(rows), max(sp.max_new_tokens for sp in sps))
+        for j, row in enumerate(rows):  # the draws the eager loop makes one step at a time
+            uniform_J_N[j, : sps[j].max_new_tokens] = torch.rand(
+                sps[j].max_new_tokens, generator=row.generator
+            )
+        static.join(
+            index,
+            slots=[row.slot for row in rows],
+            cache=pre.cache,
+            source=source,
+            width=pre.width,
+            prompt_len=[len(row.request.input_ids) for row in rows],
+            first_logits=pre.logits_U_V[source],
+            sampling=[(sp.temperature, sp.top_k, sp.top_p) for sp in sps],
+            uniform=uniform_J_N,
+            stop_ids=[row.stop_ids for row in rows],
+            max_new=[sp.max_new_tokens for sp in sps],
+        )
 
     def _forward(
         self,

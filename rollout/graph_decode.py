@@ -8,8 +8,8 @@ shape and replayed with one launch per token::
 
     x_B     = embed(token_B)                         token_B: last token of each row
     per layer: h = norm(x); q, k, v = proj(h) (+ LoRA); q, k = norm_qk(q, k); rope(pos_B)
-               K[:, :, col] = k; V[:, :, col] = v    col = prompt width + step - 1 (same for all)
-               x += o(sdpa(q, K, V, mask_B_T))       mask: pad_B <= t <= col
+               K[b, :, pos_b] = k_b; V[b, :, pos_b] = v_b   pos_b = prompt_b + step_b - 1
+               x += o(sdpa(q, K, V, mask_B_T))       mask: t <= pos_b
                x += down(act(gate(h')) * up(h'))     h' = norm(x), each with LoRA
     logits_B_V = head(norm(x)); token_B, logprob_B = sample(logits, params_B, uniform_B[step])
 
@@ -24,15 +24,24 @@ the same sum as the per-row form (the masked columns add exact zeros), with no g
 and no data-dependent shape, so it captures. A base row has an all-zero mask row. Loads that
 happen while a batch decodes write the engine's slots, not the snapshot.
 
+**Continuous batching.** Each row of the buffers is its own sequence: its prompt sits in
+columns ``[0, len)`` (column = position), it has its own step counter, and a row that finishes
+is handed back (:meth:`StaticDecoder.take`) and refilled with a waiting row
+(:meth:`StaticDecoder.join`: its prefill's cache copied into that row, its first token sampled)
+while the other rows keep decoding. The engine drives it (:meth:`rollout.engine.Engine.generate`):
+the rows of one call, of any task and adapter, share a fixed number of buffer rows, and rows
+join as others finish, so a long row does not hold a batch's short ones back and a call with
+more rows than ``max_batch_size`` streams them through.
+
 **Same results.** Sampling is :func:`rollout.sampling.sample_tokens_static_B`, the same maths as
 the eager loop without host synchronisation; a row's uniforms are drawn from its own generator
 up front (the same stream the eager loop draws one step at a time). Stop tokens and lengths are
 applied on the host from the returned tokens, with the eager loop's own rule, so stop strings
-behave the same. Rows that finish keep decoding (their extra tokens are dropped) until every row
-of the batch is done, checked every :data:`CHECK_EVERY` steps.
+behave the same. Rows that finish keep stepping (their extra tokens are dropped) until the
+host sees them done, checked every :data:`CHECK_EVERY` steps.
 
 **Shapes.** A graph is keyed by ``(rows bucket, cache length bucket, adapter bucket, sampling
-mode)``; rows pad up to the bucket (padding rows attend to zeros and are ignored). Attention
+mode)``; rows pad up to the bucket (free rows are marked done and ignored). Attention
 reads the whole buffer under a mask (reading only the columns written so far, a graph per
 32-column span, measured slower at 64 rows on an H200 and no faster at 256). An all-greedy
 batch skips the sampler's draw. Buffers for one
@@ -111,10 +120,8 @@ class _Buffers:
     k_L: list[torch.Tensor]  # per layer (rows, kv_heads, length, head_dim)
     v_L: list[torch.Tensor]
     token_B: torch.Tensor  # last token of each row
-    pos0_B: torch.Tensor  # position of a row's first generated token (its prompt length)
-    pad_B: torch.Tensor  # first cache column a row attends to (left padding)
-    col0: torch.Tensor  # 0-d: prompt width (column of the first generated token)
-    step: torch.Tensor  # 0-d: index of the token this step produces
+    len_B: torch.Tensor  # prompt length: the position (= column) of the first generated token
+    step_B: torch.Tensor  # index of the token the row's next step produces
     uniform_B_N: torch.Tensor
     temperature_B: torch.Tensor
     top_k_B: torch.Tensor
@@ -125,6 +132,17 @@ class _Buffers:
     max_new_B: torch.Tensor
     done_B: torch.Tensor
     arange_T: torch.Tensor
+
+
+@dataclass
+class _Run:
+    """The run in progress: its buffers, adapters, captured step and sampling mode."""
+
+    buf: _Buffers
+    snap: _Snapshot
+    step_fn: Callable[[], None]
+    mode: SamplingMode
+    column: dict[int, int]  # slot -> its adapter's index in the snapshot
 
 
 @dataclass
@@ -180,126 +198,156 @@ class StaticDecoder:
         self._graphs: OrderedDict[tuple[int, int, int, str], Callable[[], None]] = OrderedDict()
         self._pool: Any = None
         self._name_of: dict[int, str] = {}
+        self._run: _Run | None = None
 
     # ---- one batch -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def decode(
-        self,
-        *,
-        slots_B: Sequence[int],
-        cache: Any,
-        source_B: torch.Tensor,
-        width: int,
-        prompt_len_B: Sequence[int],
-        first_logits_B_V: torch.Tensor,
-        sampling_B: Sequence[tuple[float, int, float]],
-        uniform_B_N: torch.Tensor,
-        stop_ids_B: Sequence[frozenset[int]],
-        max_new_B: Sequence[int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode one batch after its prefill; return ``(tokens_B_N, logprobs_B_N)`` on the CPU.
-
-        ``cache``: the prefill's HF cache (``U`` unique rows), ``source_B`` each row's prefill
-        row; ``first_logits_B_V`` the prefill's last logits per row; ``sampling_B``
-        (temperature, top_k, top_p); ``uniform_B_N`` each row's draws for its ``N`` steps.
-        Column ``n`` of the result is the row's ``n``-th new token; columns past a row's end
-        are meaningless (the caller applies stops and lengths).
-        """
-        rows, steps = len(slots_B), uniform_B_N.shape[1]
+    def begin(self, *, rows: int, length: int, slots: Sequence[int], mode: SamplingMode) -> int:
+        """Start a run of up to ``rows`` rows at a time, each at most ``length`` positions
+        (prompt + new tokens), using the adapters of ``slots`` (every row that will join) and
+        one sampling ``mode`` (:func:`sampling_mode` of all of them). Every buffer row starts
+        free. Returns the number of buffer rows (``rows`` bucketed)."""
         bucket = row_bucket(rows)
-        length = -(-(width + steps) // LENGTH_BUCKET) * LENGTH_BUCKET
-        used = sorted({s for s in slots_B if s != BASE_SLOT})
+        length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+        used = sorted({s for s in slots if s != BASE_SLOT})
         u_bucket = slot_bucket(len(used), self.lora.num_slots)
-        mode = sampling_mode(sampling_B)
-        total = max(max_new_B)
         buf = self._buffers_for(bucket, length)
         snap = self._snapshot_for(bucket, u_bucket)
         step_fn = self._step_for(buf, snap, bucket, length, u_bucket, mode)
-        self._fill(
-            buf, snap, used, slots_B, cache, source_B, width, prompt_len_B, sampling_B,
-            uniform_B_N, stop_ids_B, max_new_B,
-        )  # fmt: skip
-        # the first new token comes from the prefill's logits, with the graph's sampler
-        first_B = torch.zeros(bucket, first_logits_B_V.shape[1], device=self.device)
-        first_B[:rows] = first_logits_B_V.float()
-        buf.step.fill_(0)
-        self._sample_into(buf, first_B, mode)
-        buf.step.fill_(1)
-        for n in range(1, total):
-            step_fn()
-            if n % CHECK_EVERY == 0 and bool(buf.done_B[:rows].all()):
-                break
-        tokens_B_N, logprobs_B_N = buf.token_B_N[:rows].cpu(), buf.logprob_B_N[:rows].cpu()
-        if self.buffer_bytes(bucket, length) > self.cache_bytes:
-            self._drop_buffers((bucket, length))  # too big to keep for the next batch
-        return tokens_B_N, logprobs_B_N
+        self._reset(buf, snap, used)
+        self._run = _Run(buf, snap, step_fn, mode, {slot: u for u, slot in enumerate(used)})
+        return bucket
 
-    def _fill(
+    @torch.inference_mode()
+    def join(
         self,
-        buf: _Buffers,
-        snap: _Snapshot,
-        used: list[int],
-        slots_B: Sequence[int],
+        index: Sequence[int],
+        *,
+        slots: Sequence[int],
         cache: Any,
-        source_B: torch.Tensor,
+        source: torch.Tensor,
         width: int,
-        prompt_len_B: Sequence[int],
-        sampling_B: Sequence[tuple[float, int, float]],
-        uniform_B_N: torch.Tensor,
-        stop_ids_B: Sequence[frozenset[int]],
-        max_new_B: Sequence[int],
+        prompt_len: Sequence[int],
+        first_logits: torch.Tensor,
+        sampling: Sequence[tuple[float, int, float]],
+        uniform: torch.Tensor,
+        stop_ids: Sequence[frozenset[int]],
+        max_new: Sequence[int],
     ) -> None:
-        rows, dev = len(slots_B), self.device
-        for layer, (k, v) in enumerate(_cache_tensors(cache)):
-            buf.k_L[layer].zero_()
-            buf.v_L[layer].zero_()
-            buf.k_L[layer][:rows, :, :width] = k[source_B]
-            buf.v_L[layer][:rows, :, :width] = v[source_B]
-        lens = torch.tensor(list(prompt_len_B), dtype=torch.long)
-        buf.pos0_B.zero_()
-        buf.pos0_B[:rows] = lens.to(dev)
-        buf.pad_B.zero_()
-        buf.pad_B[:rows] = (width - lens).to(dev)
-        buf.col0.fill_(width)
-        temperature, top_k, top_p = zip(*sampling_B, strict=True)
-        buf.temperature_B.zero_()
-        buf.temperature_B[:rows] = torch.tensor(temperature).to(dev)
-        buf.top_k_B.fill_(-1)
-        buf.top_k_B[:rows] = torch.tensor(top_k).to(dev)
-        buf.top_p_B.fill_(1.0)
-        buf.top_p_B[:rows] = torch.tensor(top_p).to(dev)
-        buf.uniform_B_N.zero_()
-        buf.uniform_B_N[:rows, : uniform_B_N.shape[1]] = uniform_B_N.to(dev)
-        width_k = buf.stop_B_K.shape[1]
-        stops = torch.full((rows, width_k), -1, dtype=torch.long)
-        for b, ids in enumerate(stop_ids_B):
-            chosen = sorted(ids)[:width_k]
-            stops[b, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
-        buf.stop_B_K.fill_(-1)
-        buf.stop_B_K[:rows] = stops.to(dev)
-        buf.max_new_B.fill_(1)  # padding rows are done at once
-        buf.max_new_B[:rows] = torch.tensor(list(max_new_B)).to(dev)
-        buf.done_B.zero_()
-        # the adapters: each used slot's A rows and scale * B^T, and each row's mask
-        rank = self.lora.max_rank
-        column = {slot: u for u, slot in enumerate(used)}
-        mix = torch.zeros(buf.token_B.shape[0], snap.mix_B_UR.shape[1] or 1)
-        for b, slot in enumerate(slots_B):
-            if slot != BASE_SLOT:
-                mix[b, column[slot] * rank : (column[slot] + 1) * rank] = 1.0
-        snap.mix_B_UR.copy_(mix[:, : snap.mix_B_UR.shape[1]].to(dev))
-        if used:
-            index = torch.tensor(used, device=dev)
-            for name, lora_layer in self.lora.layers.items():
-                a, bt = snap.a_P[name], snap.bt_P[name]
-                a.zero_()
-                bt.zero_()
-                a[: len(used) * rank] = lora_layer.lora_A_S_R_I[index].reshape(-1, a.shape[1])
-                scaled = lora_layer.lora_B_S_O_R[index] * lora_layer.scale_S[index][:, None, None]
-                bt[: len(used) * rank] = scaled.transpose(1, 2).reshape(-1, bt.shape[1])
+        """Put new rows into the free buffer rows ``index`` after their prefill.
 
-    # ---- buffers and graphs ----------------------------------------------------------------
+        ``cache``: the prefill's HF cache (left-padded to ``width``), ``source`` each new row's
+        prefill row; ``first_logits`` the prefill's last logits per new row; ``sampling``
+        (temperature, top_k, top_p); ``uniform`` each row's draws for its steps. The first new
+        token is sampled here, with the graph's sampler.
+        """
+        run, dev = self._require_run(), self.device
+        buf, snap = run.buf, run.snap
+        idx = torch.tensor(list(index), dtype=torch.long, device=dev)
+        lens = list(prompt_len)
+        for layer, (k, v) in enumerate(_cache_tensors(cache)):
+            k_J, v_J = k[source], v[source]  # (J, kv_heads, width, head_dim), left-padded
+            for j, (b, n) in enumerate(zip(index, lens, strict=True)):
+                buf.k_L[layer][b, :, :n] = k_J[j, :, width - n :]
+                buf.v_L[layer][b, :, :n] = v_J[j, :, width - n :]
+        temperature, top_k, top_p = (torch.tensor(x) for x in zip(*sampling, strict=True))
+        count = len(lens)
+        stops = torch.full((count, buf.stop_B_K.shape[1]), -1, dtype=torch.long)
+        for j, ids in enumerate(stop_ids):
+            chosen = sorted(ids)[: stops.shape[1]]
+            stops[j, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
+        draws = torch.zeros(count, buf.uniform_B_N.shape[1])
+        draws[:, : uniform.shape[1]] = uniform
+        mix = torch.zeros(count, snap.mix_B_UR.shape[1])
+        rank = self.lora.max_rank
+        for j, slot in enumerate(slots):
+            if slot != BASE_SLOT:
+                u = run.column[slot]
+                mix[j, u * rank : (u + 1) * rank] = 1.0
+        for target, values in (
+            (buf.len_B, torch.tensor(lens)),
+            (buf.temperature_B, temperature.float()),
+            (buf.top_k_B, top_k.long()),
+            (buf.top_p_B, top_p.float()),
+            (buf.uniform_B_N, draws),
+            (buf.stop_B_K, stops),
+            (buf.max_new_B, torch.tensor(list(max_new))),
+            (snap.mix_B_UR, mix),
+        ):
+            target.index_copy_(0, idx, values.to(dev, target.dtype))
+        # the first token, from the prefill's logits, with the same sampler as the step
+        token_J, logprob_J = sample_tokens_static_B(
+            first_logits.float(),
+            buf.temperature_B[idx],
+            buf.top_k_B[idx],
+            buf.top_p_B[idx],
+            buf.uniform_B_N[idx, 0],
+            filtered=run.mode == "filtered",
+            greedy_only=run.mode == "greedy",
+        )
+        buf.token_B.index_copy_(0, idx, token_J)
+        buf.token_B_N[idx, 0] = token_J
+        buf.logprob_B_N[idx, 0] = logprob_J
+        buf.step_B.index_fill_(0, idx, 1)
+        done_J = (token_J[:, None] == buf.stop_B_K[idx]).any(-1) | (buf.max_new_B[idx] <= 1)
+        buf.done_B.index_copy_(0, idx, done_J)
+
+    @torch.inference_mode()
+    def run(self, steps: int) -> set[int]:
+        """Decode ``steps`` tokens for every row; return the rows done (one host sync)."""
+        run = self._require_run()
+        for _ in range(steps):
+            run.step_fn()
+        return set(torch.nonzero(run.buf.done_B).flatten().tolist())
+
+    @torch.inference_mode()
+    def take(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens and log-probs of buffer rows ``index`` (column ``n``: the row's ``n``-th
+        new token; columns past its end are meaningless), on the CPU; the rows become free."""
+        buf = self._require_run().buf
+        idx = torch.tensor(list(index), dtype=torch.long, device=self.device)
+        out = buf.token_B_N[idx].cpu(), buf.logprob_B_N[idx].cpu()
+        buf.done_B.index_fill_(0, idx, True)
+        return out
+
+    def end(self) -> None:
+        """End the run (buffers too big for the cache budget are freed)."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        rows, length = run.buf.token_B.shape[0], run.buf.arange_T.shape[0]
+        if self.buffer_bytes(rows, length) > self.cache_bytes:
+            self._drop_buffers((rows, length))  # too big to keep for the next run
+
+    def _require_run(self) -> _Run:
+        if self._run is None:
+            raise RuntimeError("no decode run: call begin() first")
+        return self._run
+
+    def _reset(self, buf: _Buffers, snap: _Snapshot, used: list[int]) -> None:
+        """Every row free; the run's adapters (each used slot's A rows and scale * B^T)."""
+        buf.done_B.fill_(True)
+        buf.step_B.zero_()
+        buf.len_B.zero_()
+        buf.token_B.zero_()
+        buf.max_new_B.fill_(1)
+        buf.stop_B_K.fill_(-1)
+        buf.temperature_B.zero_()
+        buf.top_k_B.fill_(-1)
+        buf.top_p_B.fill_(1.0)
+        snap.mix_B_UR.zero_()
+        if not used:
+            return
+        rank = self.lora.max_rank
+        index = torch.tensor(used, device=self.device)
+        for name, lora_layer in self.lora.layers.items():
+            a, bt = snap.a_P[name], snap.bt_P[name]
+            a.zero_()
+            bt.zero_()
+            a[: len(used) * rank] = lora_layer.lora_A_S_R_I[index].reshape(-1, a.shape[1])
+            scaled = lora_layer.lora_B_S_O_R[index] * lora_layer.scale_S[index][:, None, None]
+            bt[: len(used) * rank] = scaled.transpose(1, 2).reshape(-1, bt.shape[1])
 
     def buffer_bytes(self, rows: int, length: int) -> int:
         """Bytes of the K/V buffers for ``rows`` x ``length`` (the rest is small)."""
@@ -328,10 +376,8 @@ class StaticDecoder:
             k_L=[torch.zeros(shape, device=dev, dtype=dtype) for _ in self.layers],
             v_L=[torch.zeros(shape, device=dev, dtype=dtype) for _ in self.layers],
             token_B=torch.zeros(rows, dtype=torch.long, device=dev),
-            pos0_B=torch.zeros(rows, dtype=torch.long, device=dev),
-            pad_B=torch.zeros(rows, dtype=torch.long, device=dev),
-            col0=torch.zeros((), dtype=torch.long, device=dev),
-            step=torch.zeros((), dtype=torch.long, device=dev),
+            len_B=torch.zeros(rows, dtype=torch.long, device=dev),
+            step_B=torch.zeros(rows, dtype=torch.long, device=dev),
             uniform_B_N=torch.zeros(rows, length, device=dev),
             temperature_B=torch.zeros(rows, device=dev),
             top_k_B=torch.full((rows,), -1, dtype=torch.long, device=dev),
@@ -390,11 +436,8 @@ class StaticDecoder:
         def eager() -> None:
             self._step(buf, snap, mode)
 
-        if self.graphs:
-            # the warm-up runs really execute: point them at valid columns (a fresh buffer's
-            # step 0 would write column -1); the batch's fill overwrites what they scribble
-            buf.step.fill_(1)
-            buf.col0.fill_(0)
+        # the capture's warm-up runs really execute; every index the step uses is clamped to
+        # the buffers, and the run's reset overwrites what they scribble
         fn = self._capture(eager) if self.graphs else eager
         while len(self._graphs) >= MAX_GRAPHS:
             self._graphs.popitem(last=False)
@@ -420,16 +463,16 @@ class StaticDecoder:
     # ---- the step --------------------------------------------------------------------------
 
     def _step(self, buf: _Buffers, snap: _Snapshot, mode: SamplingMode) -> None:
-        """One token for every row: reads ``token_B`` and ``step``, writes column ``step``."""
+        """One token for every row: reads ``token_B`` and ``step_B``, writes its K/V at the
+        row's position and its new token in column ``step_B``; free and done rows step too."""
         inner = self.model.model
         rows = buf.token_B.shape[0]
-        step_1 = buf.step.view(1)
-        col_1 = buf.col0.view(1) + step_1 - 1
-        pos_B_1 = (buf.pos0_B + buf.step - 1)[:, None]
-        arange_T = buf.arange_T
-        mask_B_1_1_T = ((arange_T[None, :] >= buf.pad_B[:, None]) & (arange_T[None, :] <= col_1))[
-            :, None, None, :
-        ]
+        last = buf.arange_T.shape[0] - 1
+        pos_B = (buf.len_B + buf.step_B - 1).clamp(0, last)  # the input token's position
+        pos_B_1 = pos_B[:, None]
+        mask_B_1_1_T = (buf.arange_T[None, :] <= pos_B_1)[:, None, None, :]
+        # each row writes its own column: a scatter along the cache's position axis
+        col_B_K_1_D = pos_B[:, None, None, None].expand(rows, self.kv_heads, 1, self.head_dim)
         x_B_1_H = inner.embed_tokens(buf.token_B[:, None])
         cos, sin = inner.rotary_emb(x_B_1_H, pos_B_1)
         cos_B_1_1_D = cos[:, None]
@@ -449,8 +492,8 @@ class StaticDecoder:
             k_B_1_1_D = k[:, :, None]
             q_B_1_1_D = _rope(q_B_1_1_D, cos_B_1_1_D, sin_B_1_1_D)
             k_B_1_1_D = _rope(k_B_1_1_D, cos_B_1_1_D, sin_B_1_1_D)
-            buf.k_L[i].index_copy_(2, col_1, k_B_1_1_D)
-            buf.v_L[i].index_copy_(2, col_1, v[:, :, None])
+            buf.k_L[i].scatter_(2, col_B_K_1_D, k_B_1_1_D)
+            buf.v_L[i].scatter_(2, col_B_K_1_D, v[:, :, None])
             out = F.scaled_dot_product_attention(
                 q_B_1_1_D,
                 buf.k_L[i],
@@ -467,7 +510,7 @@ class StaticDecoder:
             x_B_H = x_B_H + self._proj(mlp.down_proj, mlp.act_fn(gate) * up, snap)
         logits_B_V = self.model.get_output_embeddings()(_rms_norm(inner.norm, x_B_H)).float()
         self._sample_into(buf, logits_B_V, mode)
-        buf.step.add_(1)
+        buf.step_B.add_(1)
 
     def _proj(self, module: nn.Module, x_B_I: torch.Tensor, snap: _Snapshot) -> torch.Tensor:
         if not isinstance(module, MultiLoraLinear):
@@ -482,8 +525,8 @@ class StaticDecoder:
         return torch.addmm(y_B_O, u_B_UR, snap.bt_P[name])
 
     def _sample_into(self, buf: _Buffers, logits_B_V: torch.Tensor, mode: SamplingMode) -> None:
-        step_1 = buf.step.view(1)
-        uniform_B = buf.uniform_B_N.index_select(1, step_1)[:, 0]
+        n_B_1 = buf.step_B.clamp(max=buf.token_B_N.shape[1] - 1)[:, None]
+        uniform_B = buf.uniform_B_N.gather(1, n_B_1)[:, 0]
         token_B, logprob_B = sample_tokens_static_B(
             logits_B_V,
             buf.temperature_B,
@@ -493,10 +536,10 @@ class StaticDecoder:
             filtered=mode == "filtered",
             greedy_only=mode == "greedy",
         )
-        buf.token_B_N.index_copy_(1, step_1, token_B[:, None])
-        buf.logprob_B_N.index_copy_(1, step_1, logprob_B[:, None])
+        buf.token_B_N.scatter_(1, n_B_1, token_B[:, None])
+        buf.logprob_B_N.scatter_(1, n_B_1, logprob_B[:, None])
         buf.token_B.copy_(token_B)
-        stopped_B = (token_B[:, None] == buf.stop_B_K).any(-1) | (buf.step + 1 >= buf.max_new_B)
+        stopped_B = (token_B[:, None] == buf.stop_B_K).any(-1) | (buf.step_B + 1 >= buf.max_new_B)
         buf.done_B.logical_or_(stopped_B)
 
 

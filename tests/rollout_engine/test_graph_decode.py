@@ -8,8 +8,9 @@ tests repeat it on CUDA with the graphs captured, across adapter loads between b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -140,6 +141,51 @@ def test_static_buffers_stay_within_the_cache_budget(
     assert tight.static is not None
     _assert_same(tight.generate(rows(8)), hf.generate(rows(8)))
     assert tight.static.cached_bytes == 0  # too big to keep: freed when the batch ended
+
+
+def test_continuous_batching_streams_rows_through_a_few_buffer_rows(
+    tiny_dir: Path, adapter_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eleven rows of mixed adapters, lengths and stops through four buffer rows: short rows
+    join and leave while a long one runs, and every row equals the eager loop's."""
+    hf, static = _engines(tiny_dir, adapter_dirs, max_batch_size=4)
+    assert static.static is not None
+    lengths = [60, 3, 5, 2, 9, 4, 30, 1, 7, 12, 6]
+    adapters = [None, AdapterRef("a", 1), AdapterRef("b", 1), AdapterRef("c", 1)]
+    requests = [
+        GenerateRequest(
+            input_ids=tuple(range(4 + b % 3, 8 + b)),
+            adapter=adapters[b % 4],
+            sampling=SamplingParams(
+                temperature=[0.0, 1.0, 0.9][b % 3],
+                top_k=5 if b == 4 else -1,
+                max_new_tokens=n,
+                seed=b,
+                stop_token_ids=(3,) if b % 2 else (),
+            ),
+        )
+        for b, n in enumerate(lengths)
+    ]
+    events: list[tuple[str, tuple[int, ...]]] = []
+    join, take = static.static.join, static.static.take
+
+    def spy_join(index: Sequence[int], **kwargs: Any) -> None:
+        events.append(("join", tuple(index)))
+        join(index, **kwargs)
+
+    def spy_take(index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        events.append(("take", tuple(index)))
+        return take(index)
+
+    monkeypatch.setattr(static.static, "join", spy_join)
+    monkeypatch.setattr(static.static, "take", spy_take)
+    _assert_same(static.generate(requests), hf.generate(requests))
+    joins = [index for kind, index in events if kind == "join"]
+    assert len(joins) >= 3 and sum(len(index) for index in joins) == len(requests)
+    assert all(b < 4 for index in joins for b in index)
+    # the first row (60 tokens) is still decoding when later rows join its batch
+    first_take = next(i for i, (kind, index) in enumerate(events) if kind == "take" and 0 in index)
+    assert sum(1 for kind, _ in events[:first_take] if kind == "join") >= 2
 
 
 def test_static_decode_rows_do_not_depend_on_batch_mates(
