@@ -12,6 +12,11 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 export PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$OUT/device.txt"
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/device.txt"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/trainer tests/rollout_engine 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/trainer tests/rollout_engine tests/trainer_rl 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 python3 bench/train_step.py --device cuda --out "$OUT/train_step.json" 2>&1 | tail -30 | tee "$OUT/train_step.txt"
-python3 bench/rollout.py --device cuda --out "$OUT/rollout.json" 2>&1 | tail -20 | tee "$OUT/rollout.txt"
+# both decoders side by side at 64 and 256 rows (PEFT at 64 rows takes ~50 s a run on an H200)
+python3 bench/rollout.py --device cuda --repeats 2 --out "$OUT/rollout.json" 2>&1 | grep -v warm | tail -30 | tee "$OUT/rollout.txt"
+if [ -d /tmp/carry/smollm2-135m ]; then  # the real model, once bench/carry.py has landed it
+  python3 bench/adapter_load.py --device cuda --dtype bfloat16 --model /tmp/carry/smollm2-135m \
+    --out "$OUT/adapter_load.json" 2>&1 | tail -5 | tee "$OUT/adapter_load.txt"
+fi
