@@ -13,16 +13,18 @@ shape and replayed with one launch per token::
                x += down(act(gate(h')) * up(h'))     h' = norm(x), each with LoRA
     logits_B_V = head(norm(x)); token_B, logprob_B = sample(logits, params_B, uniform_B[step])
 
-**LoRA in the graph.** A batch's adapters are copied once, at its start, into a snapshot of
-``U`` slots (the distinct adapters of the batch, bucketed): per projection ``A_UR_I`` (each
-adapter's ``A`` rows) and ``Bt_UR_O`` (``scale * B^T``), and one 0/1 mask ``mix_B_UR`` selects
-each row's own adapter's ``R`` columns. The adapter term is then two dense matrix products::
+**LoRA in the graph.** A run's adapters (those of every row of the call) are copied once, at
+its start, into a snapshot of ``U`` slots (the distinct adapters, bucketed): per projection
+``A_UR_I`` (each adapter's ``A`` rows) and ``Bt_UR_O`` (``scale * B^T``), and one 0/1 mask
+``mix_B_UR`` selects each row's own adapter's ``R`` columns. The adapter term is then two
+dense matrix products::
 
     y_B_O += ((x_B_I @ A_UR_I^T) * mix_B_UR) @ Bt_UR_O
 
 the same sum as the per-row form (the masked columns add exact zeros), with no gather, no sort
 and no data-dependent shape, so it captures. A base row has an all-zero mask row. Loads that
-happen while a batch decodes write the engine's slots, not the snapshot.
+happen while a run decodes write the engine's slots, not the snapshot (the run's versions are
+pinned by the engine, so none of them is evicted meanwhile).
 
 **Continuous batching.** Each row of the buffers is its own sequence: its prompt sits in
 columns ``[0, len)`` (column = position), it has its own step counter, and a row that finishes
@@ -38,14 +40,15 @@ the eager loop without host synchronisation; a row's uniforms are drawn from its
 up front (the same stream the eager loop draws one step at a time). Stop tokens and lengths are
 applied on the host from the returned tokens, with the eager loop's own rule, so stop strings
 behave the same. Rows that finish keep stepping (their extra tokens are dropped) until the
-host sees them done, checked every :data:`CHECK_EVERY` steps.
+host sees them done, checked every :data:`CHECK_EVERY` steps; a row that ends on a stop
+*string* is only seen done at its length (the graph knows token ids, not text).
 
 **Shapes.** A graph is keyed by ``(rows bucket, cache length bucket, adapter bucket, sampling
 mode)``; rows pad up to the bucket (free rows are marked done and ignored). Attention
 reads the whole buffer under a mask (reading only the columns written so far, a graph per
 32-column span, measured slower at 64 rows on an H200 and no faster at 256). An all-greedy
-batch skips the sampler's draw. Buffers for one
-``(rows, length)`` are shared by its graphs. On CPU (tests) the same step runs eagerly.
+batch skips the sampler's draw. Buffers for one ``(rows, length)`` are shared by its graphs
+and kept for later runs within a byte budget. On CPU (tests) the same step runs eagerly.
 
 Supported: Llama, Mistral, Qwen2 and Qwen3 decoder layers (full attention, RMSNorm, gated MLP);
 :func:`unsupported_reason` says why another model stays on the eager loop.
@@ -246,11 +249,19 @@ class StaticDecoder:
         buf, snap = run.buf, run.snap
         idx = torch.tensor(list(index), dtype=torch.long, device=dev)
         lens = list(prompt_len)
+        # the prefill is left-padded to ``width``; a buffer row holds its prompt from column 0:
+        # column t of row j takes the prefill's column width - len_j + t (past the prompt the
+        # clamped copy is never attended: a step writes its column before it reads it)
+        len_J = torch.tensor(lens, device=dev)
+        src_J_T = (width - len_J[:, None] + torch.arange(width, device=dev)[None, :]).clamp(
+            max=width - 1
+        )
+        src_J_K_T_D = src_J_T[:, None, :, None].expand(
+            len(lens), self.kv_heads, width, self.head_dim
+        )
         for layer, (k, v) in enumerate(_cache_tensors(cache)):
-            k_J, v_J = k[source], v[source]  # (J, kv_heads, width, head_dim), left-padded
-            for j, (b, n) in enumerate(zip(index, lens, strict=True)):
-                buf.k_L[layer][b, :, :n] = k_J[j, :, width - n :]
-                buf.v_L[layer][b, :, :n] = v_J[j, :, width - n :]
+            buf.k_L[layer][idx, :, :width] = k[source].gather(2, src_J_K_T_D)
+            buf.v_L[layer][idx, :, :width] = v[source].gather(2, src_J_K_T_D)
         temperature, top_k, top_p = (torch.tensor(x) for x in zip(*sampling, strict=True))
         count = len(lens)
         stops = torch.full((count, buf.stop_B_K.shape[1]), -1, dtype=torch.long)
