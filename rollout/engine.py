@@ -500,6 +500,18 @@ class Engine:
                     left[b] = max(0, left[b] - steps)
                     if b in done or left[b] == 0:
                         finished.append(b)
+                # stop strings are text: the graph cannot see them, so rows that have them are
+                # read back at every check and end as soon as one appears (not at their length)
+                texts = [b for b in active if b not in finished and active[b].request.sampling.stop]
+                if texts:
+                    tokens_T_N, logprobs_T_N = static.peek(texts)
+                    for b, tokens, logprobs in zip(
+                        texts, tokens_T_N.tolist(), logprobs_T_N.tolist(), strict=True
+                    ):
+                        made = active[b].request.sampling.max_new_tokens - left[b]
+                        self._extend(active[b], tokens[:made], logprobs[:made])
+                        if active[b].finish is not None:
+                            finished.append(b)
                 if not finished:
                     continue
                 tokens_F_N, logprobs_F_N = static.take(finished)
@@ -509,10 +521,7 @@ class Engine:
                     row = active.pop(b)
                     del left[b]
                     free.append(b)
-                    for token, logprob in zip(tokens, logprobs, strict=False):
-                        self._append(row, token, logprob)
-                        if row.finish is not None:
-                            break
+                    self._extend(row, tokens, logprobs)
         finally:
             static.end()
 
@@ -574,6 +583,14 @@ class Engine:
             if row.finish is None:
                 self._append(row, token, logprob)
         return tokens_B
+
+    def _extend(self, row: _Row, tokens: list[int], logprobs: list[float]) -> None:
+        """Append the row's tokens past those it holds, until it finishes (:meth:`_append`)."""
+        start = len(row.completion_ids)
+        for token, logprob in zip(tokens[start:], logprobs[start:], strict=True):
+            if row.finish is not None:
+                return
+            self._append(row, token, logprob)
 
     def _append(self, row: _Row, token: int, logprob: float) -> None:
         sp = row.request.sampling

@@ -40,8 +40,9 @@ the eager loop without host synchronisation; a row's uniforms are drawn from its
 up front (the same stream the eager loop draws one step at a time). Stop tokens and lengths are
 applied on the host from the returned tokens, with the eager loop's own rule, so stop strings
 behave the same. Rows that finish keep stepping (their extra tokens are dropped) until the
-host sees them done, checked every :data:`CHECK_EVERY` steps; a row that ends on a stop
-*string* is only seen done at its length (the graph knows token ids, not text).
+host sees them done, checked every :data:`CHECK_EVERY` steps. The graph knows stop token ids,
+not text: the engine reads rows with stop strings back at each check (:meth:`StaticDecoder.peek`)
+and ends them when a string appears.
 
 **Shapes.** A graph is keyed by ``(rows bucket, cache length bucket, adapter bucket, sampling
 mode)``; rows pad up to the bucket (free rows are marked done and ignored). Attention
@@ -313,13 +314,19 @@ class StaticDecoder:
         return set(torch.nonzero(run.buf.done_B).flatten().tolist())
 
     @torch.inference_mode()
-    def take(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tokens and log-probs of buffer rows ``index`` (column ``n``: the row's ``n``-th
-        new token; columns past its end are meaningless), on the CPU; the rows become free."""
+    def peek(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens and log-probs of buffer rows ``index`` so far (column ``n``: the row's
+        ``n``-th new token; columns past what it made are meaningless), on the CPU."""
         buf = self._require_run().buf
         idx = torch.tensor(list(index), dtype=torch.long, device=self.device)
-        out = buf.token_B_N[idx].cpu(), buf.logprob_B_N[idx].cpu()
-        buf.done_B.index_fill_(0, idx, True)
+        return buf.token_B_N[idx].cpu(), buf.logprob_B_N[idx].cpu()
+
+    @torch.inference_mode()
+    def take(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`peek`, and the rows become free."""
+        out = self.peek(index)
+        idx = torch.tensor(list(index), dtype=torch.long, device=self.device)
+        self._require_run().buf.done_B.index_fill_(0, idx, True)
         return out
 
     def end(self) -> None:

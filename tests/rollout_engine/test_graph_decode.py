@@ -120,6 +120,35 @@ def test_static_decode_long_batches_in_each_sampling_mode(
     }
 
 
+def test_rows_with_stop_strings_leave_when_the_string_appears(
+    tiny_dir: Path, adapter_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The graph sees token ids, not text: rows with stop strings are read back at each check
+    and end when the string appears, not at their length, with the eager loop's results."""
+    hf, static = _engines(tiny_dir, adapter_dirs)
+    assert static.static is not None
+    requests = [
+        GenerateRequest(
+            input_ids=(4, 5, 6),
+            sampling=SamplingParams(temperature=1.0, max_new_tokens=300, seed=s, stop=("a", "e")),
+        )
+        for s in range(6)
+    ]
+    steps: list[int] = []
+    run = static.static.run
+
+    def spy_run(n: int) -> set[int]:
+        steps.append(n)
+        return run(n)
+
+    monkeypatch.setattr(static.static, "run", spy_run)
+    got, want = static.generate(requests), hf.generate(requests)
+    _assert_same(got, want)
+    assert all(w.finish_reason == "stop" for w in want)
+    longest = max(len(w.completion_ids) for w in want)
+    assert sum(steps) < longest + 16 < 299  # stopped within one check of the last stop
+
+
 def test_static_buffers_stay_within_the_cache_budget(
     tiny_dir: Path, adapter_dirs: dict[str, Path]
 ) -> None:
