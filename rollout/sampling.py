@@ -174,16 +174,31 @@ def sample_tokens_B(
     greedy_B = temperature_B < GREEDY_TEMPERATURE
     tokens_B = logits_B_V.argmax(dim=-1)
     if not bool(greedy_B.all()):
-        probs_B_V = logprobs_B_V.exp()
-        if bool(((top_k_B > 0) | (top_p_B < 1.0)).any()):
-            probs_B_V = probs_B_V * keep_mask_B_V(logprobs_B_V, top_k_B, top_p_B)
-        cdf_B_V = probs_B_V.cumsum(dim=-1)
-        target_B = uniform_B.to(cdf_B_V)[:, None] * cdf_B_V[:, -1:]
-        vocab = probs_B_V.shape[-1]
-        last_kept_B = vocab - 1 - (probs_B_V > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
-        pos_B = torch.searchsorted(cdf_B_V, target_B, right=True).clamp(max=last_kept_B)
-        tokens_B = torch.where(greedy_B, tokens_B, pos_B.squeeze(-1))
+        filtered = bool(((top_k_B > 0) | (top_p_B < 1.0)).any())
+        drawn_B = _drawn_tokens_B(logprobs_B_V, top_k_B, top_p_B, uniform_B, filtered=filtered)
+        tokens_B = torch.where(greedy_B, tokens_B, drawn_B)
     return tokens_B, logprobs_B_V.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+def _drawn_tokens_B(
+    logprobs_B_V: torch.Tensor,
+    top_k_B: torch.Tensor,
+    top_p_B: torch.Tensor,
+    uniform_B: torch.Tensor,
+    *,
+    filtered: bool,
+) -> torch.Tensor:
+    """Each row's inverse-CDF pick of ``uniform_B`` in vocabulary order (``filtered``: under
+    :func:`keep_mask_B_V`); the draw of :func:`sample_tokens_B` and its static twin."""
+    probs_B_V = logprobs_B_V.exp()
+    if filtered:
+        probs_B_V = probs_B_V * keep_mask_B_V(logprobs_B_V, top_k_B, top_p_B)
+    cdf_B_V = probs_B_V.cumsum(dim=-1)
+    target_B = uniform_B.to(cdf_B_V)[:, None] * cdf_B_V[:, -1:]
+    vocab = probs_B_V.shape[-1]
+    last_kept_B = vocab - 1 - (probs_B_V > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
+    pos_B = torch.searchsorted(cdf_B_V, target_B, right=True).clamp(max=last_kept_B)
+    return pos_B.squeeze(-1)
 
 
 def sample_tokens_static_B(
@@ -203,19 +218,11 @@ def sample_tokens_static_B(
     ``greedy_only``: every row is greedy (the caller knows), so no draw is computed.
     """
     logprobs_B_V = policy_logprobs_B_V(logits_B_V, temperature_B)
-    if greedy_only:
-        tokens_B = logits_B_V.argmax(dim=-1)
-        return tokens_B, logprobs_B_V.gather(-1, tokens_B[:, None]).squeeze(-1)
-    greedy_B = temperature_B < GREEDY_TEMPERATURE
-    probs_B_V = logprobs_B_V.exp()
-    if filtered:
-        probs_B_V = probs_B_V * keep_mask_B_V(logprobs_B_V, top_k_B, top_p_B)
-    cdf_B_V = probs_B_V.cumsum(dim=-1)
-    target_B = uniform_B.to(cdf_B_V)[:, None] * cdf_B_V[:, -1:]
-    vocab = probs_B_V.shape[-1]
-    last_kept_B = vocab - 1 - (probs_B_V > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
-    pos_B = torch.searchsorted(cdf_B_V, target_B, right=True).clamp(max=last_kept_B)
-    tokens_B = torch.where(greedy_B, logits_B_V.argmax(dim=-1), pos_B.squeeze(-1))
+    tokens_B = logits_B_V.argmax(dim=-1)
+    if not greedy_only:
+        greedy_B = temperature_B < GREEDY_TEMPERATURE
+        drawn_B = _drawn_tokens_B(logprobs_B_V, top_k_B, top_p_B, uniform_B, filtered=filtered)
+        tokens_B = torch.where(greedy_B, tokens_B, drawn_B)
     return tokens_B, logprobs_B_V.gather(-1, tokens_B[:, None]).squeeze(-1)
 
 
