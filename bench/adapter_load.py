@@ -31,33 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from bench.engine_phases import write_adapters  # noqa: E402
 from events.adapter_format import read_peft_adapter  # noqa: E402
 from ops.models import write_tiny_model  # noqa: E402
 from rollout.engine import Engine  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def write_adapters(model_dir: Path, root: Path, rank: int, count: int) -> list[Path]:
-    """``count`` random PEFT LoRAs of ``rank`` on every projection, saved under ``root``."""
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    paths = []
-    for i in range(count):
-        config = LoraConfig(r=rank, lora_alpha=16, target_modules=TARGETS)
-        peft_model = get_peft_model(copy.deepcopy(base), config)
-        gen = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-        peft_model.save_pretrained(str(root / f"r{rank}-{i}"))
-        paths.append(root / f"r{rank}-{i}")
-    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (model / "config.json").exists():
         parser.error(f"--model {model}: no config.json there; run `make model` or pass --small")
     ranks = [int(r) for r in args.ranks.split(",")]
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     rows = []
     for rank in ranks:
-        adapters = [read_peft_adapter(p) for p in write_adapters(model, tmp, rank, args.adapters)]
+        paths = write_adapters(base, tmp / f"r{rank}", [rank] * args.adapters)
+        adapters = [read_peft_adapter(p) for p in paths]
         engine = Engine.from_pretrained(
             model,
             dtype=args.dtype,
