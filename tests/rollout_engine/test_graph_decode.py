@@ -54,6 +54,19 @@ def _assert_same(got: list[GenerateResult], want: list[GenerateResult], tol: flo
         assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=tol), b
 
 
+def _record(
+    monkeypatch: pytest.MonkeyPatch, obj: object, name: str, calls: list[tuple[str, Any]]
+) -> None:
+    """Log ``(name, first argument)`` of every call of ``obj.name``, then make the call."""
+    real = getattr(obj, name)
+
+    def spy(first: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((name, tuple(first) if isinstance(first, Sequence) else first))
+        return real(first, *args, **kwargs)
+
+    monkeypatch.setattr(obj, name, spy)
+
+
 def _engines(model_dir: Path, adapters: dict[str, Path], **kwargs: object) -> list[Engine]:
     engines = []
     for decoder in ("hf", "static"):
@@ -134,19 +147,15 @@ def test_rows_with_stop_strings_leave_when_the_string_appears(
         )
         for s in range(6)
     ]
-    steps: list[int] = []
-    run = static.static.run
-
-    def spy_run(n: int) -> set[int]:
-        steps.append(n)
-        return run(n)
-
-    monkeypatch.setattr(static.static, "run", spy_run)
+    calls: list[tuple[str, Any]] = []
+    _record(monkeypatch, static.static, "run", calls)
     got, want = static.generate(requests), hf.generate(requests)
     _assert_same(got, want)
     assert all(w.finish_reason == "stop" for w in want)
     longest = max(len(w.completion_ids) for w in want)
-    assert sum(steps) < longest + 16 < 299  # stopped within one check of the last stop
+    assert (
+        sum(n for _, n in calls) < longest + 16 < 299
+    )  # stopped within one check of the last stop
 
 
 def test_static_buffers_stay_within_the_cache_budget(
@@ -201,19 +210,9 @@ def test_continuous_batching_streams_rows_through_a_few_buffer_rows(
         )
         for b, n in enumerate(lengths)
     ]
-    events: list[tuple[str, tuple[int, ...]]] = []
-    join, take = static.static.join, static.static.take
-
-    def spy_join(index: Sequence[int], **kwargs: Any) -> None:
-        events.append(("join", tuple(index)))
-        join(index, **kwargs)
-
-    def spy_take(index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        events.append(("take", tuple(index)))
-        return take(index)
-
-    monkeypatch.setattr(static.static, "join", spy_join)
-    monkeypatch.setattr(static.static, "take", spy_take)
+    events: list[tuple[str, Any]] = []
+    _record(monkeypatch, static.static, "join", events)
+    _record(monkeypatch, static.static, "take", events)
     _assert_same(
         static.generate(requests), hf.generate(requests), tol=1e-4 if device == "cpu" else 1e-3
     )
