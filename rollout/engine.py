@@ -1,5 +1,9 @@
 """The embedded generation engine: one frozen base model, many LoRA adapter versions, mixed batches.
 
+(Over 600 lines: both decode loops, the prefill they share, the version pins and the stop rule
+act on one per-row state, :class:`_Row`, under one lock; the static decoder's own maths lives in
+:mod:`rollout.graph_decode`, and what stays here is the part that reads and writes the rows.)
+
 A rollout worker holds one :class:`Engine`. The trainer publishes adapter versions as PEFT
 directories; the worker calls :meth:`Engine.load_adapter` (name, version, path) and then
 :meth:`Engine.generate` with rows that each name their own ``(adapter, version)`` or none.

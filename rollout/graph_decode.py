@@ -248,7 +248,7 @@ class StaticDecoder:
         """
         run, dev = self._require_run(), self.device
         buf, snap = run.buf, run.snap
-        idx = torch.tensor(list(index), dtype=torch.long, device=dev)
+        idx = self._rows(index)
         lens = list(prompt_len)
         # the prefill is left-padded to ``width``; a buffer row holds its prompt from column 0:
         # column t of row j takes the prefill's column width - len_j + t (past the prompt the
@@ -317,17 +317,22 @@ class StaticDecoder:
     def peek(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens and log-probs of buffer rows ``index`` so far (column ``n``: the row's
         ``n``-th new token; columns past what it made are meaningless), on the CPU."""
-        buf = self._require_run().buf
-        idx = torch.tensor(list(index), dtype=torch.long, device=self.device)
-        return buf.token_B_N[idx].cpu(), buf.logprob_B_N[idx].cpu()
+        return self._read(self._require_run().buf, self._rows(index))
 
     @torch.inference_mode()
     def take(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`peek`, and the rows become free."""
-        out = self.peek(index)
-        idx = torch.tensor(list(index), dtype=torch.long, device=self.device)
-        self._require_run().buf.done_B.index_fill_(0, idx, True)
+        buf, idx = self._require_run().buf, self._rows(index)
+        out = self._read(buf, idx)
+        buf.done_B.index_fill_(0, idx, True)
         return out
+
+    def _rows(self, index: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(list(index), dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def _read(buf: _Buffers, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return buf.token_B_N[idx].cpu(), buf.logprob_B_N[idx].cpu()
 
     def end(self) -> None:
         """End the run (buffers too big for the cache budget are freed)."""
