@@ -19,6 +19,12 @@ import msgspec
 from events.config import BusConfig, Positive, load
 from events.errors import ConfigError
 
+Decoder = Literal["auto", "hf", "static", "static-eager"]
+"""How the embedded engine decodes after the prefill: ``hf`` the eager Hugging Face loop (exact
+on CPU), ``static`` :mod:`rollout.graph_decode` with CUDA graphs (eagerly off CUDA),
+``static-eager`` the same without graphs; ``auto``: ``static`` on CUDA for a model it supports,
+else ``hf``."""
+
 EntryPoint = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")]
 """``package.module:function`` of the operator's own code."""
 
@@ -106,8 +112,7 @@ class RolloutConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ] = 0
     weights_cache: Annotated[str, _doc("local copy of remote versions")] = ""
     decoder: Annotated[
-        Literal["auto", "hf", "static", "static-eager"],
-        _doc("embedded decode loop (auto: CUDA-graph static on CUDA, HF eager otherwise)"),
+        Decoder, _doc("embedded decode loop (auto: CUDA-graph static on CUDA, HF eager otherwise)")
     ] = "auto"
     static_cache_gb: Annotated[
         float,

@@ -51,21 +51,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 import torch
 
 from events.adapter_format import PeftAdapter, read_peft_adapter
 from rollout.adapter_slots import AdapterRef, AdapterSlots, EngineError, RequestError
+from rollout.config import Decoder
 from rollout.graph_decode import CHECK_EVERY, StaticDecoder, sampling_mode, unsupported_reason
 from rollout.lora import BASE_SLOT, LoraBackend, MultiLoraModel
 from rollout.sampling import SamplingParams, find_stop, sample_tokens_B, trim_at_stop
-
-Decoder = Literal["auto", "hf", "static", "static-eager"]
-"""How tokens after the prefill are decoded: ``hf`` the eager Hugging Face loop (exact on CPU),
-``static`` :mod:`rollout.graph_decode` with CUDA graphs (eagerly off CUDA), ``static-eager`` the
-same without graphs; ``auto``: ``static`` on CUDA for a model it supports, else ``hf``."""
 
 SCORE_CHUNK = 512
 """Tokens per log-softmax chunk of :meth:`Engine.prompt_logprobs` (bounds the float32 copy)."""
@@ -208,8 +204,8 @@ class Engine:
             self.decoder = "hf" if self.static is None else "static"
 
     def _static_decoder(self, decoder: Decoder) -> StaticDecoder | None:
-        if decoder not in ("auto", "hf", "static", "static-eager"):
-            raise EngineError(f"decoder {decoder!r}; use 'auto', 'hf', 'static' or 'static-eager'")
+        if decoder not in get_args(Decoder):
+            raise EngineError(f"decoder {decoder!r}; use one of {', '.join(get_args(Decoder))}")
         if decoder == "hf" or (decoder == "auto" and self.lora.device.type != "cuda"):
             return None
         reason = unsupported_reason(self.model)

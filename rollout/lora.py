@@ -320,12 +320,10 @@ class MultiLoraModel:
 
     def wrap(self, names: Iterable[str]) -> None:
         """Wrap the named ``nn.Linear`` modules (already wrapped ones are left alone)."""
-        names = [name for name in names if name not in self.layers]
+        names = [name for name in dict.fromkeys(names) if name not in self.layers]
         if names:
             self._plans.clear()  # their views of modules an adapter lacks are stale
         for name in names:
-            if name in self.layers:
-                continue
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             module = getattr(parent, child, None)

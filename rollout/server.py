@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 
@@ -38,6 +38,7 @@ from events.config import Port, Positive, load
 from events.errors import ConfigError, MultiLoraError
 from rollout.adapter_slots import AdapterRef, RequestError
 from rollout.batcher import Batcher
+from rollout.config import Decoder
 from rollout.engine import Engine, GenerateRequest
 from rollout.sampling import SamplingParamError, SamplingParams
 from rollout.sglang_api import BadRequest, parse_generate, render_result
@@ -339,8 +340,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         tuple[str, ...], _doc("directories adapters may be loaded from", "--allowed-root")
     ] = ()
     decoder: Annotated[
-        Literal["auto", "hf", "static", "static-eager"],
-        _doc("decode loop (auto: CUDA-graph static on CUDA, HF eager otherwise)"),
+        Decoder, _doc("decode loop (auto: CUDA-graph static on CUDA, HF eager otherwise)")
     ] = "auto"
     max_wait_ms: Annotated[
         float, msgspec.Meta(ge=0, description="longest wait for a batch to fill, ms")
