@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from rollout.adapter_slots import AdapterRef  # noqa: E402
+from rollout.decode_attention import supported  # noqa: E402
 from rollout.engine import Engine, GenerateRequest  # noqa: E402
 from rollout.sampling import SamplingParams  # noqa: E402
 
@@ -151,12 +152,20 @@ def run_batch(
             )
 
     def on(decoder: str, rows: list[GenerateRequest]) -> Any:
+        kind, _, attention = decoder.partition("+")  # static+sdpa: the masked-SDPA attention
+
         def run() -> None:
-            engine.use_decoder(decoder)  # type: ignore[arg-type]
+            engine.use_decoder(kind)  # type: ignore[arg-type]
+            if engine.static is not None:
+                engine.static.attention = attention or best_attention  # type: ignore[assignment]
             engine.generate(rows)
 
         return run
 
+    probe = next(engine.model.parameters())
+    config = engine.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    best_attention = "triton" if supported(probe, head_dim) else "sdpa"
     runs: dict[str, Any] = {}
     for decoder in decoders:
         runs[f"{decoder}_base"] = on(decoder, base_rows)
@@ -230,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--decoders",
         default="",
-        help="engine decoders to time side by side (default hf on cpu, hf,static on cuda)",
+        help="engine decoders to time side by side (default hf on cpu, hf,static on cuda); "
+        "static+sdpa: the static decoder with SDPA attention over the whole buffer",
     )
     parser.add_argument("--peft-max-rows", type=int, default=64, help="time PEFT up to this")
     parser.add_argument(

@@ -196,12 +196,18 @@ class Engine:
         model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
         self.static = self._static_decoder(decoder)
         self.decoder = "hf" if self.static is None else "static"
+        self._decoder_choice = decoder
 
     def use_decoder(self, decoder: Decoder) -> None:
-        """Switch how later batches decode (:data:`Decoder`); waits for a running batch."""
+        """Switch how later batches decode (:data:`Decoder`); waits for a running batch. The
+        decoder in use stays (with its captured graphs and buffers) when ``decoder`` is the
+        choice it was made for."""
         with self._decode_lock:
+            if decoder == self._decoder_choice:
+                return
             self.static = self._static_decoder(decoder)
             self.decoder = "hf" if self.static is None else "static"
+            self._decoder_choice = decoder
 
     def _static_decoder(self, decoder: Decoder) -> StaticDecoder | None:
         if decoder not in get_args(Decoder):

@@ -57,6 +57,8 @@ Supported: Llama, Mistral, Qwen2 and Qwen3 decoder layers (full attention, RMSNo
 
 from __future__ import annotations
 
+import operator
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,13 +69,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from events.specs import GREEDY_TEMPERATURE
+from rollout import decode_attention
 from rollout.lora import BASE_SLOT, MultiLoraLinear, MultiLoraModel
 from rollout.sampling import sample_tokens_static_B
 
 SamplingMode = Literal["greedy", "sample", "filtered"]
+Attention = Literal["auto", "triton", "sdpa"]
 
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LAYER_GROUPS = (
+    ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    ("self_attn", ("o_proj",)),
+    ("mlp", ("gate_proj", "up_proj")),
+    ("mlp", ("down_proj",)),
+)
+"""A decoder layer's projections by input: those of one group read the same activations and
+run as one matrix product (their weights become views of one fused matrix)."""
 CHECK_EVERY = 16
 """Decode steps between two host checks of "is every row done" (one sync each)."""
 LENGTH_BUCKET = 64
@@ -117,6 +128,22 @@ def slot_bucket(slots: int, num_slots: int) -> int:
     return 0 if slots == 0 else min(num_slots, 1 << (slots - 1).bit_length())
 
 
+def rank_bucket(rank: int, max_rank: int) -> int:
+    """A run's adapter width: its largest rank up to a power of two, at most ``max_rank``."""
+    return min(max_rank, 1 << max(0, rank - 1).bit_length())
+
+
+@dataclass
+class _Group:
+    """Projections of one layer that read the same input, as one product (:data:`LAYER_GROUPS`)."""
+
+    index: int
+    names: tuple[str, ...]  # full module names, in the order of their output columns
+    weight: torch.Tensor  # (sum of outputs, in): each member's weight is a view of its rows
+    bias: torch.Tensor | None
+    widths: tuple[int, ...]
+
+
 @dataclass
 class _Buffers:
     """Decode state for ``rows`` rows and ``length`` cache positions (fixed addresses)."""
@@ -150,12 +177,24 @@ class _Run:
 
 
 @dataclass
-class _Snapshot:
-    """The batch's adapters for the graph: per wrapped projection (A, scale*B^T), and the mask."""
+class _GroupLora:
+    """A group's adapters in a snapshot: its wrapped members' ``A`` rows stacked (one shrink
+    for the group) and each one's ``scale * B^T`` with the output columns it adds to."""
 
-    a_P: dict[str, torch.Tensor]  # name -> (U*R, in)
-    bt_P: dict[str, torch.Tensor]  # name -> (U*R, out)
+    a: torch.Tensor  # (members * U*R, in)
+    bt: list[torch.Tensor]  # per wrapped member (U*R, out)
+    cols: list[tuple[int, int]]
+    names: list[str]
+
+
+@dataclass
+class _Snapshot:
+    """The batch's adapters for the graph: per group with wrapped members, and the mask."""
+
+    lora_G: dict[int, _GroupLora]  # group index ->
     mix_B_UR: torch.Tensor
+    rank: int  # R: columns per adapter
+    wrapped: frozenset[str]  # the engine's wrapped layers when it was made
 
 
 class StaticDecoder:
@@ -166,7 +205,14 @@ class StaticDecoder:
     ``cache_bytes``: the most the buffers kept between batches may hold (K/V caches dominate);
     the least recently used are freed first, and a batch whose buffers alone exceed it frees
     them when it ends. ``None``: half the device memory free when the decoder is made
-    (:data:`CPU_CACHE_BYTES` on CPU).
+    (:data:`CPU_CACHE_BYTES` on CPU). ``attention``: ``triton`` reads each row's written
+    columns only (:mod:`rollout.decode_attention`), ``sdpa`` the whole buffer under a mask;
+    ``auto`` is ``triton`` where it runs (CUDA, bf16 / fp16); the attribute may be switched
+    between batches (graphs are kept per choice).
+
+    The model's projections of one :data:`LAYER_GROUPS` group are re-pointed at rows of one
+    fused weight (same values, no copy kept), which the step reads with one product; a model
+    whose weights are replaced or moved afterwards is fused again at the next batch.
     """
 
     def __init__(
@@ -177,6 +223,7 @@ class StaticDecoder:
         max_rows: int,
         graphs: bool = True,
         cache_bytes: int | None = None,
+        attention: Attention = "auto",
     ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
@@ -193,16 +240,74 @@ class StaticDecoder:
         self.head_dim = int(
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
+        if attention not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"attention {attention!r}; use 'auto', 'triton' or 'sdpa'")
+        probe = next(model.parameters())
+        fast = decode_attention.supported(probe, self.head_dim)
+        if attention == "triton" and not fast:
+            raise ValueError(
+                f"triton decode attention needs Triton, CUDA and bf16 / fp16 with a power-of-two "
+                f"head dim (here {probe.device.type}, {probe.dtype}, head dim {self.head_dim})"
+            )
+        self.attention: Attention = "triton" if attention != "sdpa" and fast else "sdpa"
+        self._groups = self._fuse()
         self._buffers: OrderedDict[tuple[int, int], _Buffers] = OrderedDict()
         if cache_bytes is None:
             cuda = self.device.type == "cuda"
             cache_bytes = torch.cuda.mem_get_info(self.device)[0] // 2 if cuda else CPU_CACHE_BYTES
         self.cache_bytes = cache_bytes
-        self._snapshots: dict[tuple[int, int], _Snapshot] = {}
-        self._graphs: OrderedDict[tuple[int, int, int, str], Callable[[], None]] = OrderedDict()
+        self._snapshots: dict[tuple[int, int, int], _Snapshot] = {}
+        self._graphs: OrderedDict[tuple[int, int, int, int, str, str], Callable[[], None]] = (
+            OrderedDict()
+        )
         self._pool: Any = None
-        self._name_of: dict[int, str] = {}
         self._run: _Run | None = None
+
+    def _fuse(self) -> list[list[list[_Group]]]:
+        """Per layer, per :data:`LAYER_GROUPS` entry, its groups (one, or one per member when
+        the members differ in input, dtype or bias): each group's weight fused."""
+        inner = self.model.model
+        prefix = next(name for name, m in self.model.named_modules() if m is inner.layers)
+        layers: list[list[list[_Group]]] = []
+        index = 0
+        for i, layer in enumerate(self.layers):
+            parts = []
+            for part, names in LAYER_GROUPS:
+                parent = getattr(layer, part)
+                linears = [_linear(getattr(parent, n)) for n in names]
+                full = [f"{prefix}.{i}.{part}.{n}" for n in names]
+                same = len({_fusable_as(m) for m in linears}) == 1
+                members = [list(range(len(names)))] if same else [[j] for j in range(len(names))]
+                groups = []
+                for chosen in members:
+                    weight, bias = _fuse_linears([linears[j] for j in chosen])
+                    groups.append(
+                        _Group(
+                            index=index,
+                            names=tuple(full[j] for j in chosen),
+                            weight=weight,
+                            bias=bias,
+                            widths=tuple(linears[j].out_features for j in chosen),
+                        )
+                    )
+                    index += 1
+                parts.append(groups)
+            layers.append(parts)
+        return layers
+
+    def _fused_still(self) -> bool:
+        """Whether every projection still reads its rows of its group's fused weight."""
+        for i, layer in enumerate(self.layers):
+            for (part, names), groups in zip(LAYER_GROUPS, self._groups[i], strict=True):
+                parent = getattr(layer, part)
+                linears = iter(_linear(getattr(parent, n)) for n in names)
+                for group in groups:
+                    at, row_bytes = group.weight.data_ptr(), group.weight[0].nbytes
+                    for width in group.widths:
+                        if next(linears).weight.data_ptr() != at:
+                            return False
+                        at += width * row_bytes
+        return True
 
     # ---- one batch -------------------------------------------------------------------------
 
@@ -216,8 +321,15 @@ class StaticDecoder:
         length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
         used = sorted({s for s in slots if s != BASE_SLOT})
         u_bucket = slot_bucket(len(used), self.lora.num_slots)
+        # a slot loaded without a recorded rank (0) counts as the store's max rank
+        most = max((self.lora.rank_S[s] or self.lora.max_rank for s in used), default=0)
+        rank = rank_bucket(most, self.lora.max_rank) if used else 0
+        if not self._fused_still():  # the model's weights were replaced or moved
+            self._groups = self._fuse()
+            self._snapshots.clear()
+            self._graphs.clear()
         buf = self._buffers_for(bucket, length)
-        snap = self._snapshot_for(bucket, u_bucket)
+        snap = self._snapshot_for(bucket, u_bucket, rank)
         step_fn = self._step_for(buf, snap, bucket, length, u_bucket, mode)
         self._reset(buf, snap, used)
         self._run = _Run(buf, snap, step_fn, mode, {slot: u for u, slot in enumerate(used)})
@@ -272,7 +384,7 @@ class StaticDecoder:
         draws = torch.zeros(count, buf.uniform_B_N.shape[1])
         draws[:, : uniform.shape[1]] = uniform
         mix = torch.zeros(count, snap.mix_B_UR.shape[1])
-        rank = self.lora.max_rank
+        rank = snap.rank
         for j, slot in enumerate(slots):
             if slot != BASE_SLOT:
                 u = run.column[slot]
@@ -362,15 +474,18 @@ class StaticDecoder:
         snap.mix_B_UR.zero_()
         if not used:
             return
-        rank = self.lora.max_rank
+        rank, width = snap.rank, snap.mix_B_UR.shape[1]
+        filled = len(used) * rank
         index = torch.tensor(used, device=self.device)
-        for name, lora_layer in self.lora.layers.items():
-            a, bt = snap.a_P[name], snap.bt_P[name]
-            a.zero_()
-            bt.zero_()
-            a[: len(used) * rank] = lora_layer.lora_A_S_R_I[index].reshape(-1, a.shape[1])
-            scaled = lora_layer.lora_B_S_O_R[index] * lora_layer.scale_S[index][:, None, None]
-            bt[: len(used) * rank] = scaled.transpose(1, 2).reshape(-1, bt.shape[1])
+        for lora in snap.lora_G.values():
+            lora.a.zero_()
+            for j, (name, bt) in enumerate(zip(lora.names, lora.bt, strict=True)):
+                layer = self.lora.layers[name]
+                a_U_R_I = layer.lora_A_S_R_I[index, :rank]
+                lora.a[j * width : j * width + filled] = a_U_R_I.reshape(filled, -1)
+                scaled = layer.lora_B_S_O_R[index, :, :rank] * layer.scale_S[index][:, None, None]
+                bt.zero_()
+                bt[:filled] = scaled.transpose(1, 2).reshape(filled, -1)
 
     def buffer_bytes(self, rows: int, length: int) -> int:
         """Bytes of the K/V buffers for ``rows`` x ``length`` (the rest is small)."""
@@ -420,24 +535,40 @@ class StaticDecoder:
         for gkey in [g for g in self._graphs if g[:2] == key]:
             del self._graphs[gkey]
 
-    def _snapshot_for(self, rows: int, u_bucket: int) -> _Snapshot:
-        key = (rows, u_bucket)
+    def _snapshot_for(self, rows: int, u_bucket: int, rank: int) -> _Snapshot:
+        key = (rows, u_bucket, rank)
         snap = self._snapshots.get(key)
         # layers wrapped after the snapshot was made (a new adapter's targets) need a new one
-        if snap is not None and snap.a_P.keys() == self.lora.layers.keys():
+        if snap is not None and snap.wrapped == self.lora.layers.keys():
             return snap
-        width = u_bucket * self.lora.max_rank
+        width = u_bucket * rank
         dev, dtype = self.device, self.lora.dtype
-        a_P, bt_P = {}, {}
-        for name, layer in self.lora.layers.items():
-            a_P[name] = torch.zeros(width, layer.base.in_features, device=dev, dtype=dtype)
-            bt_P[name] = torch.zeros(width, layer.base.out_features, device=dev, dtype=dtype)
+        lora_G = {}
+        for parts in self._groups if width else ():
+            for group in (g for groups in parts for g in groups):
+                names, cols, start = [], [], 0
+                for name, out in zip(group.names, group.widths, strict=True):
+                    if name in self.lora.layers:
+                        names.append(name)
+                        cols.append((start, start + out))
+                    start += out
+                if not names:
+                    continue
+                fan_in = group.weight.shape[1]
+                lora_G[group.index] = _GroupLora(
+                    a=torch.zeros(len(names) * width, fan_in, device=dev, dtype=dtype),
+                    bt=[torch.zeros(width, hi - lo, device=dev, dtype=dtype) for lo, hi in cols],
+                    cols=cols,
+                    names=names,
+                )
         snap = _Snapshot(
-            a_P=a_P, bt_P=bt_P, mix_B_UR=torch.zeros(rows, width, device=dev, dtype=dtype)
+            lora_G=lora_G,
+            mix_B_UR=torch.zeros(rows, width, device=dev, dtype=dtype),
+            rank=rank,
+            wrapped=frozenset(self.lora.layers),
         )
         self._snapshots[key] = snap
-        self._name_of = {id(layer): name for name, layer in self.lora.layers.items()}
-        for gkey in [g for g in self._graphs if g[0] == rows and g[2] == u_bucket]:
+        for gkey in [g for g in self._graphs if (g[0], g[2], g[3]) == (rows, u_bucket, rank)]:
             del self._graphs[gkey]  # they read the old snapshot's addresses
         return snap
 
@@ -450,7 +581,7 @@ class StaticDecoder:
         u: int,
         mode: SamplingMode,
     ) -> Callable[[], None]:
-        key = (rows, length, u, mode)
+        key = (rows, length, u, snap.rank, mode, self.attention)
         fn = self._graphs.get(key)
         if fn is not None:
             self._graphs.move_to_end(key)
@@ -505,10 +636,12 @@ class StaticDecoder:
         x_B_H = x_B_1_H[:, 0]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
+            qkv, o_proj, gate_up, down = self._groups[i]
             h_B_H = _rms_norm(layer.input_layernorm, x_B_H)
-            q = self._proj(attn.q_proj, h_B_H, snap).view(rows, self.heads, self.head_dim)
-            k = self._proj(attn.k_proj, h_B_H, snap).view(rows, self.kv_heads, self.head_dim)
-            v = self._proj(attn.v_proj, h_B_H, snap).view(rows, self.kv_heads, self.head_dim)
+            q, k, v = self._project(qkv, h_B_H, snap)
+            q = q.view(rows, self.heads, self.head_dim)
+            k = k.view(rows, self.kv_heads, self.head_dim)
+            v = v.view(rows, self.kv_heads, self.head_dim)
             if hasattr(attn, "q_norm"):
                 q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
             q_B_1_1_D = q[:, :, None]  # (rows, heads, 1, head_dim)
@@ -517,35 +650,47 @@ class StaticDecoder:
             k_B_1_1_D = _rope(k_B_1_1_D, cos_B_1_1_D, sin_B_1_1_D)
             buf.k_L[i].scatter_(2, col_B_K_1_D, k_B_1_1_D)
             buf.v_L[i].scatter_(2, col_B_K_1_D, v[:, :, None])
-            out = F.scaled_dot_product_attention(
-                q_B_1_1_D,
-                buf.k_L[i],
-                buf.v_L[i],
-                attn_mask=mask_B_1_1_T,
-                scale=attn.scaling,
-                enable_gqa=self.kv_heads != self.heads,
-            )
-            x_B_H = x_B_H + self._proj(attn.o_proj, out.reshape(rows, -1), snap)
-            mlp = layer.mlp
+            if self.attention == "triton":
+                out = decode_attention.decode_attention(
+                    q_B_1_1_D[:, :, 0], buf.k_L[i], buf.v_L[i], pos_B, attn.scaling
+                )
+            else:
+                out = F.scaled_dot_product_attention(
+                    q_B_1_1_D,
+                    buf.k_L[i],
+                    buf.v_L[i],
+                    attn_mask=mask_B_1_1_T,
+                    scale=attn.scaling,
+                    enable_gqa=self.kv_heads != self.heads,
+                )
+            (o,) = self._project(o_proj, out.reshape(rows, -1), snap)
+            x_B_H = x_B_H + o
             h_B_H = _rms_norm(layer.post_attention_layernorm, x_B_H)
-            gate = self._proj(mlp.gate_proj, h_B_H, snap)
-            up = self._proj(mlp.up_proj, h_B_H, snap)
-            x_B_H = x_B_H + self._proj(mlp.down_proj, mlp.act_fn(gate) * up, snap)
+            gate, up = self._project(gate_up, h_B_H, snap)
+            (o,) = self._project(down, layer.mlp.act_fn(gate) * up, snap)
+            x_B_H = x_B_H + o
         logits_B_V = self.model.get_output_embeddings()(_rms_norm(inner.norm, x_B_H)).float()
         self._sample_into(buf, logits_B_V, mode)
         buf.step_B.add_(1)
 
-    def _proj(self, module: nn.Module, x_B_I: torch.Tensor, snap: _Snapshot) -> torch.Tensor:
-        if not isinstance(module, MultiLoraLinear):
-            assert isinstance(module, nn.Linear), f"unsupported projection {type(module)}"
-            return F.linear(x_B_I, module.weight, module.bias)
-        base = module.base
-        y_B_O = F.linear(x_B_I, base.weight, base.bias)
-        if snap.mix_B_UR.shape[1] == 0:
-            return y_B_O
-        name = self._name_of[id(module)]
-        u_B_UR = (x_B_I @ snap.a_P[name].T) * snap.mix_B_UR
-        return torch.addmm(y_B_O, u_B_UR, snap.bt_P[name])
+    def _project(
+        self, groups: list[_Group], x_B_I: torch.Tensor, snap: _Snapshot
+    ) -> list[torch.Tensor]:
+        """The outputs of ``groups``' projections of ``x_B_I``, member by member: per group one
+        base product, one shrink for all its wrapped members, and each member's expand added
+        in place to its columns (views of the group's output)."""
+        outs: list[torch.Tensor] = []
+        for group in groups:
+            y_B_O = F.linear(x_B_I, group.weight, group.bias)
+            lora = snap.lora_G.get(group.index)
+            if lora is not None:
+                rows, width = x_B_I.shape[0], snap.mix_B_UR.shape[1]
+                u_B_M_UR = F.linear(x_B_I, lora.a).view(rows, -1, width)
+                u_B_MUR = u_B_M_UR.mul_(snap.mix_B_UR[:, None, :]).view(rows, -1)
+                for j, ((lo, hi), bt) in enumerate(zip(lora.cols, lora.bt, strict=True)):
+                    y_B_O[:, lo:hi].addmm_(u_B_MUR[:, j * width : (j + 1) * width], bt)
+            outs.extend(y_B_O.split(group.widths, dim=1) if len(group.widths) > 1 else [y_B_O])
+        return outs
 
     def _sample_into(self, buf: _Buffers, logits_B_V: torch.Tensor, mode: SamplingMode) -> None:
         n_B_1 = buf.step_B.clamp(max=buf.token_B_N.shape[1] - 1)[:, None]
@@ -571,6 +716,53 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     ``rotate_half(x) * sin`` is ``[x_2, x_1] * [-sin_1, sin_2]``, the same products."""
     swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
     return torch.addcmul(x * cos, swapped, signed_sin)
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    """The frozen ``nn.Linear`` of a projection, wrapped or not."""
+    found = module.base if isinstance(module, MultiLoraLinear) else module
+    if not isinstance(found, nn.Linear):
+        raise ValueError(f"static decode supports linear projections, not {type(found).__name__}")
+    return found
+
+
+def _fusable_as(m: nn.Linear) -> tuple[Any, ...]:
+    """Linears fuse when these agree."""
+    return m.in_features, m.weight.dtype, m.weight.device, m.bias is None, m.weight.is_contiguous()
+
+
+_FUSED: weakref.WeakKeyDictionary[nn.Linear, tuple[torch.Tensor, torch.Tensor | None, tuple]] = (
+    weakref.WeakKeyDictionary()
+)
+"""First linear of a fused group -> (weight, bias, the members' parameters it made): a second
+decoder on the same model (``Engine.use_decoder``) reuses the fusion while they are in place."""
+
+
+def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for ``linears`` stacked by output; each linear's parameters become
+    views of its rows, so the model keeps one copy."""
+    if len(linears) == 1:
+        return linears[0].weight, linears[0].bias
+    params = tuple(p for m in linears for p in (m.weight, m.bias))
+    known = _FUSED.get(linears[0])
+    if (
+        known is not None
+        and len(known[2]) == len(params)
+        and all(map(operator.is_, known[2], params))
+    ):
+        return known[0], known[1]
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])
+        bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    row = 0
+    for m in linears:
+        rows = slice(row, row + m.out_features)
+        m.weight = nn.Parameter(weight[rows], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[rows], requires_grad=False)
+        row += m.out_features
+    _FUSED[linears[0]] = (weight, bias, tuple(p for m in linears for p in (m.weight, m.bias)))
+    return weight, bias
 
 
 def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -290,6 +290,9 @@ class MultiLoraModel:
             raise LoraError(f"lora backend {backend!r}; use 'auto', 'gather' or 'grouped'")
         self.backend: str = backend
         self.layers: dict[str, MultiLoraLinear] = {}
+        self.rank_S = [0] * num_slots
+        """The largest rank among each slot's modules (0: empty); the static decoder sizes a
+        batch's adapter products by the largest of its slots', not by ``max_rank``."""
         # a load's Python work (which views to copy into and zero) depends only on the slot and
         # the adapter's shapes, the same for every version of an adapter: cached per both
         self._fits: set[Signature] = set()
@@ -402,6 +405,7 @@ class MultiLoraModel:
         plan = self._plan(slot, adapter)
         if plan.zeros:
             torch._foreach_zero_(plan.zeros)
+        self.rank_S[slot] = max((a.shape[0] for a, _ in adapter.weights.values()), default=0)
         if not plan.modules:
             return
         weights = adapter.weights
@@ -449,5 +453,6 @@ class MultiLoraModel:
 
     def clear(self, slot: int) -> None:
         """Zero ``slot`` in every wrapped layer (rows routed to it then run the base model)."""
+        self.rank_S[slot] = 0
         for layer in self.layers.values():
             layer.clear_slot(slot)

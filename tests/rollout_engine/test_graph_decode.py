@@ -24,6 +24,7 @@ from rollout.graph_decode import (
     slot_bucket,
     unsupported_reason,
 )
+from rollout.lora import BASE_SLOT
 from rollout.sampling import SamplingParams, sample_tokens_B, sample_tokens_static_B
 from tests.rollout_engine.conftest import ALL_LINEARS, write_peft_adapter
 
@@ -128,7 +129,7 @@ def test_static_decode_long_batches_in_each_sampling_mode(
     ]
     _assert_same(static.generate(requests), hf.generate(requests))
     assert static.static is not None
-    assert {key[3] for key in static.static._graphs} == {
+    assert {key[4] for key in static.static._graphs} == {
         "greedy" if temperature == 0.0 else "sample"
     }
 
@@ -297,6 +298,86 @@ def test_auto_is_the_eager_loop_on_cpu_and_a_bad_decoder_is_named(
         make_engine(decoder="fast")
 
 
+def test_fused_projections_share_one_weight_and_leave_the_model_unchanged(
+    tiny_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    """q/k/v (and gate/up) become views of one fused weight: the HF forward (the prefill) gives
+    the same logits as before, and the decoder reads that weight with one product."""
+    hf, static = _engines(tiny_dir, adapter_dirs)
+    assert static.static is not None
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.inference_mode(), hf.lora.route([BASE_SLOT]), static.lora.route([BASE_SLOT]):
+        want = hf.model(ids).logits
+        got = static.model(ids).logits
+    assert torch.equal(got, want)
+    attn = static.model.model.layers[0].self_attn
+    q, k, v = (getattr(attn, n).base.weight for n in ("q_proj", "k_proj", "v_proj"))
+    itemsize = q.element_size()
+    assert k.data_ptr() == q.data_ptr() + q.numel() * itemsize
+    assert v.data_ptr() == k.data_ptr() + k.numel() * itemsize
+    (qkv, _o, gate_up, _down) = static.static._groups[0]
+    assert [g.widths for g in qkv] == [(q.shape[0], k.shape[0], v.shape[0])]
+    assert len(gate_up) == 1 and len(gate_up[0].widths) == 2
+    static.use_decoder("hf")
+    static.use_decoder("static-eager")  # a new decoder on the same model reuses the fusion
+    assert static.static is not None and static.static._groups[0][0][0].weight is qkv[0].weight
+    assert getattr(attn, "k_proj").base.weight is k
+
+
+def test_weights_replaced_after_fusing_are_fused_again(
+    tiny_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    """A projection whose weight is swapped for a new tensor after the decoder fused it (a
+    reload, a move) is read from its new values: the next batch fuses again."""
+    hf, static = _engines(tiny_dir, adapter_dirs)
+    requests = _requests(with_adapters=True)
+    _assert_same(static.generate(requests), hf.generate(requests))
+    for engine in (hf, static):
+        layer = engine.model.model.layers[1]
+        k_proj = layer.self_attn.k_proj.base
+        new = torch.nn.Parameter(k_proj.weight.detach() * 1.5, requires_grad=False)
+        k_proj.weight = new
+        layer.mlp.up_proj.weight = torch.nn.Parameter(
+            layer.mlp.up_proj.base.weight.detach().flip(0).clone(), requires_grad=False
+        )
+    assert static.static is not None and not static.static._fused_still()
+    _assert_same(static.generate(requests), hf.generate(requests))
+    assert static.static._fused_still()
+
+
+def test_a_runs_adapter_width_follows_its_largest_rank(
+    tiny_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    """A batch of rank-4 and rank-2 adapters in a rank-8 store multiplies 4 columns per adapter,
+    not 8, and gives the eager loop's tokens; a rank-8 one widens the next batch."""
+    hf, static = _engines(tiny_dir, adapter_dirs)
+    assert static.static is not None
+    small = [
+        GenerateRequest(
+            input_ids=(5 + b, 6, 7),
+            adapter=[AdapterRef("a", 1), AdapterRef("c", 1), None][b % 3],
+            sampling=SamplingParams(temperature=1.0, max_new_tokens=10, seed=b),
+        )
+        for b in range(6)
+    ]
+    _assert_same(static.generate(small), hf.generate(small))
+    assert {key[2] for key in static.static._snapshots} == {4}
+    wide = [*small, GenerateRequest(input_ids=(9, 9), adapter=AdapterRef("b", 1))]
+    _assert_same(static.generate(wide), hf.generate(wide))
+    assert {key[2] for key in static.static._snapshots} == {4, 8}
+
+
+def test_triton_attention_is_refused_where_it_cannot_run(tiny_dir: Path) -> None:
+    from rollout.graph_decode import StaticDecoder
+
+    engine = Engine.from_pretrained(tiny_dir, max_loras=2, max_lora_rank=4)
+    with pytest.raises(ValueError, match="triton decode attention needs"):
+        StaticDecoder(engine.model, engine.lora, max_rows=4, attention="triton")
+    with pytest.raises(ValueError, match="'flash'"):
+        StaticDecoder(engine.model, engine.lora, max_rows=4, attention="flash")  # type: ignore[arg-type]
+    assert StaticDecoder(engine.model, engine.lora, max_rows=4).attention == "sdpa"
+
+
 # ---- on CUDA: the same with the graphs captured -----------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -355,3 +436,65 @@ def test_graph_decode_in_bf16_follows_the_eager_loop(
     assert sum(first) >= 11  # bf16 rounding may flip a near tie, rarely
     for g, w in zip(got, want, strict=True):
         assert abs(g.logprobs[0] - w.logprobs[0]) < 0.05
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(16, 8, 128), (8, 8, 64), (32, 4, 128)])
+def test_triton_decode_attention_equals_sdpa_over_each_rows_columns(
+    heads: int, kv_heads: int, dim: int
+) -> None:
+    """Each row attends to its columns ``[0, pos]`` only: equal to SDPA under the mask (bf16),
+    whatever the other columns hold."""
+    from rollout.decode_attention import decode_attention
+
+    torch.manual_seed(0)
+    rows, length = 37, 320
+    dev, dtype = "cuda", torch.bfloat16
+    q = torch.randn(rows, heads, dim, device=dev, dtype=dtype)
+    k = torch.randn(rows, kv_heads, length, dim, device=dev, dtype=dtype)
+    v = torch.randn(rows, kv_heads, length, dim, device=dev, dtype=dtype)
+    pos = torch.randint(0, length, (rows,), device=dev)
+    pos[0], pos[1] = 0, length - 1
+    mask = (torch.arange(length, device=dev)[None, :] <= pos[:, None])[:, None, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None].float(),
+        k.float(),
+        v.float(),
+        attn_mask=mask,
+        scale=dim**-0.5,
+        enable_gqa=heads != kv_heads,
+    )[:, :, 0]
+    got = decode_attention(q, k, v, pos, dim**-0.5)
+    k[torch.arange(length, device=dev)[None, :].expand(rows, -1) > pos[:, None]] = float("nan")
+    v.masked_fill_(k.isnan(), float("nan"))
+    again = decode_attention(q, k, v, pos, dim**-0.5)
+    assert got.shape == (rows, heads, dim) and got.dtype == dtype
+    assert (got.float() - want).abs().max().item() < 2e-2
+    assert torch.equal(again, got)  # unwritten columns are never read
+
+
+@pytest.mark.gpu
+@cuda
+def test_static_decode_with_triton_attention_follows_sdpa(
+    tiny_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    from rollout.graph_decode import StaticDecoder
+
+    engines = _engines(tiny_dir, adapter_dirs, device="cuda", dtype="bfloat16")
+    hf, static = engines
+    assert static.static is not None and static.static.attention == "triton"
+    hf.use_decoder("static")
+    assert hf.static is not None
+    hf.static = StaticDecoder(hf.model, hf.lora, max_rows=hf.max_batch_size, attention="sdpa")
+    requests = [
+        GenerateRequest(
+            input_ids=tuple(range(4, 4 + b % 7 + 1)),
+            adapter=[None, AdapterRef("a", 1), AdapterRef("b", 1)][b % 3],
+            sampling=SamplingParams(temperature=0.0, max_new_tokens=70, ignore_eos=True),
+        )
+        for b in range(24)
+    ]
+    got, want = static.generate(requests), hf.generate(requests)
+    first = [g.completion_ids[:4] == w.completion_ids[:4] for g, w in zip(got, want, strict=True)]
+    assert sum(first) >= 22  # bf16 rounding may flip a near tie, rarely
