@@ -321,7 +321,7 @@ def test_fused_projections_share_one_weight_and_leave_the_model_unchanged(
     static.use_decoder("hf")
     static.use_decoder("static-eager")  # a new decoder on the same model reuses the fusion
     assert static.static is not None and static.static._groups[0][0][0].weight is qkv[0].weight
-    assert getattr(attn, "k_proj").base.weight is k
+    assert attn.k_proj.base.weight is k
 
 
 def test_weights_replaced_after_fusing_are_fused_again(
