@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from rollout.adapter_slots import AdapterRef  # noqa: E402
-from rollout.decode_attention import supported  # noqa: E402
+from rollout.decode_kernels import supported  # noqa: E402
 from rollout.engine import Engine, GenerateRequest  # noqa: E402
 from rollout.sampling import SamplingParams  # noqa: E402
 
@@ -152,12 +152,13 @@ def run_batch(
             )
 
     def on(decoder: str, rows: list[GenerateRequest]) -> Any:
-        kind, _, attention = decoder.partition("+")  # static+sdpa: the masked-SDPA attention
+        kind, *options = decoder.split("+")  # static+sdpa, static+dense: the older kernels
 
         def run() -> None:
             engine.use_decoder(kind)  # type: ignore[arg-type]
             if engine.static is not None:
-                engine.static.attention = attention or best_attention  # type: ignore[assignment]
+                engine.static.attention = "sdpa" if "sdpa" in options else best
+                engine.static.lora_kernel = "dense" if "dense" in options else best_lora
             engine.generate(rows)
 
         return run
@@ -165,7 +166,8 @@ def run_batch(
     probe = next(engine.model.parameters())
     config = engine.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    best_attention = "triton" if supported(probe, head_dim) else "sdpa"
+    best: Any = "triton" if supported(probe, head_dim) else "sdpa"
+    best_lora: Any = "triton" if supported(probe) else "dense"
     runs: dict[str, Any] = {}
     for decoder in decoders:
         runs[f"{decoder}_base"] = on(decoder, base_rows)
@@ -188,7 +190,7 @@ def run_batch(
         out[f"{decoder}_mixed8_vs_base"] = tps[f"{decoder}_mixed8"] / tps[f"{decoder}_base"]
     if "peft_mixed8" in tps:
         out["mixed8_vs_peft"] = tps[f"{main}_mixed8"] / tps["peft_mixed8"]
-    if len(decoders) > 1:
+    if len(decoders) > 1 and "hf" in decoders:
         for kind in ("base", "mixed8"):
             out[f"{main}_{kind}_vs_hf"] = tps[f"{main}_{kind}"] / tps[f"hf_{kind}"]
     return out
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "--decoders",
         default="",
         help="engine decoders to time side by side (default hf on cpu, hf,static on cuda); "
-        "static+sdpa: the static decoder with SDPA attention over the whole buffer",
+        "static+sdpa: with SDPA over the whole buffer; static+dense: with dense LoRA products",
     )
     parser.add_argument("--peft-max-rows", type=int, default=64, help="time PEFT up to this")
     parser.add_argument(
@@ -306,11 +308,19 @@ def main(argv: list[str] | None = None) -> int:
         # decode reads every weight once per step: rows / (weight bytes / bandwidth) tokens/s
         res["weight_bound_tokens_per_s"] = int(batch) * args.bandwidth_gbs * 1e9 / weight_bytes
     first = per_batch[str(args.batch[0])]
+    main = decoders[-1]
+    headline: dict[str, float] = {}  # the last decoder's numbers at each batch size, by name
+    for batch, res in per_batch.items():
+        headline[f"base_tok_s_{batch}"] = res["tokens_per_s"][f"{main}_base"]
+        headline[f"mixed8_tok_s_{batch}"] = res["tokens_per_s"][f"{main}_mixed8"]
+        headline[f"bound_tok_s_{batch}"] = res["weight_bound_tokens_per_s"]
+        headline[f"mixed8_vs_base_{batch}"] = res["mixed8_vs_base"]
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "mixed8_vs_base": first["mixed8_vs_base"],
         "mixed8_vs_peft": first.get("mixed8_vs_peft"),
         "adapter_load_ms": statistics.median(steady),
+        **headline,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python "
         + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
