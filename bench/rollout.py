@@ -152,13 +152,16 @@ def run_batch(
             )
 
     def on(decoder: str, rows: list[GenerateRequest]) -> Any:
-        kind, *options = decoder.split("+")  # static+sdpa, static+dense: the older kernels
+        # static+sdpa: SDPA over the whole buffer; static+triton: the segmented LoRA kernel
+        kind, *options = decoder.split("+")
+        if "triton" in options and not supported(probe):
+            raise SystemExit(f"{decoder}: the segmented LoRA kernel needs CUDA, Triton and bf16")
 
         def run() -> None:
             engine.use_decoder(kind)  # type: ignore[arg-type]
             if engine.static is not None:
                 engine.static.attention = "sdpa" if "sdpa" in options else best
-                engine.static.lora_kernel = "dense" if "dense" in options else best_lora
+                engine.static.lora_kernel = "triton" if "triton" in options else "dense"
             engine.generate(rows)
 
         return run
@@ -167,7 +170,6 @@ def run_batch(
     config = engine.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     best: Any = "triton" if supported(probe, head_dim) else "sdpa"
-    best_lora: Any = "triton" if supported(probe) else "dense"
     runs: dict[str, Any] = {}
     for decoder in decoders:
         runs[f"{decoder}_base"] = on(decoder, base_rows)
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "--decoders",
         default="",
         help="engine decoders to time side by side (default hf on cpu, hf,static on cuda); "
-        "static+sdpa: with SDPA over the whole buffer; static+dense: with dense LoRA products",
+        "static+sdpa: with SDPA over the whole buffer; static+triton: the segmented LoRA kernel",
     )
     parser.add_argument("--peft-max-rows", type=int, default=64, help="time PEFT up to this")
     parser.add_argument(

@@ -379,6 +379,8 @@ def test_triton_attention_is_refused_where_it_cannot_run(tiny_dir: Path) -> None
         StaticDecoder(engine.model, engine.lora, max_rows=4, attention="flash")  # type: ignore[arg-type]
     decoder = StaticDecoder(engine.model, engine.lora, max_rows=4)
     assert (decoder.attention, decoder.lora_kernel) == ("sdpa", "dense")
+    with pytest.raises(ValueError, match="'fused'"):
+        StaticDecoder(engine.model, engine.lora, max_rows=4, lora_kernel="fused")  # type: ignore[arg-type]
 
 
 # ---- on CUDA: the same with the graphs captured -----------------------------------------------
@@ -480,14 +482,18 @@ def test_triton_decode_attention_equals_sdpa_over_each_rows_columns(
 @pytest.mark.gpu
 @cuda
 def test_static_decode_with_the_triton_kernels_follows_sdpa_and_dense_lora(
-    tiny_dir: Path, adapter_dirs: dict[str, Path]
+    adapter_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
+    """Triton attention and the segmented LoRA kernel give SDPA's and the dense products'
+    tokens (a model with a sharp head, so bf16 rounding does not decide near ties)."""
     from rollout.graph_decode import StaticDecoder
 
-    engines = _engines(tiny_dir, adapter_dirs, device="cuda", dtype="bfloat16")
+    sharp = write_tiny_model(tmp_path / "sharp", "llama", head_scale=40.0)
+    engines = _engines(sharp, adapter_dirs, device="cuda", dtype="bfloat16")
     hf, static = engines
     assert static.static is not None
-    assert (static.static.attention, static.static.lora_kernel) == ("triton", "triton")
+    assert (static.static.attention, static.static.lora_kernel) == ("triton", "dense")
+    static.static.lora_kernel = "triton"
     hf.use_decoder("static")
     assert hf.static is not None
     hf.static = StaticDecoder(
@@ -502,7 +508,7 @@ def test_static_decode_with_the_triton_kernels_follows_sdpa_and_dense_lora(
         for b in range(24)
     ]
     got, want = static.generate(requests), hf.generate(requests)
-    first = [g.completion_ids[:4] == w.completion_ids[:4] for g, w in zip(got, want, strict=True)]
+    first = [g.completion_ids[:8] == w.completion_ids[:8] for g, w in zip(got, want, strict=True)]
     assert sum(first) >= 22  # bf16 rounding may flip a near tie, rarely
 
 
