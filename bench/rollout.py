@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from rollout.adapter_slots import AdapterRef  # noqa: E402
-from rollout.decode_kernels import supported  # noqa: E402
+from rollout.decode_attention import supported  # noqa: E402
 from rollout.engine import Engine, GenerateRequest  # noqa: E402
 from rollout.sampling import SamplingParams  # noqa: E402
 
@@ -152,16 +152,12 @@ def run_batch(
             )
 
     def on(decoder: str, rows: list[GenerateRequest]) -> Any:
-        # static+sdpa: SDPA over the whole buffer; static+triton: the segmented LoRA kernel
-        kind, *options = decoder.split("+")
-        if "triton" in options and not supported(probe):
-            raise SystemExit(f"{decoder}: the segmented LoRA kernel needs CUDA, Triton and bf16")
+        kind, *options = decoder.split("+")  # static+sdpa: SDPA over the whole buffer
 
         def run() -> None:
             engine.use_decoder(kind)  # type: ignore[arg-type]
             if engine.static is not None:
                 engine.static.attention = "sdpa" if "sdpa" in options else best
-                engine.static.lora_kernel = "triton" if "triton" in options else "dense"
             engine.generate(rows)
 
         return run
@@ -244,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "--decoders",
         default="",
         help="engine decoders to time side by side (default hf on cpu, hf,static on cuda); "
-        "static+sdpa: with SDPA over the whole buffer; static+triton: the segmented LoRA kernel",
+        "static+sdpa: the static decoder with SDPA attention over the whole buffer",
     )
     parser.add_argument("--peft-max-rows", type=int, default=64, help="time PEFT up to this")
     parser.add_argument(

@@ -69,13 +69,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from events.specs import GREEDY_TEMPERATURE
-from rollout import decode_kernels
+from rollout import decode_attention
 from rollout.lora import BASE_SLOT, MultiLoraLinear, MultiLoraModel
 from rollout.sampling import sample_tokens_static_B
 
 SamplingMode = Literal["greedy", "sample", "filtered"]
 Attention = Literal["auto", "triton", "sdpa"]
-LoraKernel = Literal["dense", "triton"]
 
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 LAYER_GROUPS = (
@@ -175,7 +174,6 @@ class _Run:
     step_fn: Callable[[], None]
     mode: SamplingMode
     column: dict[int, int]  # slot -> its adapter's index in the snapshot
-    adapter_B: list[int]  # each buffer row's adapter index (-1: base or free)
 
 
 @dataclass
@@ -195,8 +193,6 @@ class _Snapshot:
 
     lora_G: dict[int, _GroupLora]  # group index ->
     mix_B_UR: torch.Tensor
-    rows_U_M: torch.Tensor  # the rows of each adapter (the segmented kernel's lists), int32
-    count_U: torch.Tensor
     rank: int  # R: columns per adapter
     wrapped: frozenset[str]  # the engine's wrapped layers when it was made
 
@@ -210,12 +206,9 @@ class StaticDecoder:
     the least recently used are freed first, and a batch whose buffers alone exceed it frees
     them when it ends. ``None``: half the device memory free when the decoder is made
     (:data:`CPU_CACHE_BYTES` on CPU). ``attention``: ``triton`` reads each row's written
-    columns only (:mod:`rollout.decode_kernels`), ``sdpa`` the whole buffer under a mask;
-    ``auto`` is ``triton`` where it runs (CUDA, bf16 / fp16). ``lora_kernel``: ``dense``, the
-    masked products of the module doc, or ``triton``, one segmented kernel per projection that
-    does each row's own adapter only (:func:`rollout.decode_kernels.lora_delta_`; on an H200
-    it was 3 % faster at 64 rows and 9 % slower at 256, so it is not the default). Both
-    attributes may be switched between batches (graphs are kept per choice).
+    columns only (:mod:`rollout.decode_attention`), ``sdpa`` the whole buffer under a mask;
+    ``auto`` is ``triton`` where it runs (CUDA, bf16 / fp16); the attribute may be switched
+    between batches (graphs are kept per choice).
 
     The model's projections of one :data:`LAYER_GROUPS` group are re-pointed at rows of one
     fused weight (same values, no copy kept), which the step reads with one product; a model
@@ -231,7 +224,6 @@ class StaticDecoder:
         graphs: bool = True,
         cache_bytes: int | None = None,
         attention: Attention = "auto",
-        lora_kernel: LoraKernel = "dense",
     ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
@@ -251,21 +243,13 @@ class StaticDecoder:
         if attention not in ("auto", "triton", "sdpa"):
             raise ValueError(f"attention {attention!r}; use 'auto', 'triton' or 'sdpa'")
         probe = next(model.parameters())
-        fast = decode_kernels.supported(probe, self.head_dim)
+        fast = decode_attention.supported(probe, self.head_dim)
         if attention == "triton" and not fast:
             raise ValueError(
                 f"triton decode attention needs Triton, CUDA and bf16 / fp16 with a power-of-two "
                 f"head dim (here {probe.device.type}, {probe.dtype}, head dim {self.head_dim})"
             )
         self.attention: Attention = "triton" if attention != "sdpa" and fast else "sdpa"
-        if lora_kernel not in ("dense", "triton"):
-            raise ValueError(f"lora_kernel {lora_kernel!r}; use 'dense' or 'triton'")
-        if lora_kernel == "triton" and not decode_kernels.supported(probe):
-            raise ValueError(
-                f"the triton LoRA kernel needs Triton, CUDA and bf16 / fp16 "
-                f"(here {probe.device.type}, {probe.dtype})"
-            )
-        self.lora_kernel: LoraKernel = lora_kernel
         self._groups = self._fuse()
         self._buffers: OrderedDict[tuple[int, int], _Buffers] = OrderedDict()
         if cache_bytes is None:
@@ -273,7 +257,9 @@ class StaticDecoder:
             cache_bytes = torch.cuda.mem_get_info(self.device)[0] // 2 if cuda else CPU_CACHE_BYTES
         self.cache_bytes = cache_bytes
         self._snapshots: dict[tuple[int, int, int], _Snapshot] = {}
-        self._graphs: OrderedDict[tuple[Any, ...], Callable[[], None]] = OrderedDict()
+        self._graphs: OrderedDict[tuple[int, int, int, int, str, str], Callable[[], None]] = (
+            OrderedDict()
+        )
         self._pool: Any = None
         self._run: _Run | None = None
 
@@ -346,8 +332,7 @@ class StaticDecoder:
         snap = self._snapshot_for(bucket, u_bucket, rank)
         step_fn = self._step_for(buf, snap, bucket, length, u_bucket, mode)
         self._reset(buf, snap, used)
-        column = {slot: u for u, slot in enumerate(used)}
-        self._run = _Run(buf, snap, step_fn, mode, column, [-1] * bucket)
+        self._run = _Run(buf, snap, step_fn, mode, {slot: u for u, slot in enumerate(used)})
         return bucket
 
     @torch.inference_mode()
@@ -401,11 +386,9 @@ class StaticDecoder:
         mix = torch.zeros(count, snap.mix_B_UR.shape[1])
         rank = snap.rank
         for j, slot in enumerate(slots):
-            run.adapter_B[index[j]] = -1 if slot == BASE_SLOT else run.column[slot]
             if slot != BASE_SLOT:
                 u = run.column[slot]
                 mix[j, u * rank : (u + 1) * rank] = 1.0
-        self._segments(run)
         for target, values in (
             (buf.len_B, torch.tensor(lens)),
             (buf.temperature_B, temperature.float()),
@@ -451,31 +434,10 @@ class StaticDecoder:
     @torch.inference_mode()
     def take(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`peek`, and the rows become free."""
-        run = self._require_run()
-        buf, idx = run.buf, self._rows(index)
+        buf, idx = self._require_run().buf, self._rows(index)
         out = self._read(buf, idx)
         buf.done_B.index_fill_(0, idx, True)
-        for b in index:
-            run.adapter_B[b] = -1
-        self._segments(run)
         return out
-
-    def _segments(self, run: _Run) -> None:
-        """The segmented kernel's row lists from each buffer row's adapter (free rows in none)."""
-        snap = run.snap
-        adapters, rows = snap.rows_U_M.shape
-        if adapters == 0 or self.lora_kernel != "triton":
-            return
-        lists: list[list[int]] = [[] for _ in range(adapters)]
-        for b, u in enumerate(run.adapter_B):
-            if u >= 0:
-                lists[u].append(b)
-        table = torch.zeros(adapters, rows, dtype=torch.int32)
-        for u, members in enumerate(lists):
-            table[u, : len(members)] = torch.tensor(members, dtype=torch.int32)
-        counts = torch.tensor([len(m) for m in lists], dtype=torch.int32)
-        snap.rows_U_M.copy_(table)
-        snap.count_U.copy_(counts)
 
     def _rows(self, index: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(index), dtype=torch.long, device=self.device)
@@ -510,7 +472,6 @@ class StaticDecoder:
         buf.top_k_B.fill_(-1)
         buf.top_p_B.fill_(1.0)
         snap.mix_B_UR.zero_()
-        snap.count_U.zero_()
         if not used:
             return
         rank, width = snap.rank, snap.mix_B_UR.shape[1]
@@ -603,8 +564,6 @@ class StaticDecoder:
         snap = _Snapshot(
             lora_G=lora_G,
             mix_B_UR=torch.zeros(rows, width, device=dev, dtype=dtype),
-            rows_U_M=torch.zeros(u_bucket, rows, device=dev, dtype=torch.int32),
-            count_U=torch.zeros(u_bucket, device=dev, dtype=torch.int32),
             rank=rank,
             wrapped=frozenset(self.lora.layers),
         )
@@ -622,7 +581,7 @@ class StaticDecoder:
         u: int,
         mode: SamplingMode,
     ) -> Callable[[], None]:
-        key = (rows, length, u, snap.rank, mode, self.attention, self.lora_kernel)
+        key = (rows, length, u, snap.rank, mode, self.attention)
         fn = self._graphs.get(key)
         if fn is not None:
             self._graphs.move_to_end(key)
@@ -692,7 +651,7 @@ class StaticDecoder:
             buf.k_L[i].scatter_(2, col_B_K_1_D, k_B_1_1_D)
             buf.v_L[i].scatter_(2, col_B_K_1_D, v[:, :, None])
             if self.attention == "triton":
-                out = decode_kernels.decode_attention(
+                out = decode_attention.decode_attention(
                     q_B_1_1_D[:, :, 0], buf.k_L[i], buf.v_L[i], pos_B, attn.scaling
                 )
             else:
@@ -724,14 +683,7 @@ class StaticDecoder:
         for group in groups:
             y_B_O = F.linear(x_B_I, group.weight, group.bias)
             lora = snap.lora_G.get(group.index)
-            if lora is not None and self.lora_kernel == "triton":
-                width = snap.mix_B_UR.shape[1]
-                for j, ((lo, hi), bt) in enumerate(zip(lora.cols, lora.bt, strict=True)):
-                    a = lora.a[j * width : (j + 1) * width]
-                    decode_kernels.lora_delta_(
-                        y_B_O[:, lo:hi], x_B_I, a, bt, snap.rows_U_M, snap.count_U, snap.rank
-                    )
-            elif lora is not None:
+            if lora is not None:
                 rows, width = x_B_I.shape[0], snap.mix_B_UR.shape[1]
                 u_B_M_UR = F.linear(x_B_I, lora.a).view(rows, -1, width)
                 u_B_MUR = u_B_M_UR.mul_(snap.mix_B_UR[:, None, :]).view(rows, -1)

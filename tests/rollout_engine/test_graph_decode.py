@@ -373,14 +373,9 @@ def test_triton_attention_is_refused_where_it_cannot_run(tiny_dir: Path) -> None
     engine = Engine.from_pretrained(tiny_dir, max_loras=2, max_lora_rank=4)
     with pytest.raises(ValueError, match="triton decode attention needs"):
         StaticDecoder(engine.model, engine.lora, max_rows=4, attention="triton")
-    with pytest.raises(ValueError, match="the triton LoRA kernel needs"):
-        StaticDecoder(engine.model, engine.lora, max_rows=4, lora_kernel="triton")
     with pytest.raises(ValueError, match="'flash'"):
         StaticDecoder(engine.model, engine.lora, max_rows=4, attention="flash")  # type: ignore[arg-type]
-    decoder = StaticDecoder(engine.model, engine.lora, max_rows=4)
-    assert (decoder.attention, decoder.lora_kernel) == ("sdpa", "dense")
-    with pytest.raises(ValueError, match="'fused'"):
-        StaticDecoder(engine.model, engine.lora, max_rows=4, lora_kernel="fused")  # type: ignore[arg-type]
+    assert StaticDecoder(engine.model, engine.lora, max_rows=4).attention == "sdpa"
 
 
 # ---- on CUDA: the same with the graphs captured -----------------------------------------------
@@ -451,7 +446,7 @@ def test_triton_decode_attention_equals_sdpa_over_each_rows_columns(
 ) -> None:
     """Each row attends to its columns ``[0, pos]`` only: equal to SDPA under the mask (bf16),
     whatever the other columns hold."""
-    from rollout.decode_kernels import decode_attention
+    from rollout.decode_attention import decode_attention
 
     torch.manual_seed(0)
     rows, length = 37, 320
@@ -481,24 +476,17 @@ def test_triton_decode_attention_equals_sdpa_over_each_rows_columns(
 
 @pytest.mark.gpu
 @cuda
-def test_static_decode_with_the_triton_kernels_follows_sdpa_and_dense_lora(
-    adapter_dirs: dict[str, Path], tmp_path: Path
+def test_static_decode_with_triton_attention_follows_sdpa(
+    tiny_dir: Path, adapter_dirs: dict[str, Path]
 ) -> None:
-    """Triton attention and the segmented LoRA kernel give SDPA's and the dense products'
-    tokens (a model with a sharp head, so bf16 rounding does not decide near ties)."""
     from rollout.graph_decode import StaticDecoder
 
-    sharp = write_tiny_model(tmp_path / "sharp", "llama", head_scale=40.0)
-    engines = _engines(sharp, adapter_dirs, device="cuda", dtype="bfloat16")
+    engines = _engines(tiny_dir, adapter_dirs, device="cuda", dtype="bfloat16")
     hf, static = engines
-    assert static.static is not None
-    assert (static.static.attention, static.static.lora_kernel) == ("triton", "dense")
-    static.static.lora_kernel = "triton"
+    assert static.static is not None and static.static.attention == "triton"
     hf.use_decoder("static")
     assert hf.static is not None
-    hf.static = StaticDecoder(
-        hf.model, hf.lora, max_rows=hf.max_batch_size, attention="sdpa", lora_kernel="dense"
-    )
+    hf.static = StaticDecoder(hf.model, hf.lora, max_rows=hf.max_batch_size, attention="sdpa")
     requests = [
         GenerateRequest(
             input_ids=tuple(range(4, 4 + b % 7 + 1)),
@@ -508,46 +496,5 @@ def test_static_decode_with_the_triton_kernels_follows_sdpa_and_dense_lora(
         for b in range(24)
     ]
     got, want = static.generate(requests), hf.generate(requests)
-    first = [g.completion_ids[:8] == w.completion_ids[:8] for g, w in zip(got, want, strict=True)]
+    first = [g.completion_ids[:4] == w.completion_ids[:4] for g, w in zip(got, want, strict=True)]
     assert sum(first) >= 22  # bf16 rounding may flip a near tie, rarely
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize(
-    ("rank", "fan_in", "out"), [(8, 1024, 4096), (16, 3072, 1024), (64, 96, 200)]
-)
-def test_segmented_lora_kernel_adds_each_rows_own_adapter(rank: int, fan_in: int, out: int) -> None:
-    """``lora_delta_`` adds ``x[b] @ A_u^T @ Bt_u`` to the listed rows of a column slice of
-    ``y`` and leaves base rows and the other columns alone (bf16, against fp32 products)."""
-    from rollout.decode_kernels import lora_delta_
-
-    torch.manual_seed(0)
-    dev, dtype = "cuda", torch.bfloat16
-    rows, adapters = 45, 5
-    x = torch.randn(rows, fan_in, device=dev, dtype=dtype)
-    a = torch.randn(adapters * rank, fan_in, device=dev, dtype=dtype) / fan_in**0.5
-    bt = torch.randn(adapters * rank, out, device=dev, dtype=dtype)
-    adapter_B = torch.randint(-1, adapters - 1, (rows,)).tolist()  # the last adapter: no rows
-    table = torch.zeros(adapters, rows, dtype=torch.int32)
-    counts = torch.zeros(adapters, dtype=torch.int32)
-    for b, u in enumerate(adapter_B):
-        if u >= 0:
-            table[u, counts[u]] = b
-            counts[u] += 1
-    wide = torch.randn(rows, out + 40, device=dev, dtype=dtype)
-    y = wide[:, 17 : 17 + out]
-    before = wide.clone()
-    lora_delta_(y, x, a, bt, table.to(dev), counts.to(dev), rank)
-    want = before[:, 17 : 17 + out].float().clone()
-    for b, u in enumerate(adapter_B):
-        if u >= 0:
-            part = slice(u * rank, (u + 1) * rank)
-            want[b] += (x[b].float() @ a[part].float().T) @ bt[part].float()
-    scale = want.abs().max().item()
-    assert (y.float() - want).abs().max().item() < 2e-2 * scale
-    assert torch.equal(wide[:, :17], before[:, :17]) and torch.equal(
-        wide[:, 17 + out :], before[:, 17 + out :]
-    )
-    base = [b for b, u in enumerate(adapter_B) if u < 0]
-    assert torch.equal(y[base], before[base, 17 : 17 + out])
