@@ -22,9 +22,15 @@ dense matrix products::
     y_B_O += ((x_B_I @ A_UR_I^T) * mix_B_UR) @ Bt_UR_O
 
 the same sum as the per-row form (the masked columns add exact zeros), with no gather, no sort
-and no data-dependent shape, so it captures. A base row has an all-zero mask row. Loads that
+and no data-dependent shape, so it captures. A base row has an all-zero mask row. ``R`` is the
+run's largest adapter rank (a power of two, at most the store's ``max_rank``). Loads that
 happen while a run decodes write the engine's slots, not the snapshot (the run's versions are
 pinned by the engine, so none of them is evicted meanwhile).
+
+**Fused projections.** q/k/v and gate/up read the same input (:data:`LAYER_GROUPS`): each group
+runs as one product over a fused weight (the model's own parameters become views of its rows,
+so there is one copy), its adapters share one shrink (their ``A`` rows stacked), and each
+member's expand is added in place into its columns.
 
 **Continuous batching.** Each row of the buffers is its own sequence: its prompt sits in
 columns ``[0, len)`` (column = position), it has its own step counter, and a row that finishes
@@ -44,12 +50,13 @@ host sees them done, checked every :data:`CHECK_EVERY` steps. The graph knows st
 not text: the engine reads rows with stop strings back at each check (:meth:`StaticDecoder.peek`)
 and ends them when a string appears.
 
-**Shapes.** A graph is keyed by ``(rows bucket, cache length bucket, adapter bucket, sampling
-mode)``; rows pad up to the bucket (free rows are marked done and ignored). Attention
-reads the whole buffer under a mask (reading only the columns written so far, a graph per
-32-column span, measured slower at 64 rows on an H200 and no faster at 256). An all-greedy
-batch skips the sampler's draw. Buffers for one ``(rows, length)`` are shared by its graphs
-and kept for later runs within a byte budget. On CPU (tests) the same step runs eagerly.
+**Shapes.** A graph is keyed by ``(rows bucket, cache length bucket, adapter bucket, rank,
+sampling mode, attention)``; rows pad up to the bucket (free rows are marked done and
+ignored). On CUDA in bf16 / fp16, attention is :mod:`rollout.decode_attention`'s Triton kernel,
+which reads each row's written columns only; elsewhere SDPA reads the whole buffer under a
+mask. An all-greedy batch skips the sampler's draw. Buffers for one ``(rows, length)`` are
+shared by its graphs and kept for later runs within a byte budget. On CPU (tests) the same step
+runs eagerly.
 
 Supported: Llama, Mistral, Qwen2 and Qwen3 decoder layers (full attention, RMSNorm, gated MLP);
 :func:`unsupported_reason` says why another model stays on the eager loop.
