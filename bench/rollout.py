@@ -6,7 +6,10 @@ Measures, on the same prompts in one run:
   the same engine with no adapter (``mixed8_vs_base``: the cost of multi-LoRA), and divided by
   PEFT's mixed-batch ``generate(adapter_names=...)`` on the same model (``mixed8_vs_peft``);
 * the latency of loading one published PEFT directory into the engine (``adapter_load_ms``:
-  median of steady-state loads of new versions into a full slot table, file read included).
+  median of steady-state loads of new versions into a full slot table, file read included);
+* loads into a live engine (``adapter_load_ms_live``, ``load_stall_ms``): new versions of one
+  adapter loaded from another thread while a batch of the other adapters decodes, and how much
+  longer that batch took per load (the stall a worker's syncs cause to the rows in flight).
 
 Every row generates exactly ``--new-tokens`` tokens (greedy, EOS ignored; PEFT gets
 ``min_new_tokens``), so tokens/s = rows x new tokens / wall time (prefill included). The three
@@ -29,6 +32,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -194,6 +198,51 @@ def run_batch(
     return out
 
 
+def live_loads(
+    args: argparse.Namespace,
+    engine: Engine,
+    decoder: str,
+    prompts: list[tuple[int, ...]],
+    path: Path,
+) -> dict[str, Any]:
+    """Adapter loads into a live engine: one batch of mixed rows (adapters ``a0..a{n-2}``)
+    timed alone and with new versions of ``a{n-1}`` loaded from another thread meanwhile, as
+    a worker's syncs do. ``load_stall_ms``: how much longer the batch took per load."""
+    sp = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    users = max(1, args.adapters - 1)
+    rows = [
+        GenerateRequest(input_ids=p, adapter=AdapterRef(f"a{b % users}", 2), sampling=sp)
+        for b, p in enumerate(prompts)
+    ]
+    loaded = f"a{args.adapters - 1}"
+    engine.use_decoder(decoder.split("+")[0])  # type: ignore[arg-type]
+    alone = [timed(args.device, lambda: engine.generate(rows)) for _ in range(3)]
+    version, latencies, spans = 10, [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        worker = threading.Thread(target=engine.generate, args=(rows,))
+        worker.start()
+        time.sleep(statistics.median(alone) * 0.1)  # the batch is decoding
+        while worker.is_alive():
+            version += 1
+            latencies.append(engine.load_adapter(loaded, version, path).load_ms)
+            time.sleep(statistics.median(alone) * 0.1)
+        worker.join()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        spans.append(time.perf_counter() - start)
+    loads = len(latencies) / len(spans)
+    extra_s = statistics.median(spans) - statistics.median(alone)
+    return {
+        "rows": len(rows),
+        "batch_s_alone": statistics.median(alone),
+        "batch_s_with_loads": statistics.median(spans),
+        "loads_per_batch": loads,
+        "adapter_load_ms_live": statistics.median(latencies),
+        "load_stall_ms": 1e3 * extra_s / loads if loads else None,
+    }
+
+
 def profile_batch(
     args: argparse.Namespace, engine: Engine, decoder: str, prompts: list[tuple[int, ...]]
 ) -> None:
@@ -297,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         per_batch[str(batch)] = run_batch(args, engine, peft_model, decoders, prompts, batch)
         per_batch_prompts.append(prompts)
+    live = live_loads(args, engine, decoders[-1], per_batch_prompts[0], dirs[-1])
     if args.profile and cuda:
         try:
             profile_batch(args, engine, decoders[-1], per_batch_prompts[-1])
@@ -318,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         "mixed8_vs_base": first["mixed8_vs_base"],
         "mixed8_vs_peft": first.get("mixed8_vs_peft"),
         "adapter_load_ms": statistics.median(steady),
+        "adapter_load_ms_live": live["adapter_load_ms_live"],
+        "load_stall_ms": live["load_stall_ms"],
+        "live_loads": live,
         **headline,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python "
@@ -359,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"adapter load    {result['adapter_load_ms']:.1f} ms median (steady), "
         f"{cold[0]:.1f} ms first load, {result['adapter_mb']:.2f} MiB per adapter"
+    )
+    print(
+        f"live loads      {live['adapter_load_ms_live']:.1f} ms median while a "
+        f"{live['rows']}-row batch decodes; the batch took {live['batch_s_with_loads']:.2f} s "
+        f"with {live['loads_per_batch']:.1f} loads vs {live['batch_s_alone']:.2f} s alone: "
+        f"{live['load_stall_ms'] or 0:.1f} ms longer per load"
     )
     if args.out:
         out = Path(args.out)

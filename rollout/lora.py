@@ -30,6 +30,14 @@ written by ``PeftModel.save_pretrained``, read and validated by
 :func:`events.adapter_format.read_peft_adapter` (the format's one reader and one list of supported
 PEFT features); tensor names ``base_model.model.<module>.lora_A.weight`` map to the module
 ``<module>`` of the causal LM. This module checks an adapter against the model and fills slots.
+
+On CUDA a load's copies run on a stream of their own, from pinned memory, and the load returns
+once they are done. On the default stream they would queue behind the kernels of the batch in
+flight (a CUDA-graph decoder enqueues several steps ahead), so a worker's sync would wait for
+them. The slot a load writes is free, or holds a version no batch in flight uses
+(:class:`~rollout.adapter_slots.AdapterSlots` pins), so the two streams never touch the same
+weights; after a wrap the load stream first waits for the default stream, which zeroed the new
+slot buffers.
 """
 
 from __future__ import annotations
@@ -297,6 +305,12 @@ class MultiLoraModel:
         # the adapter's shapes, the same for every version of an adapter: cached per both
         self._fits: set[Signature] = set()
         self._plans: OrderedDict[tuple[int, Signature], _LoadPlan] = OrderedDict()
+        # on CUDA, loads copy on their own stream: batches in flight keep the default stream
+        # busy, and a copy queued behind their kernels would wait for them (module doc)
+        cuda = self.device.type == "cuda"
+        self._load_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._wraps = 0  # wraps so far: new slot buffers the load stream must wait for
+        self._wraps_seen = 0
 
     @property
     def num_slots(self) -> int:
@@ -326,6 +340,7 @@ class MultiLoraModel:
         names = [name for name in dict.fromkeys(names) if name not in self.layers]
         if names:
             self._plans.clear()  # their views of modules an adapter lacks are stale
+            self._wraps += 1
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
@@ -403,14 +418,32 @@ class MultiLoraModel:
             raise SlotRoutingError(f"slot {slot} outside [0, {self.num_slots})")
         self.wrap(self.check(adapter, allow_wrap=allow_wrap))
         plan = self._plan(slot, adapter)
+        self.rank_S[slot] = max((a.shape[0] for a, _ in adapter.weights.values()), default=0)
+        stream = self._load_stream
+        if stream is None:
+            self._write(plan, adapter)
+            return
+        if self._wraps != self._wraps_seen:  # new slot buffers, zeroed on the default stream
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._wraps_seen = self._wraps
+        with torch.cuda.stream(stream):
+            self._write(plan, adapter, pinned=True)
+        # the slot is free or unpinned (no batch in flight reads it); batches that use it are
+        # queued after this returns, so they see the whole version
+        stream.synchronize()
+
+    def _write(self, plan: _LoadPlan, adapter: PeftAdapter, *, pinned: bool = False) -> None:
+        """The load's device work: zero the padding, copy the tensors, write the scales."""
         if plan.zeros:
             torch._foreach_zero_(plan.zeros)
-        self.rank_S[slot] = max((a.shape[0] for a, _ in adapter.weights.values()), default=0)
         if not plan.modules:
             return
         weights = adapter.weights
         sources = [t.reshape(-1) for name in plan.modules for t in weights[name]]
-        flat = torch.cat(sources).to(self.device, self.dtype)
+        host = torch.cat(sources)
+        if pinned:
+            host = host.pin_memory()
+        flat = host.to(self.device, self.dtype, non_blocking=pinned)
         pieces = flat.split(plan.sizes)
         views = [p.view(shape) for p, shape in zip(pieces, plan.shapes, strict=True)]
         torch._foreach_copy_(plan.targets, views)

@@ -367,6 +367,48 @@ def test_a_runs_adapter_width_follows_its_largest_rank(
     assert {key[2] for key in static.static._snapshots} == {4, 8}
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_CUDA)])
+def test_loads_while_a_batch_decodes_change_nothing_in_flight(
+    tiny_dir: Path, adapter_dirs: dict[str, Path], version_dirs: dict[int, Path], device: str
+) -> None:
+    """Versions of one adapter loaded from another thread while a batch of other adapters
+    decodes (a worker's syncs): the batch's tokens are those of the same batch alone, and each
+    loaded version serves the eager loop's tokens right after its load returns."""
+    import threading
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hf, static = _engines(tiny_dir, adapter_dirs, device=device)
+    batch = [
+        GenerateRequest(
+            input_ids=(5 + b, 6, 7),
+            adapter=[AdapterRef("a", 1), AdapterRef("b", 1), None][b % 3],
+            sampling=SamplingParams(temperature=1.0, max_new_tokens=60, seed=b, ignore_eos=True),
+        )
+        for b in range(9)
+    ]
+    alone = static.generate(batch)
+    got: list[GenerateResult] = []
+    worker = threading.Thread(target=lambda: got.extend(static.generate(batch)))
+    worker.start()
+    for version in (1, 2, 3, 4):
+        for engine in (static, hf):
+            engine.load_adapter("v", version, version_dirs[version])
+        probe = [
+            GenerateRequest(
+                input_ids=(4, 5),
+                adapter=AdapterRef("v", version),
+                sampling=SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True),
+            )
+        ]
+        if not worker.is_alive():  # the batch is over: the probe alone says the load landed
+            _assert_same(static.generate(probe), hf.generate(probe), tol=1e-3)
+    worker.join()
+    _assert_same(got, alone, tol=1e-5)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    probe = [GenerateRequest(input_ids=(4, 5), adapter=AdapterRef("v", 4), sampling=greedy)]
+    _assert_same(static.generate(probe), hf.generate(probe), tol=1e-3)
+
+
 def test_triton_attention_is_refused_where_it_cannot_run(tiny_dir: Path) -> None:
     from rollout.graph_decode import StaticDecoder
 
