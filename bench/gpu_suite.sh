@@ -16,6 +16,12 @@ python3 -m pytest -q -p no:cacheprovider -m gpu tests/trainer tests/rollout_engi
 python3 bench/train_step.py --device cuda --out "$OUT/train_step.json" 2>&1 | tail -30 | tee "$OUT/train_step.txt"
 # both decoders side by side at 64 and 256 rows (PEFT at 64 rows takes ~50 s a run on an H200)
 python3 bench/rollout.py --device cuda --repeats 2 --out "$OUT/rollout.json" 2>&1 | grep -v warm | tail -30 | tee "$OUT/rollout.txt"
+# the static decoder's kernel variants side by side (SDPA vs Triton attention, torch vs Triton
+# prologue), then the GRPO shape; --peft-max-rows 0 skips PEFT (~47 s a run at 64 rows)
+python3 bench/rollout.py --device cuda --decoders static+sdpa,static,static+prologue --peft-max-rows 0 \
+  --repeats 3 --out "$OUT/rollout_kernels.json" 2>&1 | grep -v warm | tail -30 | tee "$OUT/rollout_kernels.txt"
+python3 bench/rollout.py --device cuda --batch 256 --new-tokens 256 --decoders static,static+prologue \
+  --peft-max-rows 0 --repeats 2 --out "$OUT/rollout_grpo.json" 2>&1 | grep -v warm | tail -14 | tee "$OUT/rollout_grpo.txt"
 if [ -d /tmp/carry/smollm2-135m ]; then  # the real model, once bench/carry.py has landed it
   python3 bench/adapter_load.py --device cuda --dtype bfloat16 --model /tmp/carry/smollm2-135m \
     --out "$OUT/adapter_load.json" 2>&1 | tail -5 | tee "$OUT/adapter_load.txt"

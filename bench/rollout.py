@@ -156,12 +156,16 @@ def run_batch(
             )
 
     def on(decoder: str, rows: list[GenerateRequest]) -> Any:
-        kind, *options = decoder.split("+")  # static+sdpa: SDPA over the whole buffer
+        # static+sdpa: SDPA over the whole buffer; static+prologue: the Triton prologue
+        kind, *options = decoder.split("+")
+        if "prologue" in options and best != "triton":
+            raise SystemExit(f"{decoder}: the Triton prologue needs CUDA, Triton and bf16")
 
         def run() -> None:
             engine.use_decoder(kind)  # type: ignore[arg-type]
             if engine.static is not None:
                 engine.static.attention = "sdpa" if "sdpa" in options else best
+                engine.static.prologue = "triton" if "prologue" in options else "torch"
             engine.generate(rows)
 
         return run
@@ -216,6 +220,7 @@ def live_loads(
     ]
     loaded = f"a{args.adapters - 1}"
     engine.use_decoder(decoder.split("+")[0])  # type: ignore[arg-type]
+    engine.generate(rows)  # warm-up: buffers and graphs for this shape
     alone = [timed(args.device, lambda: engine.generate(rows)) for _ in range(3)]
     version, latencies, spans = 10, [], []
     for _ in range(3):
@@ -289,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         "--decoders",
         default="",
         help="engine decoders to time side by side (default hf on cpu, hf,static on cuda); "
-        "static+sdpa: the static decoder with SDPA attention over the whole buffer",
+        "static+sdpa: with SDPA over the whole buffer; static+prologue: with the Triton "
+        "q/k-norm, RoPE and cache-write kernel",
     )
     parser.add_argument("--peft-max-rows", type=int, default=64, help="time PEFT up to this")
     parser.add_argument(

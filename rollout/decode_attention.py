@@ -13,9 +13,17 @@ program per (row, K/V head) with its ``G`` query heads as one tile, online softm
 the decoder runs). The loop bound is read from ``pos_B`` on the device, so a captured CUDA
 graph replays it for any positions.
 
+**The prologue** (:func:`qk_rope_cache`): between the q/k/v product and attention the torch
+step runs up to ten small kernels a layer (the q and k RMSNorms of Qwen3, RoPE on q and on k,
+the K and V writes into the cache). This kernel does all of it in one launch, one program per
+(row, head) over the query and K/V heads: the head's vector is read once, normalised (fp32),
+rotated with the row's ``cos`` / ``sin``, and written, the query heads to a new tensor and the
+K/V heads into the cache column ``pos_b``. It is the same maths as the torch path rounded once
+instead of after each op, so it agrees to bf16 rounding, not bit for bit.
+
 Only for CUDA tensors in bf16 / fp16 with a power-of-two head dim; :func:`supported` says
-whether it applies, and :class:`~rollout.graph_decode.StaticDecoder` keeps SDPA otherwise
-(and on CPU, where Triton does not run).
+whether they apply, and :class:`~rollout.graph_decode.StaticDecoder` keeps the torch ops
+otherwise (and on CPU, where Triton does not run).
 """
 
 import torch
@@ -79,7 +87,125 @@ def decode_attention(
     return out
 
 
+def qk_rope_cache(
+    q_B_H_D: torch.Tensor,
+    k_B_K_D: torch.Tensor,
+    v_B_K_D: torch.Tensor,
+    norms: tuple[torch.Tensor, float, torch.Tensor, float] | None,
+    cos_B_D: torch.Tensor,
+    sin_B_D: torch.Tensor,
+    pos_B: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> torch.Tensor:
+    """The query heads normalised (``norms``: q weight and eps, k weight and eps; ``None``: no
+    q/k norm)
+    and rotated, returned as a new (rows, heads, head_dim) tensor; the key heads the same and,
+    with the value heads, written into column ``pos_B[b]`` of the caches (module doc).
+
+    ``q``/``k``/``v`` may be column views of one product (unit stride on the head dim);
+    ``cos_B_D`` / ``sin_B_D``: the model's rotary tables at each row's position."""
+    rows, heads, dim = q_B_H_D.shape
+    kv_heads = k_B_K_D.shape[1]
+    out = torch.empty((rows, heads, dim), dtype=q_B_H_D.dtype, device=q_B_H_D.device)
+    q_w, q_eps, k_w, k_eps = norms if norms is not None else (q_B_H_D, 0.0, q_B_H_D, 0.0)
+    _prologue[(rows, heads + kv_heads)](
+        q_B_H_D,
+        k_B_K_D,
+        v_B_K_D,
+        q_w,
+        k_w,
+        cos_B_D,
+        sin_B_D,
+        pos_B,
+        k_cache,
+        v_cache,
+        out,
+        *q_B_H_D.stride()[:2],
+        *k_B_K_D.stride()[:2],
+        *v_B_K_D.stride()[:2],
+        cos_B_D.stride(0),
+        sin_B_D.stride(0),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        *out.stride()[:2],
+        q_eps,
+        k_eps,
+        HEADS=heads,
+        HALF=dim // 2,
+        NORM=norms is not None,
+        num_warps=1,
+    )
+    return out
+
+
 if triton is not None:
+
+    @triton.jit
+    def _prologue(  # type: ignore[no-untyped-def]
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        qw_ptr,
+        kw_ptr,
+        cos_ptr,
+        sin_ptr,
+        pos_ptr,
+        kc_ptr,
+        vc_ptr,
+        o_ptr,
+        q_sb,
+        q_sh,
+        k_sb,
+        k_sh,
+        v_sb,
+        v_sh,
+        cos_sb,
+        sin_sb,
+        kc_sb,
+        kc_sh,
+        kc_st,
+        vc_sb,
+        vc_sh,
+        vc_st,
+        o_sb,
+        o_sh,
+        q_eps,
+        k_eps,
+        HEADS: tl.constexpr,
+        HALF: tl.constexpr,
+        NORM: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        d = tl.arange(0, HALF)
+        is_q = head < HEADS
+        kv = tl.maximum(head - HEADS, 0)
+        src = tl.where(is_q, q_ptr + row * q_sb + head * q_sh, k_ptr + row * k_sb + kv * k_sh)
+        x1 = tl.load(src + d).to(tl.float32)
+        x2 = tl.load(src + HALF + d).to(tl.float32)
+        if NORM:
+            eps = tl.where(is_q, q_eps, k_eps)
+            inv = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+            w = tl.where(is_q, qw_ptr, kw_ptr)
+            x1 = x1 * inv * tl.load(w + d).to(tl.float32)
+            x2 = x2 * inv * tl.load(w + HALF + d).to(tl.float32)
+        cos1 = tl.load(cos_ptr + row * cos_sb + d).to(tl.float32)
+        cos2 = tl.load(cos_ptr + row * cos_sb + HALF + d).to(tl.float32)
+        sin1 = tl.load(sin_ptr + row * sin_sb + d).to(tl.float32)
+        sin2 = tl.load(sin_ptr + row * sin_sb + HALF + d).to(tl.float32)
+        y1 = x1 * cos1 - x2 * sin1
+        y2 = x2 * cos2 + x1 * sin2
+        pos = tl.load(pos_ptr + row)
+        dst = tl.where(is_q, o_ptr + row * o_sb + head * o_sh, kc_ptr + row * kc_sb + kv * kc_sh)
+        dst = tl.where(is_q, dst, dst + pos * kc_st)
+        tl.store(dst + d, y1.to(o_ptr.dtype.element_ty))
+        tl.store(dst + HALF + d, y2.to(o_ptr.dtype.element_ty))
+        if head >= HEADS:
+            v_src = v_ptr + row * v_sb + kv * v_sh
+            v_dst = vc_ptr + row * vc_sb + kv * vc_sh + pos * vc_st
+            tl.store(v_dst + d, tl.load(v_src + d))
+            tl.store(v_dst + HALF + d, tl.load(v_src + HALF + d))
 
     @triton.jit
     def _kernel(  # type: ignore[no-untyped-def]

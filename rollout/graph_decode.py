@@ -82,6 +82,7 @@ from rollout.sampling import sample_tokens_static_B
 
 SamplingMode = Literal["greedy", "sample", "filtered"]
 Attention = Literal["auto", "triton", "sdpa"]
+Prologue = Literal["torch", "triton"]
 
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 LAYER_GROUPS = (
@@ -214,8 +215,11 @@ class StaticDecoder:
     them when it ends. ``None``: half the device memory free when the decoder is made
     (:data:`CPU_CACHE_BYTES` on CPU). ``attention``: ``triton`` reads each row's written
     columns only (:mod:`rollout.decode_attention`), ``sdpa`` the whole buffer under a mask;
-    ``auto`` is ``triton`` where it runs (CUDA, bf16 / fp16); the attribute may be switched
-    between batches (graphs are kept per choice).
+    ``auto`` is ``triton`` where it runs (CUDA, bf16 / fp16). ``prologue``: ``triton`` runs
+    the q/k norms, RoPE and the cache writes as one kernel
+    (:func:`rollout.decode_attention.qk_rope_cache`), ``torch`` as separate ops (the default:
+    the kernel's speed is not measured yet). Both attributes may be switched between batches
+    (graphs are kept per choice).
 
     The model's projections of one :data:`LAYER_GROUPS` group are re-pointed at rows of one
     fused weight (same values, no copy kept), which the step reads with one product; a model
@@ -231,6 +235,7 @@ class StaticDecoder:
         graphs: bool = True,
         cache_bytes: int | None = None,
         attention: Attention = "auto",
+        prologue: Prologue = "torch",
     ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
@@ -257,6 +262,14 @@ class StaticDecoder:
                 f"head dim (here {probe.device.type}, {probe.dtype}, head dim {self.head_dim})"
             )
         self.attention: Attention = "triton" if attention != "sdpa" and fast else "sdpa"
+        if prologue not in ("torch", "triton"):
+            raise ValueError(f"prologue {prologue!r}; use 'torch' or 'triton'")
+        if prologue == "triton" and not fast:
+            raise ValueError(
+                f"the triton prologue needs Triton, CUDA and bf16 / fp16 with a power-of-two "
+                f"head dim (here {probe.device.type}, {probe.dtype}, head dim {self.head_dim})"
+            )
+        self.prologue: Prologue = prologue
         self._groups = self._fuse()
         self._buffers: OrderedDict[tuple[int, int], _Buffers] = OrderedDict()
         if cache_bytes is None:
@@ -264,9 +277,7 @@ class StaticDecoder:
             cache_bytes = torch.cuda.mem_get_info(self.device)[0] // 2 if cuda else CPU_CACHE_BYTES
         self.cache_bytes = cache_bytes
         self._snapshots: dict[tuple[int, int, int], _Snapshot] = {}
-        self._graphs: OrderedDict[tuple[int, int, int, int, str, str], Callable[[], None]] = (
-            OrderedDict()
-        )
+        self._graphs: OrderedDict[tuple[Any, ...], Callable[[], None]] = OrderedDict()
         self._pool: Any = None
         self._run: _Run | None = None
 
@@ -588,7 +599,7 @@ class StaticDecoder:
         u: int,
         mode: SamplingMode,
     ) -> Callable[[], None]:
-        key = (rows, length, u, snap.rank, mode, self.attention)
+        key = (rows, length, u, snap.rank, mode, self.attention, self.prologue)
         fn = self._graphs.get(key)
         if fn is not None:
             self._graphs.move_to_end(key)
@@ -637,6 +648,7 @@ class StaticDecoder:
         x_B_1_H = inner.embed_tokens(buf.token_B[:, None])
         cos, sin = inner.rotary_emb(x_B_1_H, pos_B_1)
         cos_B_1_1_D = cos[:, None]
+        cos_B_D, sin_B_D = cos[:, 0], sin[:, 0]
         # rotate-half as a swap of the halves times a sign-folded sine: 3 kernels, not 5
         half = self.head_dim // 2
         sin_B_1_1_D = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
@@ -649,14 +661,17 @@ class StaticDecoder:
             q = q.view(rows, self.heads, self.head_dim)
             k = k.view(rows, self.kv_heads, self.head_dim)
             v = v.view(rows, self.kv_heads, self.head_dim)
-            if hasattr(attn, "q_norm"):
-                q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
-            q_B_1_1_D = q[:, :, None]  # (rows, heads, 1, head_dim)
-            k_B_1_1_D = k[:, :, None]
-            q_B_1_1_D = _rope(q_B_1_1_D, cos_B_1_1_D, sin_B_1_1_D)
-            k_B_1_1_D = _rope(k_B_1_1_D, cos_B_1_1_D, sin_B_1_1_D)
-            buf.k_L[i].scatter_(2, col_B_K_1_D, k_B_1_1_D)
-            buf.v_L[i].scatter_(2, col_B_K_1_D, v[:, :, None])
+            if self.prologue == "triton":
+                q_B_1_1_D = decode_attention.qk_rope_cache(
+                    q, k, v, _qk_norms(attn), cos_B_D, sin_B_D, pos_B, buf.k_L[i], buf.v_L[i]
+                )[:, :, None]
+            else:
+                if hasattr(attn, "q_norm"):
+                    q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
+                q_B_1_1_D = _rope(q[:, :, None], cos_B_1_1_D, sin_B_1_1_D)  # (rows, heads, 1, D)
+                k_B_1_1_D = _rope(k[:, :, None], cos_B_1_1_D, sin_B_1_1_D)
+                buf.k_L[i].scatter_(2, col_B_K_1_D, k_B_1_1_D)
+                buf.v_L[i].scatter_(2, col_B_K_1_D, v[:, :, None])
             if self.attention == "triton":
                 out = decode_attention.decode_attention(
                     q_B_1_1_D[:, :, 0], buf.k_L[i], buf.v_L[i], pos_B, attn.scaling
@@ -772,12 +787,26 @@ def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
     return weight, bias
 
 
+def _qk_norms(attn: nn.Module) -> tuple[torch.Tensor, float, torch.Tensor, float] | None:
+    """Qwen3's per-head q and k RMSNorms as (weight, eps) pairs; ``None`` for other families."""
+    if not hasattr(attn, "q_norm"):
+        return None
+    q_norm, k_norm = attn.get_submodule("q_norm"), attn.get_submodule("k_norm")
+    q_w, k_w = q_norm.weight, k_norm.weight
+    assert isinstance(q_w, torch.Tensor) and isinstance(k_w, torch.Tensor)
+    return q_w, _eps(q_norm), k_w, _eps(k_norm)
+
+
+def _eps(module: nn.Module) -> float:
+    """An HF RMSNorm module's epsilon (``variance_epsilon`` or ``eps`` by family)."""
+    return float(getattr(module, "variance_epsilon", None) or getattr(module, "eps"))  # noqa: B009
+
+
 def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An HF RMSNorm module as one fused ``F.rms_norm`` (HF's is about eight kernels)."""
-    eps: float = getattr(module, "variance_epsilon", None) or getattr(module, "eps")  # noqa: B009
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, _eps(module))
 
 
 def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
