@@ -41,7 +41,8 @@ Usage::
 
     python bench/experiments.py --small                    # CPU, tiny random model: a quick check
     python bench/experiments.py --device cuda --dtype bfloat16 --model /tmp/smollm2-135m \\
-        --n 8 --steps 30 --out $OUT/experiments.json       # the GPU run (bench/carry.py: the model)
+        --n 8 --steps 30 --out $OUT/experiments.json --logs $OUT/logs   # the GPU run
+                                                           # (bench/carry.py: the model)
     python bench/experiments.py --plot bench/results/experiments.json   # redraw the figure
 """
 
@@ -323,7 +324,21 @@ def port_base(workers: int) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The together run, then the one-by-one runs; the results so far are written to
+    ``--out`` after each (``complete`` false until the last), so a run cut short keeps them,
+    and the processes' logs are copied to ``--logs`` at the end, however it ends."""
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="multilora-experiments-"))
+    try:
+        return _run(args, run_dir)
+    finally:
+        logs = run_dir / "stack" / "logs"
+        if args.logs and logs.is_dir():
+            shutil.copytree(logs, args.logs, dirs_exist_ok=True)
+        if not args.run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     model = args.model or str(random_model(run_dir / "model", 64, 2))
     device = ["--device", args.device, "--dtype", args.dtype]
     base = port_base(args.workers)
@@ -383,29 +398,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         before = sums(trainer_port, worker_ports)
         together_ids, window = play("together", specs)
         after = sums(trainer_port, worker_ports)
-        alone_ids: dict[str, str] = {}
-        alone_windows: dict[str, tuple[float, float]] = {}
-        for spec in [] if args.together_only else specs:
-            name = spec["name"]
-            ids, alone_windows[name] = play(f"alone-{name}", [spec])
-            alone_ids[name] = ids[name]
-        alone_s = {name: t1 - t0 for name, (t0, t1) in alone_windows.items()}
-        rewards = rewards_by_registration(bus)
         shares = time_shares(bus, window, before, after)
         loads = "multilora_rollout_adapter_load_seconds"
-        ran = {
-            "together": {
-                **details(bus, [window]),
-                "load_ms": 1e3
-                * (after[f"{loads}_sum"] - before[f"{loads}_sum"])
-                / max(1.0, after[f"{loads}_count"] - before[f"{loads}_count"]),
-            },
-            "alone": details(bus, list(alone_windows.values())),
+        together = {
+            **details(bus, [window]),
+            "load_ms": 1e3
+            * (after[f"{loads}_sum"] - before[f"{loads}_sum"])
+            / max(1.0, after[f"{loads}_count"] - before[f"{loads}_count"]),
         }
+        alone_ids: dict[str, str] = {}
+        alone_windows: dict[str, tuple[float, float]] = {}
+        runs = [] if args.together_only else specs
+        for spec in [None, *runs]:
+            if spec is not None:
+                name = spec["name"]
+                ids, alone_windows[name] = play(f"alone-{name}", [spec])
+                alone_ids[name] = ids[name]
+            ran = {"together": together, "alone": details(bus, list(alone_windows.values()))}
+            result = _result(
+                args,
+                specs,
+                window,
+                alone_windows,
+                ran,
+                shares,
+                rewards_by_registration(bus),
+                together_ids,
+                alone_ids,
+            )
+            result["complete"] = len(alone_windows) == len(runs)
+            if not result["complete"]:
+                save(args, result)
+    return result
+
+
+def _result(
+    args: argparse.Namespace,
+    specs: list[dict[str, Any]],
+    window: tuple[float, float],
+    alone_windows: dict[str, tuple[float, float]],
+    ran: dict[str, Any],
+    shares: dict[str, float],
+    rewards: dict[str, list[float]],
+    together_ids: dict[str, str],
+    alone_ids: dict[str, str],
+) -> dict[str, Any]:
+    """The results file's content from what has run so far."""
+    alone_s = {name: t1 - t0 for name, (t0, t1) in alone_windows.items()}
     together_s = window[1] - window[0]
-    sequential_s = sum(alone_s.values()) if alone_s else math.nan
+    done = alone_s and len(alone_s) == len(specs)
+    sequential_s = sum(alone_s.values()) if done else math.nan
     per_hour = 3600.0 * args.n
-    result = {
+    return {
         "device": args.device,
         "model": args.model or "random qwen3 hidden=64 layers=2",
         "dtype": args.dtype,
@@ -439,9 +483,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", *sys.argv]),
     }
-    if not args.run_dir:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return result
+
+
+def save(args: argparse.Namespace, result: dict[str, Any]) -> Path:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
 
 
 def trl_baseline(args: argparse.Namespace, together_s: float) -> dict[str, Any]:
@@ -548,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--timeout-s", type=float, default=1800.0)
     p.add_argument("--run-dir", default="", help="keep the run here (default: a temp dir)")
+    p.add_argument("--logs", default="", help="copy the processes' logs here when the run ends")
     p.add_argument("--trl", default="", help="bench/trl_grpo.py's result for the same settings")
     p.add_argument("--trl-reason", default="not run (no --trl result given)")
     p.add_argument("--out", default="bench/results/experiments.json")
@@ -562,9 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.steps, args.group_size, args.prompts_per_step = 2, 3, 4, 2
     result = run(args)
     print_table(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = save(args, result)
     print(f"wrote {out}")
     try:
         print(f"wrote {plot(result, Path(args.png or out.with_suffix('.png')))}")
