@@ -16,9 +16,20 @@ from trainer.inject import MultiLoraModel
 from trainer.optim import SlotAdamW
 from trainer.peft_io import export_slot
 
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
 
+
+@pytest.mark.parametrize(
+    ("decoder", "device"),
+    [("hf", "cpu"), ("static-eager", "cpu"), pytest.param("static", "cuda", marks=ON_CUDA)],
+)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_engine_logprobs_equal_trainer_logprobs(tmp_path, temperature: float) -> None:
+def test_engine_logprobs_equal_trainer_logprobs(
+    tmp_path, temperature: float, decoder: str, device: str
+) -> None:
+    """Both decoders: the eager loop and the static one (fused projections, the run's rank;
+    CUDA graphs on a GPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
     model_dir = write_tiny_model(tmp_path / "m", "qwen2")
     model = MultiLoraModel.from_pretrained(model_dir, num_slots=2, max_rank=8)
     SlotAdamW(model.store, model.table).configure(1, OptimSpec(), 1)
@@ -28,7 +39,10 @@ def test_engine_logprobs_equal_trainer_logprobs(tmp_path, temperature: float) ->
         model.store.weight_S_R_Q[1].normal_(0, 0.5)
     export_slot(model, 1, tmp_path / "adapter", model_dir)
 
-    engine = Engine.from_pretrained(model_dir, max_loras=2, max_lora_rank=8)
+    engine = Engine.from_pretrained(
+        model_dir, max_loras=2, max_lora_rank=8, decoder=decoder, device=device
+    )
+    assert engine.decoder == ("hf" if decoder == "hf" else "static")
     engine.load_adapter("a", 1, tmp_path / "adapter")
     prompt = (5, 6, 7, 8)
     requests = [
