@@ -43,6 +43,7 @@ slot buffers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -440,9 +441,12 @@ class MultiLoraModel:
             return
         weights = adapter.weights
         sources = [t.reshape(-1) for name in plan.modules for t in weights[name]]
-        host = torch.cat(sources)
-        if pinned:
-            host = host.pin_memory()
+        if pinned:  # straight into page-locked memory: one host copy, an asynchronous upload
+            dtype = functools.reduce(torch.promote_types, (t.dtype for t in sources))
+            page_locked = torch.empty(sum(plan.sizes), dtype=dtype, pin_memory=True)
+            host = torch.cat(sources, out=page_locked)
+        else:
+            host = torch.cat(sources)
         flat = host.to(self.device, self.dtype, non_blocking=pinned)
         pieces = flat.split(plan.sizes)
         views = [p.view(shape) for p, shape in zip(pieces, plan.shapes, strict=True)]
