@@ -156,24 +156,12 @@ def run_batch(
             )
 
     def on(decoder: str, rows: list[GenerateRequest]) -> Any:
-        # static+sdpa: SDPA over the whole buffer; static+prologue: the Triton prologue
-        kind, *options = decoder.split("+")
-        if "prologue" in options and best != "triton":
-            raise SystemExit(f"{decoder}: the Triton prologue needs CUDA, Triton and bf16")
-
         def run() -> None:
-            engine.use_decoder(kind)  # type: ignore[arg-type]
-            if engine.static is not None:
-                engine.static.attention = "sdpa" if "sdpa" in options else best
-                engine.static.prologue = "triton" if "prologue" in options else "torch"
+            use(engine, decoder)
             engine.generate(rows)
 
         return run
 
-    probe = next(engine.model.parameters())
-    config = engine.model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    best: Any = "triton" if supported(probe, head_dim) else "sdpa"
     runs: dict[str, Any] = {}
     for decoder in decoders:
         runs[f"{decoder}_base"] = on(decoder, base_rows)
@@ -202,6 +190,21 @@ def run_batch(
     return out
 
 
+def use(engine: Engine, decoder: str) -> None:
+    """Switch ``engine`` to ``decoder``: ``hf``, ``static``, or ``static`` with options after
+    ``+``: ``sdpa`` (SDPA over the whole buffer, not the Triton kernel), ``prologue`` (the
+    Triton q/k-norm, RoPE and cache-write kernel)."""
+    kind, *options = decoder.split("+")
+    engine.use_decoder(kind)  # type: ignore[arg-type]
+    if engine.static is None:
+        return
+    fast = supported(next(engine.model.parameters()), engine.static.head_dim)
+    if "prologue" in options and not fast:
+        raise SystemExit(f"{decoder}: the Triton prologue needs CUDA, Triton and bf16")
+    engine.static.attention = "sdpa" if "sdpa" in options or not fast else "triton"
+    engine.static.prologue = "triton" if "prologue" in options else "torch"
+
+
 def live_loads(
     args: argparse.Namespace,
     engine: Engine,
@@ -219,7 +222,7 @@ def live_loads(
         for b, p in enumerate(prompts)
     ]
     loaded = f"a{args.adapters - 1}"
-    engine.use_decoder(decoder.split("+")[0])  # type: ignore[arg-type]
+    use(engine, decoder)
     engine.generate(rows)  # warm-up: buffers and graphs for this shape
     alone = [timed(args.device, lambda: engine.generate(rows)) for _ in range(3)]
     version, latencies, spans = 10, [], []
@@ -243,7 +246,7 @@ def live_loads(
         "batch_s_alone": statistics.median(alone),
         "batch_s_with_loads": statistics.median(spans),
         "loads_per_batch": loads,
-        "adapter_load_ms_live": statistics.median(latencies),
+        "adapter_load_ms_live": statistics.median(latencies) if latencies else None,
         "load_stall_ms": 1e3 * extra_s / loads if loads else None,
     }
 
@@ -259,7 +262,7 @@ def profile_batch(
         GenerateRequest(input_ids=p, adapter=AdapterRef(f"a{b % args.adapters}", 2), sampling=sp)
         for b, p in enumerate(prompts)
     ]
-    engine.use_decoder(decoder)  # type: ignore[arg-type]
+    use(engine, decoder)
     engine.generate(rows)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -420,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cold[0]:.1f} ms first load, {result['adapter_mb']:.2f} MiB per adapter"
     )
     print(
-        f"live loads      {live['adapter_load_ms_live']:.1f} ms median while a "
+        f"live loads      {live['adapter_load_ms_live'] or 0:.1f} ms median while a "
         f"{live['rows']}-row batch decodes; the batch took {live['batch_s_with_loads']:.2f} s "
         f"with {live['loads_per_batch']:.1f} loads vs {live['batch_s_alone']:.2f} s alone: "
         f"{live['load_stall_ms'] or 0:.1f} ms longer per load"
