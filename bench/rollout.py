@@ -195,6 +195,9 @@ def use(engine: Engine, decoder: str) -> None:
     ``+``: ``sdpa`` (SDPA over the whole buffer, not the Triton kernel), ``prologue`` (the
     Triton q/k-norm, RoPE and cache-write kernel)."""
     kind, *options = decoder.split("+")
+    unknown = set(options) - {"sdpa", "prologue"}
+    if unknown or (options and kind != "static"):
+        raise SystemExit(f"--decoders {decoder!r}: options are static+sdpa and static+prologue")
     engine.use_decoder(kind)  # type: ignore[arg-type]
     if engine.static is None:
         return
