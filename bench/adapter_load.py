@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 
 from bench.engine_phases import write_adapters  # noqa: E402
+from bench.report import write_json  # noqa: E402
 from events.adapter_format import read_peft_adapter  # noqa: E402
 from ops.models import write_tiny_model  # noqa: E402
 from rollout.engine import Engine  # noqa: E402
@@ -108,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {write_json(args.out, result)}")
     return 0
 
 

@@ -65,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from e2e import OBSERVER, Bus, entry_s, random_model, trainer_phases
+from report import write_json
 
 from events.connection import connect
 from events.schema import CheckpointSaved, Completed, RegisterRequested, StepDone
@@ -428,7 +429,7 @@ def _run(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
             )
             result["complete"] = len(alone_windows) == len(runs)
             if not result["complete"]:
-                save(args, result)
+                write_json(args.out, result)
     return result
 
 
@@ -483,13 +484,6 @@ def _result(
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", *sys.argv]),
     }
-
-
-def save(args: argparse.Namespace, result: dict[str, Any]) -> Path:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return out
 
 
 def trl_baseline(args: argparse.Namespace, together_s: float) -> dict[str, Any]:
@@ -611,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.steps, args.group_size, args.prompts_per_step = 2, 3, 4, 2
     result = run(args)
     print_table(result)
-    out = save(args, result)
+    out = write_json(args.out, result)
     print(f"wrote {out}")
     try:
         print(f"wrote {plot(result, Path(args.png or out.with_suffix('.png')))}")
