@@ -1,5 +1,10 @@
 """The engine's fast decode loop: a preallocated KV cache, one decode step as a CUDA graph.
 
+(Over 600 lines: the step, the buffers it is captured against, the run's adapter snapshot and
+the join / take calls of continuous batching all address the same fixed tensors, and splitting
+them would pass those tensors across modules; the weight fusion is :mod:`rollout.fused_linears`,
+the Triton kernels :mod:`rollout.decode_attention`.)
+
 :class:`StaticDecoder` takes a batch over from the prefill (which stays the Hugging Face forward
 of :mod:`rollout.engine`, with its group sharing) and runs every later token through its own
 forward of the model's decoder layers, written against fixed buffers so that the whole step —
@@ -27,10 +32,10 @@ run's largest adapter rank (a power of two, at most the store's ``max_rank``). L
 happen while a run decodes write the engine's slots, not the snapshot (the run's versions are
 pinned by the engine, so none of them is evicted meanwhile).
 
-**Fused projections.** q/k/v and gate/up read the same input (:data:`LAYER_GROUPS`): each group
-runs as one product over a fused weight (the model's own parameters become views of its rows,
-so there is one copy), its adapters share one shrink (their ``A`` rows stacked), and each
-member's expand is added in place into its columns.
+**Fused projections.** q/k/v and gate/up read the same input: each group runs as one product
+over a fused weight (:mod:`rollout.fused_linears`: the model's own parameters become views of
+its rows, so there is one copy), its adapters share one shrink (their ``A`` rows stacked), and
+each member's expand is added in place into its columns.
 
 **Continuous batching.** Each row of the buffers is its own sequence: its prompt sits in
 columns ``[0, len)`` (column = position), it has its own step counter, and a row that finishes
@@ -64,8 +69,6 @@ Supported: Llama, Mistral, Qwen2 and Qwen3 decoder layers (full attention, RMSNo
 
 from __future__ import annotations
 
-import operator
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,7 +80,8 @@ from torch import nn
 
 from events.specs import GREEDY_TEMPERATURE
 from rollout import decode_attention
-from rollout.lora import BASE_SLOT, MultiLoraLinear, MultiLoraModel
+from rollout.fused_linears import Group, fuse_layers, still_fused
+from rollout.lora import BASE_SLOT, MultiLoraModel
 from rollout.sampling import sample_tokens_static_B
 
 SamplingMode = Literal["greedy", "sample", "filtered"]
@@ -85,14 +89,6 @@ Attention = Literal["auto", "triton", "sdpa"]
 Prologue = Literal["torch", "triton"]
 
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-LAYER_GROUPS = (
-    ("self_attn", ("q_proj", "k_proj", "v_proj")),
-    ("self_attn", ("o_proj",)),
-    ("mlp", ("gate_proj", "up_proj")),
-    ("mlp", ("down_proj",)),
-)
-"""A decoder layer's projections by input: those of one group read the same activations and
-run as one matrix product (their weights become views of one fused matrix)."""
 CHECK_EVERY = 16
 """Decode steps between two host checks of "is every row done" (one sync each)."""
 LENGTH_BUCKET = 64
@@ -139,17 +135,6 @@ def slot_bucket(slots: int, num_slots: int) -> int:
 def rank_bucket(rank: int, max_rank: int) -> int:
     """A run's adapter width: its largest rank up to a power of two, at most ``max_rank``."""
     return min(max_rank, 1 << max(0, rank - 1).bit_length())
-
-
-@dataclass
-class _Group:
-    """Projections of one layer that read the same input, as one product (:data:`LAYER_GROUPS`)."""
-
-    index: int
-    names: tuple[str, ...]  # full module names, in the order of their output columns
-    weight: torch.Tensor  # (sum of outputs, in): each member's weight is a view of its rows
-    bias: torch.Tensor | None
-    widths: tuple[int, ...]
 
 
 @dataclass
@@ -221,9 +206,10 @@ class StaticDecoder:
     the kernel's speed is not measured yet). Both attributes may be switched between batches
     (graphs are kept per choice).
 
-    The model's projections of one :data:`LAYER_GROUPS` group are re-pointed at rows of one
-    fused weight (same values, no copy kept), which the step reads with one product; a model
-    whose weights are replaced or moved afterwards is fused again at the next batch.
+    The model's projections of one :data:`rollout.fused_linears.LAYER_GROUPS` group are
+    re-pointed at rows of one fused weight (same values, no copy kept), which the step reads
+    with one product; a model whose weights are replaced or moved afterwards is fused again at
+    the next batch.
     """
 
     def __init__(
@@ -270,7 +256,7 @@ class StaticDecoder:
                 f"head dim (here {probe.device.type}, {probe.dtype}, head dim {self.head_dim})"
             )
         self.prologue: Prologue = prologue
-        self._groups = self._fuse()
+        self._groups = fuse_layers(self.model)
         self._buffers: OrderedDict[tuple[int, int], _Buffers] = OrderedDict()
         if cache_bytes is None:
             cuda = self.device.type == "cuda"
@@ -281,51 +267,9 @@ class StaticDecoder:
         self._pool: Any = None
         self._run: _Run | None = None
 
-    def _fuse(self) -> list[list[list[_Group]]]:
-        """Per layer, per :data:`LAYER_GROUPS` entry, its groups (one, or one per member when
-        the members differ in input, dtype or bias): each group's weight fused."""
-        inner = self.model.model
-        prefix = next(name for name, m in self.model.named_modules() if m is inner.layers)
-        layers: list[list[list[_Group]]] = []
-        index = 0
-        for i, layer in enumerate(self.layers):
-            parts = []
-            for part, names in LAYER_GROUPS:
-                parent = getattr(layer, part)
-                linears = [_linear(getattr(parent, n)) for n in names]
-                full = [f"{prefix}.{i}.{part}.{n}" for n in names]
-                same = len({_fusable_as(m) for m in linears}) == 1
-                members = [list(range(len(names)))] if same else [[j] for j in range(len(names))]
-                groups = []
-                for chosen in members:
-                    weight, bias = _fuse_linears([linears[j] for j in chosen])
-                    groups.append(
-                        _Group(
-                            index=index,
-                            names=tuple(full[j] for j in chosen),
-                            weight=weight,
-                            bias=bias,
-                            widths=tuple(linears[j].out_features for j in chosen),
-                        )
-                    )
-                    index += 1
-                parts.append(groups)
-            layers.append(parts)
-        return layers
-
     def _fused_still(self) -> bool:
         """Whether every projection still reads its rows of its group's fused weight."""
-        for i, layer in enumerate(self.layers):
-            for (part, names), groups in zip(LAYER_GROUPS, self._groups[i], strict=True):
-                parent = getattr(layer, part)
-                linears = iter(_linear(getattr(parent, n)) for n in names)
-                for group in groups:
-                    at, row_bytes = group.weight.data_ptr(), group.weight[0].nbytes
-                    for width in group.widths:
-                        if next(linears).weight.data_ptr() != at:
-                            return False
-                        at += width * row_bytes
-        return True
+        return still_fused(self.layers, self._groups)
 
     # ---- one batch -------------------------------------------------------------------------
 
@@ -343,7 +287,7 @@ class StaticDecoder:
         most = max((self.lora.rank_S[s] or self.lora.max_rank for s in used), default=0)
         rank = rank_bucket(most, self.lora.max_rank) if used else 0
         if not self._fused_still():  # the model's weights were replaced or moved
-            self._groups = self._fuse()
+            self._groups = fuse_layers(self.model)
             self._snapshots.clear()
             self._graphs.clear()
         buf = self._buffers_for(bucket, length)
@@ -696,7 +640,7 @@ class StaticDecoder:
         buf.step_B.add_(1)
 
     def _project(
-        self, groups: list[_Group], x_B_I: torch.Tensor, snap: _Snapshot
+        self, groups: list[Group], x_B_I: torch.Tensor, snap: _Snapshot
     ) -> list[torch.Tensor]:
         """The outputs of ``groups``' projections of ``x_B_I``, member by member: per group one
         base product, one shrink for all its wrapped members, and each member's expand added
@@ -738,53 +682,6 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     ``rotate_half(x) * sin`` is ``[x_2, x_1] * [-sin_1, sin_2]``, the same products."""
     swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
     return torch.addcmul(x * cos, swapped, signed_sin)
-
-
-def _linear(module: nn.Module) -> nn.Linear:
-    """The frozen ``nn.Linear`` of a projection, wrapped or not."""
-    found = module.base if isinstance(module, MultiLoraLinear) else module
-    if not isinstance(found, nn.Linear):
-        raise ValueError(f"static decode supports linear projections, not {type(found).__name__}")
-    return found
-
-
-def _fusable_as(m: nn.Linear) -> tuple[Any, ...]:
-    """Linears fuse when these agree."""
-    return m.in_features, m.weight.dtype, m.weight.device, m.bias is None, m.weight.is_contiguous()
-
-
-_FUSED: weakref.WeakKeyDictionary[nn.Linear, tuple[torch.Tensor, torch.Tensor | None, tuple]] = (
-    weakref.WeakKeyDictionary()
-)
-"""First linear of a fused group -> (weight, bias, the members' parameters it made): a second
-decoder on the same model (``Engine.use_decoder``) reuses the fusion while they are in place."""
-
-
-def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for ``linears`` stacked by output; each linear's parameters become
-    views of its rows, so the model keeps one copy."""
-    if len(linears) == 1:
-        return linears[0].weight, linears[0].bias
-    params = tuple(p for m in linears for p in (m.weight, m.bias))
-    known = _FUSED.get(linears[0])
-    if (
-        known is not None
-        and len(known[2]) == len(params)
-        and all(map(operator.is_, known[2], params))
-    ):
-        return known[0], known[1]
-    with torch.no_grad():
-        weight = torch.cat([m.weight for m in linears])
-        bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-    row = 0
-    for m in linears:
-        rows = slice(row, row + m.out_features)
-        m.weight = nn.Parameter(weight[rows], requires_grad=False)
-        if bias is not None:
-            m.bias = nn.Parameter(bias[rows], requires_grad=False)
-        row += m.out_features
-    _FUSED[linears[0]] = (weight, bias, tuple(p for m in linears for p in (m.weight, m.bias)))
-    return weight, bias
 
 
 def _qk_norms(attn: nn.Module) -> tuple[torch.Tensor, float, torch.Tensor, float] | None:
