@@ -1,6 +1,9 @@
 """Finished RL experiments per GPU-hour: N experiments trained together in one service, against
 the same N run one after another.
 
+(Over 600 lines: the experiments' book, the runs, the metrics read back from the bus and the
+processes, the learning comparison and the figure all build or read one results layout.)
+
 Each experiment is one adapter with its own reasoning-gym task, reward, learning rate and rank
 (:data:`BOOK`; past eight, the book repeats with other seeds), trained with GRPO for ``--steps``
 steps. One stack (embedded Redis, trainer with N slots, ``--workers`` rollout workers sharing the

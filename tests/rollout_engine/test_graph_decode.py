@@ -8,6 +8,7 @@ tests repeat it on CUDA with the graphs captured, across adapter loads between b
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -374,8 +375,6 @@ def test_loads_while_a_batch_decodes_change_nothing_in_flight(
     """Versions of one adapter loaded from another thread while a batch of other adapters
     decodes (a worker's syncs): the batch's tokens are those of the same batch alone, and each
     loaded version serves the eager loop's tokens right after its load returns."""
-    import threading
-
     torch.backends.cuda.matmul.allow_tf32 = False
     hf, static = _engines(tiny_dir, adapter_dirs, device=device)
     batch = [
