@@ -183,10 +183,12 @@ class ChaosStack:
         self.follower = LogFollower(self.client, self.streams)
         self.restart_due: dict[str, float] = {}  # killed on purpose -> when to restart it
         self._last_restart: dict[str, float] = {}
+        # the environment the stack gives each role (its Redis user's URL): asked of the stack,
+        # not read from /proc, which misses a process that happens to be restarting just now
         self._envs = {
-            name: _environ(proc.pid)
+            name: live.stack.child_env(_argv(proc)[3])
             for name, proc in live.stack.procs.items()
-            if name != "redis" and proc.poll() is None
+            if name != "redis"
         }
         self.respawn("rewards", rewards_command(live, rewards))
         if trainer_command:
@@ -197,8 +199,8 @@ class ChaosStack:
     # --- processes -----------------------------------------------------------------------------
 
     def respawn(self, name: str, args: Sequence[str]) -> None:
-        """Start process ``name`` with ``args`` and the environment the stack gave it (read
-        from ``/proc`` when the harness started), its output appended to ``logs/<name>.log``."""
+        """Start process ``name`` with ``args`` and the environment the stack gives its role
+        (:meth:`ops.launch.Stack.child_env`), its output appended to ``logs/<name>.log``."""
         stack = self.live.stack
         log = open(stack.run_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115
         stack.logs.append(log)  # closed by the stack's exit
@@ -431,13 +433,6 @@ class ChaosStack:
     def _read(self, stream: str, decoder: Decoder) -> list[tuple[str, Any]]:
         entries = self.bus(lambda: self.client.xrange(stream))
         return [(eid.decode(), decoder.decode(fields, eid.decode())) for eid, fields in entries]
-
-
-def _environ(pid: int) -> dict[str, str]:
-    """The environment process ``pid`` was started with (Linux ``/proc``)."""
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
-    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
 def _argv(proc: subprocess.Popen[bytes]) -> list[str]:
