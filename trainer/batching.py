@@ -6,9 +6,10 @@ log-prob is the rollout log-prob the worker returned (column ``t`` holds ``log �
 under the adapter's sampling temperature, which the row carries so the trainer scores the same
 tempered distribution.
 
-Samples whose reward failed are left out of their group (no advantage can be computed for them);
-a group with fewer than two usable samples gives no learning signal and is dropped, as is a group
-whose rewards are all equal when the adapter asked for ``filter_zero_variance``.
+Samples whose reward failed, and malformed ones (not one log-prob per completion token), are
+left out of their group (no advantage can be computed for them); a group with fewer than two
+usable samples gives no learning signal and is dropped, as is a group whose rewards are all
+equal when the adapter asked for ``filter_zero_variance``.
 
 **Token budget.** A row longer than the trainer's budget (``max_tokens``: the base model's
 ``max_position_embeddings``, see :func:`trainer.mixed_step.token_budget`) cannot be trained on:
@@ -26,9 +27,12 @@ tenant to lower ``max_new_tokens`` so it does not happen.)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from events.schema import PromptGroup, Sample
@@ -110,26 +114,56 @@ class RowStats:
         }
 
 
-@dataclass(frozen=True)
+Ints = Sequence[int] | npt.NDArray[np.int64]
+Floats = Sequence[float] | npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, eq=False)
 class PackedRow:
     """One row of a train batch before padding: its slot, tokens, the first target position
     (``loss_from``: targets are ``tokens[loss_from:]``), per-token advantages and rollout
-    log-probs (both ``len(tokens)`` long) and its sampling temperature."""
+    log-probs (both ``len(tokens)`` long) and its sampling temperature. :func:`rows_of_group`
+    makes the sequences arrays already (as the group lands), so :func:`pack` only copies."""
 
     slot: int
-    tokens: Sequence[int]
+    tokens: Ints
     loss_from: int
-    advantages: Sequence[float]
-    old_logprobs: Sequence[float]
+    advantages: Floats
+    old_logprobs: Floats
     temperature: float = 1.0
+
+    def __eq__(self, other: object) -> bool:
+        """Equal slot, targets, temperature and the same values in every sequence."""
+        if not isinstance(other, PackedRow):
+            return NotImplemented
+        return (self.slot, self.loss_from, self.temperature) == (
+            other.slot,
+            other.loss_from,
+            other.temperature,
+        ) and all(
+            np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in (
+                (self.tokens, other.tokens),
+                (self.advantages, other.advantages),
+                (self.old_logprobs, other.old_logprobs),
+            )
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # holds arrays: not hashable
 
 
 def unusable_reason(sample: Sample, prompt_tokens: int, max_tokens: int | None) -> str:
-    """Why ``sample`` cannot be trained on (``""`` if it can): failed, empty, or too long."""
+    """Why ``sample`` cannot be trained on (``""`` if it can): failed, empty, malformed (not one
+    log-prob per completion token), or too long."""
     if sample.failed:
         return sample.reason or "sample failed (no reason given)"
     if not sample.completion_ids:
         return "empty completion"
+    if len(sample.logprobs) != len(sample.completion_ids):
+        return (
+            f"{len(sample.logprobs)} log-probs for {len(sample.completion_ids)} completion "
+            "tokens (the rollout worker must return one log-prob per token)"
+        )
     n = prompt_tokens + len(sample.completion_ids)
     if max_tokens is not None and n > max_tokens:
         return sample_too_long(n, max_tokens)
@@ -170,19 +204,34 @@ def rows_of_group(
         return GroupRows([], st)
     st.groups += 1
     n_prompt = len(group.prompt_ids)
+    prompt = np.asarray(group.prompt_ids, dtype=np.int64)
+    # every usable sample's completion and log-probs converted in one pass, then sliced
+    total = sum(len(s.completion_ids) for s in usable)
+    completions = np.fromiter(
+        itertools.chain.from_iterable(s.completion_ids for s in usable), np.int64, total
+    )
+    logprobs = np.fromiter(
+        itertools.chain.from_iterable(s.logprobs for s in usable), np.float32, total
+    )
     rows = []
+    at = 0
     for sample, adv in zip(usable, group_advantages(rewards, loss.advantage), strict=True):
         n = len(sample.completion_ids)
+        advantages = np.zeros(n_prompt + n, dtype=np.float32)
+        advantages[n_prompt:] = adv
+        old_logprobs = np.zeros(n_prompt + n, dtype=np.float32)
+        old_logprobs[n_prompt:] = logprobs[at : at + n]
         rows.append(
             PackedRow(
                 slot=slot,
-                tokens=[*group.prompt_ids, *sample.completion_ids],
+                tokens=np.concatenate((prompt, completions[at : at + n])),
                 loss_from=n_prompt,
-                advantages=[0.0] * n_prompt + [adv] * n,
-                old_logprobs=[0.0] * n_prompt + list(sample.logprobs),
+                advantages=advantages,
+                old_logprobs=old_logprobs,
                 temperature=temperature,
             )
         )
+        at += n
         st.samples += 1
         st.reward_sum += sample.reward
         st.length_sum += n
@@ -216,34 +265,35 @@ def group_rows(
 def pack(rows: Sequence[PackedRow], pad_id: int) -> TrainBatch:
     """The rows as one right-padded :class:`TrainBatch` (``rows`` must not be empty).
 
-    Padded as Python lists and turned into tensors once per field: one small tensor op per
-    row and field costs more than the whole list building (it is on the step's critical path).
+    Each row is copied into preallocated arrays (one C-level copy per row and field) and the
+    masks come from the rows' lengths in whole-array operations; the tensors share the
+    arrays' memory. It is on the step's critical path: building per-token Python lists and
+    converting them cost ~40 µs a row (21 ms for 512 rows of 140 tokens), copying the rows'
+    arrays about 1 µs.
     """
+    n_rows = len(rows)
     width = max(len(r.tokens) for r in rows)
-    tokens: list[int] = []
-    attn: list[int] = []
-    loss: list[int] = []
-    adv: list[float] = []
-    old: list[float] = []
-    for row in rows:
+    tokens = np.full((n_rows, width), pad_id, dtype=np.int64)
+    adv = np.zeros((n_rows, width), dtype=np.float32)
+    old = np.zeros((n_rows, width), dtype=np.float32)
+    n_B = np.empty(n_rows, dtype=np.int64)
+    from_B = np.empty(n_rows, dtype=np.int64)
+    for i, row in enumerate(rows):
         n = len(row.tokens)
-        pad = width - n
-        tokens += row.tokens
-        tokens += [pad_id] * pad
-        attn += [1] * n + [0] * pad
-        loss += [0] * row.loss_from + [1] * (n - row.loss_from) + [0] * pad
-        adv += row.advantages
-        adv += [0.0] * pad
-        old += row.old_logprobs
-        old += [0.0] * pad
-    shape = (len(rows), width)
+        tokens[i, :n] = row.tokens
+        adv[i, :n] = row.advantages
+        old[i, :n] = row.old_logprobs
+        n_B[i], from_B[i] = n, row.loss_from
+    position_T = np.arange(width)
+    attn = position_T < n_B[:, None]
+    loss = attn & (position_T >= from_B[:, None])
     return TrainBatch(
         slot_ids_B=torch.tensor([r.slot for r in rows], dtype=torch.long),
-        tokens_B_T=torch.tensor(tokens, dtype=torch.long).view(shape),
-        attention_mask_B_T=torch.tensor(attn, dtype=torch.long).view(shape),
-        loss_mask_B_T=torch.tensor(loss, dtype=torch.long).view(shape),
-        advantages_B_T=torch.tensor(adv, dtype=torch.float32).view(shape),
-        old_logprobs_B_T=torch.tensor(old, dtype=torch.float32).view(shape),
+        tokens_B_T=torch.from_numpy(tokens),
+        attention_mask_B_T=torch.from_numpy(attn.astype(np.int64)),
+        loss_mask_B_T=torch.from_numpy(loss.astype(np.int64)),
+        advantages_B_T=torch.from_numpy(adv),
+        old_logprobs_B_T=torch.from_numpy(old),
         temperature_B=torch.tensor([r.temperature for r in rows], dtype=torch.float32),
     )
 

@@ -30,6 +30,7 @@ down-weighted and adapters never share a normaliser.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,13 +47,18 @@ KL_MAX = 10.0
 
 
 def group_advantages(rewards_G: Sequence[float], kind: str, eps: float = 1e-6) -> list[float]:
-    """Advantages of one prompt's samples (see the module docstring)."""
-    r_G = torch.tensor(list(rewards_G), dtype=torch.float64)
-    centred_G = r_G - r_G.mean()
+    """Advantages of one prompt's samples (see the module docstring), in float64; ``std`` is
+    the population one; rewards too large to sum give non-finite advantages (the train step
+    then skips the slot). Plain Python: it runs per prompt group as each group lands, on the
+    trainer's critical path when it waits for rollouts, and a handful of small tensor ops cost
+    several times more than the arithmetic."""
+    n = len(rewards_G)
+    mean = sum(rewards_G) / n
+    centred_G = [r - mean for r in rewards_G]
     if kind == "drgrpo":
-        return centred_G.tolist()
-    std = r_G.std(unbiased=False) if len(r_G) > 1 else torch.tensor(0.0, dtype=torch.float64)
-    return (centred_G / (std + eps)).tolist()
+        return centred_G
+    std = math.sqrt(sum(c * c for c in centred_G) / n) if n > 1 else 0.0
+    return [c / (std + eps) for c in centred_G]
 
 
 @dataclass(frozen=True)

@@ -306,3 +306,13 @@ def test_skips_are_counted_in_status_and_the_failure_says_how_many(bus2: Bus) ->
     assert note.registration_id == failed.registration_id
     shown = read_one(bus2.client, bus2.streams, "alpha")  # what `multilora status` shows
     assert shown is not None and (shown.skips, shown.last_skip) == (2, note)
+
+
+def test_a_sample_without_one_logprob_per_token_is_dropped_alone_with_the_reason() -> None:
+    bad = Sample(completion_ids=(7, 8, 9), logprobs=(-1.0,), text="", reward=1.0)
+    rows, stats = group_rows([AdapterRows(0, LOSS, [group(sample(2), bad, sample(3, reward=1.0))])])
+    assert len(rows) == 2
+    assert stats[0].failures == {
+        "1 log-probs for 3 completion tokens (the rollout worker must return one log-prob per "
+        "token)": 1
+    }
