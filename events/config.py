@@ -198,8 +198,8 @@ def add_flags(
         if only and f.name not in only:
             continue
         kwargs: dict[str, Any] = {"dest": f.name, "help": f.help or None}
-        if f.kind == "bool":
-            kwargs["action"] = "store_true"
+        if f.kind == "bool":  # --x sets it, --no-x clears it (a field whose default is true)
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif f.kind == "tuple":  # --root a --root b, or --root a b (SGLang's style)
             kwargs.update(action="extend", nargs="+")
         elif f.kind == "map":

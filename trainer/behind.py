@@ -1,4 +1,9 @@
-"""A trained step waiting for its versions: what it commits once they are durable.
+"""A step after the loop took its groups: computing (:class:`Launched`), then waiting for its
+versions (:class:`Behind`), then committed.
+
+A launched step computes on the compute thread (:mod:`trainer.compute`) while the loop goes on;
+:class:`Launched` is what the loop keeps meanwhile to decide, once it lands, what the step meant
+(which runs trained, what each client request gets back).
 
 The trainer writes versions *behind* the step (:meth:`trainer.versions.VersionPublisher.
 write_behind`): the step's slots are copied off the device at once, the files are encoded and
@@ -22,15 +27,61 @@ Rules that keep "effectively once" and the log's order:
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from events.effects import Effects
-from trainer.mixed_step import SlotOutcome
-from trainer.runs import AdapterRun
+from trainer.client_step import ClientRows
+from trainer.clients import HeldRequest
+from trainer.compute import Computed
+from trainer.mixed_step import MixedStep, SlotOutcome
+from trainer.publish import CapturedSlot
+from trainer.runs import AdapterRun, Held
 from trainer.versions import PendingVersion
 
 TrainedStep = tuple[AdapterRun, dict[str, float], tuple[str, ...]]
 """A run whose step trained, with its ``step_done`` metrics and the task ids of its groups."""
+
+
+Job = tuple[MixedStep, dict[int, CapturedSlot], float]
+"""What a step's job returns: the step, the trained slots copied off the device (by slot) and
+the seconds that copy took."""
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A step computing: the runs it trains (``ready``) with the groups it took from each
+    (``used``, by run name) and when each run became ready (``ready_at``), the client requests it
+    carries (``taken``), how long the oldest ready run had waited for others (``wait_s``), when it
+    was launched (``started_at``, wall clock, compared with entry ids; ``t0``, ``perf_counter``),
+    how long taking its rows took (``rows_s``), and the job's future."""
+
+    ready: list[AdapterRun]
+    used: dict[str, list[Held]]
+    ready_at: dict[str, float]
+    taken: list[tuple[AdapterRun, HeldRequest, ClientRows]]
+    wait_s: float
+    started_at: float
+    t0: float
+    rows_s: float
+    result: Future[Computed[Job]]
+
+
+@dataclass(frozen=True)
+class Landed:
+    """A step that computed and was decided: the launch, its result, the runs that trained (as
+    :class:`Behind` holds them), its seconds from launch to the job's end (``step_s``) and of the
+    job's copy of the trained slots (``capture_s``), and ``perf_counter`` times: the job's end,
+    the loop noticing it, the loop having decided it."""
+
+    launched: Launched
+    step: MixedStep
+    trained: list[TrainedStep]
+    step_s: float
+    capture_s: float
+    finished: float
+    noticed: float
+    decided: float
 
 
 @dataclass

@@ -29,7 +29,9 @@ class TrainerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     (admission accepts them besides the built-ins). The bus consumer name defaults to ``trainer``.
     ``ranks`` > 1 trains data-parallel over that many processes (:mod:`trainer.ranks`; on CUDA
     rank ``r`` uses device ``base + r``, on CPU give each a share of the cores with
-    ``torch_threads``); 1 is a single process without ``torch.distributed``.
+    ``torch_threads``); 1 is a single process without ``torch.distributed``. ``overlap_steps``
+    computes each step on a compute thread while the loop goes on (:mod:`trainer.compute`);
+    ``false`` runs it inline: the same decisions, without the overlap.
     """
 
     bus: BusConfig = BusConfig()
@@ -65,3 +67,7 @@ class TrainerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         int, msgspec.Meta(ge=0, description="intra-op threads (0: torch's default)")
     ] = 0
     ranks: Annotated[Positive, _doc("data-parallel ranks (processes; on CUDA one device each)")] = 1
+    overlap_steps: Annotated[
+        bool,
+        _doc("compute each step on its own thread while the loop reads, decides and commits"),
+    ] = True

@@ -11,10 +11,13 @@ A mixed train step is timed in four phases (label ``phase``):
 - ``forward_backward``: the forward and backward pass over the mixed batch (incl. the reference
   forward when a KL term is on);
 - ``optimizer``: gradient clipping and the per-slot AdamW update;
-- ``publish``: the rest of the step on the trainer's loop: copying each new version off the
-  device and deciding the step's events. The version's files are encoded and written behind
-  the step, on writer threads (``version_write_seconds``); the loop waits for a write only when
-  the next step is done first (``version_wait_seconds``).
+- ``publish``: the rest of the step's critical path up to the end of its job
+  (:mod:`trainer.compute`): taking the held rows, packing the batch, the per-slot results, and
+  copying each new version off the device. Deciding the step's events, reporting and
+  committing run on the loop while the next step computes; what of that still comes before the
+  next step can start is the step's *tail* (``step_tail_seconds``). The version's files are
+  encoded and written behind the step, on writer threads (``version_write_seconds``); the loop
+  waits for a write only when the next step is done first (``version_wait_seconds``).
 
 Exported:
 
@@ -37,9 +40,10 @@ name                                         kind     meaning
                                                       durable on the artifact store
 ``multilora_trainer_version_wait_seconds``   histo    the loop blocked on those writes (on the
                                                       critical path; 0 when they kept up)
-``multilora_trainer_step_tail_seconds``      histo    after a step, before the next can start:
+``multilora_trainer_step_tail_seconds``      histo    after a step's job, before the next can
+                                                      start: the loop noticing it, deciding it,
                                                       settling the step before it (that wait
-                                                      included) and committing
+                                                      included), serving client requests
 ``multilora_trainer_step_control_seconds``   histo    the loop's own work in a step, by ``part``
                                                       (:data:`CONTROL_PARTS`): where ``publish``
                                                       and the packing go
@@ -64,13 +68,14 @@ from orchestrator.fleet import Fleet
 PHASES = ("wait", "forward_backward", "optimizer", "publish")
 """``phase`` label values of the step-time metrics, in step order."""
 
-CONTROL_PARTS = ("rows", "pack", "metrics", "decide", "capture", "report")
+CONTROL_PARTS = ("rows", "pack", "metrics", "capture", "decide", "report")
 """``part`` label values of ``multilora_trainer_step_control_seconds``, in step order: taking
 the held groups of each adapter (``rows``), turning them into the batch (``pack``: usable
-samples, advantages, padding), the per-slot results after the optimizer (``metrics``), the
-outcomes and what waits for the versions (``decide``), copying the new versions off the device
-and handing them to the writer threads (``capture``), the step's log line and phase metrics
-(``report``)."""
+samples, advantages, padding), the per-slot results after the optimizer (``metrics``), copying
+the new versions off the device (``capture``; these four on the step's critical path), the
+loop noticing the step is done, its outcomes and what waits for the versions, handed to the
+writer threads (``decide``: part of the tail), the step's log line and phase metrics
+(``report``: beside the next step)."""
 
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 """Seconds: a tiny CPU model steps in ~10 ms, a 7B model with many adapters in tens of seconds."""
@@ -151,7 +156,8 @@ class TrainerMetrics:
         )
         self.step_tail_seconds = Histogram(
             "multilora_trainer_step_tail_seconds",
-            "After a step: settling the one before it and committing, seconds.",
+            "After a step's job, before the next can start: deciding it and settling the one "
+            "before it, seconds.",
             buckets=(0.0005, 0.001, 0.0025, *STEP_BUCKETS),
             registry=registry,
         )

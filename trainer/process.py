@@ -84,11 +84,12 @@ from orchestrator.ingress import dead_letter_effects, ingress_subscription
 from orchestrator.lifecycle import AdapterState, Phase
 from orchestrator.status import SkipNote, fleet_status_effects
 from trainer.batching import AdapterRows, GroupRows, rows_of_group
-from trainer.behind import Behind, TrainedStep
+from trainer.behind import Behind, Job, Landed, Launched, TrainedStep
 from trainer.clients import ClientRuns, max_in_flight
+from trainer.compute import ComputeThread
 from trainer.inject import MultiLoraModel
 from trainer.metrics import TrainerMetrics
-from trainer.mixed_step import MixedStep, SlotOutcome, StepFn, mixed_step, token_budget
+from trainer.mixed_step import SlotOutcome, StepFn, mixed_step, token_budget
 from trainer.optim import SlotAdamW
 from trainer.runs import AdapterRun, EndReason, Held
 from trainer.skips import failed_after, skip_status_fields
@@ -130,6 +131,7 @@ class TrainerProcess:
         step_fn: StepFn = mixed_step,
         max_client_tokens: int = 8192,
         client_adapters: bool = True,
+        overlap_steps: bool = True,
     ) -> None:
         self.client = client
         self.streams = streams
@@ -169,6 +171,11 @@ class TrainerProcess:
         """Mixed steps run (each one forward/backward); its number tags what each step did."""
         self.behind: list[Behind] = []
         """Trained steps not yet committed, oldest first (at most one once a step returns)."""
+        self.launched: Launched | None = None
+        """The step computing on the compute thread, if any (:mod:`trainer.compute`)."""
+        self.compute = ComputeThread(
+            threads=overlap_steps, device=model.store.weight_S_R_Q.device, on_done=self._wake
+        )
 
     # --- wiring ------------------------------------------------------------------------------
 
@@ -385,38 +392,56 @@ class TrainerProcess:
     # --- the step ----------------------------------------------------------------------------
 
     def on_idle(self) -> None:
-        """Between reads: carry out client requests that need no step, train the ready adapters
-        together once the batch is worth it, and commit what that produced."""
+        """Between reads: land the step that computed, carry out client requests that need no
+        step, launch the next step once the batch is worth it (the ready adapters together),
+        and commit what that produced. While a step computes, only settle and commit what
+        touches neither the model nor the optimizer (:mod:`trainer.compute`)."""
         effects = Effects()
-        self.settle(effects, keep=len(self.behind))  # those already written
+        landed: Landed | None = None
+        if self.launched is not None:
+            if not self.launched.result.done():
+                self.settle(effects, keep=len(self.behind), beside=True)
+                self._commit(effects)
+                return
+            landed = self.land(effects)
+            self.settle(effects, keep=1)  # the step before it, waiting for it if need be
+        else:
+            self.settle(effects, keep=len(self.behind))  # those already written
         for run in self.clients.serve(effects, self.runs, self.clock()):
             self._finish(effects, run, "budget")
         ready, clients, wait_s = self._collect()
-        if not ready and not clients:
-            self.versions.release()  # nothing to train: the last step's versions are written now
+        next_at = time.perf_counter()  # the next step's critical path starts here
         if ready or clients:
-            effects.extend(self.train(ready, clients=clients, wait_s=wait_s))
-            t0 = time.perf_counter()
-            self.settle(effects, keep=1)  # the step before this one, waiting for it if need be
-            self._commit(effects)
+            self.launch(ready, clients=clients, wait_s=wait_s)
+        else:
+            self.versions.release()  # nothing to train: the last step's versions are written now
+        if landed is not None:  # reported once the next step computes: off its critical path
             if self.metrics is not None:
-                self.metrics.step_tail(time.perf_counter() - t0)
-            return
+                self.metrics.step_tail(next_at - landed.finished)
+            self._report(landed)
         self._commit(effects)
 
     def drain(self) -> None:
-        """Commit every step still being written (waiting for the writes)."""
+        """Land the step computing and commit every step still being written (waiting for the
+        writes)."""
         effects = Effects()
+        if self.launched is not None:
+            self.launched.result.exception()  # wait: landing raises its error, if any
+            self._report(self.land(effects))
         self.settle(effects, keep=0)
         self._commit(effects)
 
-    def settle(self, effects: Effects, *, keep: int) -> None:
+    def settle(self, effects: Effects, *, keep: int, beside: bool = False) -> None:
         """Settle trained steps, oldest first, whose versions are durable — and, beyond the newest
         ``keep``, those still being written (waiting for them): announce each version, then
         what the step decided (``step_done``, ``sync_requested``, next tasks or completion;
-        skipped steps issued again or failed)."""
+        skipped steps issued again or failed). ``beside`` a computing step: stop at a step
+        whose settling would end a run (its slot is released: that waits for the landing)."""
         while self.behind and (len(self.behind) > keep or self.behind[0].durable()):
-            batch = self.behind.pop(0)
+            batch = self.behind[0]
+            if beside and (not batch.durable() or self._ends_a_run(batch)):
+                return
+            self.behind.pop(0)
             waited = time.perf_counter()
             for version in batch.versions:
                 version.announce()  # a failed write raises: the process restarts from the log
@@ -428,7 +453,15 @@ class TrainerProcess:
             for run, outcome in batch.not_taken:
                 self._not_taken(effects, run, outcome)
             self._publish_step(effects, batch.trained)
-            self._admit_waiting(effects)
+            if not beside:
+                self._admit_waiting(effects)
+
+    def _ends_a_run(self, batch: Behind) -> bool:
+        """Settling ``batch`` would complete a run (its budget) or fail one (skips in a row)."""
+        return any(v.step >= v.run.spec.steps for v in batch.versions) or any(
+            outcome.failed and run.failures + 1 >= self.max_failures
+            for run, outcome in batch.not_taken
+        )
 
     def _commit(self, effects: Effects) -> None:
         if not effects.commands and not effects.extra_acks:
@@ -460,82 +493,104 @@ class TrainerProcess:
             return [], False, 0.0
         return ready, bool(client_since), max(0.0, waited_s)
 
-    def train(
+    def launch(
         self, ready: list[AdapterRun], *, clients: bool = False, wait_s: float = 0.0
-    ) -> Effects:
-        """Train: one mixed forward/backward over the next step of every run in ``ready`` (and,
-        with ``clients``, the next forward/backward of every ready client-driven run), then
-        per run its outcome — trained (next version, ``step_done``), skipped or empty (the step
-        is redone with new prompts; ``max_failures`` skips in a row fail the adapter); per
-        client request its answer. Returns the effects to commit, with the acks of every group
-        the step used, less what waits for its versions (:class:`Behind`, settled later)."""
+    ) -> None:
+        """Train: take the next step of every run in ``ready`` (and, with ``clients``, the next
+        forward/backward of every ready client-driven run) and launch one mixed
+        forward/backward over all of it on the compute thread; :meth:`land` decides what it
+        meant once it is done."""
+        if self.launched is not None:
+            raise MultiLoraError("a step is still computing; land it before launching another")
         t0, started_at = time.perf_counter(), time.time()  # wall clock: compared with entry ids
         ready_at = {run.name: run.ready_since or started_at for run in ready}
         used = {run.name: run.take_next() for run in ready}
         rows = [_rows(run, used[run.name]) for run in ready]
         taken = self.clients.take(self.runs) if clients else []
-        t_rows = time.perf_counter()
-        step = self.step_fn(
-            self.model,
-            self.optimizer,
-            rows,
-            self.pad_id,
-            clients=[client_rows for _, _, client_rows in taken],
-            accumulators=self.clients.accumulators([run for run, _, _ in taken]),
-            while_waiting=self.versions.release,  # the last step's writes run beside this one
+        accumulators = self.clients.accumulators([run for run, _, _ in taken])
+        client_rows = [rows_ for _, _, rows_ in taken]
+
+        def job() -> Job:
+            step = self.step_fn(
+                self.model,
+                self.optimizer,
+                rows,
+                self.pad_id,
+                clients=client_rows,
+                accumulators=accumulators,
+                while_waiting=self.versions.release,  # the last step's writes run beside it
+            )
+            t = time.perf_counter()
+            captured = self.versions.capture([r for r in ready if step.outcomes[r.slot].trained])
+            return step, captured, time.perf_counter() - t
+
+        rows_s = time.perf_counter() - t0
+        self.launched = Launched(
+            ready, used, ready_at, taken, wait_s, started_at, t0, rows_s, self.compute.submit(job)
         )
-        step_s = time.perf_counter() - t0
+
+    def land(self, effects: Effects) -> Landed:
+        """The launched step is done: per run its outcome — trained (next version, written behind
+        the step: :class:`Behind`, settled once durable), skipped or empty (the step is redone
+        with new prompts; ``max_failures`` skips in a row fail the adapter); per client request
+        its answer. Adds to ``effects`` what commits now (the client answers); the acks of the
+        groups the step used wait with its versions."""
+        launched, self.launched = self.launched, None
+        if launched is None:
+            raise MultiLoraError("no step is computing")
+        computed = launched.result.result()  # the job's error, if any, crashes the process
+        step, captured, capture_s = computed.value
+        t_land = time.perf_counter()
+        step_s = computed.finished - launched.t0
         self.mixed_steps += 1
         shared = {
             "mixed_step": float(self.mixed_steps),
-            "mixed_adapters": float(len(rows) + len(taken)),
-            "started_at": started_at,
+            "mixed_adapters": float(len(launched.ready) + len(launched.taken)),
+            "started_at": launched.started_at,
             "compute_s": step.timings.get("forward_backward", 0.0)
             + step.timings.get("optimizer", 0.0),
             "pack_s": step.timings.get("pack", 0.0),
         }
-        effects = Effects()
-        for run, held, _ in taken:
+        for run, held, _ in launched.taken:
             timing = {"step_s": step_s}
             self.clients.answer(effects, run, held, step.clients[run.slot], {**shared, **timing})
-        batch = Behind(Effects(), [], started=time.perf_counter())
-        for run in ready:
-            batch.effects.ack(*(d.ack_key for d, _ in used[run.name]))
+        batch = Behind(Effects(), [], started=t_land)
+        for run in launched.ready:
+            used = launched.used[run.name]
+            batch.effects.ack(*(d.ack_key for d, _ in used))
             outcome = step.outcomes[run.slot]
             if not outcome.trained:
                 batch.not_taken.append((run, outcome))
                 continue
-            behind = run.version - min(group.version for _, group in used[run.name])
+            behind = run.version - min(group.version for _, group in used)
             run.advance()
             self.steps_trained += 1
             metrics = outcome.step_metrics(staleness=float(behind), step_s=step_s)
-            tasks = tuple(group.task_id for _, group in used[run.name])
-            metrics = {**metrics, **shared, "ready_at": ready_at[run.name]}
+            tasks = tuple(group.task_id for _, group in used)
+            metrics = {**metrics, **shared, "ready_at": launched.ready_at[run.name]}
             batch.trained.append((run, metrics, tasks))
-        t_decide = time.perf_counter()
-        batch.versions = self.versions.write_behind([run for run, _, _ in batch.trained])
+        batch.versions = self.versions.write_behind([run for run, _, _ in batch.trained], captured)
         self.behind.append(batch)
         for version in batch.versions:  # settled by the next idle hook once written
             version.write.add_done_callback(functools.partial(self._written, batch))
-        t_capture = time.perf_counter()
-        self._report(step, batch.trained, t0, step_s, wait_s)
-        if self.metrics is not None:
-            timed = sum(step.timings.get(k, 0.0) for k in ("pack", "forward_backward", "optimizer"))
-            self.metrics.control_parts(
-                {
-                    "rows": t_rows - t0,
-                    "pack": step.timings.get("pack", 0.0),
-                    "metrics": step_s - (t_rows - t0) - timed,
-                    "decide": t_decide - t0 - step_s,
-                    "capture": t_capture - t_decide,
-                    "report": time.perf_counter() - t_capture,
-                }
-            )
-        return effects
+        return Landed(
+            launched,
+            step,
+            batch.trained,
+            step_s,
+            capture_s,
+            computed.finished,
+            t_land,
+            time.perf_counter(),
+        )
 
     def _written(self, batch: Behind, _write: object) -> None:
         """A writer thread finished one of ``batch``'s versions."""
         batch.written = time.perf_counter()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Run the loop's idle hook now (from a writer or the compute thread)."""
         if self.consumer is not None:
             self.consumer.wake()
 
@@ -571,37 +626,48 @@ class TrainerProcess:
             else:
                 self._issue(effects, run)
 
-    def _report(
-        self,
-        step: MixedStep,
-        trained: Sequence[TrainedStep],
-        t0: float,
-        step_s: float,
-        wait_s: float,
-    ) -> None:
-        """One log line per mixed step, and the step's phases to the metrics."""
-        total_s = time.perf_counter() - t0
+    def _report(self, landed: Landed) -> None:
+        """One log line per mixed step, and the step's phases and the loop's parts to the
+        metrics. The step's critical path is its launch and job (``step_s``: the rows taken,
+        packing, forward/backward, optimizer, the copy of the trained slots) and the loop's
+        turn after it until the next launch (``step_tail``); this report, the commit and the
+        versions' writes run beside the next step."""
+        t_report = time.perf_counter()
+        step, trained, step_s = landed.step, landed.trained, landed.step_s
         adapters = ", ".join(
             f"{run.name} {run.step}/{run.spec.steps} "
             f"(reward {m['reward_mean']:.3f}, loss {m['loss']:.4f})"
             for run, m, _ in trained
         )
-        publish_s = total_s - step_s
-        summary = f"{step.tokens} tokens, {step_s:.2f} s + {publish_s:.2f} s publish"
+        summary = f"{step.tokens} tokens, {step_s:.2f} s"
         if step.clients:
             summary += f"; {len(step.clients)} client request(s)"
         log.info("step: %s; %s", adapters or "no adapter trained", summary)
-        if self.metrics is not None:
-            forward_backward_s = step.timings.get("forward_backward", 0.0)
-            optimizer_s = step.timings.get("optimizer", 0.0)
-            self.metrics.step_phases(
-                wait_s=wait_s,
-                forward_backward_s=forward_backward_s,
-                optimizer_s=optimizer_s,
-                publish_s=max(0.0, total_s - forward_backward_s - optimizer_s),
-                tokens=step.tokens,
-                adapters=step.adapters,
-            )
+        if self.metrics is None:
+            return
+        timings = step.timings
+        forward_backward_s = timings.get("forward_backward", 0.0)
+        optimizer_s = timings.get("optimizer", 0.0)
+        self.metrics.step_phases(
+            wait_s=landed.launched.wait_s,
+            forward_backward_s=forward_backward_s,
+            optimizer_s=optimizer_s,
+            publish_s=max(0.0, step_s - forward_backward_s - optimizer_s),
+            tokens=step.tokens,
+            adapters=step.adapters,
+        )
+        rows_s = landed.launched.rows_s
+        timed = sum(timings.get(k, 0.0) for k in ("pack", "forward_backward", "optimizer"))
+        self.metrics.control_parts(
+            {
+                "rows": rows_s,
+                "pack": timings.get("pack", 0.0),
+                "metrics": step_s - rows_s - timed - landed.capture_s,
+                "capture": landed.capture_s,
+                "decide": landed.decided - landed.finished,
+                "report": time.perf_counter() - t_report,
+            }
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 

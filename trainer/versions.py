@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -98,10 +98,15 @@ class VersionPublisher:
         self.base_model = base_model
         self._writers = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="publish")
         self._gates: list[threading.Event] = []  # of captured versions not released yet
+        self._lock = threading.Lock()
 
-    def write_behind(self, runs: Sequence[AdapterRun]) -> list[PendingVersion]:
-        """Capture the current version of each run now (device-to-host copies of its slot) and
-        encode and write it on the writer threads; the runs may train on at once.
+    def write_behind(
+        self, runs: Sequence[AdapterRun], captured: Mapping[int, CapturedSlot] | None = None
+    ) -> list[PendingVersion]:
+        """Capture the current version of each run now (device-to-host copies of its slot;
+        ``captured``: already copied, by slot — the compute thread copies a step's slots before
+        the next step may move them) and encode and write it on the writer threads; the runs
+        may train on at once.
 
         Encoding is Python work that would compete with the trainer loop's own (packing the
         next step, launching its kernels) for the interpreter, so each write first waits at a
@@ -110,16 +115,30 @@ class VersionPublisher:
         pending = []
         for run in runs:
             info = self._info(run)
-            captured = capture_slot(self.model, self.optimizer, run.slot, run.spec, run.name)
+            slot = (
+                captured[run.slot]
+                if captured is not None and run.slot in captured
+                else capture_slot(self.model, self.optimizer, run.slot, run.spec, run.name)
+            )
             gate = threading.Event()
-            write = self._writers.submit(self._write, info, captured, gate)
+            write = self._writers.submit(self._write, info, slot, gate)
             pending.append(PendingVersion(run, run.step, run.version, write, gate))
-            self._gates.append(gate)
+            with self._lock:
+                self._gates.append(gate)
         return pending
 
+    def capture(self, runs: Sequence[AdapterRun]) -> dict[int, CapturedSlot]:
+        """The runs' slots copied off the device now, by slot (for :meth:`write_behind`)."""
+        return {
+            run.slot: capture_slot(self.model, self.optimizer, run.slot, run.spec, run.name)
+            for run in runs
+        }
+
     def release(self) -> None:
-        """Let every captured version waiting at its gate be encoded and written now."""
-        gates, self._gates = self._gates, []
+        """Let every captured version waiting at its gate be encoded and written now (safe from
+        any thread: the compute thread calls it while the device computes)."""
+        with self._lock:
+            gates, self._gates = self._gates, []
         for gate in gates:
             gate.set()
 

@@ -66,7 +66,15 @@ def spec(steps: int, seed: int = 0) -> AdapterSpec:
 class Bus:
     """The trainer under test and the scripted rollout side."""
 
-    def __init__(self, redis_url: str, client: redis.Redis, streams: Streams, tmp: Path, model):
+    def __init__(
+        self,
+        redis_url: str,
+        client: redis.Redis,
+        streams: Streams,
+        tmp: Path,
+        model,
+        **process: object,
+    ):
         self.client, self.streams = client, streams
         self.process = TrainerProcess(
             client=client,
@@ -82,8 +90,7 @@ class Bus:
             artifacts=ArtifactStore(str(tmp / "artifacts")),
             checkpoints=str(tmp / "checkpoints"),
             base_model="tiny",
-            max_batch_wait_s=0.0,
-            max_failures=2,
+            **{"max_batch_wait_s": 0.0, "max_failures": 2, **process},  # type: ignore[arg-type]
         )
         self.consumer = Consumer(
             lambda: connect(redis_url),
