@@ -31,11 +31,15 @@ from the events they publish:
   previous step — until the loop is free to start the next one: ``bus_read_and_dispatch`` (ready
   to the step's ``started_at``, a ``step_done`` metric; Redis and the trainer share the host
   clock), then the step (Prometheus ``multilora_trainer_step_phase_seconds``: ``forward_backward``
-  and ``optimizer`` are the compute, ``publish`` the rest of the step: packing the batch, copying
-  the new versions off the device, deciding the events; ``pack_s``, a ``step_done`` metric, is
-  the packing part), then the tail
-  (``multilora_trainer_step_tail_seconds``: settling the step before it — waiting for its writes
-  if they are slower than a step — and the atomic commit). ``share = (W - compute) / W`` with
+  and ``optimizer`` are the compute, ``publish`` the rest of the step's job: taking the rows,
+  packing the batch, copying the new versions off the device; ``pack_s``, a ``step_done``
+  metric, is the packing part), then the tail (``multilora_trainer_step_tail_seconds``: from
+  the job's end until the loop could launch the next step — noticing it, deciding it, settling
+  the step before it, waiting for its writes if they are slower than a step). The step computes
+  on the trainer's compute thread (:mod:`trainer.compute`), so reporting and the atomic commit
+  run beside the next step, off its path (``MULTILORA_TRAINER_OVERLAP_STEPS=false`` runs each
+  job inline on the loop, where groups landing meanwhile wait for it; its share reads low, as
+  the commit then follows the next inline job). ``share = (W - compute) / W`` with
   ``W`` the sum of the means. Writing the versions itself (``version_write_s``) is off the
   critical path unless the loop had to wait for it (``version_wait_s``). ``max_batch_wait_s`` is 0
   here, so adapters are not held back to share a step.

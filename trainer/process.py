@@ -20,7 +20,10 @@ The loop, per adapter (all adapters at once):
    unknown task) is acknowledged and dropped, never trained on (fencing).
 4. **Train** — when adapters have full batches (waiting up to ``max_batch_wait_s`` for others so
    they share it), one forward/backward over all of them; each adapter's step counts only if it
-   trained. Each new version (PEFT adapter + full training state) is written to the artifact store
+   trained. The step computes on the compute thread (:mod:`trainer.compute`): the loop launches
+   it, goes on holding groups and committing, and lands it when it is done (decides it, launches
+   the next step, then reports and commits). Each new version (PEFT adapter + full training
+   state) is written to the artifact store
    *behind* the step — the next step may train while it is written — and only once it is durable
    are ``step_done`` / ``sync_requested`` published with the acks of the groups it used (one step
    waits at most: :class:`Behind`). A crash before that loses the step, never applies it: its
@@ -34,10 +37,11 @@ under ``epoch + 1`` so work of the old epoch is discarded, and its tasks are iss
 restored cursor (the same sample order).
 
 Where the parts live: this module holds the state machine (handlers, admit, finish, recover) and
-the step (:meth:`TrainerProcess.on_idle` → :meth:`TrainerProcess.train`); the per-adapter record
+the step (:meth:`TrainerProcess.on_idle` → :meth:`TrainerProcess.launch` →
+:meth:`TrainerProcess.land`); the per-adapter record
 and its task issuing are :mod:`trainer.runs`, the numeric mixed step :mod:`trainer.mixed_step`,
-writing, announcing and restoring versions :mod:`trainer.versions`, a step waiting for its
-versions :mod:`trainer.behind`. (Over 600 lines: it is the trainer's one state machine; its
+writing, announcing and restoring versions :mod:`trainer.versions`, a step computing and
+then waiting for its versions :mod:`trainer.behind`, the compute thread :mod:`trainer.compute`. (Over 600 lines: it is the trainer's one state machine; its
 handlers share the fleet, the runs and the commit order, which splitting would spread out.)
 """
 
