@@ -38,11 +38,12 @@ restored cursor (the same sample order).
 
 Where the parts live: this module holds the state machine (handlers, admit, finish, recover) and
 the step (:meth:`TrainerProcess.on_idle` → :meth:`TrainerProcess.launch` →
-:meth:`TrainerProcess.land`); the per-adapter record
-and its task issuing are :mod:`trainer.runs`, the numeric mixed step :mod:`trainer.mixed_step`,
-writing, announcing and restoring versions :mod:`trainer.versions`, a step computing and
-then waiting for its versions :mod:`trainer.behind`, the compute thread :mod:`trainer.compute`. (Over 600 lines: it is the trainer's one state machine; its
-handlers share the fleet, the runs and the commit order, which splitting would spread out.)
+:meth:`TrainerProcess.land`); the per-adapter record and its task issuing are
+:mod:`trainer.runs`, the numeric mixed step :mod:`trainer.mixed_step`, writing, announcing and
+restoring versions :mod:`trainer.versions`, a step computing and then waiting for its versions
+:mod:`trainer.behind`, the compute thread :mod:`trainer.compute`. (Over 600 lines: it is the
+trainer's one state machine; its handlers share the fleet, the runs and the commit order, which
+splitting would spread out.)
 """
 
 from __future__ import annotations
