@@ -26,3 +26,9 @@ if [ -d /tmp/carry/smollm2-135m ]; then  # the real model, once bench/carry.py h
   python3 bench/adapter_load.py --device cuda --dtype bfloat16 --model /tmp/carry/smollm2-135m \
     --out "$OUT/adapter_load.json" 2>&1 | tail -5 | tee "$OUT/adapter_load.txt"
 fi
+# the service end to end (issue 10's control-plane share): overlapped steps, then inline ones
+python3 bench/e2e.py --device cuda --dtype bfloat16 --random-hidden 1024 --random-layers 8 \
+  --out "$OUT/e2e_gpu.json" 2>&1 | sed -n 2,26p | tee "$OUT/e2e_gpu.txt"
+MULTILORA_TRAINER_OVERLAP_STEPS=false python3 bench/e2e.py --device cuda --dtype bfloat16 \
+  --random-hidden 1024 --random-layers 8 --out "$OUT/e2e_gpu_inline.json" 2>&1 | sed -n 2,26p \
+  | tee "$OUT/e2e_gpu_inline.txt"
