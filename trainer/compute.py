@@ -21,8 +21,11 @@ or, where landing would put work on the critical path, defers the part that woul
 (a settle that finishes a run waits until the step has landed).
 
 ``threads=False`` runs each job inline (the future is done when :meth:`submit` returns): the
-same decisions in the same order, without the overlap — for a data-parallel step that must run
-on the thread that set up its process group, and for A/B measurements.
+same decisions in the same order, without the overlap (``--no-overlap-steps``: for A/B
+measurements, and where the interpreter is the bottleneck — on a CPU with a tiny model the
+loop's work beside the job competes with it for the GIL). A data-parallel step
+(:class:`trainer.dist_step.DataParallelStep`) runs on the compute thread like any other: rank 0's
+collectives may come from any one thread.
 """
 
 from __future__ import annotations
