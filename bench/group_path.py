@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from report import write_json  # bench/report.py: run as a script, bench/ is on the path
 
 
 def measure(shapes: list[str], adapters: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -206,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         result["ratio_before_over_now"] = {
             s: {p: before[s][p] / now[s][p] for p in PARTS if now[s][p] > 0} for s in shapes
         }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, result)}")
     return 0
 
 

@@ -71,8 +71,8 @@ class Launched:
 class Landed:
     """A step that computed and was decided: the launch, its result, the runs that trained (as
     :class:`Behind` holds them), its seconds from launch to the job's end (``step_s``) and of the
-    job's copy of the trained slots (``capture_s``), and ``perf_counter`` times: the job's end,
-    the loop noticing it, the loop having decided it."""
+    job's copy of the trained slots (``capture_s``), and ``perf_counter`` times: the job's end
+    and the loop having decided it."""
 
     launched: Launched
     step: MixedStep
@@ -80,7 +80,6 @@ class Landed:
     step_s: float
     capture_s: float
     finished: float
-    noticed: float
     decided: float
 
 

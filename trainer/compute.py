@@ -43,10 +43,9 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Computed(Generic[T]):
-    """A job's result and when it ran on the compute thread (``perf_counter`` seconds)."""
+    """A job's result and when it finished on the compute thread (``perf_counter`` seconds)."""
 
     value: T
-    started: float
     finished: float
 
 
@@ -63,7 +62,6 @@ class ComputeThread:
         device: torch.device | None = None,
         on_done: Callable[[], None] | None = None,
     ) -> None:
-        self.threads = threads
         self.on_done = on_done
         self._pool: ThreadPoolExecutor | None = None
         if threads:
@@ -97,9 +95,8 @@ class ComputeThread:
 
 
 def _timed(job: Callable[[], T]) -> Computed[T]:
-    started = time.perf_counter()
     value = job()
-    return Computed(value, started, time.perf_counter())
+    return Computed(value, time.perf_counter())
 
 
 def _use_device(device: torch.device | None) -> None:

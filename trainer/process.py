@@ -585,7 +585,6 @@ class TrainerProcess:
             step_s,
             capture_s,
             computed.finished,
-            t_land,
             time.perf_counter(),
         )
 
