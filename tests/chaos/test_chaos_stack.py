@@ -51,11 +51,12 @@ def scenario(data_dir: Path) -> list[Plan]:
 
 
 def until_every_kind_killed(
-    chaos: ChaosStack, data_dir: Path, most: int = 4
+    chaos: ChaosStack, data_dir: Path, most: int = 12
 ) -> Callable[[float, dict[str, AdapterState]], list[Plan]]:
     """An ``extend`` that registers one more short adapter whenever every registration so far
     has ended while some process kind was never killed (up to ``most`` of them): on a fast
-    machine the scenario can finish before the kill schedule reached every kind."""
+    machine (and with steps computing beside the loop) the scenario can finish before the kill
+    schedule reached every kind."""
     added = 0
 
     def extend(elapsed_s: float, states: dict[str, AdapterState]) -> list[Plan]:
